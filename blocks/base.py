@@ -1,0 +1,183 @@
+"""The destination contract: what every place we deliver to promises, written once.
+
+A destination is a Prefect block: configuration plus the behaviour that uses it. Flows only
+ever call the methods below; they never know whether the bytes go to a folder, S3 or SFTP.
+
+Rules every destination keeps:
+
+- **Paths** are relative, rendered by `render_path` from the block's `path_template`; the
+  template is checked when the block is built, so a bad one never reaches a run.
+- **A session** (`open_session`) holds whatever connection the destination needs and is reused
+  for many uploads; it is used by one thread at a time and closed by its context manager.
+- **Missing folders are created.**
+- **A file appears at its final path whole or not at all**: written under a temporary name (or
+  sent as one request) and only then put in place, replacing what was there. Re-sending to the
+  same path is therefore safe, which is what makes retries free of duplicates.
+- **Writes are verified** (size, and SHA-256 where the remote can check it) before the upload
+  returns its `Receipt`.
+- **Errors** are `TransientDeliveryError` (worth retrying: timeouts, resets, throttling) or
+  `TerminalDeliveryError` (retrying cannot help: denied, misconfigured, invalid). Their
+  messages say what to fix and never contain document content, secrets or path values.
+- **`str(destination)`** describes where it writes without any secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from prefect.blocks.core import Block
+from pydantic import Field, field_validator
+
+from patient_delivery.paths import DEFAULT_TEMPLATE, PathTemplate, PathTemplateError
+
+
+class DeliveryError(Exception):
+    """A delivery could not be made. Subclasses say whether trying again can help."""
+
+    retryable: bool = False
+
+
+class TransientDeliveryError(DeliveryError):
+    """Temporary: a timeout, a dropped connection, throttling. Retried with backoff."""
+
+    retryable = True
+
+
+class TerminalDeliveryError(DeliveryError):
+    """Needs a person: access denied, bad configuration, host key mismatch. Not retried blindly."""
+
+    retryable = False
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What arrived: the final path, and the size and SHA-256 that were verified."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class ConnectionCheck:
+    """One step of `test_connection`, for people: what was tried and how it went."""
+
+    step: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class ConnectionReport:
+    destination: str
+    checks: list[ConnectionCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+
+class DestinationSession(ABC):
+    """An open connection to a destination, reused for many uploads by one thread at a time."""
+
+    @abstractmethod
+    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
+        """Put `content` at `path` (relative), atomically, and verify it arrived whole."""
+
+    @abstractmethod
+    def remove(self, path: str) -> None:
+        """Delete the file at `path`; used by `test_connection` to clean up its probe."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook; sessions without resources skip it
+        """Release the connection."""
+
+
+class Destination(Block, ABC):
+    """Base of every destination block: the path template and the bounds shared by all."""
+
+    path_template: str = Field(
+        default=DEFAULT_TEMPLATE,
+        title="Path template",
+        description=(
+            "Where each document lands, relative to the destination's root. Variables: "
+            "{orgId}, {projectId}, {healthexPatientId}, {externalId}, {dataType}, {timestamp}. "
+            "The file name gets .xml (ccda) or .json (fhir) when it does not end with it."
+        ),
+    )
+    max_connections: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        title="Max connections",
+        description="Most uploads to run at once to this destination (one connection each).",
+    )
+
+    @field_validator("path_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        try:
+            PathTemplate.parse(value)
+        except PathTemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def render_path(self, values: Mapping[str, str], data_type: str) -> str:
+        """The relative path for one document; raises `PathValueError` for an unsafe value."""
+        return PathTemplate.parse(self.path_template).render(values, data_type)
+
+    @abstractmethod
+    def open_session(self) -> AbstractContextManager[DestinationSession]:
+        """Connect (authenticate, assume a role, ...) and return a reusable session."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this destination writes, as a URL without secrets (e.g. sftp://user@host:22/in)."""
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    def __repr__(self) -> str:
+        return self.__str__()
+
+    def test_connection(self) -> ConnectionReport:
+        """Connect, write a small probe file and remove it, reporting each step (a test write)."""
+        report = ConnectionReport(destination=self.describe())
+        probe = f".patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
+        content = b"patient-delivery connection test; safe to delete\n"
+        for check in _probe_steps(self, probe, content):
+            report.checks.append(check)
+            if not check.ok:
+                break
+        return report
+
+
+def _probe_steps(destination: Destination, probe: str, content: bytes) -> Iterator[ConnectionCheck]:
+    try:
+        session_context = destination.open_session()
+        session = session_context.__enter__()
+    except DeliveryError as exc:
+        yield ConnectionCheck("connect", False, str(exc))
+        return
+    try:
+        yield ConnectionCheck("connect", True, destination.describe())
+        try:
+            receipt = session.upload(probe, content, hashlib.sha256(content).hexdigest())
+        except DeliveryError as exc:
+            yield ConnectionCheck("write probe file", False, str(exc))
+            return
+        yield ConnectionCheck("write probe file", True, f"{receipt.size} bytes at {probe}")
+        try:
+            session.remove(probe)
+        except DeliveryError as exc:
+            yield ConnectionCheck(
+                "remove probe file", False, f"{exc} (the probe {probe} may be left behind)"
+            )
+            return
+        yield ConnectionCheck("remove probe file", True)
+    finally:
+        session_context.__exit__(None, None, None)

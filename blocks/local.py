@@ -1,0 +1,118 @@
+"""A folder on this machine or a mounted share: the embedded default, the model for the rest."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import Field
+
+from blocks.base import (
+    Destination,
+    DestinationSession,
+    Receipt,
+    TerminalDeliveryError,
+    TransientDeliveryError,
+)
+
+_TERMINAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _os_error(exc: OSError, doing: str) -> Exception:
+    """Turn an OSError into a delivery error whose message names no path (paths hold IDs)."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown")
+    reasons = {
+        errno.ENOSPC: "the destination disk is full",
+        errno.EDQUOT: "the destination's disk quota is exhausted",
+        errno.EACCES: "permission denied under the destination root",
+        errno.EPERM: "operation not permitted under the destination root",
+        errno.EROFS: "the destination file system is read-only",
+    }
+    message = f"{doing} failed: {reasons.get(exc.errno or 0, os.strerror(exc.errno or 0))} [{name}]"
+    if exc.errno in _TERMINAL_ERRNOS:
+        return TerminalDeliveryError(message)
+    return TransientDeliveryError(message)
+
+
+class LocalSession(DestinationSession):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _target(self, path: str) -> Path:
+        target = (self.root / path).resolve()
+        if not target.is_relative_to(self.root):
+            raise TerminalDeliveryError("rendered path leaves the destination root; refused")
+        return target
+
+    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
+        target = self._target(path)
+        if hashlib.sha256(content).hexdigest() != sha256:
+            raise TerminalDeliveryError(
+                "content does not match the stored SHA-256; the store copy may be corrupt"
+            )
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            written = temporary.stat().st_size
+            if written != len(content):
+                raise TransientDeliveryError(
+                    f"size check failed: wrote {written} bytes, expected {len(content)}"
+                )
+            os.replace(temporary, target)
+            _fsync_folder(target.parent)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise _os_error(exc, "write") from None
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return Receipt(path=path, size=len(content), sha256=sha256)
+
+    def remove(self, path: str) -> None:
+        try:
+            self._target(path).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, "remove") from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable, so a power cut cannot undo a delivery we recorded."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class LocalDestination(Destination):
+    """Deliver into a folder on this machine: files appear whole (temporary name, fsync, rename)."""
+
+    _block_type_name = "Local Destination"
+    _block_type_slug = "local-destination"
+    _description = "Deliver patient documents into a folder on this machine or a mounted share."
+
+    root: Path = Field(
+        title="Root folder",
+        description="Folder that receives the deliveries; created when missing.",
+    )
+
+    def describe(self) -> str:
+        return Path(self.root).expanduser().resolve().as_uri()
+
+    @contextmanager
+    def open_session(self) -> Iterator[LocalSession]:
+        root = Path(self.root).expanduser().resolve()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, "create the root folder") from None
+        yield LocalSession(root)

@@ -1,0 +1,306 @@
+"""The delivery run: gather what is owed, render where it goes, upload it, record what happened.
+
+    gather  -> claim owed deliveries from the ledger (IDs only), a page at a time
+    render  -> per destination: give each delivery its path, once; a bad value fails only it
+    upload  -> per batch of documents, in parallel, bounded per destination; each batch records
+               its outcomes in the ledger in one transaction
+    summary -> a table artifact per run: per destination, delivered / failed / skipped / bytes
+
+Tasks carry delivery IDs, destination names and counts. Document content is read inside the
+upload task, one document at a time, and never becomes a parameter, result, log or artifact.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.blocks.core import Block
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+import blocks  # noqa: F401  (registers every destination block type for Block.load)
+from blocks.base import DeliveryError, Destination, DestinationSession
+from patient_delivery import ledger
+from patient_delivery.documents import DataType
+from patient_delivery.ledger import Outcome, RenderResult, UploadItem, WorkFilter
+from patient_delivery.store import Store, open_store
+
+PAGE_SIZE = 5_000
+"""Deliveries claimed per gather: the flow holds this many IDs at most, whatever the backlog."""
+
+UPLOAD_ATTEMPTS = 3
+"""Tries per document within a run for transient errors; a run after this one tries again."""
+
+
+@dataclass
+class BatchReport:
+    """What one upload task did: counts and reasons only."""
+
+    destination: str
+    delivered: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class RunSummary:
+    """A delivery run's outcome per destination: what the CLI prints and the artifact shows."""
+
+    flow_run_id: str
+    destinations: dict[str, BatchReport] = field(default_factory=dict)
+
+    def add(self, report: BatchReport) -> None:
+        total = self.destinations.setdefault(report.destination, BatchReport(report.destination))
+        total.delivered += report.delivered
+        total.failed += report.failed
+        total.skipped += report.skipped
+        total.bytes += report.bytes
+        total.seconds += report.seconds
+        total.reasons.update(report.reasons)
+
+    @property
+    def delivered(self) -> int:
+        return sum(r.delivered for r in self.destinations.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for r in self.destinations.values())
+
+    def rows(self) -> list[dict[str, object]]:
+        return [
+            {
+                "destination": r.destination,
+                "delivered": r.delivered,
+                "failed": r.failed,
+                "skipped": r.skipped,
+                "bytes": r.bytes,
+                "upload seconds": round(r.seconds, 2),
+                "failure reasons": "; ".join(f"{n} x {why}" for why, n in r.reasons.most_common()),
+            }
+            for r in self.destinations.values()
+        ]
+
+
+def load_destination(reference: str) -> Destination:
+    """The destination block saved as `block-type/name`."""
+    destination = Block.load(reference)
+    if not isinstance(destination, Destination):
+        raise TypeError(f"block {reference!r} is not a destination")
+    return destination
+
+
+_limits: dict[str, threading.BoundedSemaphore] = {}
+_limits_lock = threading.Lock()
+
+
+@contextmanager
+def destination_slot(reference: str, max_connections: int) -> Iterator[None]:
+    """At most `max_connections` upload batches at once per destination in this process."""
+    with _limits_lock:
+        limit = _limits.setdefault(reference, threading.BoundedSemaphore(max_connections))
+    with limit:
+        yield
+
+
+@task(name="gather")
+def gather(claimant: str, work: WorkFilter, limit: int) -> dict[str, list[int]]:
+    """Claim up to `limit` owed deliveries for this run; IDs by destination."""
+    return ledger.claim(open_store(), claimant, work, limit=limit)
+
+
+@task(name="render")
+def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> RenderResult:
+    """Render each delivery's path (kept across retries); failures are recorded with a reason."""
+    store = open_store()
+    logger = get_run_logger()
+    try:
+        destination = load_destination(destination_ref)
+    except Exception as exc:  # a missing or invalid block fails its deliveries, nothing else
+        reason = f"destination block {destination_ref!r} cannot be loaded ({type(exc).__name__})"
+        failed = ledger.fail_claimed(store, claimant, delivery_ids, reason)
+        logger.error("%s; %d deliveries failed", reason, failed)
+        return RenderResult(failed=Counter({reason: failed}))
+    result = ledger.render_paths(store, claimant, delivery_ids, destination.render_path)
+    for reason, count in result.failed.items():
+        logger.warning("%s: %d deliveries failed: %s", destination_ref, count, reason)
+    return result
+
+
+@task(name="upload")
+def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> BatchReport:
+    """Send one batch through one destination session, then record every outcome at once."""
+    store = open_store()
+    report = BatchReport(destination_ref)
+    started = time.perf_counter()
+    items = ledger.start_batch(store, claimant, delivery_ids)
+    report.skipped = len(delivery_ids) - len(items)
+    outcomes: list[Outcome] = []
+    try:
+        destination = load_destination(destination_ref)
+        with destination_slot(destination_ref, destination.max_connections):
+            outcomes = _send_all(destination, store, items)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
+        done = {o.delivery_id for o in outcomes}
+        outcomes += [
+            Outcome(i.delivery_id, 1, error=reason) for i in items if i.delivery_id not in done
+        ]
+    ledger.record_outcomes(store, claimant, outcomes)
+    for outcome in outcomes:
+        if outcome.delivered:
+            report.delivered += 1
+            report.bytes += outcome.size or 0
+        else:
+            report.failed += 1
+            report.reasons[outcome.error or "unknown"] += 1
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _Connection:
+    """The destination session of one batch, reopened after a transient failure."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self._stack: ExitStack | None = None
+        self._session: DestinationSession | None = None
+
+    def session(self) -> DestinationSession:
+        if self._session is None:
+            stack = ExitStack()
+            self._session = stack.enter_context(self.destination.open_session())
+            self._stack = stack
+        return self._session
+
+    def reset(self) -> None:
+        stack, self._stack, self._session = self._stack, None, None
+        if stack is not None:
+            # A broken connection may fail to close; it is dropped either way.
+            with suppress(Exception):
+                stack.close()
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = self._session = None
+
+
+def _send_all(destination: Destination, store: Store, items: Sequence[UploadItem]) -> list[Outcome]:
+    connection = _Connection(destination)
+    outcomes: list[Outcome] = []
+    try:
+        for item in items:
+            outcomes.append(_send(connection, store, item))
+    finally:
+        connection.close()
+    return outcomes
+
+
+def _send(connection: _Connection, store: Store, item: UploadItem) -> Outcome:
+    """Upload one document, retrying transient errors with exponential backoff and jitter."""
+    content = ledger.read_content(store, item.version_id)
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            receipt = connection.session().upload(item.path, content, item.sha256)
+            return Outcome(item.delivery_id, attempt, sha256=receipt.sha256, size=receipt.size)
+        except DeliveryError as exc:
+            if not exc.retryable or attempt == UPLOAD_ATTEMPTS:
+                return Outcome(item.delivery_id, attempt, error=str(exc))
+            connection.reset()
+            time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
+        except Exception as exc:
+            # Unknown failures are recorded by type only: their text may carry what we must not log.
+            connection.reset()
+            return Outcome(
+                item.delivery_id, attempt, error=f"unexpected error: {type(exc).__name__}"
+            )
+    raise AssertionError("unreachable")
+
+
+def _batches(ids: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+def _run_name() -> str:
+    parameters = flow_run.parameters or {}
+    scope = parameters.get("project_id") or "all-projects"
+    if parameters.get("destinations"):
+        scope += " to " + ",".join(parameters["destinations"])
+    return f"deliver {scope}"
+
+
+@flow(
+    name="deliver-updates",
+    flow_run_name=_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    validate_parameters=True,
+)
+def deliver_updates(
+    project_id: str | None = None,
+    destinations: list[str] | None = None,
+    patient_ids: list[str] | None = None,
+    data_types: list[DataType] | None = None,
+    batch_size: int = 100,
+    max_documents: int | None = None,
+) -> RunSummary:
+    """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
+
+    Filters narrow the run to a project, destinations (block `type/name`), patients or data
+    types; `max_documents` caps how many are sent in this run (the rest wait for the next).
+    """
+    logger = get_run_logger()
+    claimant = str(flow_run.id or uuid.uuid4())
+    work = WorkFilter(
+        project_id=project_id,
+        destinations=tuple(destinations or ()),
+        patient_ids=tuple(patient_ids or ()),
+        data_types=tuple(data_types or ()),
+    )
+    summary = RunSummary(flow_run_id=claimant)
+    remaining = max_documents if max_documents is not None else float("inf")
+    while remaining > 0:
+        claimed = gather(claimant, work, int(min(PAGE_SIZE, remaining)))
+        count = sum(len(ids) for ids in claimed.values())
+        if count == 0:
+            break
+        remaining -= count
+        rendered = {ref: render.submit(ref, claimant, ids) for ref, ids in claimed.items()}
+        uploads = []
+        for ref, future in rendered.items():
+            result = future.result()
+            summary.add(BatchReport(ref, failed=result.failed.total(), reasons=result.failed))
+            batches = _batches(result.ready, batch_size)
+            uploads += [upload.submit(ref, claimant, batch) for batch in batches]
+        for future in uploads:
+            summary.add(future.result())
+        logger.info("delivered %d, failed %d so far", summary.delivered, summary.failed)
+    _publish(summary)
+    logger.info(
+        "run finished: %d delivered, %d failed, to %d destination(s)",
+        summary.delivered,
+        summary.failed,
+        len(summary.destinations),
+    )
+    return summary
+
+
+def _publish(summary: RunSummary) -> None:
+    rows = summary.rows() or [{"destination": "(none)", "delivered": 0, "failed": 0}]
+    create_table_artifact(
+        table=rows,
+        key="delivery-summary",
+        description=f"Delivery run: {summary.delivered} delivered, {summary.failed} failed.",
+    )

@@ -1,0 +1,418 @@
+"""`patient-delivery`: ingest, destinations, delivery runs and the ledger from the command line.
+
+Commands that need Prefect (destinations, delivery runs, the demo) import it lazily: the
+store-only commands stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patient_delivery.settings import get_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flows.deliver import RunSummary
+    from patient_delivery.store import Store
+
+app = typer.Typer(
+    help="Deliver patients' health records to the organizations they shared them with.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+org_app = typer.Typer(help="Organizations.", no_args_is_help=True)
+project_app = typer.Typer(help="Projects of an organization.", no_args_is_help=True)
+patient_app = typer.Typer(help="Patients and whom they share with.", no_args_is_help=True)
+document_app = typer.Typer(help="Patients' documents.", no_args_is_help=True)
+import_app = typer.Typer(help="Import real-world exports.", no_args_is_help=True)
+destination_app = typer.Typer(help="Destination blocks (Prefect).", no_args_is_help=True)
+app.add_typer(org_app, name="org")
+app.add_typer(project_app, name="project")
+app.add_typer(patient_app, name="patient")
+app.add_typer(document_app, name="document")
+app.add_typer(import_app, name="import")
+app.add_typer(destination_app, name="destination")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _store() -> Store:
+    from patient_delivery.store import open_store
+
+    return open_store()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _prefect() -> None:
+    from patient_delivery.prefect_setup import apply_local_defaults
+
+    apply_local_defaults(get_settings().home)
+
+
+def _refusals(run):  # type: ignore[no-untyped-def]
+    """Run `run()`, turning the store's refusals into a clear message and exit code 2."""
+    from patient_delivery.documents import InvalidDocument
+    from patient_delivery.ingest import IngestError
+
+    try:
+        return run()
+    except (InvalidDocument, IngestError) as exc:
+        raise _fail(str(exc), code=2) from None
+
+
+# --- organizations, projects, patients, documents ---------------------------------------------
+
+
+@org_app.command("add")
+def org_add(
+    name: str,
+    org_id: Annotated[
+        str | None, typer.Option("--id", help="orgId; generated when omitted")
+    ] = None,
+) -> None:
+    """Add an organization; prints its orgId."""
+    from patient_delivery import ingest
+
+    console.print(_refusals(lambda: ingest.add_organization(_store(), name, org_id)))
+
+
+@project_app.command("add")
+def project_add(
+    org_id: str,
+    name: str,
+    project_id: Annotated[
+        str | None, typer.Option("--id", help="projectId; generated when omitted")
+    ] = None,
+) -> None:
+    """Add a project to an organization; prints its projectId."""
+    from patient_delivery import ingest
+
+    console.print(_refusals(lambda: ingest.add_project(_store(), org_id, name, project_id)))
+
+
+@patient_app.command("add")
+def patient_add(
+    project_id: str,
+    external_id: Annotated[
+        str | None, typer.Option(help="The organization's own ID for the patient")
+    ] = None,
+) -> None:
+    """Add a patient who shares with a project; prints the new healthexPatientId."""
+    from patient_delivery import ingest
+
+    console.print(_refusals(lambda: ingest.add_patient(_store(), project_id, external_id)))
+
+
+@patient_app.command("share")
+def patient_share(
+    patient_id: str,
+    project_id: str,
+    external_id: Annotated[
+        str | None, typer.Option(help="The project's ID for the patient")
+    ] = None,
+) -> None:
+    """Share an existing patient with another project; their latest documents are queued."""
+    from patient_delivery import ingest
+
+    queued = _refusals(lambda: ingest.share_patient(_store(), patient_id, project_id, external_id))
+    console.print(f"shared; {queued} deliveries queued")
+
+
+@document_app.command("put")
+def document_put(
+    patient_id: str,
+    data_type: Annotated[str, typer.Argument(help="ccda or fhir")],
+    file: Annotated[Path, typer.Argument(help="The document, or - for standard input")],
+) -> None:
+    """Store a patient's document; a changed document becomes a new version and is queued."""
+    from patient_delivery import ingest
+
+    content = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    result = _refusals(lambda: ingest.put_document(_store(), patient_id, data_type, content))
+    if result.created:
+        console.print(
+            f"stored {data_type} version {result.version} ({result.size} bytes, "
+            f"sha256 {result.sha256[:12]}...); {result.queued} deliveries queued"
+        )
+    else:
+        console.print(f"unchanged: identical to version {result.version}; nothing queued")
+
+
+@import_app.command("fhir-bulk")
+def import_fhir_bulk(
+    folder: Path,
+    project: Annotated[str, typer.Option(help="Project the patients share with")],
+    external_id_system: Annotated[
+        str | None,
+        typer.Option(help="Take externalId from Patient.identifier in this system (default: id)"),
+    ] = None,
+) -> None:
+    """Import a FHIR bulk export (NDJSON per resource type): one Bundle per patient."""
+    from patient_delivery import importers
+
+    report = _refusals(
+        lambda: importers.import_fhir_bulk(_store(), folder, project, external_id_system)
+    )
+    _print_import(report)
+
+
+@import_app.command("ccda")
+def import_ccda(
+    files: list[Path],
+    project: Annotated[
+        str | None, typer.Option(help="One new patient per file (externalId = file name)")
+    ] = None,
+    patient: Annotated[
+        str | None, typer.Option(help="All files as versions of this patient")
+    ] = None,
+) -> None:
+    """Import C-CDA documents as they are."""
+    from patient_delivery import importers
+
+    report = _refusals(lambda: importers.import_ccda(_store(), files, project, patient))
+    _print_import(report)
+
+
+def _print_import(report) -> None:  # type: ignore[no-untyped-def]
+    console.print(
+        f"patients created {report.patients_created}, matched {report.patients_matched}; "
+        f"documents stored {report.documents_created}, unchanged {report.documents_unchanged}; "
+        f"deliveries queued {report.deliveries_queued}"
+    )
+    for refusal in report.refused:
+        errors.print(f"[yellow]refused:[/yellow] {refusal}", highlight=False)
+    if report.refused:
+        raise typer.Exit(2)
+
+
+@app.command()
+def subscribe(
+    project_id: str,
+    destination: Annotated[str, typer.Argument(help="Destination block, e.g. local-destination/x")],
+    types: Annotated[str, typer.Option(help="Data types, comma-separated")] = "ccda,fhir",
+    purpose: Annotated[str, typer.Option(help="Purpose of the disclosure, for the ledger")] = (
+        "Patient-directed sharing"
+    ),
+) -> None:
+    """Deliver a project's documents to a destination; what it already has is queued now."""
+    from patient_delivery import ingest
+
+    queued = _refusals(
+        lambda: ingest.subscribe(_store(), project_id, destination, types.split(","), purpose)
+    )
+    console.print(f"subscribed; {queued} deliveries queued")
+
+
+@app.command()
+def seed(
+    project: Annotated[str, typer.Option(help="Project to fill")],
+    patients: Annotated[int, typer.Option(min=1, help="How many patients")] = 100,
+    seed_value: Annotated[int, typer.Option("--seed", help="Random seed")] = 0,
+) -> None:
+    """Generate synthetic patients, each with a C-CDA document and a FHIR bundle."""
+    from rich.progress import Progress
+
+    from patient_delivery.seed import seed_project
+
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("seeding", total=patients)
+        made = _refusals(
+            lambda: seed_project(
+                _store(), project, patients, seed_value, progress=lambda n: progress.advance(bar, n)
+            )
+        )
+    console.print(f"{len(made)} patients seeded into {project}")
+
+
+# --- destinations and delivery ------------------------------------------------------------------
+
+
+@destination_app.command("local")
+def destination_local(
+    name: str,
+    root: Annotated[Path, typer.Option(help="Folder that receives the deliveries")],
+    template: Annotated[str | None, typer.Option(help="Path template")] = None,
+    max_connections: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace a block of that name")] = False,
+) -> None:
+    """Create (or replace) a local-folder destination block; prints its reference."""
+    _prefect()
+    from pydantic import ValidationError
+
+    from blocks.local import LocalDestination
+
+    try:
+        fields = {"root": root.resolve(), "max_connections": max_connections}
+        if template is not None:
+            fields["path_template"] = template
+        block = LocalDestination(**fields)
+    except ValidationError as exc:
+        raise _fail("; ".join(e["msg"] for e in exc.errors()), code=2) from None
+    block.save(name, overwrite=overwrite)
+    console.print(f"local-destination/{name}")
+
+
+@destination_app.command("test")
+def destination_test(reference: Annotated[str, typer.Argument(help="e.g. local-destination/x")]):
+    """Connect, write a probe file and remove it, reporting each step."""
+    _prefect()
+    from flows.deliver import load_destination
+
+    report = load_destination(reference).test_connection()
+    console.print(f"testing {report.destination}")
+    for check in report.checks:
+        mark = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"
+        console.print(f"  {mark} {check.step} {check.detail}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def deliver(
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    destination: Annotated[
+        list[str] | None, typer.Option(help="Only these destinations (repeatable)")
+    ] = None,
+    patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
+    data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=5000)] = 100,
+    max_documents: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
+    _prefect()
+    from flows.deliver import deliver_updates
+
+    summary = deliver_updates(
+        project_id=project,
+        destinations=destination,
+        patient_ids=patient,
+        data_types=data_type,
+        batch_size=batch_size,
+        max_documents=max_documents,
+    )
+    _print_summary(summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    table = Table(title=f"delivery run {summary.flow_run_id}")
+    for column in ("destination", "delivered", "failed", "skipped", "MB", "failure reasons"):
+        table.add_column(column)
+    for row in summary.rows():
+        table.add_row(
+            str(row["destination"]),
+            str(row["delivered"]),
+            str(row["failed"]),
+            str(row["skipped"]),
+            f"{int(row['bytes']) / 1e6:.1f}",  # type: ignore[call-overload]
+            str(row["failure reasons"]),
+        )
+    if not summary.rows():
+        table.add_row("(nothing owed)", "0", "0", "0", "0.0", "")
+    console.print(table)
+
+
+# --- the ledger -----------------------------------------------------------------------------------
+
+
+def _parse_when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@app.command()
+def deliveries(
+    patient: Annotated[str | None, typer.Option(help="healthexPatientId")] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    destination: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[
+        str | None, typer.Option(help="queued, pending, delivered, failed, superseded")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most rows to show")] = 50,
+    csv: Annotated[Path | None, typer.Option(help="Write all matching rows as CSV")] = None,
+    parquet: Annotated[Path | None, typer.Option(help="Write all matching rows as Parquet")] = None,
+) -> None:
+    """The ledger: what was sent, to whom, where, when, why and by which run."""
+    from patient_delivery.reports import LedgerQuery, deliveries_frame
+
+    query = LedgerQuery(
+        patient_id=patient,
+        project_id=project,
+        destination=destination,
+        status=status,
+        since=_parse_when(since),
+        until=_parse_when(until),
+        limit=None if (csv or parquet) else limit,
+    )
+    frame = deliveries_frame(_store(), query)
+    if csv:
+        frame.to_csv(csv, index=False)
+        console.print(f"{len(frame)} rows written to {csv}")
+    if parquet:
+        frame.to_parquet(parquet, index=False)
+        console.print(f"{len(frame)} rows written to {parquet}")
+    if not (csv or parquet):
+        _print_frame(frame, "deliveries")
+
+
+def _print_frame(frame: pd.DataFrame, title: str) -> None:
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), overflow="fold")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if v is None or v != v else str(v) for v in row))
+    console.print(table)
+
+
+@app.command()
+def status() -> None:
+    """Deliveries per destination and status."""
+    from patient_delivery.reports import status_counts
+
+    _print_frame(status_counts(_store()), "deliveries by destination and status")
+
+
+@app.command("upgrade-store")
+def upgrade_store() -> None:
+    """Create the store or upgrade its schema in place (also done on every open)."""
+    store = _store()
+    console.print(f"store at {store.url} is at the latest schema")
+
+
+@app.command()
+def demo(
+    patients: Annotated[int, typer.Option(min=1, help="Patients per project on first run")] = 20,
+    update: Annotated[
+        int, typer.Option(min=0, help="Change this many patients' FHIR bundles before delivering")
+    ] = 0,
+) -> None:
+    """The main job on the embedded default: seed a store, deliver to a local folder, summarize.
+
+    Run again, it delivers nothing new; with --update N, only the N changed documents.
+    """
+    _prefect()
+    from patient_delivery.demo import run_demo
+
+    run_demo(get_settings().home, patients, update, console, _print_summary)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,106 @@
+"""The demo: the whole job on the embedded default (SQLite store, local folder, local Prefect)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from sqlalchemy import select
+
+from patient_delivery import ingest
+from patient_delivery.ledger import read_content
+from patient_delivery.seed import seed_project
+from patient_delivery.store import Store, open_store
+from patient_delivery.store.models import DocumentVersion, Organization, Share
+
+ORG = "demo-org"
+PROJECTS = ("cardiology-study", "diabetes-registry")
+DESTINATION_NAME = "demo-folder"
+DESTINATION = f"local-destination/{DESTINATION_NAME}"
+
+
+def run_demo(
+    home: Path,
+    patients: int,
+    update: int,
+    console: Console,
+    print_summary: Callable[..., None],
+) -> None:
+    from blocks.local import LocalDestination
+    from flows.deliver import deliver_updates
+
+    started = time.perf_counter()
+    store = open_store()
+    folder = (home / "deliveries").resolve()
+    with store.session() as session:
+        first_run = session.get(Organization, ORG) is None
+    if first_run:
+        console.print(f"seeding {patients} synthetic patients into each of {', '.join(PROJECTS)}")
+        ingest.add_organization(store, "Demo Health Research", ORG)
+        for project in PROJECTS:
+            ingest.add_project(store, ORG, project.replace("-", " ").title(), project)
+            seed_project(store, project, patients)
+    # The block lives in Prefect; (re)save it so the demo also works after Prefect's home is reset.
+    LocalDestination(root=folder).save(DESTINATION_NAME, overwrite=True)
+    if first_run:
+        for project in PROJECTS:
+            ingest.subscribe(store, project, DESTINATION)
+    if update:
+        changed = _update_fhir_bundles(store, PROJECTS[0], update)
+        console.print(f"changed the FHIR bundle of {changed} patient(s) in {PROJECTS[0]}")
+    summary = deliver_updates()
+    print_summary(summary)
+    files = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    console.print(
+        f"delivered {summary.delivered} document(s) this run; {files} file(s) in {folder} "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
+    if summary.delivered == 0:
+        console.print(
+            "nothing was owed: every newest document had already been delivered. "
+            "Try `patient-delivery demo --update 1`."
+        )
+    console.print("the ledger: `patient-delivery deliveries`")
+
+
+def _update_fhir_bundles(store: Store, project_id: str, count: int) -> int:
+    """Add a fresh observation to the newest FHIR bundle of `count` patients of a project."""
+    with store.session() as session:
+        patient_ids = session.scalars(
+            select(Share.patient_id)
+            .where(Share.project_id == project_id)
+            .order_by(Share.external_id)
+            .limit(count)
+        ).all()
+    for patient_id in patient_ids:
+        with store.session() as session:
+            newest = session.scalars(
+                select(DocumentVersion.id)
+                .where(
+                    DocumentVersion.patient_id == patient_id, DocumentVersion.data_type == "fhir"
+                )
+                .order_by(DocumentVersion.version.desc())
+                .limit(1)
+            ).one()
+        bundle = json.loads(read_content(store, newest))
+        patient = bundle["entry"][0]["resource"]
+        bundle["entry"].append(
+            {
+                "resource": {
+                    "resourceType": "Observation",
+                    "id": str(uuid.uuid4()),
+                    "status": "final",
+                    "code": {"text": "Heart rate", "coding": [{"code": "8867-4"}]},
+                    "subject": {"reference": f"Patient/{patient['id']}"},
+                    "effectiveDateTime": datetime.now(UTC).isoformat(),
+                    "valueQuantity": {"value": 72, "unit": "/min"},
+                }
+            }
+        )
+        ingest.put_document(store, patient_id, "fhir", json.dumps(bundle).encode())
+    return len(patient_ids)

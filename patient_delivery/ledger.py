@@ -1,0 +1,365 @@
+"""The delivery ledger: what is owed to whom, who is sending it, and what was sent.
+
+Each `Delivery` row moves through queued -> pending (claimed by one run, path rendered, under a
+lease) -> delivered | failed. Failed and lease-expired rows are claimed again by a later run,
+and keep the path they were first given, so a retry overwrites rather than duplicates.
+
+Only IDs, counts, paths and reasons pass through here; document content is read one document
+at a time by `read_content`, straight into an upload.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from patient_delivery.paths import PathValueError, format_timestamp
+from patient_delivery.store import Store
+from patient_delivery.store.models import (
+    Delivery,
+    DeliveryStatus,
+    DocumentContent,
+    DocumentVersion,
+    Project,
+    Share,
+    Subscription,
+)
+
+DEFAULT_LEASE = timedelta(minutes=30)
+"""How long a run owns what it claimed; a crashed run's work is taken over after this."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- queueing (called by ingest, inside its transaction) -------------------------------------
+
+
+def enqueue_version(session: Session, version: DocumentVersion) -> int:
+    """Queue a new version for each destination that the patient's projects subscribe to."""
+    rows = session.execute(
+        select(Share.project_id, Project.organization_id, Subscription)
+        .join(Project, Project.id == Share.project_id)
+        .join(Subscription, Subscription.project_id == Share.project_id)
+        .where(Share.patient_id == version.patient_id)
+    ).all()
+    queued = 0
+    for project_id, organization_id, subscription in rows:
+        if version.data_type in subscription.data_type_list:
+            session.add(
+                Delivery(
+                    version_id=version.id,
+                    patient_id=version.patient_id,
+                    project_id=project_id,
+                    organization_id=organization_id,
+                    data_type=version.data_type,
+                    destination=subscription.destination,
+                    purpose=subscription.purpose,
+                    status=DeliveryStatus.QUEUED,
+                )
+            )
+            queued += 1
+    return queued
+
+
+def enqueue_heads(
+    session: Session, subscription: Subscription, patient_id: str | None = None
+) -> int:
+    """Queue the newest version of each shared patient's documents for a (new) subscription."""
+    project = session.get(Project, subscription.project_id)
+    assert project is not None
+    # max(id) is the newest version: versions of one document are inserted in order.
+    heads = (
+        select(DocumentVersion.patient_id, DocumentVersion.data_type, func.max(DocumentVersion.id))
+        .join(Share, Share.patient_id == DocumentVersion.patient_id)
+        .where(
+            Share.project_id == subscription.project_id,
+            DocumentVersion.data_type.in_(subscription.data_type_list),
+        )
+        .group_by(DocumentVersion.patient_id, DocumentVersion.data_type)
+    )
+    owed = select(Delivery.version_id).where(
+        Delivery.project_id == subscription.project_id,
+        Delivery.destination == subscription.destination,
+    )
+    if patient_id is not None:
+        heads = heads.where(DocumentVersion.patient_id == patient_id)
+        owed = owed.where(Delivery.patient_id == patient_id)
+    already = set(session.scalars(owed))
+    queued = 0
+    for head_patient, data_type, version_id in session.execute(heads):
+        if version_id in already:
+            continue
+        session.add(
+            Delivery(
+                version_id=version_id,
+                patient_id=head_patient,
+                project_id=subscription.project_id,
+                organization_id=project.organization_id,
+                data_type=data_type,
+                destination=subscription.destination,
+                purpose=subscription.purpose,
+                status=DeliveryStatus.QUEUED,
+            )
+        )
+        queued += 1
+    return queued
+
+
+# --- a delivery run -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkFilter:
+    """Narrows what a run claims; everything is eligible when empty."""
+
+    project_id: str | None = None
+    destinations: tuple[str, ...] = ()
+    patient_ids: tuple[str, ...] = ()
+    data_types: tuple[str, ...] = ()
+
+
+def _claimable(now: datetime, work: WorkFilter):  # type: ignore[no-untyped-def]
+    condition = or_(
+        Delivery.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED]),
+        and_(Delivery.status == DeliveryStatus.PENDING, Delivery.lease_expires_at < now),
+    )
+    if work.project_id:
+        condition = and_(condition, Delivery.project_id == work.project_id)
+    if work.destinations:
+        condition = and_(condition, Delivery.destination.in_(work.destinations))
+    if work.patient_ids:
+        condition = and_(condition, Delivery.patient_id.in_(work.patient_ids))
+    if work.data_types:
+        condition = and_(condition, Delivery.data_type.in_(work.data_types))
+    return condition
+
+
+def claim(
+    store: Store,
+    claimant: str,
+    work: WorkFilter = WorkFilter(),
+    limit: int = 10_000,
+    lease: timedelta = DEFAULT_LEASE,
+) -> dict[str, list[int]]:
+    """Claim up to `limit` owed deliveries for `claimant`; returns their IDs by destination.
+
+    One UPDATE whose WHERE re-checks eligibility, so two runs claiming at once never get the
+    same row: the database serializes the writes and the loser's re-check no longer matches.
+    """
+    now = _now()
+    eligible = _claimable(now, work)
+    with store.session() as session:
+        candidates = select(Delivery.id).where(eligible).order_by(Delivery.id).limit(limit)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(candidates.scalar_subquery()), eligible)
+            .values(
+                status=DeliveryStatus.PENDING,
+                claimed_by=claimant,
+                lease_expires_at=now + lease,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        claimed: dict[str, list[int]] = {}
+        for delivery_id, destination in session.execute(
+            select(Delivery.id, Delivery.destination)
+            .where(Delivery.claimed_by == claimant, Delivery.status == DeliveryStatus.PENDING)
+            .order_by(Delivery.id)
+        ):
+            claimed.setdefault(destination, []).append(delivery_id)
+    return claimed
+
+
+PathRenderer = Callable[[Mapping[str, str], str], str]
+
+
+@dataclass
+class RenderResult:
+    ready: list[int] = field(default_factory=list)
+    failed: Counter[str] = field(default_factory=Counter)
+
+
+def render_paths(
+    store: Store, claimant: str, delivery_ids: Sequence[int], renderer: PathRenderer
+) -> RenderResult:
+    """Give each claimed delivery its path, once: a row that already has one keeps it.
+
+    A value that cannot be rendered safely fails that delivery alone, with the reason.
+    """
+    result = RenderResult()
+    now = _now()
+    with store.session() as session:
+        rows = session.execute(
+            select(Delivery, Share.external_id)
+            .outerjoin(
+                Share,
+                and_(
+                    Share.project_id == Delivery.project_id, Share.patient_id == Delivery.patient_id
+                ),
+            )
+            .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == claimant)
+        ).all()
+        for delivery, external_id in rows:
+            if delivery.path:
+                result.ready.append(delivery.id)
+                continue
+            moment = delivery.rendered_at or now
+            values = {
+                "orgId": delivery.organization_id,
+                "projectId": delivery.project_id,
+                "healthexPatientId": delivery.patient_id,
+                "externalId": external_id or "",
+                "dataType": delivery.data_type,
+                "timestamp": format_timestamp(moment),
+            }
+            try:
+                delivery.path = renderer(values, delivery.data_type)
+                delivery.rendered_at = moment
+                result.ready.append(delivery.id)
+            except PathValueError as exc:
+                reason = f"cannot render path: {exc}"
+                _fail(delivery, reason, claimant)
+                result.failed[reason] += 1
+    return result
+
+
+def _fail(delivery: Delivery, reason: str, claimant: str) -> None:
+    delivery.status = DeliveryStatus.FAILED
+    delivery.last_error = reason
+    delivery.attempts += 1
+    delivery.flow_run_id = claimant
+    delivery.claimed_by = None
+    delivery.lease_expires_at = None
+
+
+def fail_claimed(store: Store, claimant: str, delivery_ids: Sequence[int], reason: str) -> int:
+    """Fail every listed delivery still claimed by `claimant` with one reason (e.g. bad block)."""
+    with store.session() as session:
+        rows = session.scalars(
+            select(Delivery).where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == claimant)
+        ).all()
+        for delivery in rows:
+            _fail(delivery, reason, claimant)
+        return len(rows)
+
+
+@dataclass(frozen=True)
+class UploadItem:
+    """A claimed delivery ready to send: where it goes and what to expect, never its content."""
+
+    delivery_id: int
+    version_id: int
+    path: str
+    sha256: str
+    size: int
+
+
+def start_batch(
+    store: Store, claimant: str, delivery_ids: Sequence[int], lease: timedelta = DEFAULT_LEASE
+) -> list[UploadItem]:
+    """Renew the lease on a batch about to be sent and return what is still ours to send."""
+    now = _now()
+    with store.session() as session:
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id.in_(delivery_ids),
+                Delivery.claimed_by == claimant,
+                Delivery.status == DeliveryStatus.PENDING,
+            )
+            .values(lease_expires_at=now + lease)
+            .execution_options(synchronize_session=False)
+        )
+        rows = session.execute(
+            select(
+                Delivery.id,
+                Delivery.version_id,
+                Delivery.path,
+                DocumentVersion.sha256,
+                DocumentVersion.size,
+            )
+            .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
+            .where(
+                Delivery.id.in_(delivery_ids),
+                Delivery.claimed_by == claimant,
+                Delivery.status == DeliveryStatus.PENDING,
+                Delivery.path.is_not(None),
+            )
+            .order_by(Delivery.id)
+        ).all()
+    return [UploadItem(*row) for row in rows]
+
+
+def read_content(store: Store, version_id: int) -> bytes:
+    """The bytes of one document version, read when it is about to be sent."""
+    with store.session() as session:
+        content = session.scalar(
+            select(DocumentContent.content).where(DocumentContent.version_id == version_id)
+        )
+    if content is None:
+        raise LookupError(f"document version {version_id} has no stored content")
+    return content
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one delivery ended in this run."""
+
+    delivery_id: int
+    attempts: int
+    sha256: str | None = None
+    size: int | None = None
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
+
+
+def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) -> int:
+    """Write a batch's outcomes in one transaction; returns how many rows were still ours.
+
+    A row whose lease was lost to another run is left alone: that run now answers for it.
+    """
+    if not outcomes:
+        return 0
+    now = _now()
+    table = Delivery.__table__
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.claimed_by == claimant)
+        .values(
+            status=bindparam("b_status"),
+            attempts=table.c.attempts + bindparam("b_attempts"),
+            last_error=bindparam("b_error"),
+            sha256=bindparam("b_sha256"),
+            size=bindparam("b_size"),
+            delivered_at=bindparam("b_delivered_at"),
+            flow_run_id=claimant,
+            claimed_by=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+    parameters = [
+        {
+            "b_id": o.delivery_id,
+            "b_status": DeliveryStatus.DELIVERED if o.delivered else DeliveryStatus.FAILED,
+            "b_attempts": o.attempts,
+            "b_error": o.error,
+            "b_sha256": o.sha256,
+            "b_size": o.size,
+            "b_delivered_at": now if o.delivered else None,
+        }
+        for o in outcomes
+    ]
+    with store.session() as session:
+        result = session.connection().execute(statement, parameters)
+        return int(result.rowcount or 0)

@@ -1,0 +1,151 @@
+"""Path templates: where a delivered document lands in an organization's storage.
+
+A pure module (no I/O, no Prefect, no destination types) so that a template can be checked the
+moment a destination is configured, and every destination renders paths the same way.
+
+A template is a relative, `/`-separated path with `{variable}` placeholders drawn from
+`VARIABLES`. The rendered file name always ends with the data type's extension (`.xml` for
+`ccda`, `.json` for `fhir`): when the template does not end with it, it is appended.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+VARIABLES: tuple[str, ...] = (
+    "orgId",
+    "projectId",
+    "healthexPatientId",
+    "externalId",
+    "dataType",
+    "timestamp",
+)
+
+DEFAULT_TEMPLATE = "{orgId}/{projectId}/{healthexPatientId}/{dataType}/{timestamp}"
+"""Default layout: one folder per patient and data type, one file per delivered version."""
+
+EXTENSIONS: Mapping[str, str] = {"ccda": ".xml", "fhir": ".json"}
+
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+"""UTC, sortable as text, and safe in file names on every platform (no `:`)."""
+
+MAX_VALUE_LENGTH = 200
+"""Longest value a variable may take: keeps every rendered segment under common 255-byte limits."""
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class PathTemplateError(ValueError):
+    """A template that can never render a safe path; raised when a destination is configured."""
+
+
+class PathValueError(ValueError):
+    """A value that would escape or reshape the destination folder; fails one delivery only.
+
+    The message names the variable and the rule it broke, never the value itself: values such as
+    `externalId` can identify a patient and must not reach logs.
+    """
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"path variable {variable!r} {problem}")
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Render an aware datetime as the `timestamp` variable (UTC, e.g. 20261125T134501Z)."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamp must be timezone-aware")
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def _example() -> str:
+    return f"example of a valid template: {DEFAULT_TEMPLATE!r}"
+
+
+@dataclass(frozen=True)
+class PathTemplate:
+    """A checked template; construct it with `PathTemplate.parse`."""
+
+    text: str
+    variables: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> PathTemplate:
+        """Check a template and return it, or raise `PathTemplateError` naming every problem."""
+        problems: list[str] = []
+        if not text or not text.strip():
+            raise PathTemplateError(f"path template is empty; {_example()}")
+        names = _PLACEHOLDER.findall(text)
+        unknown = sorted({n for n in names if n not in VARIABLES})
+        if unknown:
+            problems.append(
+                f"unknown variable(s) {', '.join('{' + n + '}' for n in unknown)}"
+                f" (known: {', '.join(VARIABLES)})"
+            )
+        stray = _PLACEHOLDER.sub("", text)
+        if "{" in stray or "}" in stray:
+            problems.append("a stray '{' or '}' that is not part of a {variable}")
+        if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or text.startswith("\\"):
+            problems.append("it is absolute; it must be relative to the destination's root")
+        if "\\" in text:
+            problems.append("it contains '\\'; use '/' to separate folders")
+        segments = text.split("/")
+        if any(seg in ("..", ".") for seg in segments):
+            problems.append("it contains a '.' or '..' segment")
+        if any(seg == "" for seg in segments[1:-1]) or text.endswith("/"):
+            problems.append("it contains an empty folder name ('//' or a trailing '/')")
+        if not {"healthexPatientId", "externalId"} & set(names):
+            problems.append(
+                "it names no patient ({healthexPatientId} or {externalId}), so every patient's"
+                " document would land at the same path"
+            )
+        if any(_is_unsafe_char(ch) for ch in _PLACEHOLDER.sub("", text)):
+            problems.append("it contains a control or invisible formatting character")
+        if problems:
+            raise PathTemplateError(
+                f"invalid path template {text!r}: " + "; ".join(problems) + f"; {_example()}"
+            )
+        return cls(text=text, variables=frozenset(names))
+
+    def render(self, values: Mapping[str, str], data_type: str) -> str:
+        """Render a relative path for one delivery.
+
+        Every value is checked, not rewritten: a value that could change the folder structure
+        raises `PathValueError` so that one delivery fails with a reason.
+        """
+        if data_type not in EXTENSIONS:
+            raise PathValueError("dataType", f"must be one of {sorted(EXTENSIONS)}")
+        for name in self.variables:
+            check_value(name, values.get(name))
+        path = _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text)
+        extension = EXTENSIONS[data_type]
+        if not path.lower().endswith(extension):
+            path += extension
+        return path
+
+
+def _is_unsafe_char(ch: str) -> bool:
+    # Cc: control characters (NUL, newline, ESC...); Cf: invisible formatting such as the
+    # right-to-left override, which makes a file name display differently from what it is.
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+
+
+def check_value(name: str, value: str | None) -> None:
+    """Raise `PathValueError` unless `value` is safe as (part of) one path segment."""
+    if value is None or value == "":
+        raise PathValueError(name, "is empty")
+    if value.strip() != value:
+        raise PathValueError(name, "starts or ends with whitespace")
+    if "/" in value or "\\" in value:
+        raise PathValueError(name, "contains a path separator ('/' or '\\')")
+    if ".." in value or value == ".":
+        raise PathValueError(name, "contains '..' or is '.'")
+    if any(_is_unsafe_char(ch) for ch in value):
+        raise PathValueError(name, "contains a control or invisible formatting character")
+    if len(value) > MAX_VALUE_LENGTH:
+        raise PathValueError(name, f"is longer than {MAX_VALUE_LENGTH} characters")

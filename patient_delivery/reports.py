@@ -1,0 +1,104 @@
+"""Reports over the ledger, as pandas DataFrames: the accounting of disclosures and its exports.
+
+A table is the natural shape here (filter, print, write CSV or Parquet); the upload path
+never uses pandas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+from sqlalchemy import func, select
+
+from patient_delivery.store import Store
+from patient_delivery.store.models import Delivery, DocumentVersion, Organization
+
+DISCLOSURE_COLUMNS = [
+    "delivered_at",
+    "status",
+    "patient_id",
+    "organization",
+    "project_id",
+    "destination",
+    "data_type",
+    "version",
+    "sha256",
+    "size",
+    "path",
+    "purpose",
+    "flow_run_id",
+    "attempts",
+    "last_error",
+]
+
+
+@dataclass(frozen=True)
+class LedgerQuery:
+    patient_id: str | None = None
+    project_id: str | None = None
+    destination: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = None
+
+
+def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.DataFrame:
+    """Ledger rows matching `query`, newest first, with the accounting-of-disclosures fields:
+    when, to whom (organization, destination), what (data type, version, sha256, path), why
+    (purpose) and by which run."""
+    statement = (
+        select(
+            Delivery.delivered_at,
+            Delivery.status,
+            Delivery.patient_id,
+            Organization.name.label("organization"),
+            Delivery.project_id,
+            Delivery.destination,
+            Delivery.data_type,
+            DocumentVersion.version,
+            Delivery.sha256,
+            Delivery.size,
+            Delivery.path,
+            Delivery.purpose,
+            Delivery.flow_run_id,
+            Delivery.attempts,
+            Delivery.last_error,
+        )
+        .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
+        .join(Organization, Organization.id == Delivery.organization_id)
+        .order_by(Delivery.updated_at.desc(), Delivery.id.desc())
+    )
+    if query.patient_id:
+        statement = statement.where(Delivery.patient_id == query.patient_id)
+    if query.project_id:
+        statement = statement.where(Delivery.project_id == query.project_id)
+    if query.destination:
+        statement = statement.where(Delivery.destination == query.destination)
+    if query.status:
+        statement = statement.where(Delivery.status == query.status)
+    if query.since:
+        statement = statement.where(Delivery.updated_at >= query.since)
+    if query.until:
+        statement = statement.where(Delivery.updated_at < query.until)
+    if query.limit:
+        statement = statement.limit(query.limit)
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    return pd.DataFrame(rows, columns=DISCLOSURE_COLUMNS)
+
+
+def status_counts(store: Store) -> pd.DataFrame:
+    """Deliveries per destination and status: what is owed, sent and failing."""
+    statement = select(Delivery.destination, Delivery.status, func.count()).group_by(
+        Delivery.destination, Delivery.status
+    )
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    frame = pd.DataFrame(rows, columns=["destination", "status", "count"])
+    if frame.empty:
+        return frame
+    table = frame.pivot_table(index="destination", columns="status", values="count", fill_value=0)
+    return table.astype(int).reset_index()

@@ -1,0 +1,37 @@
+"""Settings: where the store and the local Prefect live, from `PATIENT_DELIVERY_*` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Every field can be set as `PATIENT_DELIVERY_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="PATIENT_DELIVERY_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".patient-delivery"),
+        description="Folder for the embedded store, the local Prefect home and demo deliveries.",
+    )
+    store_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host/db. "
+            "Default: a SQLite file `store.db` in `home`."
+        ),
+    )
+
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        return f"sqlite:///{(self.home / 'store.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

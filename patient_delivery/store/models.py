@@ -1,0 +1,175 @@
+"""The store's tables: who shares what with whom, every document version, and the delivery ledger.
+
+The `deliveries` table is both the work queue and the accounting of disclosures: ingest adds a
+*queued* row per (document version, subscribed destination); a delivery run claims rows, renders
+their path (*pending*), uploads, and records *delivered* or *failed*. Gather reads it by status,
+so a run costs what changed, not the size of the store.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Patient(Base):
+    """A person whose records we hold; `id` is the healthexPatientId: ours, opaque and stable."""
+
+    __tablename__ = "patients"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fhir_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Share(Base):
+    """A patient shares their records with a project; the organization's externalId lives here."""
+
+    __tablename__ = "shares"
+    __table_args__ = (UniqueConstraint("project_id", "external_id"),)
+
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"), primary_key=True, index=True)
+    external_id: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class DocumentVersion(Base):
+    """One version of one patient's document of one data type; content lives apart."""
+
+    __tablename__ = "document_versions"
+    __table_args__ = (UniqueConstraint("patient_id", "data_type", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"))
+    data_type: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+
+
+class DocumentContent(Base):
+    """The bytes of a version, in their own table so metadata queries never load them."""
+
+    __tablename__ = "document_contents"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("document_versions.id"), primary_key=True)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Subscription(Base):
+    """A project delivers these data types to this destination (a Prefect block, by slug/name)."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (UniqueConstraint("project_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(255))
+    data_types: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    @property
+    def data_type_list(self) -> list[str]:
+        return [t for t in self.data_types.split(",") if t]
+
+
+class DeliveryStatus(enum.StrEnum):
+    QUEUED = "queued"  # waiting for a run; no path yet
+    PENDING = "pending"  # claimed by a run, path rendered; lease protects it
+    DELIVERED = "delivered"
+    FAILED = "failed"  # the next run tries again (at the same path, if one was rendered)
+    SUPERSEDED = "superseded"  # a newer version replaced it before it was sent
+
+
+class Delivery(Base):
+    """One document version to one destination for one project: queue entry and ledger row."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("version_id", "project_id", "destination"),
+        Index("ix_deliveries_status_destination", "status", "destination"),
+        Index("ix_deliveries_patient", "patient_id", "data_type", "destination"),
+        Index("ix_deliveries_project_destination", "project_id", "destination"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("document_versions.id"))
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    data_type: Mapped[str] = mapped_column(String(16))
+    destination: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.QUEUED)
+    path: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(Integer)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    rendered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
