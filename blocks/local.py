@@ -7,7 +7,7 @@ import hashlib
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from pydantic import Field
@@ -70,10 +70,10 @@ class LocalSession(DestinationSession):
             os.replace(temporary, target)
             _fsync_folder(target.parent)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
+            _discard(temporary)
             raise _os_error(exc, "write") from None
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            _discard(temporary)
             raise
         return Receipt(path=path, size=len(content), sha256=sha256)
 
@@ -82,6 +82,12 @@ class LocalSession(DestinationSession):
             self._target(path).unlink(missing_ok=True)
         except OSError as exc:
             raise _os_error(exc, "remove") from None
+
+
+def _discard(temporary: Path) -> None:
+    """Remove a temporary file after a failed write, if it was ever created."""
+    with suppress(OSError):
+        temporary.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -51,10 +51,10 @@ def check_document(data_type: str, content: bytes) -> CheckedDocument:
     if not isinstance(content, bytes | bytearray):
         raise InvalidDocument("document content must be bytes")
     if len(content) == 0:
-        raise InvalidDocument("document is empty")
+        raise InvalidDocument(f"{kind} document is empty")
     if len(content) > MAX_DOCUMENT_BYTES:
         raise InvalidDocument(
-            f"document is {len(content)} bytes; the limit is {MAX_DOCUMENT_BYTES} bytes"
+            f"{kind} document is {len(content)} bytes; the limit is {MAX_DOCUMENT_BYTES} bytes"
         )
     content = bytes(content)
     fhir_patient_id = None
@@ -117,7 +117,7 @@ def _xml_reason(exc: etree.XMLSyntaxError) -> str:
 def check_fhir_bundle(content: bytes) -> str:
     """A FHIR R4 `Bundle` (JSON) whose resources all belong to one patient; returns its id."""
     try:
-        bundle = json.loads(content)
+        bundle = json.loads(content.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InvalidDocument(f"fhir is not UTF-8 at byte {exc.start}") from None
     except json.JSONDecodeError as exc:

@@ -125,10 +125,14 @@ class WorkFilter:
     data_types: tuple[str, ...] = ()
 
 
-def _claimable(now: datetime, work: WorkFilter):  # type: ignore[no-untyped-def]
-    condition = or_(
-        Delivery.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED]),
-        and_(Delivery.status == DeliveryStatus.PENDING, Delivery.lease_expires_at < now),
+def _claimable(now: datetime, claimant: str, work: WorkFilter):  # type: ignore[no-untyped-def]
+    condition = and_(
+        or_(
+            Delivery.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED]),
+            and_(Delivery.status == DeliveryStatus.PENDING, Delivery.lease_expires_at < now),
+        ),
+        # What this run already tried and failed waits for the next run: a run always ends.
+        or_(Delivery.flow_run_id.is_(None), Delivery.flow_run_id != claimant),
     )
     if work.project_id:
         condition = and_(condition, Delivery.project_id == work.project_id)
@@ -154,7 +158,7 @@ def claim(
     same row: the database serializes the writes and the loser's re-check no longer matches.
     """
     now = _now()
-    eligible = _claimable(now, work)
+    eligible = _claimable(now, claimant, work)
     with store.session() as session:
         candidates = select(Delivery.id).where(eligible).order_by(Delivery.id).limit(limit)
         session.execute(

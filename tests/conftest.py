@@ -1,0 +1,52 @@
+"""Shared fixtures: a fresh store per test, the real-world fixtures, a Prefect test server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported anywhere: no analytics (no network here), a private Prefect home,
+# and enough time for the temporary server to start on a 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from patient_delivery.settings import get_settings
+from patient_delivery.store import Store, close_stores, open_store
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """`../shared/fixtures`: tests that need real data fail loudly without it, never skip."""
+    if not (SHARED_FIXTURES / "ccda").is_dir() or not (SHARED_FIXTURES / "fhir-bulk-10").is_dir():
+        pytest.fail(f"real-world fixtures not found at {SHARED_FIXTURES}")
+    return SHARED_FIXTURES
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    """A new SQLite store, also the one the delivery flow opens (through settings)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("PATIENT_DELIVERY_STORE_URL", url)
+    monkeypatch.setenv("PATIENT_DELIVERY_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield open_store(url)
+    close_stores()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """A temporary Prefect server and database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,95 @@
+"""One contract, every destination: the same cases run against the local folder, S3 and SFTP.
+
+A test module subclasses `DestinationContract` and provides three fixtures:
+`destination` (a ready block), `remote` (a `Remote` that reads what arrived, independently of
+the block) and `secrets` (strings that must never show in `str()`/`repr()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import pytest
+
+from blocks.base import DeliveryError, Destination
+
+BODY = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"x" * 200_000 + b"</ClinicalDocument>"
+
+
+def sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+class Remote(Protocol):
+    def read(self, path: str) -> bytes | None: ...
+
+    def names(self) -> list[str]: ...
+
+
+class DestinationContract:
+    def test_round_trip_is_byte_identical(self, destination: Destination, remote: Remote) -> None:
+        with destination.open_session() as session:
+            receipt = session.upload("a/b/doc.xml", BODY, sha(BODY))
+        assert (receipt.path, receipt.size, receipt.sha256) == ("a/b/doc.xml", len(BODY), sha(BODY))
+        assert remote.read("a/b/doc.xml") == BODY
+
+    def test_missing_nested_folders_are_created(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        with destination.open_session() as session:
+            for depth in range(1, 5):
+                path = "/".join(f"level{i}" for i in range(depth)) + "/file.json"
+                session.upload(path, b"{}", sha(b"{}"))
+        assert remote.read("level0/level1/level2/level3/file.json") == b"{}"
+
+    def test_one_session_serves_many_uploads(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        with destination.open_session() as session:
+            for i in range(25):
+                body = f"document {i}".encode()
+                session.upload(f"many/{i}.xml", body, sha(body))
+        assert all(remote.read(f"many/{i}.xml") == f"document {i}".encode() for i in range(25))
+
+    def test_upload_to_same_path_replaces_whole_file(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        with destination.open_session() as session:
+            session.upload("same/doc.xml", BODY, sha(BODY))
+            session.upload("same/doc.xml", b"short", sha(b"short"))
+        assert remote.read("same/doc.xml") == b"short"
+        assert [n for n in remote.names() if n.startswith("same/")] == ["same/doc.xml"]
+
+    def test_no_temporary_or_partial_files_remain(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        with destination.open_session() as session:
+            for i in range(5):
+                session.upload(f"clean/{i}.xml", BODY, sha(BODY))
+        assert sorted(remote.names()) == sorted(f"clean/{i}.xml" for i in range(5))
+
+    def test_content_not_matching_its_checksum_is_refused(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        with destination.open_session() as session, pytest.raises(DeliveryError) as error:
+            session.upload("bad/doc.xml", BODY, sha(b"something else"))
+        assert not error.value.retryable
+        assert remote.read("bad/doc.xml") is None
+
+    def test_connection_test_writes_and_removes_a_probe(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        report = destination.test_connection()
+        assert report.ok, report.checks
+        assert [c.step for c in report.checks] == [
+            "connect",
+            "write probe file",
+            "remove probe file",
+        ]
+        assert remote.names() == []
+
+    def test_no_secret_in_str_or_repr(self, destination: Destination, secrets: list[str]) -> None:
+        shown = str(destination) + repr(destination) + destination.describe()
+        for secret in secrets:
+            assert secret not in shown

@@ -1,0 +1,238 @@
+"""The delivery flow end to end, on Prefect's test server, into a real folder."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from blocks.local import LocalDestination
+from flows.deliver import deliver_updates
+from patient_delivery import ingest, ledger
+from patient_delivery.importers import import_ccda, import_fhir_bulk
+from patient_delivery.store import Store
+from patient_delivery.store.models import Delivery, DocumentVersion
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v1</title></ClinicalDocument>'
+CCDA_V2 = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v2</title></ClinicalDocument>'
+
+
+def save_local(root: Path, template: str | None = None) -> str:
+    """Save a local destination block under a unique name; returns its reference."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    fields: dict[str, object] = {"root": root}
+    if template:
+        fields["path_template"] = template
+    LocalDestination(**fields).save(name)
+    return f"local-destination/{name}"
+
+
+@pytest.fixture
+def project(store: Store) -> str:
+    ingest.add_organization(store, "Acme Research", "acme")
+    return ingest.add_project(store, "acme", "Study", "study")
+
+
+def rows(store: Store, **where: object) -> list[Delivery]:
+    with store.session() as session:
+        statement = select(Delivery).order_by(Delivery.id)
+        for column, value in where.items():
+            statement = statement.where(getattr(Delivery, column) == value)
+        return list(session.scalars(statement))
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
+    store: Store, project: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    destination = save_local(root)
+    ingest.subscribe(store, project, destination)
+    ccda_files = sorted((fixtures_dir / "ccda").glob("*.xml"))
+    import_ccda(store, ccda_files, project_id=project)
+    import_fhir_bulk(store, fixtures_dir / "fhir-bulk-10", project)
+
+    summary = deliver_updates()
+
+    assert (summary.delivered, summary.failed) == (25, 0)
+    delivered = rows(store, status="delivered")
+    assert len(delivered) == 25
+    arrived = files_under(root)
+    assert len(arrived) == 25
+    for row in delivered:
+        content = ledger.read_content(store, row.version_id)
+        assert arrived[row.path] == content
+        assert row.sha256 and row.size == len(content) and row.flow_run_id == summary.flow_run_id
+    originals = {p.read_bytes() for p in ccda_files}
+    assert originals == {c for p, c in arrived.items() if p.endswith(".xml")}
+
+    again = deliver_updates()
+    assert (again.delivered, again.failed) == (0, 0)
+    assert files_under(root) == arrived
+
+
+def test_a_changed_document_is_delivered_again_alone(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root))
+    patients = [ingest.add_patient(store, project) for _ in range(3)]
+    for patient in patients:
+        ingest.put_document(store, patient, "ccda", CCDA)
+    assert deliver_updates().delivered == 3
+
+    ingest.put_document(store, patients[1], "ccda", CCDA_V2)
+    summary = deliver_updates()
+
+    assert summary.delivered == 1
+    newest = rows(store, patient_id=patients[1])[-1]
+    assert newest.status == "delivered"
+    assert (root / newest.path).read_bytes() == CCDA_V2
+    assert len(rows(store, status="delivered")) == 4
+
+
+def test_a_failed_delivery_is_delivered_by_the_next_run_at_the_same_path(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root, "{orgId}/{externalId}"))
+    ok = ingest.add_patient(store, project, "ok")
+    blocked = ingest.add_patient(store, project, "blocked")
+    ingest.put_document(store, ok, "ccda", CCDA)
+    ingest.put_document(store, blocked, "ccda", CCDA)
+    (root / "acme").mkdir(parents=True)
+    (root / "acme" / "blocked.xml").mkdir()  # a folder where the file must go: rename fails
+
+    first = deliver_updates()
+
+    assert (first.delivered, first.failed) == (1, 1)
+    [failed] = rows(store, status="failed")
+    assert failed.patient_id == blocked and failed.path == "acme/blocked.xml"
+    assert failed.attempts >= 1 and failed.last_error
+
+    (root / "acme" / "blocked.xml").rmdir()
+    second = deliver_updates()
+
+    assert (second.delivered, second.failed) == (1, 0)
+    [row] = rows(store, patient_id=blocked)
+    assert row.status == "delivered" and row.path == "acme/blocked.xml"
+    assert (root / "acme" / "blocked.xml").read_bytes() == CCDA
+
+
+@pytest.mark.parametrize(
+    "hostile", ["../../etc", "a/b", "back\\slash", "nul\x00", "rtl\u202e", "x" * 1000]
+)
+def test_a_hostile_external_id_fails_only_its_own_delivery(
+    store: Store, project: str, tmp_path: Path, hostile: str
+) -> None:
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root, "{projectId}/{externalId}"))
+    good = [ingest.add_patient(store, project, f"MRN-{i}") for i in range(3)]
+    bad = ingest.add_patient(store, project, hostile)
+    for patient in [*good, bad]:
+        ingest.put_document(store, patient, "ccda", CCDA)
+
+    summary = deliver_updates()
+
+    assert (summary.delivered, summary.failed) == (3, 1)
+    [failed] = rows(store, status="failed")
+    assert failed.patient_id == bad and failed.path is None
+    assert "externalId" in (failed.last_error or "")
+    assert hostile not in (failed.last_error or "")
+    assert sorted(files_under(root)) == [f"study/MRN-{i}.xml" for i in range(3)]
+    assert not (tmp_path / "etc").exists()
+
+
+def test_a_crashed_runs_pending_work_is_completed_at_the_same_path(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    destination = save_local(root)
+    ingest.subscribe(store, project, destination)
+    patient = ingest.add_patient(store, project)
+    ingest.put_document(store, patient, "ccda", CCDA)
+    # A run that claimed and rendered, then died before uploading; its lease has run out.
+    claimed = ledger.claim(store, "crashed-run", lease=timedelta(seconds=-1))
+    block = LocalDestination.load(destination.split("/")[1])
+    ledger.render_paths(store, "crashed-run", claimed[destination], block.render_path)
+    [pending] = rows(store, status="pending")
+
+    summary = deliver_updates()
+
+    assert summary.delivered == 1
+    [row] = rows(store)
+    assert row.status == "delivered" and row.path == pending.path
+    assert (root / pending.path).read_bytes() == CCDA
+
+
+def test_a_live_lease_is_not_taken_over(store: Store, project: str, tmp_path: Path) -> None:
+    ingest.subscribe(store, project, save_local(tmp_path / "org"))
+    patient = ingest.add_patient(store, project)
+    ingest.put_document(store, patient, "ccda", CCDA)
+    ledger.claim(store, "another-live-run")
+    assert deliver_updates().delivered == 0
+    assert rows(store)[0].status == "pending"
+
+
+def test_a_missing_destination_block_fails_only_its_deliveries(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root))
+    ingest.subscribe(store, project, "local-destination/never-created")
+    patient = ingest.add_patient(store, project)
+    ingest.put_document(store, patient, "ccda", CCDA)
+
+    summary = deliver_updates()
+
+    assert (summary.delivered, summary.failed) == (1, 1)
+    [failed] = rows(store, status="failed")
+    assert failed.destination == "local-destination/never-created"
+    assert "cannot be loaded" in (failed.last_error or "")
+
+
+def test_filters_and_batches_deliver_exactly_what_was_asked(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root))
+    patients = [ingest.add_patient(store, project) for _ in range(7)]
+    for patient in patients:
+        ingest.put_document(store, patient, "ccda", CCDA)
+
+    one = deliver_updates(patient_ids=[patients[0]])
+    capped = deliver_updates(max_documents=2, batch_size=1)
+    rest = deliver_updates(batch_size=3)
+
+    assert (one.delivered, capped.delivered, rest.delivered) == (1, 2, 4)
+    assert len(files_under(root)) == 7
+    with store.session() as session:
+        assert session.scalar(select(DocumentVersion.id).limit(1)) is not None
+
+
+def test_the_run_publishes_a_summary_artifact_with_counts_only(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    from prefect.artifacts import Artifact
+
+    ingest.subscribe(store, project, save_local(tmp_path / "org"))
+    patient = ingest.add_patient(store, project, "MRN-77")
+    ingest.put_document(store, patient, "ccda", CCDA)
+
+    summary = deliver_updates()
+
+    artifact = Artifact.get("delivery-summary")
+    assert artifact is not None
+    assert "1 delivered, 0 failed" in (artifact.description or "")
+    data = str(artifact.data)
+    assert '"delivered": 1' in data
+    assert "ClinicalDocument" not in data and "MRN-77" not in data and patient not in data
+    assert summary.flow_run_id

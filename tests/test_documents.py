@@ -1,0 +1,143 @@
+"""Validation: every real document is accepted; malformed or hostile ones are refused clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patient_delivery.documents import InvalidDocument, check_document
+from patient_delivery.importers import fhir_bundle
+
+CCDA_MINIMAL = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>t</title></ClinicalDocument>'
+
+
+def _bundle(patient_id: str = "p1", *extra: dict) -> bytes:
+    return fhir_bundle({"resourceType": "Patient", "id": patient_id}, extra)
+
+
+def test_all_real_ccda_documents_are_accepted(fixtures_dir: Path) -> None:
+    files = sorted((fixtures_dir / "ccda").glob("*.xml"))
+    assert len(files) == 12
+    for path in files:
+        checked = check_document("ccda", path.read_bytes())
+        assert checked.size == path.stat().st_size
+
+
+def test_checked_document_carries_sha256_and_size() -> None:
+    import hashlib
+
+    checked = check_document("ccda", CCDA_MINIMAL)
+    assert checked.sha256 == hashlib.sha256(CCDA_MINIMAL).hexdigest()
+    assert checked.size == len(CCDA_MINIMAL)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"<ClinicalDocument xmlns='urn:hl7-org:v3'><title></ClinicalDocument>", "line 1, column"),
+        (b"not xml at all", "not well-formed XML at line 1"),
+        (
+            b"<ClinicalDocument><title/></ClinicalDocument>",
+            "expected 'ClinicalDocument' in namespace",
+        ),
+        (b"<Other xmlns='urn:hl7-org:v3'/>", "root element is '{urn:hl7-org:v3}Other'"),
+        (b"", "empty"),
+    ],
+)
+def test_malformed_ccda_is_refused_with_position(content: bytes, expected: str) -> None:
+    with pytest.raises(InvalidDocument, match="ccda") as error:
+        check_document("ccda", content)
+    assert expected in str(error.value)
+
+
+def test_error_message_does_not_quote_document_text() -> None:
+    secret = b"Jane Canary-Doe has HIV"
+    content = (
+        b"<ClinicalDocument xmlns='urn:hl7-org:v3'><name>" + secret + b"</nme></ClinicalDocument>"
+    )
+    with pytest.raises(InvalidDocument) as error:
+        check_document("ccda", content)
+    assert "Canary" not in str(error.value)
+
+
+def test_entity_expansion_bomb_is_refused_without_expanding() -> None:
+    bomb = b"""<?xml version="1.0"?>
+<!DOCTYPE ClinicalDocument [
+ <!ENTITY a "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa">
+ <!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">
+ <!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">
+ <!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">
+ <!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;">
+ <!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">
+]>
+<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&f;</title></ClinicalDocument>"""
+    # libxml2 stops at the amplification limit, or the DOCTYPE check refuses it; either way
+    # nothing is expanded and the message says why.
+    with pytest.raises(InvalidDocument, match=r"DOCTYPE|entity amplification"):
+        check_document("ccda", bomb)
+
+
+def test_external_entity_is_refused_and_never_read(tmp_path: Path) -> None:
+    target = tmp_path / "secret.txt"
+    target.write_text("should never be read")
+    xxe = (
+        f'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file://{target}">]>'
+        '<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&x;</title></ClinicalDocument>'
+    ).encode()
+    before = target.stat().st_atime_ns
+    with pytest.raises(InvalidDocument, match="DOCTYPE") as error:
+        check_document("ccda", xxe)
+    assert "should never be read" not in str(error.value)
+    assert target.stat().st_atime_ns == before
+
+
+def test_fhir_bundle_of_one_patient_is_accepted_and_returns_its_id() -> None:
+    condition = {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}}
+    assert check_document("fhir", _bundle("p1", condition)).fhir_patient_id == "p1"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"resourceType": "Bundle", "entry": [', "not valid JSON at line 1, column"),
+        (b'{"resourceType": "Patient", "id": "p1"}', "not a FHIR Bundle"),
+        (b"[1, 2]", "not a FHIR Bundle"),
+        (b'{"resourceType": "Bundle", "entry": []}', "exactly one Patient"),
+        (b'{"resourceType": "Bundle", "entry": [{"resource": {"id": "x"}}]}', "no resource"),
+        (b'{"resourceType": "Bundle", "entry": {}}', "must be a list"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
+def test_malformed_fhir_is_refused(content: bytes, expected: str) -> None:
+    with pytest.raises(InvalidDocument) as error:
+        check_document("fhir", content)
+    assert expected in str(error.value)
+
+
+def test_fhir_bundle_with_another_patients_resource_is_refused() -> None:
+    foreign = {"resourceType": "Condition", "subject": {"reference": "Patient/someone-else"}}
+    with pytest.raises(InvalidDocument, match=r"entry\[1\] refers to a different patient"):
+        check_document("fhir", _bundle("p1", foreign))
+
+
+def test_two_patients_in_one_bundle_is_refused() -> None:
+    content = json.dumps(
+        {
+            "resourceType": "Bundle",
+            "entry": [{"resource": {"resourceType": "Patient", "id": i}} for i in ("a", "b")],
+        }
+    ).encode()
+    with pytest.raises(InvalidDocument, match="exactly one Patient"):
+        check_document("fhir", content)
+
+
+def test_unknown_data_type_and_oversized_documents_are_refused() -> None:
+    with pytest.raises(InvalidDocument, match="unknown data type"):
+        check_document("pdf", b"%PDF")
+    from patient_delivery import documents
+
+    too_big = b" " * (documents.MAX_DOCUMENT_BYTES + 1)
+    with pytest.raises(InvalidDocument, match="limit"):
+        check_document("ccda", too_big)

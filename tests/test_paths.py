@@ -1,0 +1,127 @@
+"""Path templates: checked when configured, checked again at render, never rewritten."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from patient_delivery.paths import (
+    DEFAULT_TEMPLATE,
+    PathTemplate,
+    PathTemplateError,
+    PathValueError,
+    format_timestamp,
+)
+
+VALUES = {
+    "orgId": "acme",
+    "projectId": "study-1",
+    "healthexPatientId": "hx_0123456789abcdef0123",
+    "externalId": "MRN-42",
+    "dataType": "ccda",
+    "timestamp": "20261125T134501Z",
+}
+
+
+def test_default_template_renders_with_extension_per_data_type() -> None:
+    template = PathTemplate.parse(DEFAULT_TEMPLATE)
+    assert template.render(VALUES, "ccda") == (
+        "acme/study-1/hx_0123456789abcdef0123/ccda/20261125T134501Z.xml"
+    )
+    fhir = template.render({**VALUES, "dataType": "fhir"}, "fhir")
+    assert fhir == "acme/study-1/hx_0123456789abcdef0123/fhir/20261125T134501Z.json"
+
+
+def test_extension_not_doubled_when_template_has_it() -> None:
+    template = PathTemplate.parse("in/{externalId}.xml")
+    assert template.render(VALUES, "ccda") == "in/MRN-42.xml"
+    assert template.render(VALUES, "fhir") == "in/MRN-42.xml.json"
+
+
+def test_all_six_variables_are_known() -> None:
+    text = "{orgId}/{projectId}/{healthexPatientId}/{externalId}/{dataType}/{timestamp}"
+    assert PathTemplate.parse(text).variables == frozenset(VALUES)
+
+
+@pytest.mark.parametrize(
+    ("template", "named"),
+    [
+        ("{orgId}/{patientId}", "{patientId}"),
+        ("{orgId}/{healthexPatientId", "stray"),
+        ("{orgId}/healthexPatientId}", "stray"),
+        ("/abs/{healthexPatientId}", "absolute"),
+        ("C:/x/{healthexPatientId}", "absolute"),
+        ("a/../{healthexPatientId}", "'..'"),
+        ("a/./{healthexPatientId}", "'.'"),
+        ("a\\{healthexPatientId}", "contains '\\'"),
+        ("a//{healthexPatientId}", "empty folder"),
+        ("{orgId}/{dataType}", "names no patient"),
+        ("a\x00b/{externalId}", "control"),
+        ("", "empty"),
+    ],
+)
+def test_bad_templates_are_refused_with_the_problem_named(template: str, named: str) -> None:
+    with pytest.raises(PathTemplateError) as error:
+        PathTemplate.parse(template)
+    message = str(error.value)
+    assert named in message
+    assert "example of a valid template" in message or named == "empty"
+
+
+def test_unknown_variables_are_all_listed() -> None:
+    with pytest.raises(PathTemplateError, match=r"\{foo\}, \{patient\}"):
+        PathTemplate.parse("{patient}/{foo}/{externalId}")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("../../etc", "separator"),
+        ("a/b", "separator"),
+        ("a\\b", "separator"),
+        ("..", "'..'"),
+        ("x..y", "'..'"),
+        (".", "'.'"),
+        ("", "empty"),
+        ("nul\x00byte", "control"),
+        ("new\nline", "control"),
+        ("esc\x1b[31m", "control"),
+        ("rtl\u202egnp.exe", "invisible"),
+        ("x" * 1000, "longer"),
+        (" padded", "whitespace"),
+    ],
+)
+def test_hostile_values_fail_render_and_name_the_variable_not_the_value(
+    value: str, problem: str
+) -> None:
+    template = PathTemplate.parse("{orgId}/{externalId}")
+    with pytest.raises(PathValueError) as error:
+        template.render({**VALUES, "externalId": value}, "ccda")
+    assert error.value.variable == "externalId"
+    assert problem in str(error.value)
+    if len(value) > 2:
+        assert value not in str(error.value)
+
+
+def test_unused_variables_are_not_checked() -> None:
+    # A hostile externalId only matters to templates that put it in the path.
+    template = PathTemplate.parse("{healthexPatientId}")
+    assert template.render({**VALUES, "externalId": "../../etc"}, "fhir") == (
+        "hx_0123456789abcdef0123.json"
+    )
+
+
+def test_unicode_values_are_kept_as_they_are() -> None:
+    template = PathTemplate.parse("{externalId}")
+    assert template.render({**VALUES, "externalId": "Zoë-Łukasz"}, "ccda") == "Zoë-Łukasz.xml"
+
+
+def test_timestamp_is_utc_sortable_and_file_name_safe() -> None:
+    moment = datetime(2026, 11, 25, 8, 45, 1, tzinfo=timezone(timedelta(hours=-5)))
+    assert format_timestamp(moment) == "20261125T134501Z"
+    assert format_timestamp(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) < format_timestamp(
+        datetime(2026, 11, 2, 3, 4, 5, tzinfo=UTC)
+    )
+    with pytest.raises(ValueError, match="timezone-aware"):
+        format_timestamp(datetime(2026, 1, 1))
