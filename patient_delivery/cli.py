@@ -311,7 +311,7 @@ def deliver(
 def _print_summary(summary: RunSummary) -> None:
     table = Table(title=f"delivery run {summary.flow_run_id}")
     for column in ("destination", "delivered", "failed", "skipped", "MB", "failure reasons"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in summary.rows():
         table.add_row(
             str(row["destination"]),

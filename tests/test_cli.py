@@ -1,0 +1,91 @@
+"""The command line, as an operator uses it: ingest, subscribe, deliver, read the ledger."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from patient_delivery.cli import app
+from patient_delivery.store import Store
+
+runner = CliRunner()
+CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v1</title></ClinicalDocument>'
+
+
+def run(*args: str, input: bytes | None = None, code: int = 0) -> str:
+    result = runner.invoke(app, list(args), input=input, env={"COLUMNS": "200"})
+    assert result.exit_code == code, (result.output, result.exception)
+    return result.output
+
+
+def test_ingest_commands_and_refusals(store: Store, tmp_path: Path) -> None:
+    assert run("org", "add", "Acme", "--id", "acme").strip() == "acme"
+    assert run("project", "add", "acme", "Study", "--id", "study").strip() == "study"
+    patient = run("patient", "add", "study", "--external-id", "MRN-1").strip()
+    assert patient.startswith("hx_")
+    doc = tmp_path / "doc.xml"
+    doc.write_bytes(CCDA)
+    assert "stored ccda version 1" in run("document", "put", patient, "ccda", str(doc))
+    assert "unchanged" in run("document", "put", patient, "ccda", "-", input=CCDA)
+    refused = run("document", "put", patient, "ccda", "-", input=b"<broken", code=2)
+    assert "not well-formed XML at line 1" in refused
+    assert "no patient" in run("document", "put", "hx_nobody", "ccda", str(doc), code=2)
+    assert "already has a patient" in run(
+        "patient", "add", "study", "--external-id", "MRN-1", code=2
+    )
+
+
+def test_imports_report_counts_and_refusals(
+    store: Store, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    run("org", "add", "Acme", "--id", "acme")
+    run("project", "add", "acme", "Study", "--id", "study")
+    out = run("import", "fhir-bulk", str(fixtures_dir / "fhir-bulk-10"), "--project", "study")
+    assert "patients created 13" in out and "documents stored 13" in out
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<nope/>")
+    files = [str(fixtures_dir / "ccda" / "CCD_1.xml"), str(bad)]
+    out = run("import", "ccda", *files, "--project", "study", code=2)
+    assert "documents stored 1" in out and "refused: bad.xml" in out
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_destination_deliver_and_ledger_from_the_command_line(store: Store, tmp_path: Path) -> None:
+    run("org", "add", "Acme", "--id", "acme")
+    run("project", "add", "acme", "Study", "--id", "study")
+    patient = run("patient", "add", "study", "--external-id", "MRN-1").strip()
+    run("document", "put", patient, "ccda", "-", input=CCDA)
+    bad = run(
+        "destination", "local", "cli-bad", "--root", str(tmp_path), "--template", "{x}", code=2
+    )
+    assert "unknown variable" in bad
+    root = tmp_path / "org"
+    assert run("destination", "local", "cli-folder", "--root", str(root)).strip() == (
+        "local-destination/cli-folder"
+    )
+    assert "ok remove probe file" in run("destination", "test", "local-destination/cli-folder")
+    assert "1 deliveries queued" in run("subscribe", "study", "local-destination/cli-folder")
+
+    out = run("deliver")
+    assert "local-destination/cli-folder" in out
+
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert [f.read_bytes() for f in files] == [CCDA]
+    export = tmp_path / "ledger.csv"
+    assert "1 rows written" in run("deliveries", "--patient", patient, "--csv", str(export))
+    [row] = list(csv.DictReader(export.open()))
+    assert row["status"] == "delivered" and row["organization"] == "Acme"
+    assert row["purpose"] == "Patient-directed sharing" and row["path"].endswith(".xml")
+    assert "delivered" in run("status")
+    assert "1" in run("deliveries", "--status", "delivered")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_demo_delivers_then_nothing_then_only_the_change(store: Store) -> None:
+    first = run("demo", "--patients", "3")
+    assert "delivered 12 document(s) this run" in first
+    assert "delivered 0 document(s) this run" in run("demo")
+    assert "delivered 1 document(s) this run" in run("demo", "--update", "1")
