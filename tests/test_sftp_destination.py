@@ -1,0 +1,172 @@
+"""SftpDestination against a real OpenSSH sshd on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from blocks.base import TerminalDeliveryError, TransientDeliveryError
+from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
+from tests.destination_contract import BODY, DestinationContract, sha
+from tests.servers import SFTP_PASSWORD, SFTP_USER, CutProxy, SshServer, free_port
+from tests.test_local_destination import FolderRemote
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    server = SshServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def folder(sshd: SshServer, request: pytest.FixtureRequest) -> Path:
+    return sshd.make_folder(f"in-{request.node.name[:40]}-{free_port()}")
+
+
+def sftp_block(sshd: SshServer, folder: Path, **overrides: object) -> SftpDestination:
+    fields: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": sshd.port,
+        "username": SFTP_USER,
+        "password": SFTP_PASSWORD,
+        "host_keys": [sshd.host_key_line()],
+        "root": str(folder),
+        "connect_timeout": 5,
+        "operation_timeout": 10,
+    }
+    fields.update(overrides)
+    return SftpDestination(**fields)
+
+
+@pytest.fixture
+def destination(sshd: SshServer, folder: Path) -> SftpDestination:
+    return sftp_block(sshd, folder)
+
+
+@pytest.fixture
+def remote(folder: Path) -> FolderRemote:
+    return FolderRemote(folder)
+
+
+@pytest.fixture
+def secrets() -> list[str]:
+    return [SFTP_PASSWORD]
+
+
+class TestSftpDestinationContract(DestinationContract):
+    pass
+
+
+def test_key_login_and_fingerprint_pin(sshd: SshServer, folder: Path) -> None:
+    pin = fingerprint(fetch_host_key("127.0.0.1", sshd.port))
+    block = sftp_block(
+        sshd, folder, password=None, private_key=sshd.client_private_key(), host_keys=[pin]
+    )
+    with block.open_session() as session:
+        session.upload("k/doc.xml", BODY, sha(BODY))
+    assert (folder / "k" / "doc.xml").read_bytes() == BODY
+    assert "PRIVATE KEY" not in repr(block) + str(block)
+
+
+def test_fetched_host_key_matches_the_servers_own(sshd: SshServer) -> None:
+    key = fetch_host_key("127.0.0.1", sshd.port)
+    expected = subprocess.run(
+        ["ssh-keygen", "-l", "-f", f"{sshd.host_key}.pub"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    assert fingerprint(key) == expected
+    assert HostKeyPin.parse(sshd.host_key_line()).fingerprint == expected
+
+
+def test_wrong_password_is_refused_clearly(sshd: SshServer, folder: Path) -> None:
+    block = sftp_block(sshd, folder, password="not-the-password")
+    with pytest.raises(TerminalDeliveryError, match=f"login as '{SFTP_USER}'.*refused"):
+        with block.open_session():
+            pass
+    assert "not-the-password" not in repr(block)
+
+
+def test_changed_host_key_is_refused_and_nothing_is_sent(
+    sshd: SshServer, folder: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, blob = Path(f"{other}.pub").read_text().split()[:2]
+    block = sftp_block(sshd, folder, host_keys=[f"[127.0.0.1]:{sshd.port} {kind} {blob}"])
+    seen = fingerprint(fetch_host_key("127.0.0.1", sshd.port))
+    with pytest.raises(TerminalDeliveryError, match="does not match the pinned") as error:
+        with block.open_session():
+            pass
+    assert seen in str(error.value)
+    assert list(folder.iterdir()) == []
+    report = block.test_connection()
+    assert not report.ok and report.checks[0].step == "connect" and seen in report.checks[0].detail
+
+
+def test_unreachable_server_is_a_transient_error(sshd: SshServer, folder: Path) -> None:
+    block = sftp_block(sshd, folder, port=free_port())
+    with pytest.raises(TransientDeliveryError, match="cannot reach"), block.open_session():
+        pass
+
+
+def test_folder_without_write_permission_fails_clearly(sshd: SshServer, folder: Path) -> None:
+    locked = folder / "locked"
+    locked.mkdir()  # owned by root, 0755: the SFTP user may not write in it
+    block = sftp_block(sshd, folder)
+    with block.open_session() as session, pytest.raises(TerminalDeliveryError, match="permission"):
+        session.upload("locked/doc.xml", BODY, sha(BODY))
+    assert list(locked.iterdir()) == []
+
+
+def test_upload_cut_off_midway_leaves_nothing_at_the_final_path(
+    sshd: SshServer, folder: Path
+) -> None:
+    big = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"y" * 3_000_000 + b"</ClinicalDocument>"
+    proxy = CutProxy(sshd.port, limit=1_000_000)
+    try:
+        block = sftp_block(sshd, folder, port=proxy.port)
+        with pytest.raises(TransientDeliveryError), block.open_session() as session:
+            session.upload("cut/doc.xml", big, sha(big))
+    finally:
+        proxy.stop()
+    assert not (folder / "cut" / "doc.xml").exists()
+    # The next attempt, on a good connection, puts the whole file in place.
+    with sftp_block(sshd, folder).open_session() as session:
+        session.upload("cut/doc.xml", big, sha(big))
+    assert (folder / "cut" / "doc.xml").read_bytes() == big
+
+
+def test_settings_are_checked_when_the_block_is_built(sshd: SshServer, folder: Path) -> None:
+    with pytest.raises(ValidationError, match="password or a private key"):
+        sftp_block(sshd, folder, password=None)
+    with pytest.raises(ValidationError, match="known_hosts line"):
+        sftp_block(sshd, folder, host_keys=["nonsense"])
+    with pytest.raises(ValidationError):
+        sftp_block(sshd, folder, host_keys=[])
+    block = sftp_block(sshd, folder, password=SecretStr("x"))
+    assert block.describe() == f"sftp://{SFTP_USER}@127.0.0.1:{sshd.port}{folder}"
+
+
+def test_many_connections_at_once(sshd: SshServer, folder: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    block = sftp_block(sshd, folder)
+
+    def send(worker: int) -> None:
+        with block.open_session() as session:
+            for i in range(10):
+                session.upload(f"w{worker}/{i}.xml", BODY, sha(BODY))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(send, range(8)))
+    assert sum(1 for p in folder.rglob("*.xml")) == 80
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+    shutil.rmtree(folder / "w0")
