@@ -88,9 +88,11 @@ def test_fetched_host_key_matches_the_servers_own(sshd: SshServer) -> None:
 
 def test_wrong_password_is_refused_clearly(sshd: SshServer, folder: Path) -> None:
     block = sftp_block(sshd, folder, password="not-the-password")
-    with pytest.raises(TerminalDeliveryError, match=f"login as '{SFTP_USER}'.*refused"):
-        with block.open_session():
-            pass
+    with (
+        pytest.raises(TerminalDeliveryError, match=f"login as '{SFTP_USER}'.*refused"),
+        block.open_session(),
+    ):
+        pass
     assert "not-the-password" not in repr(block)
 
 
@@ -102,9 +104,11 @@ def test_changed_host_key_is_refused_and_nothing_is_sent(
     kind, blob = Path(f"{other}.pub").read_text().split()[:2]
     block = sftp_block(sshd, folder, host_keys=[f"[127.0.0.1]:{sshd.port} {kind} {blob}"])
     seen = fingerprint(fetch_host_key("127.0.0.1", sshd.port))
-    with pytest.raises(TerminalDeliveryError, match="does not match the pinned") as error:
-        with block.open_session():
-            pass
+    with (
+        pytest.raises(TerminalDeliveryError, match="does not match the pinned") as error,
+        block.open_session(),
+    ):
+        pass
     assert seen in str(error.value)
     assert list(folder.iterdir()) == []
     report = block.test_connection()
