@@ -10,6 +10,8 @@ from blocks.base import (
     TransientDeliveryError,
 )
 from blocks.local import LocalDestination
+from blocks.s3 import S3Destination
+from blocks.sftp import SftpDestination
 
 __all__ = [
     "ConnectionReport",
@@ -18,6 +20,8 @@ __all__ = [
     "DestinationSession",
     "LocalDestination",
     "Receipt",
+    "S3Destination",
+    "SftpDestination",
     "TerminalDeliveryError",
     "TransientDeliveryError",
 ]

@@ -50,3 +50,33 @@ def prefect_api() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def sshd():  # type: ignore[no-untyped-def]
+    """OpenSSH sshd on loopback with an SFTP-only test user."""
+    from tests.servers import SshServer
+
+    server = SshServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto():  # type: ignore[no-untyped-def]
+    """moto in server mode for S3, STS and IAM, with authorization enforced."""
+    from tests.servers import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed():  # type: ignore[no-untyped-def]
+    """SeaweedFS as a real S3 server (it verifies checksums)."""
+    from tests.servers import SeaweedServer
+
+    server = SeaweedServer("deliveries")
+    yield server
+    server.stop()

@@ -21,6 +21,12 @@ def sha(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
+def connect(destination: Destination) -> None:
+    """Open a session and close it: connect, authenticate, and whatever else opening involves."""
+    with destination.open_session():
+        pass
+
+
 class Remote(Protocol):
     def read(self, path: str) -> bytes | None: ...
 

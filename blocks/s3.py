@@ -1,0 +1,306 @@
+"""An organization's S3 bucket, written through an IAM role the organization created.
+
+Our own identity (a prefect-aws `AwsCredentials` block, or boto3's default chain) assumes the
+organization's role with its ExternalId and a readable RoleSessionName (it shows in the
+organization's CloudTrail). The role's credentials are botocore *refreshable* credentials, so a
+run longer than the role session re-assumes before they expire; prefect-aws caches its clients
+and never refreshes STS credentials, which is why we do not use its S3 block here.
+
+Every put carries a SHA-256 checksum (S3 rejects a body that does not match) and
+`ExpectedBucketOwner` (the account in the role ARN), so a renamed or squatted bucket in
+another account is never written to. S3 objects appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from typing import Any, Literal
+
+import boto3
+from botocore.config import Config
+from botocore.credentials import RefreshableCredentials
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+from botocore.session import get_session
+from prefect_aws import AwsCredentials
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from blocks.base import (
+    Destination,
+    DestinationSession,
+    Receipt,
+    TerminalDeliveryError,
+    TransientDeliveryError,
+)
+
+ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
+SESSION_NAME = re.compile(r"^[\w+=,.@-]{2,64}$")
+TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "503", "500", "ExpiredToken", "RequestLimitExceeded",
+}  # fmt: skip
+
+
+def _code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", "Unknown"))
+
+
+class S3Session(DestinationSession):
+    def __init__(self, destination: S3Destination, client: Any) -> None:
+        self.destination = destination
+        self.client = client
+
+    def _key(self, path: str) -> str:
+        if path.startswith("/") or any(part in ("", ".", "..") for part in path.split("/")):
+            raise TerminalDeliveryError("rendered path is not a clean relative key; refused")
+        return path
+
+    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
+        digest = bytes.fromhex(sha256)
+        if hashlib.sha256(content).digest() != digest:
+            raise TerminalDeliveryError(
+                "content does not match the stored SHA-256; the store copy may be corrupt"
+            )
+        d = self.destination
+        request: dict[str, Any] = {
+            "Bucket": d.bucket_name,
+            "Key": self._key(path),
+            "Body": content,
+            "ContentLength": len(content),
+            "ChecksumSHA256": base64.b64encode(digest).decode(),
+            "ExpectedBucketOwner": d.bucket_owner,
+            "ContentType": "application/fhir+json" if path.endswith(".json") else "application/xml",
+        }
+        if d.server_side_encryption:
+            request["ServerSideEncryption"] = d.server_side_encryption
+            if d.server_side_encryption == "aws:kms" and d.kms_key_id:
+                request["SSEKMSKeyId"] = d.kms_key_id
+        if d.bucket_owner_full_control:
+            request["ACL"] = "bucket-owner-full-control"
+        try:
+            response = self.client.put_object(**request)
+        except ClientError as exc:
+            raise self.destination.explain(exc, "write") from None
+        except (BotoConnectionError, BotoCoreError) as exc:
+            raise TransientDeliveryError(f"S3 write failed: {type(exc).__name__}") from None
+        echoed = response.get("ChecksumSHA256")
+        if echoed and echoed != request["ChecksumSHA256"]:
+            raise TransientDeliveryError("S3 answered with a different SHA-256: checksum mismatch")
+        return Receipt(path=path, size=len(content), sha256=sha256)
+
+    def remove(self, path: str) -> None:
+        try:
+            self.client.delete_object(
+                Bucket=self.destination.bucket_name,
+                Key=self._key(path),
+                ExpectedBucketOwner=self.destination.bucket_owner,
+            )
+        except ClientError as exc:
+            raise self.destination.explain(exc, "delete") from None
+
+
+class S3Destination(Destination):
+    """Deliver into an organization's S3 bucket by assuming the IAM role it created for us."""
+
+    _block_type_name = "S3 Destination"
+    _block_type_slug = "s3-destination"
+    _description = "Deliver patient documents into an organization's S3 bucket via an IAM role."
+
+    bucket_name: str = Field(title="Bucket", description="The organization's bucket.")
+    role_arn: str = Field(
+        title="Role ARN",
+        description="The IAM role the organization created for us: arn:aws:iam::ACCOUNT:role/NAME.",
+    )
+    external_id: SecretStr | None = Field(
+        default=None,
+        title="External ID",
+        description="The sts:ExternalId the role's trust policy requires (per organization).",
+    )
+    region_name: str = Field(default="us-east-1", title="Region", description="Bucket region.")
+    endpoint_url: str | None = Field(
+        default=None,
+        title="S3 endpoint URL",
+        description="For S3-compatible stores and tests; empty for AWS.",
+    )
+    sts_endpoint_url: str | None = Field(
+        default=None,
+        title="STS endpoint URL",
+        description="Where to assume the role; empty for AWS's regional STS.",
+    )
+    aws_credentials: AwsCredentials | None = Field(
+        default=None,
+        title="Our AWS identity",
+        description="Credentials that may assume the role; empty for boto3's default chain.",
+    )
+    role_session_name: str = Field(
+        default="patient-delivery",
+        title="Role session name",
+        description="Shows in the organization's CloudTrail next to every write.",
+    )
+    session_duration_seconds: int = Field(
+        default=3600,
+        ge=900,
+        le=43200,
+        title="Role session (s)",
+        description="How long assumed credentials last; they are renewed before they expire.",
+    )
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        default="AES256",
+        title="Server-side encryption",
+        description="AES256 (SSE-S3) or aws:kms (SSE-KMS with the key below); empty for none.",
+    )
+    kms_key_id: str | None = Field(
+        default=None, title="KMS key", description="The organization's KMS key for aws:kms."
+    )
+    bucket_owner_full_control: bool = Field(
+        default=False,
+        title="bucket-owner-full-control ACL",
+        description="Send this canned ACL, for buckets that still use ACLs.",
+    )
+    max_connections: int = Field(
+        default=8, ge=1, le=64, title="Max connections", description="Parallel uploads."
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, title="Connect timeout (s)")
+    read_timeout: float = Field(default=60.0, gt=0, title="Read timeout (s)")
+
+    @field_validator("role_arn")
+    @classmethod
+    def _check_role(cls, value: str) -> str:
+        if not ROLE_ARN.fullmatch(value):
+            raise ValueError("role ARN must look like arn:aws:iam::123456789012:role/NAME")
+        return value
+
+    @field_validator("role_session_name")
+    @classmethod
+    def _check_session_name(cls, value: str) -> str:
+        if not SESSION_NAME.fullmatch(value):
+            raise ValueError("role session name: 2-64 of letters, digits and +=,.@_-")
+        return value
+
+    @model_validator(mode="after")
+    def _check_encryption(self) -> S3Destination:
+        if self.kms_key_id and self.server_side_encryption != "aws:kms":
+            raise ValueError("a KMS key is given but server-side encryption is not aws:kms")
+        return self
+
+    @property
+    def bucket_owner(self) -> str:
+        match = ROLE_ARN.fullmatch(self.role_arn)
+        assert match is not None
+        return match.group(1)
+
+    def describe(self) -> str:
+        prefix = self.path_template.split("{")[0]
+        return f"s3://{self.bucket_name}/{prefix} (as {self.role_arn})"
+
+    def _base_session(self) -> boto3.Session:
+        if self.aws_credentials is not None:
+            return self.aws_credentials.get_boto3_session()
+        return boto3.Session(region_name=self.region_name)
+
+    def _assume(self) -> dict[str, str]:
+        """Assume the organization's role; the shape botocore's refreshable credentials want."""
+        sts = self._base_session().client(
+            "sts", region_name=self.region_name, endpoint_url=self.sts_endpoint_url
+        )
+        request: dict[str, Any] = {
+            "RoleArn": self.role_arn,
+            "RoleSessionName": self.role_session_name,
+            "DurationSeconds": self.session_duration_seconds,
+        }
+        if self.external_id is not None:
+            request["ExternalId"] = self.external_id.get_secret_value()
+        try:
+            credentials = sts.assume_role(**request)["Credentials"]
+        except ClientError as exc:
+            raise self.explain(exc, "assume role") from None
+        except NoCredentialsError:
+            raise TerminalDeliveryError(
+                "no AWS credentials of our own to assume the role with: set the block's AWS "
+                "credentials or configure boto3's default chain"
+            ) from None
+        except (BotoConnectionError, BotoCoreError) as exc:
+            raise TransientDeliveryError(f"STS unreachable: {type(exc).__name__}") from None
+        return {
+            "access_key": credentials["AccessKeyId"],
+            "secret_key": credentials["SecretAccessKey"],
+            "token": credentials["SessionToken"],
+            "expiry_time": credentials["Expiration"].astimezone(UTC).isoformat(),
+        }
+
+    def client(self) -> Any:
+        """An S3 client on the role's credentials, renewed before they expire."""
+        credentials = RefreshableCredentials.create_from_metadata(
+            metadata=self._assume(), refresh_using=self._assume, method="sts-assume-role"
+        )
+        botocore_session = get_session()
+        botocore_session._credentials = credentials  # the documented way to inject refreshables
+        botocore_session.set_config_variable("region", self.region_name)
+        session = boto3.Session(botocore_session=botocore_session)
+        config = Config(
+            max_pool_connections=self.max_connections,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retries={"mode": "standard", "max_attempts": 3},
+            request_checksum_calculation="when_required",
+        )
+        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+
+    @contextmanager
+    def open_session(self) -> Iterator[S3Session]:
+        client = self.client()
+        try:
+            yield S3Session(self, client)
+        finally:
+            client.close()
+
+    def explain(
+        self, error: ClientError, step: str
+    ) -> TerminalDeliveryError | TransientDeliveryError:
+        """Say which step failed and what to fix; retry only what may pass later."""
+        code = _code(error)
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        where = f"s3://{self.bucket_name}"
+        if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+            return TransientDeliveryError(f"S3 {step} failed: {code} (temporary; retried)")
+        if step == "assume role":
+            if code in (
+                "InvalidClientTokenId",
+                "SignatureDoesNotMatch",
+                "UnrecognizedClientException",
+            ):
+                return TerminalDeliveryError(
+                    f"our own AWS credentials were refused by STS ({code}): check the block's "
+                    "AWS credentials"
+                )
+            return TerminalDeliveryError(
+                f"could not assume {self.role_arn} ({code}): the role's trust policy must name "
+                "our identity as principal, and its sts:ExternalId condition must match this "
+                "block's External ID"
+            )
+        if code == "NoSuchBucket":
+            return TerminalDeliveryError(f"bucket {where} does not exist ({code})")
+        if code in ("AccessDenied", "AllAccessDisabled", "Forbidden", "403"):
+            return TerminalDeliveryError(
+                f"the role may not {step} in {where} ({code}): its permission policy needs "
+                f"s3:PutObject on the prefix (and kms:GenerateDataKey with SSE-KMS), and the "
+                f"bucket must belong to account {self.bucket_owner}"
+            )
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "InvalidRequest"):
+            return TerminalDeliveryError(
+                f"S3 refused the {step} ({code}): the SHA-256 checksum did not match the bytes"
+                if "Digest" in code or "SHA256" in code
+                else f"S3 refused the {step} ({code})"
+            )
+        return TerminalDeliveryError(f"S3 {step} in {where} failed: {code}")

@@ -1,0 +1,170 @@
+"""S3Destination: assumed role on moto (S3, STS, IAM with authorization), checksums on SeaweedFS."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+
+import pytest
+from botocore.exceptions import ClientError
+from prefect_aws import AwsCredentials
+from pydantic import ValidationError
+
+from blocks.base import TerminalDeliveryError
+from blocks.s3 import S3Destination
+from tests.destination_contract import BODY, DestinationContract, connect, sha
+from tests.servers import MotoServer, SeaweedServer
+
+EXTERNAL_ID = "canary-external-id-7d2c"
+
+
+class BucketRemote:
+    def __init__(self, client, bucket: str) -> None:  # type: ignore[no-untyped-def]
+        self.client = client
+        self.bucket = bucket
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=path)["Body"].read()
+        except ClientError:
+            return None
+
+    def names(self) -> list[str]:
+        listing = self.client.list_objects_v2(Bucket=self.bucket)
+        return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def our_identity(moto: MotoServer) -> AwsCredentials:
+    access, secret = moto.deliverer_keys
+    return AwsCredentials(
+        aws_access_key_id=access, aws_secret_access_key=secret, region_name="us-east-1"
+    )
+
+
+def s3_block(moto: MotoServer, bucket: str, role_arn: str, **overrides: object) -> S3Destination:
+    fields: dict[str, object] = {
+        "bucket_name": bucket,
+        "role_arn": role_arn,
+        "external_id": EXTERNAL_ID,
+        "endpoint_url": moto.url,
+        "sts_endpoint_url": moto.url,
+        "aws_credentials": our_identity(moto),
+        "role_session_name": "patient-delivery-test",
+        "session_duration_seconds": 3600,
+    }
+    fields.update(overrides)
+    return S3Destination(**fields)
+
+
+@pytest.fixture
+def bucket(moto: MotoServer) -> str:
+    name = f"org-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def writer_role(moto: MotoServer, bucket: str) -> str:
+    return moto.create_role(
+        f"writer-{bucket}", EXTERNAL_ID, ["s3:PutObject", "s3:DeleteObject"], bucket
+    )
+
+
+@pytest.fixture
+def destination(moto: MotoServer, bucket: str, writer_role: str) -> S3Destination:
+    return s3_block(moto, bucket, writer_role)
+
+
+@pytest.fixture
+def remote(moto: MotoServer, bucket: str) -> BucketRemote:
+    return BucketRemote(moto.client("s3"), bucket)
+
+
+@pytest.fixture
+def secrets(moto: MotoServer) -> list[str]:
+    return [EXTERNAL_ID, moto.deliverer_keys[1]]
+
+
+class TestS3DestinationContract(DestinationContract):
+    pass
+
+
+def test_a_role_without_put_object_is_denied_with_the_fix_named(
+    moto: MotoServer, bucket: str, remote: BucketRemote
+) -> None:
+    role = moto.create_role(f"reader-{bucket}", EXTERNAL_ID, ["s3:GetObject"], bucket)
+    block = s3_block(moto, bucket, role)
+    with block.open_session() as session, pytest.raises(TerminalDeliveryError) as error:
+        session.upload("x/doc.xml", BODY, sha(BODY))
+    assert "s3:PutObject" in str(error.value) and "AccessDenied" in str(error.value)
+    assert remote.names() == []
+
+
+def test_a_wrong_external_id_cannot_assume_the_role(
+    moto: MotoServer, bucket: str, writer_role: str
+) -> None:
+    block = s3_block(moto, bucket, writer_role, external_id="someone-elses-id")
+    with pytest.raises(TerminalDeliveryError, match=r"could not assume .*ExternalId") as error:
+        connect(block)
+    assert "someone-elses-id" not in str(error.value)
+
+
+def test_a_role_that_does_not_trust_us_cannot_be_assumed(moto: MotoServer, bucket: str) -> None:
+    import json
+
+    iam = moto.client("iam")
+    name = f"untrusting-{bucket}"
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+             "Principal": {"AWS": "arn:aws:iam::123456789012:user/admin"}}]}  # fmt: skip
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
+    block = s3_block(moto, bucket, f"arn:aws:iam::123456789012:role/{name}")
+    assert not block.test_connection().ok
+    with pytest.raises(TerminalDeliveryError, match="trust policy"), block.open_session():
+        pass
+
+
+def test_our_own_bad_credentials_are_named(moto: MotoServer, bucket: str, writer_role: str) -> None:
+    bad = AwsCredentials(aws_access_key_id="AKIAWRONG", aws_secret_access_key="wrong-secret")
+    block = s3_block(moto, bucket, writer_role, aws_credentials=bad)
+    with pytest.raises(TerminalDeliveryError, match="our own AWS credentials"):
+        connect(block)
+
+
+def test_a_missing_bucket_is_named(moto: MotoServer, writer_role: str) -> None:
+    block = s3_block(moto, "no-such-bucket-here", writer_role)
+    with block.open_session() as session, pytest.raises(TerminalDeliveryError) as error:
+        session.upload("x/doc.xml", BODY, sha(BODY))
+    assert "no-such-bucket-here" in str(error.value)
+
+
+def test_settings_are_checked_when_the_block_is_built(moto: MotoServer, bucket: str) -> None:
+    with pytest.raises(ValidationError, match="role ARN"):
+        s3_block(moto, bucket, "arn:aws:iam::12:user/x")
+    with pytest.raises(ValidationError, match="aws:kms"):
+        s3_block(moto, bucket, "arn:aws:iam::123456789012:role/r", kms_key_id="k")
+    block = s3_block(moto, bucket, "arn:aws:iam::123456789012:role/r")
+    assert block.bucket_owner == "123456789012"
+    assert block.describe().startswith(f"s3://{bucket}/")
+
+
+def test_seaweedfs_stores_byte_identical_and_rejects_a_wrong_checksum(
+    moto: MotoServer, seaweed: SeaweedServer
+) -> None:
+    role = moto.create_role(f"seaweed-{uuid.uuid4().hex[:8]}", EXTERNAL_ID, ["s3:PutObject"], "x")
+    block = s3_block(
+        moto, seaweed.bucket, role, endpoint_url=seaweed.url, server_side_encryption=None
+    )
+    with block.open_session() as session:
+        session.upload("a/doc.xml", BODY, sha(BODY))
+        wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+        with pytest.raises(ClientError) as error:
+            session.client.put_object(
+                Bucket=seaweed.bucket, Key="a/bad.xml", Body=BODY, ChecksumSHA256=wrong
+            )
+    explained = block.explain(error.value, "write")
+    assert "BadDigest" in str(explained) and "checksum" in str(explained)
+    stored = seaweed.client().get_object(Bucket=seaweed.bucket, Key="a/doc.xml")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == sha(BODY)
+    names = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=seaweed.bucket)["Contents"]]
+    assert "a/bad.xml" not in names
