@@ -147,7 +147,9 @@ class Destination(Block, ABC):
     def test_connection(self) -> ConnectionReport:
         """Connect, write a small probe file and remove it, reporting each step (a test write)."""
         report = ConnectionReport(destination=self.describe())
-        probe = f".patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
+        # Under the template's fixed folders, where a least-privilege policy lets us write.
+        prefix = PathTemplate.parse(self.path_template).fixed_prefix
+        probe = f"{prefix}.patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
         content = b"patient-delivery connection test; safe to delete\n"
         for check in _probe_steps(self, probe, content):
             report.checks.append(check)

@@ -112,6 +112,12 @@ class PathTemplate:
             )
         return cls(text=text, variables=frozenset(names))
 
+    @property
+    def fixed_prefix(self) -> str:
+        """The folders before the first variable (e.g. `inbox/`): where a probe file may go."""
+        head = self.text.split("{", 1)[0]
+        return head[: head.rfind("/") + 1]
+
     def render(self, values: Mapping[str, str], data_type: str) -> str:
         """Render a relative path for one delivery.
 

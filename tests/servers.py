@@ -54,15 +54,29 @@ def _run(*command: str, input: str | None = None) -> subprocess.CompletedProcess
     return subprocess.run(command, input=input, text=True, capture_output=True, check=False)
 
 
+def _install_openssh_server() -> None:
+    """Install Debian's openssh-server so that `uv run pytest` works on a fresh machine."""
+    if shutil.which("apt-get") is None:
+        pytest.fail("OpenSSH sshd not found: install openssh-server (Debian/Ubuntu package)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "openssh-server"],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"installing openssh-server failed: {done.stderr[-1000:]}")
+
+
 class SshServer:
     """A private OpenSSH sshd on 127.0.0.1 with one SFTP-only user (password or key login)."""
 
     def __init__(self) -> None:
         sshd = Path("/usr/sbin/sshd")
-        if not sshd.exists():
-            pytest.fail("OpenSSH sshd not found: install the Debian package openssh-server")
         if os.geteuid() != 0:
             pytest.fail("the sshd tests run as root (they create a test user)")
+        if not sshd.exists():
+            _install_openssh_server()
         self.dir = Path(tempfile.mkdtemp(prefix="sshd-"))
         self.dir.chmod(0o755)
         self.home = self.dir / "home"

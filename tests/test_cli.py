@@ -89,3 +89,35 @@ def test_demo_delivers_then_nothing_then_only_the_change(store: Store) -> None:
     assert "delivered 12 document(s) this run" in first
     assert "delivered 0 document(s) this run" in run("demo")
     assert "delivered 1 document(s) this run" in run("demo", "--update", "1")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_sftp_destination_from_the_command_line_without_echoing_secrets(
+    store: Store,
+    sshd,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.servers import SFTP_PASSWORD, SFTP_USER
+
+    folder = sshd.make_folder("cli-sftp")
+    shown = run("destination", "host-key", f"127.0.0.1:{sshd.port}")
+    line = next(x for x in shown.splitlines() if x.startswith(f"[127.0.0.1]:{sshd.port} "))
+    assert line == sshd.host_key_line()
+    monkeypatch.setenv("ORG_SFTP_PASSWORD", SFTP_PASSWORD)
+    created = run(
+        "destination", "sftp", "cli-sftp", "--host", "127.0.0.1", "--port", str(sshd.port),
+        "--username", SFTP_USER, "--host-key", line, "--root", str(folder),
+        "--password-env", "ORG_SFTP_PASSWORD",
+    )  # fmt: skip
+    assert f"sftp-destination/cli-sftp  sftp://{SFTP_USER}@127.0.0.1:{sshd.port}" in created
+    tested = run("destination", "test", "sftp-destination/cli-sftp")
+    assert "ok write probe file" in tested and "ok remove probe file" in tested
+    listed = run("destination", "list")
+    shown = run("destination", "show", "sftp-destination/cli-sftp")
+    assert "sftp-destination/cli-sftp" in listed and "********" in shown
+    for output in (created, tested, listed, shown):
+        assert SFTP_PASSWORD not in output
+    refused = run("destination", "sftp", "cli-sftp", "--host", "h", "--username", "u",
+                  "--host-key", line, "--password-env", "ORG_SFTP_PASSWORD", code=2)  # fmt: skip
+    assert "--overwrite" in refused
+    assert list(folder.iterdir()) == []

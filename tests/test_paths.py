@@ -125,3 +125,9 @@ def test_timestamp_is_utc_sortable_and_file_name_safe() -> None:
     )
     with pytest.raises(ValueError, match="timezone-aware"):
         format_timestamp(datetime(2026, 1, 1))
+
+
+def test_fixed_prefix_is_the_folders_before_the_first_variable() -> None:
+    assert PathTemplate.parse("inbox/daily/{externalId}").fixed_prefix == "inbox/daily/"
+    assert PathTemplate.parse("in/x-{externalId}/{timestamp}").fixed_prefix == "in/"
+    assert PathTemplate.parse(DEFAULT_TEMPLATE).fixed_prefix == ""
