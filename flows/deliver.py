@@ -13,12 +13,10 @@ upload task, one document at a time, and never becomes a parameter, result, log 
 from __future__ import annotations
 
 import random
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
@@ -28,7 +26,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import blocks  # noqa: F401  (registers every destination block type for Block.load)
-from blocks.base import DeliveryError, Destination, DestinationSession
+from blocks.base import DeliveryError, Destination
+from flows.sessions import Lease, PoolRegistry
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
 from patient_delivery.ledger import Outcome, RenderResult, UploadItem, WorkFilter
@@ -101,17 +100,8 @@ def load_destination(reference: str) -> Destination:
     return destination
 
 
-_limits: dict[str, threading.BoundedSemaphore] = {}
-_limits_lock = threading.Lock()
-
-
-@contextmanager
-def destination_slot(reference: str, max_connections: int) -> Iterator[None]:
-    """At most `max_connections` upload batches at once per destination in this process."""
-    with _limits_lock:
-        limit = _limits.setdefault(reference, threading.BoundedSemaphore(max_connections))
-    with limit:
-        yield
+pools = PoolRegistry()
+"""Sessions of the runs in this process, shared by their upload tasks (threads)."""
 
 
 @task(name="gather")
@@ -140,7 +130,7 @@ def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rend
 
 @task(name="upload")
 def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> BatchReport:
-    """Send one batch through one destination session, then record every outcome at once."""
+    """Send one batch through a pooled destination session, then record every outcome at once."""
     store = open_store()
     report = BatchReport(destination_ref)
     started = time.perf_counter()
@@ -148,9 +138,10 @@ def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Batc
     report.skipped = len(delivery_ids) - len(items)
     outcomes: list[Outcome] = []
     try:
-        destination = load_destination(destination_ref)
-        with destination_slot(destination_ref, destination.max_connections):
-            outcomes = _send_all(destination, store, items)
+        pool = pools.get(claimant, destination_ref, load_destination)
+        with pool.lease() as lease:
+            for item in items:
+                outcomes.append(_send(lease, store, item))
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
         done = {o.delivery_id for o in outcomes}
@@ -169,60 +160,21 @@ def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Batc
     return report
 
 
-class _Connection:
-    """The destination session of one batch, reopened after a transient failure."""
-
-    def __init__(self, destination: Destination) -> None:
-        self.destination = destination
-        self._stack: ExitStack | None = None
-        self._session: DestinationSession | None = None
-
-    def session(self) -> DestinationSession:
-        if self._session is None:
-            stack = ExitStack()
-            self._session = stack.enter_context(self.destination.open_session())
-            self._stack = stack
-        return self._session
-
-    def reset(self) -> None:
-        stack, self._stack, self._session = self._stack, None, None
-        if stack is not None:
-            # A broken connection may fail to close; it is dropped either way.
-            with suppress(Exception):
-                stack.close()
-
-    def close(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
-        self._stack = self._session = None
-
-
-def _send_all(destination: Destination, store: Store, items: Sequence[UploadItem]) -> list[Outcome]:
-    connection = _Connection(destination)
-    outcomes: list[Outcome] = []
-    try:
-        for item in items:
-            outcomes.append(_send(connection, store, item))
-    finally:
-        connection.close()
-    return outcomes
-
-
-def _send(connection: _Connection, store: Store, item: UploadItem) -> Outcome:
+def _send(lease: Lease, store: Store, item: UploadItem) -> Outcome:
     """Upload one document, retrying transient errors with exponential backoff and jitter."""
     content = ledger.read_content(store, item.version_id)
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         try:
-            receipt = connection.session().upload(item.path, content, item.sha256)
+            receipt = lease.session().upload(item.path, content, item.sha256)
             return Outcome(item.delivery_id, attempt, sha256=receipt.sha256, size=receipt.size)
         except DeliveryError as exc:
             if not exc.retryable or attempt == UPLOAD_ATTEMPTS:
                 return Outcome(item.delivery_id, attempt, error=str(exc))
-            connection.reset()
+            lease.reset()
             time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
         except Exception as exc:
             # Unknown failures are recorded by type only: their text may carry what we must not log.
-            connection.reset()
+            lease.reset()
             return Outcome(
                 item.delivery_id, attempt, error=f"unexpected error: {type(exc).__name__}"
             )
@@ -270,6 +222,25 @@ def deliver_updates(
         data_types=tuple(data_types or ()),
     )
     summary = RunSummary(flow_run_id=claimant)
+    try:
+        _deliver_pages(claimant, work, batch_size, max_documents, summary)
+    finally:
+        pools.close_run(claimant)
+    _publish(summary)
+    logger.info(
+        "run finished: %d delivered, %d failed, to %d destination(s)",
+        summary.delivered,
+        summary.failed,
+        len(summary.destinations),
+    )
+    return summary
+
+
+def _deliver_pages(
+    claimant: str, work: WorkFilter, batch_size: int, max_documents: int | None, summary: RunSummary
+) -> None:
+    """Gather a page, render it, upload it in batches; repeat until nothing more is owed."""
+    logger = get_run_logger()
     remaining = max_documents if max_documents is not None else float("inf")
     while remaining > 0:
         claimed = gather(claimant, work, int(min(PAGE_SIZE, remaining)))
@@ -287,14 +258,6 @@ def deliver_updates(
         for future in uploads:
             summary.add(future.result())
         logger.info("delivered %d, failed %d so far", summary.delivered, summary.failed)
-    _publish(summary)
-    logger.info(
-        "run finished: %d delivered, %d failed, to %d destination(s)",
-        summary.delivered,
-        summary.failed,
-        len(summary.destinations),
-    )
-    return summary
 
 
 def _publish(summary: RunSummary) -> None:

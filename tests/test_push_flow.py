@@ -32,7 +32,7 @@ def test_a_project_subscribed_to_s3_and_sftp_gets_both_and_a_bad_password_fails_
         f"s3-{suffix}"
     )
     folder = sshd.make_folder(f"flow-{suffix}")
-    sftp_block(sshd, folder).save(f"sftp-{suffix}")
+    sftp_block(sshd, folder, max_connections=2).save(f"sftp-{suffix}")
     sftp_block(sshd, folder, password="wrong").save(f"bad-{suffix}")
 
     ingest.add_organization(store, "Acme", "acme")
@@ -43,7 +43,9 @@ def test_a_project_subscribed_to_s3_and_sftp_gets_both_and_a_bad_password_fails_
     import_ccda(store, sorted((fixtures_dir / "ccda").glob("*.xml"))[:4], project_id=project)
     import_fhir_bulk(store, fixtures_dir / "fhir-bulk-10", project)
 
+    logins_before = sshd.log.read_text().count("Accepted password")
     summary = deliver_updates(batch_size=5)
+    logins = sshd.log.read_text().count("Accepted password") - logins_before
 
     per = {
         name.split("/")[1].split("-")[0]: report for name, report in summary.destinations.items()
@@ -52,6 +54,8 @@ def test_a_project_subscribed_to_s3_and_sftp_gets_both_and_a_bad_password_fails_
     assert (per["sftp"].delivered, per["sftp"].failed) == (17, 0)
     assert (per["bad"].delivered, per["bad"].failed) == (0, 17)
     assert any("login as" in reason for reason in per["bad"].reasons)
+    # Four batches of five shared at most two connections: sessions are reused, not reopened.
+    assert 1 <= logins <= 2
 
     remote = BucketRemote(moto.client("s3"), bucket)
     with store.session() as session:

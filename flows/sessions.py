@@ -1,0 +1,100 @@
+"""Destination sessions shared by a run's upload tasks: opened once, reused, bounded.
+
+Opening a session is the expensive part of a delivery (an SSH handshake and login, an STS
+AssumeRole), so a run keeps up to `max_connections` sessions per destination and lends them to
+its upload batches in turn. The same bound is the per-destination concurrency limit: a batch
+waits for a free session. A session that failed is dropped and reopened on next use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+
+from blocks.base import Destination, DestinationSession
+
+Opened = tuple[AbstractContextManager[DestinationSession], DestinationSession]
+
+
+class Lease:
+    """One session lent to one batch; `reset()` drops it after a failure."""
+
+    def __init__(self, pool: SessionPool, opened: Opened | None) -> None:
+        self._pool = pool
+        self._opened = opened
+
+    def session(self) -> DestinationSession:
+        if self._opened is None:
+            context = self._pool.destination.open_session()
+            self._opened = (context, context.__enter__())
+        return self._opened[1]
+
+    def reset(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            _close(opened)
+
+
+def _close(opened: Opened) -> None:
+    # A broken connection may fail to close; it is dropped either way.
+    with suppress(Exception):
+        opened[0].__exit__(None, None, None)
+
+
+class SessionPool:
+    """At most `destination.max_connections` sessions of one destination, reused across batches."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self._limit = destination.max_connections
+        self._idle: list[Opened] = []
+        self._lent = 0
+        self._available = threading.Condition()
+
+    @contextmanager
+    def lease(self) -> Iterator[Lease]:
+        with self._available:
+            self._available.wait_for(lambda: self._lent < self._limit)
+            self._lent += 1
+            opened = self._idle.pop() if self._idle else None
+        lease = Lease(self, opened)
+        try:
+            yield lease
+        except BaseException:
+            lease.reset()
+            raise
+        finally:
+            with self._available:
+                if lease._opened is not None:
+                    self._idle.append(lease._opened)
+                self._lent -= 1
+                self._available.notify()
+
+    def close(self) -> None:
+        with self._available:
+            idle, self._idle = self._idle, []
+        for opened in idle:
+            _close(opened)
+
+
+class PoolRegistry:
+    """The pools of each running flow, keyed by destination; closed when the run ends."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str], SessionPool] = {}
+        self._lock = threading.Lock()
+
+    def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
+        with self._lock:
+            pool = self._pools.get((run, reference))
+            if pool is None:
+                pool = self._pools[(run, reference)] = SessionPool(load(reference))
+            return pool
+
+    def close_run(self, run: str) -> None:
+        with self._lock:
+            pools = [p for (r, _), p in self._pools.items() if r == run]
+            self._pools = {k: v for k, v in self._pools.items() if k[0] != run}
+        for pool in pools:
+            pool.close()
