@@ -539,6 +539,7 @@ def deliveries(
     limit: Annotated[int | None, typer.Option(help="Most rows to show")] = 50,
     csv: Annotated[Path | None, typer.Option(help="Write all matching rows as CSV")] = None,
     parquet: Annotated[Path | None, typer.Option(help="Write all matching rows as Parquet")] = None,
+    wide: Annotated[bool, typer.Option(help="Show every column")] = False,
 ) -> None:
     """The ledger: what was sent, to whom, where, when, why and by which run."""
     from patient_delivery.reports import LedgerQuery, deliveries_frame
@@ -560,7 +561,23 @@ def deliveries(
         frame.to_parquet(parquet, index=False)
         console.print(f"{len(frame)} rows written to {parquet}")
     if not (csv or parquet):
+        if not wide:
+            frame = frame.assign(
+                delivered_at=frame["delivered_at"].map(_short_time),
+                flow_run_id=frame["flow_run_id"].str[:8],
+                sha256=frame["sha256"].str[:12],
+            )[NARROW_COLUMNS]
         _print_frame(frame, "deliveries")
+
+
+NARROW_COLUMNS = [
+    "delivered_at", "status", "patient_id", "organization", "destination", "data_type",
+    "version", "path", "purpose", "flow_run_id", "last_error",
+]  # fmt: skip
+
+
+def _short_time(value: object) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if isinstance(value, datetime) else ""
 
 
 def _print_frame(frame: pd.DataFrame, title: str) -> None:

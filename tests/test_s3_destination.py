@@ -168,3 +168,20 @@ def test_seaweedfs_stores_byte_identical_and_rejects_a_wrong_checksum(
     assert hashlib.sha256(stored).hexdigest() == sha(BODY)
     names = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=seaweed.bucket)["Contents"]]
     assert "a/bad.xml" not in names
+
+
+def test_credentials_are_renewed_before_the_role_session_expires(
+    destination: S3Destination, moto: MotoServer, bucket: str, writer_role: str
+) -> None:
+    # botocore renews refreshable credentials when less than 15 minutes remain: a 900 s role
+    # session is always in that window, so every request re-assumes the role; 3600 s is not.
+    short = s3_block(moto, bucket, writer_role, session_duration_seconds=900)
+    for block, expect_renewal in ((short, True), (destination, False)):
+        with block.open_session() as session:
+            credentials = session.client._request_signer._credentials  # read, not patched
+            keys = []
+            for i in range(3):
+                keys.append(credentials.get_frozen_credentials().access_key)
+                session.upload(f"renew/{i}.xml", BODY, sha(BODY))
+        assert (len(set(keys)) == 3) is expect_renewal
+        assert len(set(keys)) in (1, 3)
