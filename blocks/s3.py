@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -34,7 +35,7 @@ from botocore.exceptions import (
 )
 from botocore.session import get_session
 from prefect_aws import AwsCredentials
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from blocks.base import (
     Destination,
@@ -174,6 +175,10 @@ class S3Destination(Destination):
     connect_timeout: float = Field(default=10.0, gt=0, title="Connect timeout (s)")
     read_timeout: float = Field(default=60.0, gt=0, title="Read timeout (s)")
 
+    _client: Any = PrivateAttr(default=None)
+    _sts: Any = PrivateAttr(default=None)
+    _client_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
     @field_validator("role_arn")
     @classmethod
     def _check_role(cls, value: str) -> str:
@@ -211,9 +216,11 @@ class S3Destination(Destination):
 
     def _assume(self) -> dict[str, str]:
         """Assume the organization's role; the shape botocore's refreshable credentials want."""
-        sts = self._base_session().client(
-            "sts", region_name=self.region_name, endpoint_url=self.sts_endpoint_url
-        )
+        if self._sts is None:
+            self._sts = self._base_session().client(
+                "sts", region_name=self.region_name, endpoint_url=self.sts_endpoint_url
+            )
+        sts = self._sts
         request: dict[str, Any] = {
             "RoleArn": self.role_arn,
             "RoleSessionName": self.role_session_name,
@@ -240,7 +247,18 @@ class S3Destination(Destination):
         }
 
     def client(self) -> Any:
-        """An S3 client on the role's credentials, renewed before they expire."""
+        """The S3 client on the role's credentials, renewed before they expire.
+
+        One per block instance, created on first use and shared by every session and thread
+        (boto3 clients are thread-safe; creating one costs tens of milliseconds of model
+        loading, and each would assume the role again).
+        """
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._new_client()
+            return self._client
+
+    def _new_client(self) -> Any:
         credentials = RefreshableCredentials.create_from_metadata(
             metadata=self._assume(), refresh_using=self._assume, method="sts-assume-role"
         )
@@ -259,11 +277,7 @@ class S3Destination(Destination):
 
     @contextmanager
     def open_session(self) -> Iterator[S3Session]:
-        client = self.client()
-        try:
-            yield S3Session(self, client)
-        finally:
-            client.close()
+        yield S3Session(self, self.client())
 
     def explain(
         self, error: ClientError, step: str

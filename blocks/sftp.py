@@ -85,7 +85,7 @@ class SftpSession(DestinationSession):
         self.transport = transport
         self.sftp = sftp
         self.root = root
-        self._folders: set[str] = set()
+        self._folders: set[str] = {posixpath.normpath(root)}  # exists: normalize() found it
 
     def _remote(self, path: str) -> str:
         full = posixpath.normpath(posixpath.join(self.root, path))
@@ -95,18 +95,23 @@ class SftpSession(DestinationSession):
         return full
 
     def _make_folders(self, folder: str) -> None:
-        if folder in self._folders or folder in ("", "/", "."):
-            return
-        try:
-            self.sftp.stat(folder)
-        except FileNotFoundError:
-            self._make_folders(posixpath.dirname(folder))
+        """Create `folder` and its missing parents, top-down from the deepest one known to exist.
+
+        One `mkdir` per new folder and no `stat` in the common case: round trips are most of
+        an upload's cost.
+        """
+        missing: list[str] = []
+        while folder not in self._folders and folder not in ("", "/"):
+            missing.append(folder)
+            folder = posixpath.dirname(folder)
+        for path in reversed(missing):
             try:
-                self.sftp.mkdir(folder)
+                self.sftp.mkdir(path)
             except OSError:
-                # Another connection may have made it meanwhile; only fail if it is still missing.
-                self.sftp.stat(folder)
-        self._folders.add(folder)
+                # Already there (made earlier or by another connection), or truly not creatable:
+                # stat tells which, and raises in the second case.
+                self.sftp.stat(path)
+            self._folders.add(path)
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
         if hashlib.sha256(content).hexdigest() != sha256:

@@ -12,6 +12,7 @@ upload task, one document at a time, and never becomes a parameter, result, log 
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import uuid
@@ -31,7 +32,7 @@ from flows.sessions import Lease, PoolRegistry
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
 from patient_delivery.ledger import Outcome, RenderResult, UploadItem, WorkFilter
-from patient_delivery.store import Store, open_store
+from patient_delivery.store import open_store
 
 PAGE_SIZE = 5_000
 """Deliveries claimed per gather: the flow holds this many IDs at most, whatever the backlog."""
@@ -110,8 +111,16 @@ def gather(claimant: str, work: WorkFilter, limit: int) -> dict[str, list[int]]:
     return ledger.claim(open_store(), claimant, work, limit=limit)
 
 
+@dataclass
+class Rendered:
+    """What render hands to upload: the deliveries ready to send, and how many lanes to use."""
+
+    result: RenderResult
+    max_connections: int = 1
+
+
 @task(name="render")
-def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> RenderResult:
+def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rendered:
     """Render each delivery's path (kept across retries); failures are recorded with a reason."""
     store = open_store()
     logger = get_run_logger()
@@ -121,11 +130,11 @@ def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rend
         reason = f"destination block {destination_ref!r} cannot be loaded ({type(exc).__name__})"
         failed = ledger.fail_claimed(store, claimant, delivery_ids, reason)
         logger.error("%s; %d deliveries failed", reason, failed)
-        return RenderResult(failed=Counter({reason: failed}))
+        return Rendered(RenderResult(failed=Counter({reason: failed})))
     result = ledger.render_paths(store, claimant, delivery_ids, destination.render_path)
     for reason, count in result.failed.items():
         logger.warning("%s: %d deliveries failed: %s", destination_ref, count, reason)
-    return result
+    return Rendered(result, destination.max_connections)
 
 
 @task(name="upload")
@@ -140,8 +149,8 @@ def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Batc
     try:
         pool = pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
-            for item in items:
-                outcomes.append(_send(lease, store, item))
+            for item, content in ledger.stream_contents(store, items):
+                outcomes.append(_send(lease, item, content))
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
         done = {o.delivery_id for o in outcomes}
@@ -160,9 +169,8 @@ def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Batc
     return report
 
 
-def _send(lease: Lease, store: Store, item: UploadItem) -> Outcome:
+def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
     """Upload one document, retrying transient errors with exponential backoff and jitter."""
-    content = ledger.read_content(store, item.version_id)
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         try:
             receipt = lease.session().upload(item.path, content, item.sha256)
@@ -197,7 +205,7 @@ def _run_name() -> str:
 @flow(
     name="deliver-updates",
     flow_run_name=_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    task_runner=ThreadPoolTaskRunner(max_workers=32),
     validate_parameters=True,
 )
 def deliver_updates(
@@ -243,18 +251,33 @@ def _deliver_pages(
     logger = get_run_logger()
     remaining = max_documents if max_documents is not None else float("inf")
     while remaining > 0:
+        started = time.perf_counter()
         claimed = gather(claimant, work, int(min(PAGE_SIZE, remaining)))
         count = sum(len(ids) for ids in claimed.values())
         if count == 0:
             break
         remaining -= count
+        logger.info(
+            "claimed %d deliveries to %d destination(s) in %.2f s",
+            count, len(claimed), time.perf_counter() - started,
+        )  # fmt: skip
+        started = time.perf_counter()
         rendered = {ref: render.submit(ref, claimant, ids) for ref, ids in claimed.items()}
         uploads = []
         for ref, future in rendered.items():
-            result = future.result()
+            rendered_page = future.result()
+            result = rendered_page.result
+            logger.info(
+                "%s: %d paths rendered in %.2f s",
+                ref, len(result.ready), time.perf_counter() - started,
+            )  # fmt: skip
             summary.add(BatchReport(ref, failed=result.failed.total(), reasons=result.failed))
-            batches = _batches(result.ready, batch_size)
-            uploads += [upload.submit(ref, claimant, batch) for batch in batches]
+            # Enough batches to keep every connection busy, none larger than batch_size.
+            lanes = max(1, rendered_page.max_connections)
+            size = max(1, min(batch_size, math.ceil(len(result.ready) / lanes)))
+            uploads += [
+                upload.submit(ref, claimant, batch) for batch in _batches(result.ready, size)
+            ]
         for future in uploads:
             summary.add(future.result())
         logger.info("delivered %d, failed %d so far", summary.delivered, summary.failed)

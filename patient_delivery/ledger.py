@@ -11,7 +11,7 @@ at a time by `read_content`, straight into an upload.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -299,6 +299,31 @@ def start_batch(
             .order_by(Delivery.id)
         ).all()
     return [UploadItem(*row) for row in rows]
+
+
+def stream_contents(
+    store: Store, items: Sequence[UploadItem]
+) -> Iterator[tuple[UploadItem, bytes]]:
+    """Each item with its document's bytes, read one at a time in one read transaction.
+
+    One query per batch instead of one per document; only the current document is in memory.
+    """
+    wanted = {item.version_id for item in items}
+    by_version: dict[int, list[UploadItem]] = {}
+    for item in items:
+        by_version.setdefault(item.version_id, []).append(item)
+    with store.engine.connect() as connection:
+        rows = connection.execution_options(yield_per=1).execute(
+            select(DocumentContent.version_id, DocumentContent.content).where(
+                DocumentContent.version_id.in_(wanted)
+            )
+        )
+        for version_id, content in rows:
+            for item in by_version.pop(version_id, []):
+                yield item, content
+    for missing in by_version.values():
+        for item in missing:
+            raise LookupError(f"document version {item.version_id} has no stored content")
 
 
 def read_content(store: Store, version_id: int) -> bytes:

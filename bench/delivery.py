@@ -1,0 +1,422 @@
+"""Delivery throughput: the Prefect flow against bare clients and rclone, same servers, one run.
+
+    uv run python bench/delivery.py                      # 1,000 patients = 2,000 documents, ~300 MB
+    uv run python bench/delivery.py --patients 200 --only sftp
+    uv run python bench/delivery.py gather --store-patients 1000000 --changed 1000
+
+Starts OpenSSH sshd, SeaweedFS (S3) and moto (STS) on loopback the way the tests do, and a real
+`prefect server start`. Seeds synthetic patients with the project's own generator, exports the
+same bytes to a folder for the baselines, then times each mode in its own process (so peak RSS
+is that mode's alone): the delivery flow (gather, render, upload, record, with Prefect), a bare
+client baseline, and `rclone copy --transfers 16`. Prints one table with ratios to rclone.
+Needs root (sshd's test user) and Debian's `rclone` and `openssh-server` packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+# --- modes, each run in a child process -----------------------------------------------------
+
+
+def child(mode: str, config: dict) -> dict:
+    """Run one mode; returns what it moved and how long the transfer took (imports excluded)."""
+    export = Path(config["export"])
+    files = sorted(p for p in export.rglob("*") if p.is_file())
+    if mode == "flow":
+        from flows.deliver import deliver_updates
+
+        started = time.perf_counter()
+        summary = deliver_updates(destinations=[config["destination"]], batch_size=config["batch"])
+        seconds = time.perf_counter() - started
+        moved = sum(r.bytes for r in summary.destinations.values())
+        if summary.failed:
+            raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")
+        return {"seconds": seconds, "files": summary.delivered, "bytes": moved}
+    if mode == "bare-sftp":
+        return bare_sftp(config, files, export)
+    if mode == "bare-s3":
+        return bare_s3(config, files, export)
+    raise SystemExit(f"unknown mode {mode}")
+
+
+def bare_sftp(config: dict, files: list[Path], export: Path) -> dict:
+    """paramiko, TCP_NODELAY, 8 connections, plain put to the final name: the fastest bare path."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import paramiko
+
+    def connection() -> paramiko.SFTPClient:
+        sock = socket.create_connection(("127.0.0.1", config["sftp_port"]))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        transport.connect(username=config["sftp_user"], password=config["sftp_password"])
+        return paramiko.SFTPClient.from_transport(transport)  # type: ignore[return-value]
+
+    lanes = [files[i::8] for i in range(8)]
+    root = config["sftp_root"]
+    started = time.perf_counter()
+
+    def send(lane: list[Path]) -> int:
+        sftp, made, sent = connection(), set(), 0
+        for path in lane:
+            relative = path.relative_to(export).as_posix()
+            folder = f"{root}/{relative.rsplit('/', 1)[0]}"
+            if folder not in made:
+                with contextlib.suppress(OSError):
+                    sftp.mkdir(folder)
+                made.add(folder)
+            sftp.putfo(path.open("rb"), f"{root}/{relative}", confirm=False)
+            sent += path.stat().st_size
+        sftp.close()
+        return sent
+
+    with ThreadPoolExecutor(8) as pool:
+        moved = sum(pool.map(send, lanes))
+    return {"seconds": time.perf_counter() - started, "files": len(files), "bytes": moved}
+
+
+def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
+    """boto3 put_object from 16 threads sharing one client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3", endpoint_url=config["s3_url"], region_name="us-east-1",
+        aws_access_key_id="bench", aws_secret_access_key="bench",  # noqa: S106 - accepts any
+        config=Config(max_pool_connections=16),
+    )  # fmt: skip
+    started = time.perf_counter()
+
+    def send(path: Path) -> int:
+        body = path.read_bytes()
+        key = "bare/" + path.relative_to(export).as_posix()
+        client.put_object(Bucket=config["bucket"], Key=key, Body=body)
+        return len(body)
+
+    with ThreadPoolExecutor(16) as pool:
+        moved = sum(pool.map(send, files))
+    return {"seconds": time.perf_counter() - started, "files": len(files), "bytes": moved}
+
+
+# --- the parent: servers, data, and the table -------------------------------------------------
+
+
+def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, float, float]:
+    """Run a command; its stdout, wall seconds and peak RSS (VmHWM, sampled every 20 ms).
+
+    Not getrusage: a child forked from this large parent inherits its RSS high-water mark.
+    """
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+        peak = 0.0
+        status = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+            except OSError:
+                pass
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        if process.returncode != 0:
+            raise SystemExit(f"{command[0]} failed: {err.read().decode()[-3000:]}")
+        if os.environ.get("BENCH_VERBOSE"):
+            sys.stderr.write(err.read().decode()[-5000:])
+        return out.read(), seconds, peak
+
+
+def run_child(mode: str, config: dict, env: dict[str, str]) -> dict:
+    """Run a mode in a child process; add its peak RSS. With --profile, under py-spy."""
+    command = [sys.executable, __file__, "_child", mode, json.dumps(config)]
+    if config.get("profile"):
+        name = f"{mode}-{config.get('destination', 'bare').replace('/', '-')}.txt"
+        target = Path(config["profile"]) / name
+        command = ["py-spy", "record", "--format", "raw", "-r", "200", "-o", str(target), "--",
+                   *command]  # fmt: skip
+    output, _, peak = run_measured(command, env)
+    lines = [x for x in output.decode().splitlines() if x.startswith("{")]
+    result = json.loads(lines[-1])
+    result["rss_mb"] = peak
+    return result
+
+
+def run_rclone(source: Path, remote: str, env: dict[str, str]) -> dict:
+    files = [p for p in source.rglob("*") if p.is_file()]
+    env = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}  # breaks rclone 1.60's S3
+    command = ["rclone", "copy", "--transfers", "16", "--no-check-dest", str(source), remote]
+    _, seconds, peak = run_measured(command, env)
+    return {
+        "seconds": seconds,
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+        "rss_mb": peak,
+    }
+
+
+def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    from tests.servers import free_port
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):  # noqa: S310 - loopback
+                return process, url
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit("prefect server did not start")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    (work / "prefect").mkdir()
+    os.environ["PATIENT_DELIVERY_STORE_URL"] = f"sqlite:///{work / 'store.db'}"
+    server, api_url = start_prefect_server(work / "prefect")
+    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_HOME"] = str(work / "prefect")
+    from blocks.s3 import S3Destination
+    from blocks.sftp import SftpDestination
+    from patient_delivery import ingest
+    from patient_delivery.ledger import read_content
+    from patient_delivery.seed import seed_project
+    from patient_delivery.store import open_store
+    from patient_delivery.store.models import DocumentVersion
+    from tests.servers import SFTP_PASSWORD, SFTP_USER, MotoServer, SeaweedServer, SshServer
+
+    servers: list = []
+    try:
+        print(f"seeding {args.patients} patients ...", file=sys.stderr)
+        store = open_store()
+        ingest.add_organization(store, "Bench", "bench")
+        ingest.add_project(store, "bench", "Bench", "bench")
+        seed_project(store, "bench", args.patients, size_scale=args.size_scale)
+        export = work / "export"
+        with store.session() as session:
+            versions = session.execute(
+                __import__("sqlalchemy").select(
+                    DocumentVersion.id, DocumentVersion.patient_id, DocumentVersion.data_type
+                )
+            ).all()
+        for version_id, patient_id, data_type in versions:
+            target = export / patient_id / f"{data_type}.{'xml' if data_type == 'ccda' else 'json'}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_content(store, version_id))
+        total = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
+        print(f"{len(versions)} documents, {total / 1e6:.0f} MB", file=sys.stderr)
+
+        sshd = SshServer()
+        servers.append(sshd)
+        seaweed = SeaweedServer("bench")
+        servers.append(seaweed)
+        moto = MotoServer()
+        servers.append(moto)
+        role = moto.create_role("bench-writer", "bench-external-id", ["s3:PutObject"], "bench")
+        from prefect_aws import AwsCredentials
+
+        identity = AwsCredentials(aws_access_key_id=moto.deliverer_keys[0],
+                                  aws_secret_access_key=moto.deliverer_keys[1])  # fmt: skip
+        folders = {name: sshd.make_folder(name) for name in ("flow", "bare", "rclone")}
+        SftpDestination(
+            host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
+            host_keys=[sshd.host_key_line()], root=str(folders["flow"]),
+            max_connections=args.connections,
+        ).save("bench-sftp", overwrite=True)  # fmt: skip
+        S3Destination(
+            bucket_name="bench", role_arn=role, external_id="bench-external-id",
+            endpoint_url=seaweed.url, sts_endpoint_url=moto.url, aws_credentials=identity,
+            server_side_encryption=None, max_connections=16,
+            path_template="flow/{healthexPatientId}/{dataType}",
+        ).save("bench-s3", overwrite=True)  # fmt: skip
+        ingest.subscribe(store, "bench", "sftp-destination/bench-sftp")
+        ingest.subscribe(store, "bench", "s3-destination/bench-s3")
+        obscured = subprocess.run(["rclone", "obscure", SFTP_PASSWORD], capture_output=True,
+                                  text=True, check=True).stdout.strip()  # fmt: skip
+        env = {
+            **os.environ,
+            "RCLONE_CONFIG_BSFTP_TYPE": "sftp", "RCLONE_CONFIG_BSFTP_HOST": "127.0.0.1",
+            "RCLONE_CONFIG_BSFTP_PORT": str(sshd.port), "RCLONE_CONFIG_BSFTP_USER": SFTP_USER,
+            "RCLONE_CONFIG_BSFTP_PASS": obscured, "RCLONE_CONFIG_BSFTP_SHELL_TYPE": "none",
+            "RCLONE_CONFIG_BSFTP_DISABLE_HASHCHECK": "true",
+            "RCLONE_CONFIG_BS3_TYPE": "s3", "RCLONE_CONFIG_BS3_PROVIDER": "Other",
+            "RCLONE_CONFIG_BS3_ENDPOINT": seaweed.url, "RCLONE_CONFIG_BS3_REGION": "us-east-1",
+            "RCLONE_CONFIG_BS3_ACCESS_KEY_ID": "bench", "RCLONE_CONFIG_BS3_SECRET_ACCESS_KEY": "x",
+        }  # fmt: skip
+        config = {
+            "export": str(export), "batch": args.batch, "sftp_port": sshd.port,
+            "sftp_user": SFTP_USER, "sftp_password": SFTP_PASSWORD,
+            "sftp_root": str(folders["bare"]), "s3_url": seaweed.url, "bucket": "bench",
+            "profile": args.profile,
+        }  # fmt: skip
+        rows = []
+        if "sftp" in args.only:
+            rclone = run_rclone(export, f"bsftp:{folders['rclone']}", env)
+            rows.append(("sftp", "rclone copy --transfers 16", rclone, rclone))
+            bare = run_child("bare-sftp", config, env)
+            rows.append(("sftp", "paramiko, 8 connections, NODELAY", bare, rclone))
+            flow = run_child("flow", {**config, "destination": "sftp-destination/bench-sftp"}, env)
+            rows.append(("sftp", f"delivery flow ({args.connections} connections)", flow, rclone))
+            rows.append(overhead("sftp", flow, bare))
+        if "s3" in args.only:
+            rclone = run_rclone(export, "bs3:bench/rclone", env)
+            rows.append(("s3", "rclone copy --transfers 16", rclone, rclone))
+            bare = run_child("bare-s3", config, env)
+            rows.append(("s3", "boto3 put_object, 16 threads", bare, rclone))
+            flow = run_child("flow", {**config, "destination": "s3-destination/bench-s3"}, env)
+            rows.append(("s3", "delivery flow (16 connections)", flow, rclone))
+            rows.append(overhead("s3", flow, bare))
+        print_table(rows, args)
+    finally:
+        for running in reversed(servers):
+            running.stop()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def overhead(server: str, flow: dict, bare: dict) -> tuple:
+    per_doc = (flow["seconds"] - bare["seconds"]) / max(1, flow["files"]) * 1000
+    return (server, f"orchestration overhead: {per_doc:.2f} ms per document", None, None)
+
+
+def print_table(rows: list[tuple], args: argparse.Namespace) -> None:
+    print(f"\n{args.patients} patients, {args.batch} documents per upload task\n")
+    print("| server | path | files | MB | s | files/s | MB/s | peak RSS MB | vs rclone |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for server, label, result, rclone in rows:
+        if result is None:
+            print(f"| {server} | {label} | | | | | | | |")
+            continue
+        rate = result["files"] / result["seconds"]
+        base = rclone["files"] / rclone["seconds"]
+        megabytes = result["bytes"] / 1e6
+        print(
+            f"| {server} | {label} | {result['files']} | {megabytes:.0f} | "
+            f"{result['seconds']:.2f} | {rate:.0f} | {megabytes / result['seconds']:.0f}"
+            f" | {result['rss_mb']:.0f} | {rate / base:.2f}x |"
+        )
+
+
+def gather_benchmark(args: argparse.Namespace) -> None:
+    """Claim `changed` owed deliveries in a store of `store_patients` already-delivered patients."""
+    import random
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from patient_delivery import ingest, ledger
+    from patient_delivery.store import open_store
+    from patient_delivery.store.models import Delivery, DocumentVersion, Patient, Share
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gather-"))
+    store = open_store(f"sqlite:///{work / 'store.db'}")
+    ingest.add_organization(store, "Bench", "bench")
+    ingest.add_project(store, "bench", "Bench", "bench")
+    now = datetime.now(UTC)
+    chunk = 50_000
+    started = time.perf_counter()
+    print(
+        f"building a store of {args.store_patients} patients (metadata only) ...", file=sys.stderr
+    )
+    for start in range(0, args.store_patients, chunk):
+        ids = [f"hx_{n:020d}" for n in range(start, min(start + chunk, args.store_patients))]
+        with store.session() as session:
+            session.execute(insert(Patient), [{"id": i, "created_at": now} for i in ids])
+            session.execute(insert(Share), [{"project_id": "bench", "patient_id": i,
+                            "external_id": i[3:], "created_at": now} for i in ids])  # fmt: skip
+            session.execute(insert(DocumentVersion), [
+                {"id": start * 2 + k * 2 + t + 1, "patient_id": i, "data_type": dt, "version": 1,
+                 "sha256": "0" * 64, "size": 100_000, "created_at": now}
+                for k, i in enumerate(ids) for t, dt in enumerate(("ccda", "fhir"))])  # fmt: skip
+            session.execute(insert(Delivery), [
+                {"version_id": start * 2 + k * 2 + t + 1, "patient_id": i, "project_id": "bench",
+                 "organization_id": "bench", "data_type": dt, "destination": "x/bench",
+                 "purpose": "p", "status": "delivered", "attempts": 1, "path": f"{i}/{dt}",
+                 "created_at": now, "updated_at": now, "delivered_at": now}
+                for k, i in enumerate(ids) for t, dt in enumerate(("ccda", "fhir"))])  # fmt: skip
+    print(f"built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    changed = random.Random(1).sample(range(args.store_patients), args.changed)
+    with store.session() as session:
+        session.execute(insert(Delivery), [
+            {"version_id": n * 2 + 1, "patient_id": f"hx_{n:020d}", "project_id": "bench",
+             "organization_id": "bench", "data_type": "ccda", "destination": "x/bench2",
+             "purpose": "p", "status": "queued", "attempts": 0, "created_at": now,
+             "updated_at": now} for n in changed])  # fmt: skip
+    timings = []
+    for attempt in range(3):
+        started = time.perf_counter()
+        claimed = ledger.claim(store, f"bench-{attempt}", limit=args.changed)
+        timings.append((time.perf_counter() - started) * 1000)
+        assert sum(len(v) for v in claimed.values()) == args.changed
+        with store.session() as session:  # give them back for the next timing
+            session.execute(
+                __import__("sqlalchemy")
+                .update(Delivery)
+                .where(Delivery.status == "pending")
+                .values(status="queued", claimed_by=None, lease_expires_at=None)
+            )
+    print("\n| store patients | owed deliveries | claim ms (3 runs) | best |")
+    print("| --- | --- | --- | --- |")
+    print(f"| {args.store_patients} | {args.changed} | "
+          f"{', '.join(f'{t:.0f}' for t in timings)} | {min(timings):.0f} |")  # fmt: skip
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS of the benchmark process: {rss:.0f} MB")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        result = child(sys.argv[2], json.loads(sys.argv[3]))
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("mode", nargs="?", default="throughput", choices=["throughput", "gather"])
+    parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--size-scale", type=float, default=1.0, help="document size factor")
+    parser.add_argument("--batch", type=int, default=100, help="documents per upload task")
+    parser.add_argument("--connections", type=int, default=8, help="SFTP connections (flow)")
+    parser.add_argument("--only", default="sftp,s3")
+    parser.add_argument("--profile", help="folder for py-spy profiles (collapsed stacks) per mode")
+    parser.add_argument("--store-patients", type=int, default=1_000_000)
+    parser.add_argument("--changed", type=int, default=1000)
+    args = parser.parse_args()
+    if args.mode == "gather":
+        gather_benchmark(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
