@@ -516,6 +516,79 @@ def _print_summary(summary: RunSummary) -> None:
     console.print(table)
 
 
+@app.command("backfill")
+def backfill_command(
+    org: Annotated[str | None, typer.Option(help="Only this organization")] = None,
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
+    created_from: Annotated[
+        str | None, typer.Option("--from", help="Versions created at or after (ISO, UTC)")
+    ] = None,
+    created_to: Annotated[
+        str | None, typer.Option("--to", help="Versions created before (ISO, UTC)")
+    ] = None,
+    data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
+    destination: Annotated[list[str] | None, typer.Option(help="Only these destinations")] = None,
+    force: Annotated[bool, typer.Option(help="Also re-send what was delivered")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
+) -> None:
+    """Queue the newest matching documents where they are missing, then deliver them."""
+    _prefect()
+    from flows.backfill import backfill
+
+    counts = backfill(
+        organization_id=org,
+        project_id=project,
+        patient_ids=patient,
+        created_from=_parse_when(created_from),
+        created_to=_parse_when(created_to),
+        data_types=data_type,
+        destinations=destination,
+        dry_run=dry_run,
+        force=force,
+    )
+    _print_counts("backfill (dry run: nothing sent)" if dry_run else "backfill", counts)
+
+
+@app.command("redeliver")
+def redeliver_command(
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    destination: Annotated[str | None, typer.Option(help="Only this destination")] = None,
+    full: Annotated[
+        bool, typer.Option(help="Every newest document of the project to the destination")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
+) -> None:
+    """Send again what failed or was left pending (or, with --full, everything)."""
+    _prefect()
+    from flows.backfill import redeliver
+
+    counts = _refusals_value(
+        lambda: redeliver(project_id=project, destination=destination, full=full, dry_run=dry_run)
+    )
+    _print_counts("redeliver (dry run: nothing sent)" if dry_run else "redeliver", counts)
+
+
+def _refusals_value(run):  # type: ignore[no-untyped-def]
+    try:
+        return run()
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from None
+
+
+def _print_counts(title: str, counts: dict[str, int]) -> None:
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for what, count in sorted(counts.items()):
+        table.add_row(what, str(count))
+    if not counts:
+        table.add_row("(nothing matches)", "0")
+    console.print(table)
+    if counts.get("failed"):
+        raise typer.Exit(1)
+
+
 # --- the ledger -----------------------------------------------------------------------------------
 
 

@@ -121,3 +121,19 @@ def test_sftp_destination_from_the_command_line_without_echoing_secrets(
                   "--host-key", line, "--password-env", "ORG_SFTP_PASSWORD", code=2)  # fmt: skip
     assert "--overwrite" in refused
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_backfill_and_redeliver_from_the_command_line(store: Store, tmp_path: Path) -> None:
+    run("org", "add", "Acme", "--id", "acme")
+    run("project", "add", "acme", "Study", "--id", "study")
+    patient = run("patient", "add", "study").strip()
+    run("document", "put", patient, "ccda", "-", input=CCDA)
+    run("destination", "local", "cli-backfill", "--root", str(tmp_path / "org"))
+    run("subscribe", "study", "local-destination/cli-backfill")
+    run("deliver")
+    planned = run("backfill", "--project", "study", "--force", "--dry-run")
+    assert "dry run" in planned and "resend" in planned
+    assert "delivered" in run("redeliver", "--project", "study", "--destination",
+                              "local-destination/cli-backfill", "--full")  # fmt: skip
+    assert "needs a project and a destination" in run("redeliver", "--full", code=2)

@@ -1,0 +1,134 @@
+"""Ad hoc backfills and scheduled re-deliveries, on top of the delivery run.
+
+backfill   -> plan what matches (dry run: publish the plan, send nothing), queue it,
+              then run the delivery for the same scope
+redeliver  -> what failed or was left pending; with `full`, a project's newest documents
+              to one destination again, at the paths they were sent to
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from flows.deliver import RunSummary, deliver_updates
+from patient_delivery import backfill as backfills
+from patient_delivery.documents import DataType
+from patient_delivery.store import open_store
+
+PLAN_ROWS_SHOWN = 1000
+"""Rows of a dry run's plan shown in its artifact; the counts cover everything."""
+
+
+@task(name="plan")
+def plan(request: backfills.BackfillRequest, dry_run: bool) -> dict[str, int]:
+    """Count (and on a dry run, publish) what the backfill would do."""
+    planned = backfills.plan(open_store(), request)
+    counts = dict(planned.counts)
+    if dry_run:
+        rows = [
+            {
+                "patient": item.patient_id,
+                "project": item.project_id,
+                "destination": item.destination,
+                "data type": item.data_type,
+                "version": item.version,
+                "action": item.action,
+                "path": item.path or "(rendered when sent)",
+            }
+            for item in planned.items[:PLAN_ROWS_SHOWN]
+        ]
+        create_table_artifact(
+            table=rows or [{"action": "(nothing matches)"}],
+            key="backfill-plan",
+            description="Dry run, nothing sent: " + _describe(counts),
+        )
+    return counts
+
+
+@task(name="queue")
+def queue(request: backfills.BackfillRequest) -> dict[str, int]:
+    return dict(backfills.apply(open_store(), request))
+
+
+def _run_name(kind: str) -> str:
+    parameters = flow_run.parameters or {}
+    name = f"{kind} {parameters.get('project_id') or 'all-projects'}"
+    if parameters.get("destinations") or parameters.get("destination"):
+        name += " to " + ",".join(parameters.get("destinations") or [parameters["destination"]])
+    return name + (" (dry run)" if parameters.get("dry_run") else "")
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {action}" for action, n in sorted(counts.items())) or "nothing matches"
+
+
+@flow(name="backfill", flow_run_name=lambda: _run_name("backfill"), validate_parameters=True)
+def backfill(
+    organization_id: str | None = None,
+    project_id: str | None = None,
+    patient_ids: list[str] | None = None,
+    created_from: datetime | None = None,
+    created_to: datetime | None = None,
+    data_types: list[DataType] | None = None,
+    destinations: list[str] | None = None,
+    dry_run: bool = True,
+    force: bool = False,
+) -> dict[str, int]:
+    """Deliver the newest matching documents again where they are missing (or everywhere, with
+    `force`). A dry run (the default) only reports the plan."""
+    logger = get_run_logger()
+    request = backfills.BackfillRequest(
+        organization_id=organization_id,
+        project_id=project_id,
+        patient_ids=tuple(patient_ids or ()),
+        created_from=created_from,
+        created_to=created_to,
+        data_types=tuple(data_types or ()),
+        destinations=tuple(destinations or ()),
+        force=force,
+    )
+    counts = plan(request, dry_run)
+    logger.info("plan: %s", _describe(counts))
+    if dry_run:
+        return counts
+    counts = queue(request)
+    summary: RunSummary = deliver_updates(
+        project_id=project_id,
+        destinations=destinations,
+        patient_ids=patient_ids,
+        data_types=data_types,
+    )
+    counts["delivered"] = summary.delivered
+    counts["failed"] = summary.failed
+    logger.info("backfill done: %s", _describe(counts))
+    return counts
+
+
+@flow(name="redeliver", flow_run_name=lambda: _run_name("redeliver"), validate_parameters=True)
+def redeliver(
+    project_id: str | None = None,
+    destination: str | None = None,
+    full: bool = False,
+    dry_run: bool = False,
+) -> dict[str, int]:
+    """Send again what failed or was left pending; with `full`, every newest document of the
+    project to that destination, at the paths it had (an organization that lost its files)."""
+    if full:
+        if not (project_id and destination):
+            raise ValueError("a full re-delivery needs a project and a destination")
+        return backfill(
+            project_id=project_id, destinations=[destination], force=True, dry_run=dry_run
+        )
+    if dry_run:
+        request = backfills.BackfillRequest(
+            project_id=project_id, destinations=(destination,) if destination else ()
+        )
+        return plan(request, dry_run=True)
+    summary = deliver_updates(
+        project_id=project_id, destinations=[destination] if destination else None
+    )
+    return {"delivered": summary.delivered, "failed": summary.failed}
