@@ -41,10 +41,10 @@ def child(mode: str, config: dict) -> dict:
     export = Path(config["export"])
     files = sorted(p for p in export.rglob("*") if p.is_file())
     if mode == "flow":
-        from flows.deliver import deliver_updates
+        from flows.deliver import deliver
 
         started = time.perf_counter()
-        summary = deliver_updates(destinations=[config["destination"]], batch_size=config["batch"])
+        summary = deliver(destinations=[config["destination"]], batch_size=config["batch"])
         seconds = time.perf_counter() - started
         moved = sum(r.bytes for r in summary.destinations.values())
         if summary.failed:

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.deliver import RunSummary, deliver_updates
+from flows.deliver import RunSummary, deliver
 from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
 from patient_delivery.store import open_store
@@ -96,7 +96,7 @@ def backfill(
     if dry_run:
         return counts
     counts = queue(request)
-    summary: RunSummary = deliver_updates(
+    summary: RunSummary = deliver(
         project_id=project_id,
         destinations=destinations,
         patient_ids=patient_ids,
@@ -128,7 +128,5 @@ def redeliver(
             project_id=project_id, destinations=(destination,) if destination else ()
         )
         return plan(request, dry_run=True)
-    summary = deliver_updates(
-        project_id=project_id, destinations=[destination] if destination else None
-    )
+    summary = deliver(project_id=project_id, destinations=[destination] if destination else None)
     return {"delivered": summary.delivered, "failed": summary.failed}

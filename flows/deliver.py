@@ -21,9 +21,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.blocks.core import Block
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import blocks  # noqa: F401  (registers every destination block type for Block.load)
@@ -69,6 +74,14 @@ class RunSummary:
         total.bytes += report.bytes
         total.seconds += report.seconds
         total.reasons.update(report.reasons)
+
+    def headline(self) -> str:
+        """One line for the run's state message: counts, never content."""
+        failing = [r.destination for r in self.destinations.values() if r.failed]
+        return (
+            f"{self.failed} of {self.failed + self.delivered} deliveries failed "
+            f"(to {', '.join(failing)}); see `patient-delivery deliveries --status failed`"
+        )
 
     @property
     def delivered(self) -> int:
@@ -215,7 +228,7 @@ def deliver_updates(
     data_types: list[DataType] | None = None,
     batch_size: int = 100,
     max_documents: int | None = None,
-) -> RunSummary:
+) -> RunSummary | State:
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
     Filters narrow the run to a project, destinations (block `type/name`), patients or data
@@ -230,8 +243,12 @@ def deliver_updates(
         data_types=tuple(data_types or ()),
     )
     summary = RunSummary(flow_run_id=claimant)
+    owed = ledger.count_owed(open_store(), claimant, work)
+    if max_documents is not None:
+        owed = min(owed, max_documents)
+    progress = Progress(owed)
     try:
-        _deliver_pages(claimant, work, batch_size, max_documents, summary)
+        _deliver_pages(claimant, work, batch_size, max_documents, summary, progress)
     finally:
         pools.close_run(claimant)
     _publish(summary)
@@ -241,11 +258,45 @@ def deliver_updates(
         summary.failed,
         len(summary.destinations),
     )
+    if summary.failed:
+        # A red run in the UI, and the trigger for alerts; the ledger has each reason.
+        return Failed(message=summary.headline(), data=summary)
     return summary
 
 
+def deliver(**parameters: object) -> RunSummary:
+    """Run `deliver_updates` and return its summary, whether or not some deliveries failed."""
+    state = deliver_updates(**parameters, return_state=True)  # type: ignore[call-overload]
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+class Progress:
+    """A progress artifact that moves as batches finish (created only for runs with work)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.artifact_id = (
+            create_progress_artifact(0.0, description=f"{total} deliveries owed at start")
+            if total
+            else None
+        )
+
+    def update(self, done: int) -> None:
+        if self.artifact_id is not None:
+            share = min(100.0, 100.0 * done / max(1, self.total))
+            update_progress_artifact(self.artifact_id, share)
+
+
 def _deliver_pages(
-    claimant: str, work: WorkFilter, batch_size: int, max_documents: int | None, summary: RunSummary
+    claimant: str,
+    work: WorkFilter,
+    batch_size: int,
+    max_documents: int | None,
+    summary: RunSummary,
+    progress: Progress,
 ) -> None:
     """Gather a page, render it, upload it in batches; repeat until nothing more is owed."""
     logger = get_run_logger()
@@ -280,6 +331,7 @@ def _deliver_pages(
             ]
         for future in uploads:
             summary.add(future.result())
+            progress.update(summary.delivered + summary.failed)
         logger.info("delivered %d, failed %d so far", summary.delivered, summary.failed)
 
 

@@ -483,9 +483,9 @@ def deliver(
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
     _prefect()
-    from flows.deliver import deliver_updates
+    from flows.deliver import deliver as run_delivery
 
-    summary = deliver_updates(
+    summary = run_delivery(
         project_id=project,
         destinations=destination,
         patient_ids=patient,

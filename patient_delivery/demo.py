@@ -32,7 +32,7 @@ def run_demo(
     print_summary: Callable[..., None],
 ) -> None:
     from blocks.local import LocalDestination
-    from flows.deliver import deliver_updates
+    from flows.deliver import deliver
 
     started = time.perf_counter()
     store = open_store()
@@ -53,7 +53,7 @@ def run_demo(
     if update:
         changed = _update_fhir_bundles(store, PROJECTS[0], update)
         console.print(f"changed the FHIR bundle of {changed} patient(s) in {PROJECTS[0]}")
-    summary = deliver_updates()
+    summary = deliver()
     print_summary(summary)
     files = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
     console.print(

@@ -181,6 +181,17 @@ def claim(
     return claimed
 
 
+def count_owed(store: Store, claimant: str, work: WorkFilter = WorkFilter()) -> int:
+    """How many deliveries a run could claim now: the denominator of its progress."""
+    with store.session() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(Delivery).where(_claimable(_now(), claimant, work))
+            )
+            or 0
+        )
+
+
 PathRenderer = Callable[[Mapping[str, str], str], str]
 
 

@@ -12,7 +12,7 @@ from prefect.artifacts import Artifact
 
 from blocks.local import LocalDestination
 from flows.backfill import backfill, redeliver
-from flows.deliver import deliver_updates
+from flows.deliver import deliver
 from patient_delivery import ingest
 from patient_delivery.store import Store
 from tests.test_deliver_flow import CCDA, CCDA_V2, files_under, rows
@@ -44,7 +44,7 @@ def delivered(store: Store, tmp_path: Path) -> Delivered:
     patients = [ingest.add_patient(store, project) for _ in range(3)]
     for patient in patients:
         ingest.put_document(store, patient, "ccda", CCDA)
-    assert deliver_updates().delivered == 3
+    assert deliver().delivered == 3
     return Delivered(destination, patients, root)
 
 
@@ -81,7 +81,7 @@ def test_a_backfill_matches_versions_by_creation_date(store: Store, delivered: D
     changed_after = datetime.now(UTC)
     ingest.put_document(store, delivered.patients[0], "ccda", CCDA_V2)
     assert backfill(created_from=changed_after, force=True) == {"owed": 1}  # queued by ingest
-    assert deliver_updates().delivered == 1
+    assert deliver().delivered == 1
     assert backfill(created_from=changed_after, force=True) == {"resend": 1}
     before = datetime(2000, 1, 1, tzinfo=UTC)
     assert backfill(created_to=before, force=True) == {}
@@ -111,7 +111,7 @@ def test_redeliver_sends_what_failed_again(store: Store, tmp_path: Path) -> None
     ingest.put_document(store, patient, "ccda", CCDA)
     root.parent.mkdir(parents=True, exist_ok=True)
     root.write_text("a file where the folder should be")
-    assert deliver_updates().failed == 1
+    assert deliver().failed == 1
     root.unlink()
     assert redeliver(project_id="study") == {"delivered": 1, "failed": 0}
     [row] = rows(store)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from blocks.local import LocalDestination
-from flows.deliver import deliver_updates
+from flows.deliver import deliver
 from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
@@ -60,7 +60,7 @@ def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
     import_ccda(store, ccda_files, project_id=project)
     import_fhir_bulk(store, fixtures_dir / "fhir-bulk-10", project)
 
-    summary = deliver_updates()
+    summary = deliver()
 
     assert (summary.delivered, summary.failed) == (25, 0)
     delivered = rows(store, status="delivered")
@@ -74,7 +74,7 @@ def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
     originals = {p.read_bytes() for p in ccda_files}
     assert originals == {c for p, c in arrived.items() if p.endswith(".xml")}
 
-    again = deliver_updates()
+    again = deliver()
     assert (again.delivered, again.failed) == (0, 0)
     assert files_under(root) == arrived
 
@@ -87,10 +87,10 @@ def test_a_changed_document_is_delivered_again_alone(
     patients = [ingest.add_patient(store, project) for _ in range(3)]
     for patient in patients:
         ingest.put_document(store, patient, "ccda", CCDA)
-    assert deliver_updates().delivered == 3
+    assert deliver().delivered == 3
 
     ingest.put_document(store, patients[1], "ccda", CCDA_V2)
-    summary = deliver_updates()
+    summary = deliver()
 
     assert summary.delivered == 1
     newest = rows(store, patient_id=patients[1])[-1]
@@ -111,7 +111,7 @@ def test_a_failed_delivery_is_delivered_by_the_next_run_at_the_same_path(
     (root / "acme").mkdir(parents=True)
     (root / "acme" / "blocked.xml").mkdir()  # a folder where the file must go: rename fails
 
-    first = deliver_updates()
+    first = deliver()
 
     assert (first.delivered, first.failed) == (1, 1)
     [failed] = rows(store, status="failed")
@@ -119,7 +119,7 @@ def test_a_failed_delivery_is_delivered_by_the_next_run_at_the_same_path(
     assert failed.attempts >= 1 and failed.last_error
 
     (root / "acme" / "blocked.xml").rmdir()
-    second = deliver_updates()
+    second = deliver()
 
     assert (second.delivered, second.failed) == (1, 0)
     [row] = rows(store, patient_id=blocked)
@@ -140,7 +140,7 @@ def test_a_hostile_external_id_fails_only_its_own_delivery(
     for patient in [*good, bad]:
         ingest.put_document(store, patient, "ccda", CCDA)
 
-    summary = deliver_updates()
+    summary = deliver()
 
     assert (summary.delivered, summary.failed) == (3, 1)
     [failed] = rows(store, status="failed")
@@ -165,7 +165,7 @@ def test_a_crashed_runs_pending_work_is_completed_at_the_same_path(
     ledger.render_paths(store, "crashed-run", claimed[destination], block.render_path)
     [pending] = rows(store, status="pending")
 
-    summary = deliver_updates()
+    summary = deliver()
 
     assert summary.delivered == 1
     [row] = rows(store)
@@ -178,7 +178,7 @@ def test_a_live_lease_is_not_taken_over(store: Store, project: str, tmp_path: Pa
     patient = ingest.add_patient(store, project)
     ingest.put_document(store, patient, "ccda", CCDA)
     ledger.claim(store, "another-live-run")
-    assert deliver_updates().delivered == 0
+    assert deliver().delivered == 0
     assert rows(store)[0].status == "pending"
 
 
@@ -191,7 +191,7 @@ def test_a_missing_destination_block_fails_only_its_deliveries(
     patient = ingest.add_patient(store, project)
     ingest.put_document(store, patient, "ccda", CCDA)
 
-    summary = deliver_updates()
+    summary = deliver()
 
     assert (summary.delivered, summary.failed) == (1, 1)
     [failed] = rows(store, status="failed")
@@ -208,9 +208,9 @@ def test_filters_and_batches_deliver_exactly_what_was_asked(
     for patient in patients:
         ingest.put_document(store, patient, "ccda", CCDA)
 
-    one = deliver_updates(patient_ids=[patients[0]])
-    capped = deliver_updates(max_documents=2, batch_size=1)
-    rest = deliver_updates(batch_size=3)
+    one = deliver(patient_ids=[patients[0]])
+    capped = deliver(max_documents=2, batch_size=1)
+    rest = deliver(batch_size=3)
 
     assert (one.delivered, capped.delivered, rest.delivered) == (1, 2, 4)
     assert len(files_under(root)) == 7
@@ -227,7 +227,7 @@ def test_the_run_publishes_a_summary_artifact_with_counts_only(
     patient = ingest.add_patient(store, project, "MRN-77")
     ingest.put_document(store, patient, "ccda", CCDA)
 
-    summary = deliver_updates()
+    summary = deliver()
 
     artifact = Artifact.get("delivery-summary")
     assert artifact is not None
@@ -235,4 +235,46 @@ def test_the_run_publishes_a_summary_artifact_with_counts_only(
     data = str(artifact.data)
     assert '"delivered": 1' in data
     assert "ClinicalDocument" not in data and "MRN-77" not in data and patient not in data
-    assert summary.flow_run_id
+    assert progress_of(summary.flow_run_id) == [100.0]
+
+
+def progress_of(flow_run_id: str) -> list[float]:
+    """The progress artifacts of a flow run, as the API reports them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]),
+                type=ArtifactFilterType(any_=["progress"]),
+            )
+        )
+    return [float(a.data) for a in artifacts]  # type: ignore[arg-type]
+
+
+def test_a_run_with_failures_ends_failed_with_a_message_that_counts_them(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    from flows.deliver import deliver_updates
+
+    ingest.subscribe(store, project, save_local(tmp_path / "org", "{projectId}/{externalId}"))
+    for external_id in ("MRN-1", "../escape"):
+        patient = ingest.add_patient(store, project, external_id)
+        ingest.put_document(store, patient, "ccda", CCDA)
+
+    state = deliver_updates(return_state=True)
+
+    assert state.is_failed()
+    assert state.message and state.message.startswith(
+        "1 of 2 deliveries failed (to local-destination/"
+    )
+    assert "escape" not in state.message
+    clean = deliver_updates(return_state=True)  # nothing owed but the same failure again
+    assert clean.is_failed()
+    ingest.add_project(store, "acme", "Other", "other")
+    assert deliver_updates(project_id="other", return_state=True).is_completed()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from flows.deliver import deliver_updates
+from flows.deliver import deliver
 from patient_delivery import ingest
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
@@ -44,7 +44,7 @@ def test_a_project_subscribed_to_s3_and_sftp_gets_both_and_a_bad_password_fails_
     import_fhir_bulk(store, fixtures_dir / "fhir-bulk-10", project)
 
     logins_before = sshd.log.read_text().count("Accepted password")
-    summary = deliver_updates(batch_size=5)
+    summary = deliver(batch_size=5)
     logins = sshd.log.read_text().count("Accepted password") - logins_before
 
     per = {
@@ -68,5 +68,5 @@ def test_a_project_subscribed_to_s3_and_sftp_gets_both_and_a_bad_password_fails_
         assert body is not None and hashlib.sha256(body).hexdigest() == row.sha256
     assert len(remote.names()) == 17
 
-    again = deliver_updates()
+    again = deliver()
     assert again.delivered == 0 and again.failed == 17  # only the bad password is retried
