@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,35 +177,13 @@ def run_rclone(source: Path, remote: str, env: dict[str, str]) -> dict:
     }
 
 
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from tests.servers import free_port
-
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1):  # noqa: S310 - loopback
-                return process, url
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit("prefect server did not start")
-
-
 def throughput(args: argparse.Namespace) -> None:
+    from tests.servers import PrefectServer
+
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    (work / "prefect").mkdir()
     os.environ["PATIENT_DELIVERY_STORE_URL"] = f"sqlite:///{work / 'store.db'}"
-    server, api_url = start_prefect_server(work / "prefect")
-    os.environ["PREFECT_API_URL"] = api_url
-    os.environ["PREFECT_HOME"] = str(work / "prefect")
+    server = PrefectServer()
+    os.environ.update(server.client_env())
     from blocks.s3 import S3Destination
     from blocks.sftp import SftpDestination
     from patient_delivery import ingest
@@ -301,8 +278,7 @@ def throughput(args: argparse.Namespace) -> None:
     finally:
         for running in reversed(servers):
             running.stop()
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 def overhead(server: str, flow: dict, bare: dict) -> tuple:

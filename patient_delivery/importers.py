@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from patient_delivery.documents import InvalidDocument, check_document, patient_references
 from patient_delivery.ingest import (
     IngestError,
+    announce,
     check_external_id,
     create_shared_patient,
     find_share,
@@ -175,6 +176,7 @@ def _import_one(
         report.patients_created += created
         report.patients_matched += not created
     report.patient_ids.append(patient_id)
+    announce(store, result)
     if result.created:
         report.documents_created += 1
         report.deliveries_queued += result.queued

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from patient_delivery.documents import DATA_TYPES, CheckedDocument, check_data_type, check_document
+from patient_delivery.events import emit_data_updated, events_enabled
 from patient_delivery.ledger import enqueue_heads, enqueue_version
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
@@ -156,12 +157,25 @@ def put_document(store: Store, patient_id: str, data_type: str, content: bytes) 
     document = check_document(data_type, content)
     try:
         with store.session() as session:
-            return put_checked(session, patient_id, document)
+            result = put_checked(session, patient_id, document)
     except IntegrityError:
         raise IngestError(
             "another document for this patient and data type was stored at the same moment; "
             "put it again"
         ) from None
+    announce(store, result)
+    return result
+
+
+def announce(store: Store, result: PutResult) -> None:
+    """Emit `patient.data.updated` for a new version, after it is committed."""
+    if not result.created or not events_enabled():
+        return
+    with store.session() as session:
+        projects = list(
+            session.scalars(select(Share.project_id).where(Share.patient_id == result.patient_id))
+        )
+    emit_data_updated(result.patient_id, result.data_type, result.version, projects)
 
 
 def put_checked(session: Session, patient_id: str, document: CheckedDocument) -> PutResult:

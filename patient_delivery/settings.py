@@ -26,6 +26,14 @@ class Settings(BaseSettings):
         ),
     )
 
+    emit_events: bool | None = Field(
+        default=None,
+        description=(
+            "Emit `patient.data.updated` to Prefect on ingest. Default: when PREFECT_API_URL "
+            "is set (a running server)."
+        ),
+    )
+
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url

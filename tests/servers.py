@@ -356,3 +356,45 @@ class SeaweedServer:
     def stop(self) -> None:
         stop(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrefectServer:
+    """A real `prefect server start` on 127.0.0.1 with its own home and database."""
+
+    def __init__(self) -> None:
+        import sys
+        import urllib.request
+
+        self.home = Path(tempfile.mkdtemp(prefix="prefect-server-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        env = {**os.environ, "PREFECT_HOME": str(self.home),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+        env.pop("PREFECT_API_URL", None)
+        self.log = self.home / "server.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"prefect server exited: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):  # noqa: S310
+                    return
+            except OSError:
+                time.sleep(0.3)
+        pytest.fail("prefect server did not answer /api/health within 120 s")
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for processes that talk to this server (their own Prefect home)."""
+        home = Path(tempfile.mkdtemp(prefix="prefect-client-"))
+        return {**os.environ, "PREFECT_API_URL": self.url, "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+
+    def stop(self) -> None:
+        stop(self.process)
+        shutil.rmtree(self.home, ignore_errors=True)

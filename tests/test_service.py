@@ -1,0 +1,114 @@
+"""Run as a service: a real `prefect server start`, `prefect deploy --all`, a process worker.
+
+Everything here goes through subprocesses and the CLIs an operator would use, against a server
+of the test's own (separate from the in-process test harness of the other tests).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import PrefectServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>service</title></ClinicalDocument>'
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PrefectServer]:
+    running = PrefectServer()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def env(server: PrefectServer, tmp_path: Path) -> dict[str, str]:
+    return {
+        **server.client_env(),
+        "PATIENT_DELIVERY_HOME": str(tmp_path / "home"),
+        "PATIENT_DELIVERY_STORE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+        "PATIENT_DELIVERY_CHECKOUT": str(ROOT),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+
+
+def run(env: dict[str, str], *command: str, input: bytes | None = None) -> str:
+    done = subprocess.run(
+        command, env=env, cwd=ROOT, input=input, capture_output=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, (
+        command,
+        done.stdout.decode()[-3000:],
+        done.stderr.decode()[-3000:],
+    )
+    return done.stdout.decode()
+
+
+def cli(env: dict[str, str], *args: str, input: bytes | None = None) -> str:
+    return run(env, str(BIN / "patient-delivery"), *args, input=input)
+
+
+def prefect(env: dict[str, str], *args: str) -> str:
+    return run(env, sys.executable, "-m", "prefect", *args)
+
+
+def deployments(server: PrefectServer) -> dict[str, dict]:
+    response = httpx.post(f"{server.url}/deployments/filter", json={}, timeout=30)
+    response.raise_for_status()
+    return {d["name"]: d for d in response.json()}
+
+
+def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
+    server: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    prefect(env, "work-pool", "create", "patient-delivery", "--type", "process")
+    prefect(env, "--no-prompt", "deploy", "--all")
+    found = deployments(server)
+    assert set(found) >= {"deliver-updates", "redeliver", "backfill"}
+    crons = [s["schedule"].get("cron") for s in found["deliver-updates"]["schedules"]]
+    assert crons == ["*/5 * * * *"]
+
+    cli(env, "org", "add", "Acme", "--id", "acme")
+    cli(env, "project", "add", "acme", "Study", "--id", "study")
+    patient = cli(env, "patient", "add", "study").strip()
+    root = tmp_path / "org-folder"
+    cli(env, "destination", "local", "service-folder", "--root", str(root))
+    cli(env, "subscribe", "study", "local-destination/service-folder")
+
+    worker_log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "patient-delivery"],
+        env=env, cwd=ROOT, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # the worker registers with the pool
+        cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
+        sent = time.monotonic()
+        deadline = sent + 120
+        delivered: list[Path] = []
+        while time.monotonic() < deadline and not delivered:
+            delivered = [p for p in root.rglob("*.xml")] if root.exists() else []
+            time.sleep(0.1)
+        latency = time.monotonic() - sent
+        assert delivered, (tmp_path / "worker.log").read_text()[-3000:]
+        assert delivered[0].read_bytes() == CCDA
+        print(f"\nevent to file through a process worker: {latency:.1f} s")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a process worker may not stop on SIGTERM
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
