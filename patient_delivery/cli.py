@@ -516,6 +516,41 @@ def _print_summary(summary: RunSummary) -> None:
     console.print(table)
 
 
+@app.command()
+def listen(
+    quiet: Annotated[
+        float, typer.Option(help="Seconds to wait for a burst of updates to end")
+    ] = 0.2,
+) -> None:
+    """Deliver as soon as ingest announces an update (needs a Prefect server: PREFECT_API_URL)."""
+    import os
+    import signal
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail("listen follows a Prefect server's events: set PREFECT_API_URL", code=2)
+    _prefect()
+    from flows.deliver import deliver as run_delivery
+    from flows.listener import UpdateListener
+
+    def announce(projects: set[str]) -> None:
+        names = ", ".join(sorted(p for p in projects if p)) or "all projects"
+        console.print(f"update for {names}: delivering", highlight=False)
+
+    listener = UpdateListener(run_delivery, quiet, on_run=announce)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: listener.stopped.set())
+    threading_ready = listener.ready
+
+    def say_ready() -> None:
+        if threading_ready.wait(timeout=60):
+            console.print("listening for patient.data.updated", highlight=False)
+
+    import threading
+
+    threading.Thread(target=say_ready, daemon=True).start()
+    listener.run()
+
+
 @app.command("backfill")
 def backfill_command(
     org: Annotated[str | None, typer.Option(help="Only this organization")] = None,

@@ -112,3 +112,53 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         except subprocess.TimeoutExpired:  # a process worker may not stop on SIGTERM
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+
+def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
+    server: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    cli(env, "org", "add", "Acme", "--id", "acme")
+    cli(env, "project", "add", "acme", "Study", "--id", "study")
+    patient = cli(env, "patient", "add", "study").strip()
+    root = tmp_path / "org-folder"
+    cli(env, "destination", "local", "listener-folder", "--root", str(root))
+    cli(env, "subscribe", "study", "local-destination/listener-folder")
+    out = (tmp_path / "listener.log").open("wb")
+    listener = subprocess.Popen(
+        [str(BIN / "patient-delivery"), "listen"], env=env, cwd=ROOT, stdout=out,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    log = tmp_path / "listener.log"
+    try:
+        deadline = time.monotonic() + 60
+        while "listening" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "listening" in log.read_text(), log.read_text()[-3000:]
+
+        cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
+        sent = time.monotonic()
+        while not list(root.rglob("*.xml")) and time.monotonic() < sent + 60:
+            time.sleep(0.05)
+        latency = time.monotonic() - sent
+        assert [p.read_bytes() for p in root.rglob("*.xml")] == [CCDA], log.read_text()[-3000:]
+        print(f"\nevent to file through the listener: {latency:.2f} s")
+
+        runs_before = log.read_text().count("delivering")
+        files = []
+        for i in range(4):  # one import: four patients' updates announced within milliseconds
+            files.append(tmp_path / f"burst-{i}.xml")
+            files[-1].write_bytes(CCDA.replace(b"service", f"burst {i}".encode()))
+        cli(env, "import", "ccda", *map(str, files), "--project", "study")
+        deadline = time.monotonic() + 60
+        while len(list(root.rglob("*.xml"))) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(root.rglob("*.xml"))) == 5
+        runs = log.read_text().count("delivering") - runs_before
+        assert 1 <= runs <= 2, log.read_text()[-3000:]  # four updates, coalesced
+    finally:
+        os.killpg(listener.pid, signal.SIGTERM)
+        try:
+            listener.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(listener.pid, signal.SIGKILL)
+            listener.wait()
