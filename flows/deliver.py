@@ -27,6 +27,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.blocks.core import Block
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -259,6 +260,7 @@ def deliver_updates(
         len(summary.destinations),
     )
     if summary.failed:
+        _announce_failing_destinations(summary)
         # A red run in the UI, and the trigger for alerts; the ledger has each reason.
         return Failed(message=summary.headline(), data=summary)
     return summary
@@ -333,6 +335,21 @@ def _deliver_pages(
             summary.add(future.result())
             progress.update(summary.delivered + summary.failed)
         logger.info("delivered %d, failed %d so far", summary.delivered, summary.failed)
+
+
+def _announce_failing_destinations(summary: RunSummary) -> None:
+    """One event per destination with failures, for the "keeps failing" alert (counts only)."""
+    for report in summary.destinations.values():
+        if report.failed:
+            reason = report.reasons.most_common(1)[0][0] if report.reasons else "unknown"
+            emit_event(
+                event="patient-delivery.destination.failed",
+                resource={
+                    "prefect.resource.id": f"patient-delivery.destination.{report.destination}",
+                    "prefect.resource.name": report.destination,
+                },
+                payload={"failed": report.failed, "delivered": report.delivered, "reason": reason},
+            )
 
 
 def _publish(summary: RunSummary) -> None:

@@ -162,3 +162,56 @@ def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
         except subprocess.TimeoutExpired:
             os.killpg(listener.pid, signal.SIGKILL)
             listener.wait()
+
+
+def test_a_failed_run_sends_an_alert_through_the_installed_automation(
+    server: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            received.append(json.loads(self.rfile.read(length) or b"{}"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{hook.server_address[1]}/alert"
+        run(env, sys.executable, "-c", (
+            "from prefect.blocks.notifications import CustomWebhookNotificationBlock as W;"
+            f"W(name='ops', url='{url}', json_data={{'subject': '{{{{subject}}}}', "
+            "'body': '{{body}}'}).save('ops-hook', overwrite=True)"
+        ))  # fmt: skip
+        installed = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
+        assert installed.count("created automation") == 2
+
+        cli(env, "org", "add", "Acme", "--id", "acme")
+        cli(env, "project", "add", "acme", "Study", "--id", "study")
+        patient = cli(env, "patient", "add", "study", "--external-id", "../escape").strip()
+        cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
+        cli(env, "destination", "local", "alert-folder", "--root", str(tmp_path / "org"),
+            "--template", "{projectId}/{externalId}")  # fmt: skip
+        cli(env, "subscribe", "study", "local-destination/alert-folder")
+        failed = subprocess.run([str(BIN / "patient-delivery"), "deliver"], env=env, cwd=ROOT,
+                                capture_output=True, timeout=300, check=False)  # fmt: skip
+        assert failed.returncode == 1
+
+        deadline = time.monotonic() + 90
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert received, "no alert arrived"
+        alert = json.dumps(received[0])
+        assert "failed" in alert and "1 of 1 deliveries failed" in alert
+        assert "service" not in alert and "escape" not in alert  # no content, no externalId
+    finally:
+        hook.shutdown()
