@@ -729,10 +729,14 @@ def _print_frame(frame: pd.DataFrame, title: str) -> None:
 
 @app.command()
 def status() -> None:
-    """Deliveries per destination and status."""
-    from patient_delivery.reports import status_counts
+    """Deliveries per destination and status, and the latest runs (from the ledger)."""
+    from patient_delivery.reports import recent_runs, status_counts
 
-    _print_frame(status_counts(_store()), "deliveries by destination and status")
+    store = _store()
+    _print_frame(status_counts(store), "deliveries by destination and status")
+    runs = recent_runs(store)
+    runs["last_activity"] = runs["last_activity"].map(_short_time)
+    _print_frame(runs, "recent runs (by the ledger rows they last touched)")
 
 
 @app.command("upgrade-store")

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from patient_delivery.store import Store
-from patient_delivery.store.models import Delivery, DocumentVersion, Organization
+from patient_delivery.store.models import Delivery, DeliveryStatus, DocumentVersion, Organization
 
 DISCLOSURE_COLUMNS = [
     "delivered_at",
@@ -102,3 +102,19 @@ def status_counts(store: Store) -> pd.DataFrame:
         return frame
     table = frame.pivot_table(index="destination", columns="status", values="count", fill_value=0)
     return table.astype(int).reset_index()
+
+
+def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:
+    """The latest delivery runs as the ledger saw them: when, delivered, failed."""
+    delivered = func.sum(case((Delivery.status == DeliveryStatus.DELIVERED, 1), else_=0))
+    failed = func.sum(case((Delivery.status == DeliveryStatus.FAILED, 1), else_=0))
+    statement = (
+        select(Delivery.flow_run_id, func.max(Delivery.updated_at), delivered, failed)
+        .where(Delivery.flow_run_id.is_not(None))
+        .group_by(Delivery.flow_run_id)
+        .order_by(func.max(Delivery.updated_at).desc())
+        .limit(limit)
+    )
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    return pd.DataFrame(rows, columns=["flow_run_id", "last_activity", "delivered", "failed"])
