@@ -17,7 +17,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
@@ -275,6 +275,10 @@ def deliver(**parameters: object) -> RunSummary:
     return result
 
 
+progress_hooks: list[Callable[[int, int], None]] = []
+"""Callables told (done, total) as batches finish, in this process: the CLI's progress bar."""
+
+
 class Progress:
     """A progress artifact that moves as batches finish (created only for runs with work)."""
 
@@ -287,6 +291,8 @@ class Progress:
         )
 
     def update(self, done: int) -> None:
+        for hook in progress_hooks:
+            hook(done, self.total)
         if self.artifact_id is not None:
             share = min(100.0, 100.0 * done / max(1, self.total))
             update_progress_artifact(self.artifact_id, share)

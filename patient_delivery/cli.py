@@ -7,6 +7,8 @@ store-only commands stay fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -480,22 +482,60 @@ def deliver(
     data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=5000)] = 100,
     max_documents: Annotated[int | None, typer.Option(min=1)] = None,
+    deployment: Annotated[
+        bool, typer.Option(help="Start the deployment on the Prefect server instead")
+    ] = False,
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
     _prefect()
+    parameters = {
+        "project_id": project,
+        "destinations": destination,
+        "patient_ids": patient,
+        "data_types": data_type,
+        "batch_size": batch_size,
+        "max_documents": max_documents,
+    }
+    if deployment:
+        _start_deployment("deliver-updates/deliver-updates", parameters)
+        return
     from flows.deliver import deliver as run_delivery
 
-    summary = run_delivery(
-        project_id=project,
-        destinations=destination,
-        patient_ids=patient,
-        data_types=data_type,
-        batch_size=batch_size,
-        max_documents=max_documents,
-    )
+    with _progress_bar("delivering"):
+        summary = run_delivery(**parameters)
     _print_summary(summary)
     if summary.failed:
         raise typer.Exit(1)
+
+
+@contextmanager
+def _progress_bar(label: str) -> Iterator[None]:
+    """A rich progress bar fed by the delivery flow's progress, for runs in this process."""
+    from rich.progress import Progress
+
+    from flows.deliver import progress_hooks
+
+    with Progress(console=errors, transient=True) as progress:
+        bar = progress.add_task(label, total=None)
+
+        def hook(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        progress_hooks.append(hook)
+        try:
+            yield
+        finally:
+            progress_hooks.remove(hook)
+
+
+def _start_deployment(name: str, parameters: dict[str, object]) -> None:
+    """Start a deployment's run on the Prefect server instead of running here."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        name, parameters={k: v for k, v in parameters.items() if v is not None}, timeout=0
+    )
+    console.print(f"started {name}: flow run {flow_run.name} ({flow_run.id})", highlight=False)
 
 
 def _print_summary(summary: RunSummary) -> None:
@@ -596,22 +636,30 @@ def backfill_command(
     destination: Annotated[list[str] | None, typer.Option(help="Only these destinations")] = None,
     force: Annotated[bool, typer.Option(help="Also re-send what was delivered")] = False,
     dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
+    deployment: Annotated[
+        bool, typer.Option(help="Start the deployment on the Prefect server instead")
+    ] = False,
 ) -> None:
     """Queue the newest matching documents where they are missing, then deliver them."""
     _prefect()
+    parameters = {
+        "organization_id": org,
+        "project_id": project,
+        "patient_ids": patient,
+        "created_from": _parse_when(created_from),
+        "created_to": _parse_when(created_to),
+        "data_types": data_type,
+        "destinations": destination,
+        "dry_run": dry_run,
+        "force": force,
+    }
+    if deployment:
+        _start_deployment("backfill/backfill", parameters)
+        return
     from flows.backfill import backfill
 
-    counts = backfill(
-        organization_id=org,
-        project_id=project,
-        patient_ids=patient,
-        created_from=_parse_when(created_from),
-        created_to=_parse_when(created_to),
-        data_types=data_type,
-        destinations=destination,
-        dry_run=dry_run,
-        force=force,
-    )
+    with _progress_bar("backfill"):
+        counts = backfill(**parameters)
     _print_counts("backfill (dry run: nothing sent)" if dry_run else "backfill", counts)
 
 
@@ -623,14 +671,21 @@ def redeliver_command(
         bool, typer.Option(help="Every newest document of the project to the destination")
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
+    deployment: Annotated[
+        bool, typer.Option(help="Start the deployment on the Prefect server instead")
+    ] = False,
 ) -> None:
     """Send again what failed or was left pending (or, with --full, everything)."""
     _prefect()
+    parameters = {"project_id": project, "destination": destination, "full": full,
+                  "dry_run": dry_run}  # fmt: skip
+    if deployment:
+        _start_deployment("redeliver/redeliver", parameters)
+        return
     from flows.backfill import redeliver
 
-    counts = _refusals_value(
-        lambda: redeliver(project_id=project, destination=destination, full=full, dry_run=dry_run)
-    )
+    with _progress_bar("redeliver"):
+        counts = _refusals_value(lambda: redeliver(**parameters))
     _print_counts("redeliver (dry run: nothing sent)" if dry_run else "redeliver", counts)
 
 

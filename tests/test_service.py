@@ -70,6 +70,18 @@ def deployments(server: PrefectServer) -> dict[str, dict]:
     return {d["name"]: d for d in response.json()}
 
 
+def wait_for_run(server: PrefectServer, run_id: str, seconds: float = 120) -> str:
+    deadline = time.monotonic() + seconds
+    state = "PENDING"
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{server.url}/flow_runs/{run_id}", timeout=30).json()
+        state = run["state"]["type"]
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        time.sleep(0.5)
+    return state
+
+
 def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
     server: PrefectServer, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -105,6 +117,17 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         assert delivered, (tmp_path / "worker.log").read_text()[-3000:]
         assert delivered[0].read_bytes() == CCDA
         print(f"\nevent to file through a process worker: {latency:.1f} s")
+
+        started = cli(env, "backfill", "--project", "study", "--force", "--dry-run", "--deployment")
+        assert started.startswith("started backfill/backfill: flow run")
+        run_id = started.strip().rsplit("(", 1)[1].rstrip(")")
+        state = wait_for_run(server, run_id)
+        assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        artifacts = httpx.post(f"{server.url}/artifacts/filter", timeout=30, json={
+            "artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["backfill-plan"]}}
+        }).json()  # fmt: skip
+        assert "nothing sent: 1 resend" in artifacts[0]["description"]
+        assert len(delivered) == len(list(root.rglob("*.xml")))  # a dry run sent nothing
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
