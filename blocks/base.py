@@ -82,6 +82,14 @@ class ConnectionReport:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
 
+def check_content(content: bytes, sha256: str) -> None:
+    """Refuse to send bytes that are not the stored document: the store copy may be corrupt."""
+    if hashlib.sha256(content).hexdigest() != sha256:
+        raise TerminalDeliveryError(
+            "content does not match the stored SHA-256; the store copy may be corrupt"
+        )
+
+
 class DestinationSession(ABC):
     """An open connection to a destination, reused for many uploads by one thread at a time."""
 

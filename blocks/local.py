@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from blocks.base import (
     Receipt,
     TerminalDeliveryError,
     TransientDeliveryError,
+    check_content,
 )
 
 _TERMINAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -51,10 +51,7 @@ class LocalSession(DestinationSession):
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
         target = self._target(path)
-        if hashlib.sha256(content).hexdigest() != sha256:
-            raise TerminalDeliveryError(
-                "content does not match the stored SHA-256; the store copy may be corrupt"
-            )
+        check_content(content, sha256)
         temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

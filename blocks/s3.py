@@ -14,7 +14,6 @@ another account is never written to. S3 objects appear whole or not at all.
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 import threading
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from blocks.base import (
     Receipt,
     TerminalDeliveryError,
     TransientDeliveryError,
+    check_content,
 )
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
@@ -68,11 +68,8 @@ class S3Session(DestinationSession):
         return path
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
+        check_content(content, sha256)
         digest = bytes.fromhex(sha256)
-        if hashlib.sha256(content).digest() != digest:
-            raise TerminalDeliveryError(
-                "content does not match the stored SHA-256; the store copy may be corrupt"
-            )
         d = self.destination
         request: dict[str, Any] = {
             "Bucket": d.bucket_name,

@@ -31,6 +31,7 @@ from blocks.base import (
     Receipt,
     TerminalDeliveryError,
     TransientDeliveryError,
+    check_content,
 )
 
 
@@ -114,10 +115,7 @@ class SftpSession(DestinationSession):
             self._folders.add(path)
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        if hashlib.sha256(content).hexdigest() != sha256:
-            raise TerminalDeliveryError(
-                "content does not match the stored SHA-256; the store copy may be corrupt"
-            )
+        check_content(content, sha256)
         final = self._remote(path)
         folder, name = posixpath.split(final)
         temporary = posixpath.join(folder, f".{name}.{secrets.token_hex(6)}.partial")

@@ -20,6 +20,7 @@ from datetime import datetime
 
 from sqlalchemy import and_, func, select
 
+from patient_delivery.ledger import queue_delivery
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
@@ -164,19 +165,9 @@ def apply(store: Store, request: BackfillRequest) -> Counter[str]:
             action = _action(delivery, request.force, is_latest)
             counts[action] += 1
             if action == "queue":
-                organization_id = session.get(Project, project_id).organization_id  # type: ignore[union-attr]
-                session.add(
-                    Delivery(
-                        version_id=version.id,
-                        patient_id=version.patient_id,
-                        project_id=project_id,
-                        organization_id=organization_id,
-                        data_type=version.data_type,
-                        destination=subscription.destination,
-                        purpose=subscription.purpose,
-                        status=DeliveryStatus.QUEUED,
-                    )
-                )
+                project = session.get(Project, project_id)
+                assert project is not None
+                queue_delivery(session, version, project_id, project.organization_id, subscription)
             elif action == "resend" and delivery is not None:
                 # Same row, same path: the file is replaced, not duplicated. The earlier send's
                 # time and run stay in its flow run's records; the row shows the newest.

@@ -41,6 +41,28 @@ def _now() -> datetime:
 # --- queueing (called by ingest, inside its transaction) -------------------------------------
 
 
+def queue_delivery(
+    session: Session,
+    version: DocumentVersion,
+    project_id: str,
+    organization_id: str,
+    subscription: Subscription,
+) -> None:
+    """Owe one document version to one subscribed destination: a queued ledger row."""
+    session.add(
+        Delivery(
+            version_id=version.id,
+            patient_id=version.patient_id,
+            project_id=project_id,
+            organization_id=organization_id,
+            data_type=version.data_type,
+            destination=subscription.destination,
+            purpose=subscription.purpose,
+            status=DeliveryStatus.QUEUED,
+        )
+    )
+
+
 def enqueue_version(session: Session, version: DocumentVersion) -> int:
     """Queue a new version for each destination that the patient's projects subscribe to."""
     rows = session.execute(
@@ -52,18 +74,7 @@ def enqueue_version(session: Session, version: DocumentVersion) -> int:
     queued = 0
     for project_id, organization_id, subscription in rows:
         if version.data_type in subscription.data_type_list:
-            session.add(
-                Delivery(
-                    version_id=version.id,
-                    patient_id=version.patient_id,
-                    project_id=project_id,
-                    organization_id=organization_id,
-                    data_type=version.data_type,
-                    destination=subscription.destination,
-                    purpose=subscription.purpose,
-                    status=DeliveryStatus.QUEUED,
-                )
-            )
+            queue_delivery(session, version, project_id, organization_id, subscription)
             queued += 1
     return queued
 
@@ -75,8 +86,8 @@ def enqueue_heads(
     project = session.get(Project, subscription.project_id)
     assert project is not None
     # max(id) is the newest version: versions of one document are inserted in order.
-    heads = (
-        select(DocumentVersion.patient_id, DocumentVersion.data_type, func.max(DocumentVersion.id))
+    newest = (
+        select(func.max(DocumentVersion.id))
         .join(Share, Share.patient_id == DocumentVersion.patient_id)
         .where(
             Share.project_id == subscription.project_id,
@@ -89,26 +100,16 @@ def enqueue_heads(
         Delivery.destination == subscription.destination,
     )
     if patient_id is not None:
-        heads = heads.where(DocumentVersion.patient_id == patient_id)
+        newest = newest.where(DocumentVersion.patient_id == patient_id)
         owed = owed.where(Delivery.patient_id == patient_id)
     already = set(session.scalars(owed))
     queued = 0
-    for head_patient, data_type, version_id in session.execute(heads):
-        if version_id in already:
-            continue
-        session.add(
-            Delivery(
-                version_id=version_id,
-                patient_id=head_patient,
-                project_id=subscription.project_id,
-                organization_id=project.organization_id,
-                data_type=data_type,
-                destination=subscription.destination,
-                purpose=subscription.purpose,
-                status=DeliveryStatus.QUEUED,
+    for version in session.scalars(select(DocumentVersion).where(DocumentVersion.id.in_(newest))):
+        if version.id not in already:
+            queue_delivery(
+                session, version, subscription.project_id, project.organization_id, subscription
             )
-        )
-        queued += 1
+            queued += 1
     return queued
 
 
