@@ -565,6 +565,7 @@ def listen(
     """Deliver as soon as ingest announces an update (needs a Prefect server: PREFECT_API_URL)."""
     import os
     import signal
+    import threading
 
     if not os.environ.get("PREFECT_API_URL"):
         raise _fail("listen follows a Prefect server's events: set PREFECT_API_URL", code=2)
@@ -579,13 +580,10 @@ def listen(
     listener = UpdateListener(run_delivery, quiet, on_run=announce)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: listener.stopped.set())
-    threading_ready = listener.ready
 
     def say_ready() -> None:
-        if threading_ready.wait(timeout=60):
+        if listener.ready.wait(timeout=60):
             console.print("listening for patient.data.updated", highlight=False)
-
-    import threading
 
     threading.Thread(target=say_ready, daemon=True).start()
     listener.run()
