@@ -416,7 +416,7 @@ def destination_list() -> None:
 def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-destination/x")]):
     """A destination's settings; secrets show as ********."""
     _prefect()
-    from pydantic import SecretStr
+    from pydantic import BaseModel, SecretStr
 
     from flows.deliver import load_destination
 
@@ -428,7 +428,7 @@ def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-de
         value = getattr(block, field_name)
         if isinstance(value, SecretStr):
             shown = "********"
-        elif hasattr(value, "model_fields"):
+        elif isinstance(value, BaseModel):
             shown = type(value).__name__
         else:
             shown = str(value)
