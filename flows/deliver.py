@@ -38,7 +38,7 @@ from flows.sessions import Lease, PoolRegistry
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
 from patient_delivery.ledger import Outcome, RenderResult, UploadItem, WorkFilter
-from patient_delivery.store import open_store
+from patient_delivery.store import Store, open_store
 
 PAGE_SIZE = 5_000
 """Deliveries claimed per gather: the flow holds this many IDs at most, whatever the backlog."""
@@ -122,7 +122,33 @@ pools = PoolRegistry()
 @task(name="gather")
 def gather(claimant: str, work: WorkFilter, limit: int) -> dict[str, list[int]]:
     """Claim up to `limit` owed deliveries for this run; IDs by destination."""
-    return ledger.claim(open_store(), claimant, work, limit=limit)
+    store = open_store()
+    _release_finished_runs(store, claimant)
+    return ledger.claim(store, claimant, work, limit=limit)
+
+
+def _release_finished_runs(store: Store, claimant: str) -> None:
+    """Take over at once what crashed or cancelled runs had claimed, instead of waiting out
+    their leases: Prefect knows which runs are over."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    others = [c for c in ledger.claimants(store) if c != claimant]
+    if not others:
+        return
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        for other in others:
+            try:
+                state = client.read_flow_run(uuid.UUID(other)).state
+            except (ValueError, ObjectNotFound):
+                continue  # not a Prefect run of this server: its lease decides
+            if state is not None and state.is_final():
+                released = ledger.release(store, other)
+                logger.warning(
+                    "run %s ended %s holding %d deliveries; taking them over",
+                    other, state.type.value, released,
+                )  # fmt: skip
 
 
 @dataclass

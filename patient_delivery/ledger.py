@@ -30,8 +30,9 @@ from patient_delivery.store.models import (
     Subscription,
 )
 
-DEFAULT_LEASE = timedelta(minutes=30)
-"""How long a run owns what it claimed; a crashed run's work is taken over after this."""
+DEFAULT_LEASE = timedelta(minutes=10)
+"""How long a run owns what it claimed, renewed as each batch starts. A crashed run's work is
+taken over when this runs out, or at once when Prefect reports the run finished."""
 
 
 def _now() -> datetime:
@@ -144,6 +145,30 @@ def _claimable(now: datetime, claimant: str, work: WorkFilter):  # type: ignore[
     if work.data_types:
         condition = and_(condition, Delivery.data_type.in_(work.data_types))
     return condition
+
+
+def claimants(store: Store) -> list[str]:
+    """The runs holding claimed (pending) deliveries right now."""
+    with store.session() as session:
+        return list(
+            session.scalars(
+                select(Delivery.claimed_by)
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.claimed_by.is_not(None))
+                .distinct()
+            )
+        )
+
+
+def release(store: Store, claimant: str) -> int:
+    """End a run's leases now (it is known to be over); its deliveries become claimable."""
+    with store.session() as session:
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.claimed_by == claimant, Delivery.status == DeliveryStatus.PENDING)
+            .values(lease_expires_at=_now())
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount or 0)
 
 
 def claim(

@@ -278,3 +278,25 @@ def test_a_run_with_failures_ends_failed_with_a_message_that_counts_them(
     assert clean.is_failed()
     ingest.add_project(store, "acme", "Other", "other")
     assert deliver_updates(project_id="other", return_state=True).is_completed()
+
+
+def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    destination = save_local(root)
+    ingest.subscribe(store, project, destination)
+    finished_run = deliver().flow_run_id  # a real flow run, now Completed
+    patient = ingest.add_patient(store, project)
+    ingest.put_document(store, patient, "ccda", CCDA)
+    # That run claims and renders, then is gone; its lease would last another 10 minutes.
+    claimed = ledger.claim(store, finished_run)
+    block = LocalDestination.load(destination.split("/")[1])
+    ledger.render_paths(store, finished_run, claimed[destination], block.render_path)
+    [pending] = rows(store, status="pending")
+
+    assert deliver().delivered == 1
+
+    [row] = rows(store)
+    assert row.status == "delivered" and row.path == pending.path
+    assert (root / pending.path).read_bytes() == CCDA
