@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import secrets
 from collections.abc import Iterator
@@ -66,6 +67,7 @@ class LocalSession(DestinationSession):
                 )
             os.replace(temporary, target)
             _fsync_folder(target.parent)
+            _discard_leftovers(target)
         except OSError as exc:
             _discard(temporary)
             raise _os_error(exc, "write") from None
@@ -79,6 +81,12 @@ class LocalSession(DestinationSession):
             self._target(path).unlink(missing_ok=True)
         except OSError as exc:
             raise _os_error(exc, "remove") from None
+
+
+def _discard_leftovers(target: Path) -> None:
+    """Remove temporary files of earlier writes to this path that a killed process left."""
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        _discard(leftover)
 
 
 def _discard(temporary: Path) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from patient_delivery.paths import PathValueError, format_timestamp
+from patient_delivery.settings import get_settings
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
@@ -30,9 +31,10 @@ from patient_delivery.store.models import (
     Subscription,
 )
 
-DEFAULT_LEASE = timedelta(minutes=10)
-"""How long a run owns what it claimed, renewed as each batch starts. A crashed run's work is
-taken over when this runs out, or at once when Prefect reports the run finished."""
+
+def default_lease() -> timedelta:
+    """How long a run owns what it claimed (setting `lease_seconds`, 10 min by default)."""
+    return timedelta(seconds=get_settings().lease_seconds)
 
 
 def _now() -> datetime:
@@ -176,7 +178,7 @@ def claim(
     claimant: str,
     work: WorkFilter = WorkFilter(),
     limit: int = 10_000,
-    lease: timedelta = DEFAULT_LEASE,
+    lease: timedelta | None = None,
 ) -> dict[str, list[int]]:
     """Claim up to `limit` owed deliveries for `claimant`; returns their IDs by destination.
 
@@ -184,6 +186,7 @@ def claim(
     same row: the database serializes the writes and the loser's re-check no longer matches.
     """
     now = _now()
+    lease = lease if lease is not None else default_lease()
     eligible = _claimable(now, claimant, work)
     with store.session() as session:
         candidates = select(Delivery.id).where(eligible).order_by(Delivery.id).limit(limit)
@@ -303,10 +306,11 @@ class UploadItem:
 
 
 def start_batch(
-    store: Store, claimant: str, delivery_ids: Sequence[int], lease: timedelta = DEFAULT_LEASE
+    store: Store, claimant: str, delivery_ids: Sequence[int], lease: timedelta | None = None
 ) -> list[UploadItem]:
     """Renew the lease on a batch about to be sent and return what is still ours to send."""
     now = _now()
+    lease = lease if lease is not None else default_lease()
     with store.session() as session:
         session.execute(
             update(Delivery)

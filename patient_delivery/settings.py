@@ -26,6 +26,14 @@ class Settings(BaseSettings):
         ),
     )
 
+    lease_seconds: int = Field(
+        default=600,
+        ge=5,
+        description=(
+            "How long a delivery run owns what it claimed, renewed as each batch starts; a "
+            "run that died loses its claims when this runs out."
+        ),
+    )
     emit_events: bool | None = Field(
         default=None,
         description=(

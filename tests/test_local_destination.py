@@ -76,3 +76,14 @@ def test_a_file_where_a_folder_should_be_fails_cleanly(
 
 def test_describe_is_a_file_url(destination: LocalDestination, remote: FolderRemote) -> None:
     assert destination.describe() == remote.root.resolve().as_uri()
+
+
+def test_a_killed_writes_leftover_is_removed_by_the_next_write_to_that_path(
+    destination: LocalDestination, remote: FolderRemote
+) -> None:
+    leftover = remote.root / "k" / ".doc.xml.0123456789ab.partial"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a document")
+    with destination.open_session() as session:
+        session.upload("k/doc.xml", BODY, sha(BODY))
+    assert remote.names() == ["k/doc.xml"]

@@ -238,3 +238,45 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
         assert "service" not in alert and "escape" not in alert  # no content, no externalId
     finally:
         hook.shutdown()
+
+
+def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
+    server: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    import sqlite3
+
+    env = {**env, "PATIENT_DELIVERY_LEASE_SECONDS": "5"}
+    cli(env, "org", "add", "Acme", "--id", "acme")
+    cli(env, "project", "add", "acme", "Study", "--id", "study")
+    cli(env, "seed", "--project", "study", "--patients", "400")
+    root = tmp_path / "org-folder"
+    cli(env, "destination", "local", "kill-folder", "--root", str(root), "--max-connections", "1")
+    cli(env, "subscribe", "study", "local-destination/kill-folder")
+    victim = subprocess.Popen(
+        [str(BIN / "patient-delivery"), "deliver", "--batch-size", "20"], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(root.rglob("*.*"))) < 50:
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    database = sqlite3.connect(tmp_path / "store.db")
+    before = dict(database.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    rendered = dict(database.execute("SELECT id, path FROM deliveries WHERE path IS NOT NULL"))
+    assert before.get("delivered", 0) < 800 and before.get("pending", 0) > 0, before
+
+    time.sleep(5)  # the killed run's leases run out
+    resumed = subprocess.run([str(BIN / "patient-delivery"), "deliver"], env=env, cwd=ROOT,
+                             capture_output=True, timeout=300, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    print(
+        f"\nkilled with {before.get('delivered', 0)} of 800 delivered; the next run sent the rest"
+    )
+
+    after = dict(database.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    assert after == {"delivered": 800}
+    paths = dict(database.execute("SELECT id, path FROM deliveries"))
+    assert all(paths[i] == path for i, path in rendered.items())  # same paths as first rendered
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(paths.values())  # each exactly once, nothing partial or temporary
