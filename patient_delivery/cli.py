@@ -781,6 +781,28 @@ def _print_frame(frame: pd.DataFrame, title: str) -> None:
 
 
 @app.command()
+def disclosures(
+    patient: Annotated[str | None, typer.Option(help="healthexPatientId")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Write the rows as CSV")] = None,
+) -> None:
+    """Every send of a patient's records, re-sends included: the accounting of disclosures."""
+    from patient_delivery.reports import disclosures_frame
+
+    frame = disclosures_frame(_store(), patient, _parse_when(since))
+    if csv:
+        frame.to_csv(csv, index=False)
+        console.print(f"{len(frame)} rows written to {csv}")
+        return
+    frame = frame.assign(
+        disclosed_at=frame["disclosed_at"].map(_short_time),
+        sha256=frame["sha256"].str[:12],
+        flow_run_id=frame["flow_run_id"].str[:8],
+    )
+    _print_frame(frame, "disclosures")
+
+
+@app.command()
 def status() -> None:
     """Deliveries per destination and status, and the latest runs (from the ledger)."""
     from patient_delivery.reports import recent_runs, status_counts

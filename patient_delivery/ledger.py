@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from patient_delivery.paths import PathValueError, format_timestamp
@@ -24,6 +24,7 @@ from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
     DeliveryStatus,
+    Disclosure,
     DocumentContent,
     DocumentVersion,
     Project,
@@ -430,6 +431,29 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
         }
         for o in outcomes
     ]
+    delivered_ids = [o.delivery_id for o in outcomes if o.delivered]
     with store.session() as session:
         result = session.connection().execute(statement, parameters)
+        if delivered_ids:
+            _disclose(session, claimant, delivered_ids, now)
         return int(result.rowcount or 0)
+
+
+def _disclose(session: Session, claimant: str, delivery_ids: list[int], now: datetime) -> None:
+    """Append a disclosure for each delivery this call just recorded as delivered (and only
+    those: a row another run took over does not carry this run's id and time)."""
+    columns = ["delivery_id", "patient_id", "organization_id", "project_id", "destination",
+               "version_id", "data_type", "path", "sha256", "size", "purpose", "flow_run_id",
+               "disclosed_at"]  # fmt: skip
+    source = select(
+        Delivery.id, Delivery.patient_id, Delivery.organization_id, Delivery.project_id,
+        Delivery.destination, Delivery.version_id, Delivery.data_type, Delivery.path,
+        Delivery.sha256, Delivery.size, Delivery.purpose, Delivery.flow_run_id,
+        Delivery.delivered_at,
+    ).where(
+        Delivery.id.in_(delivery_ids),
+        Delivery.flow_run_id == claimant,
+        Delivery.status == DeliveryStatus.DELIVERED,
+        Delivery.delivered_at == now,
+    )  # fmt: skip
+    session.execute(insert(Disclosure).from_select(columns, source))

@@ -13,7 +13,13 @@ import pandas as pd
 from sqlalchemy import case, func, select
 
 from patient_delivery.store import Store
-from patient_delivery.store.models import Delivery, DeliveryStatus, DocumentVersion, Organization
+from patient_delivery.store.models import (
+    Delivery,
+    DeliveryStatus,
+    Disclosure,
+    DocumentVersion,
+    Organization,
+)
 
 DISCLOSURE_COLUMNS = [
     "delivered_at",
@@ -118,3 +124,41 @@ def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:
     with store.session() as session:
         rows = session.execute(statement).all()
     return pd.DataFrame(rows, columns=["flow_run_id", "last_activity", "delivered", "failed"])
+
+
+DISCLOSURE_LOG_COLUMNS = [
+    "disclosed_at", "patient_id", "organization", "project_id", "destination", "data_type",
+    "version", "sha256", "size", "path", "purpose", "flow_run_id",
+]  # fmt: skip
+
+
+def disclosures_frame(
+    store: Store, patient_id: str | None = None, since: datetime | None = None
+) -> pd.DataFrame:
+    """Every send, newest first: the accounting of disclosures (date, recipient, what, why)."""
+    statement = (
+        select(
+            Disclosure.disclosed_at,
+            Disclosure.patient_id,
+            Organization.name,
+            Disclosure.project_id,
+            Disclosure.destination,
+            Disclosure.data_type,
+            DocumentVersion.version,
+            Disclosure.sha256,
+            Disclosure.size,
+            Disclosure.path,
+            Disclosure.purpose,
+            Disclosure.flow_run_id,
+        )
+        .join(Organization, Organization.id == Disclosure.organization_id)
+        .join(DocumentVersion, DocumentVersion.id == Disclosure.version_id)
+        .order_by(Disclosure.disclosed_at.desc(), Disclosure.id.desc())
+    )
+    if patient_id:
+        statement = statement.where(Disclosure.patient_id == patient_id)
+    if since:
+        statement = statement.where(Disclosure.disclosed_at >= since)
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    return pd.DataFrame(rows, columns=DISCLOSURE_LOG_COLUMNS)

@@ -75,6 +75,13 @@ def test_a_forced_backfill_replaces_the_files_at_their_paths(
     resent = sorted(row.path for row in rows(store) if row.patient_id in delivered.patients[:2])
     assert sorted(files_under(delivered.root)) == resent and set(resent) < set(paths)
     assert len(rows(store)) == 3  # re-sent on the same ledger rows, no duplicates
+    # ... and the accounting keeps both sends of the re-sent documents.
+    from patient_delivery.reports import disclosures_frame
+
+    history = disclosures_frame(store)
+    sends = history.groupby("patient_id").size().to_dict()
+    assert sends == {p: (2 if p in delivered.patients[:2] else 1) for p in delivered.patients}
+    assert history["flow_run_id"].nunique() == 2
 
 
 def test_a_backfill_matches_versions_by_creation_date(store: Store, delivered: Delivered) -> None:

@@ -204,7 +204,7 @@ def test_schema_is_versioned_and_matches_the_models(store: Store) -> None:
 
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
         assert compare_metadata(context, Base.metadata) == []
     upgrade(store.engine)  # upgrading an up-to-date store is a no-op
     assert "deliveries" in inspect(store.engine).get_table_names()
@@ -218,3 +218,30 @@ def test_an_older_store_is_upgraded_in_place(tmp_path: Path) -> None:
     assert "deliveries" not in inspect(engine).get_table_names()
     upgrade(engine)
     assert "deliveries" in inspect(engine).get_table_names()
+
+
+def test_a_store_at_the_first_schema_keeps_its_history_when_upgraded(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from patient_delivery.store.schema import create_store_engine, upgrade
+
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'v1.db'}")
+    upgrade(engine, "0001")
+    values = {"now": "2026-11-01 10:00:00+00:00", "sha": "a" * 64}
+    with engine.begin() as connection:
+        for statement in (
+            "INSERT INTO organizations VALUES ('acme', 'Acme', :now)",
+            "INSERT INTO projects VALUES ('study', 'acme', 'Study', :now)",
+            "INSERT INTO patients VALUES ('hx_1', NULL, :now)",
+            "INSERT INTO document_versions VALUES (1, 'hx_1', 'ccda', 1, :sha, 10, :now)",
+            "INSERT INTO deliveries (id, version_id, patient_id, project_id, organization_id, "
+            "data_type, destination, purpose, status, path, attempts, sha256, size, "
+            "flow_run_id, created_at, updated_at, delivered_at) VALUES (1, 1, 'hx_1', 'study', "
+            "'acme', 'ccda', 'x/y', 'p', 'delivered', 'a/b.xml', 1, :sha, 10, 'run-1', "
+            ":now, :now, :now)",
+        ):
+            connection.execute(text(statement), values)
+    upgrade(engine)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT delivery_id, path, flow_run_id FROM disclosures"))
+        assert rows.all() == [(1, "a/b.xml", "run-1")]

@@ -173,3 +173,29 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     rendered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+
+
+class Disclosure(Base):
+    """One send of a document to a recipient: the append-only accounting of disclosures.
+
+    A delivery row holds the latest state; a re-send (a forced backfill, a full re-delivery)
+    adds a disclosure here instead of erasing the earlier one.
+    """
+
+    __tablename__ = "disclosures"
+    __table_args__ = (Index("ix_disclosures_patient", "patient_id", "disclosed_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"))
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    destination: Mapped[str] = mapped_column(String(255))
+    version_id: Mapped[int] = mapped_column(ForeignKey("document_versions.id"))
+    data_type: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    purpose: Mapped[str] = mapped_column(String(200))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    disclosed_at: Mapped[datetime] = mapped_column(UtcDateTime)
