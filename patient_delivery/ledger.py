@@ -330,6 +330,8 @@ def start_batch(
                 Delivery.path,
                 DocumentVersion.sha256,
                 DocumentVersion.size,
+                DocumentVersion.patient_id,
+                DocumentVersion.data_type,
             )
             .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
             .where(
@@ -340,7 +342,26 @@ def start_batch(
             )
             .order_by(Delivery.id)
         ).all()
-    return [UploadItem(*row) for row in rows]
+        newest = dict(
+            ((patient, data_type), version_id)
+            for patient, data_type, version_id in session.execute(
+                select(DocumentVersion.patient_id, DocumentVersion.data_type,
+                       func.max(DocumentVersion.id))
+                .where(DocumentVersion.patient_id.in_({row.patient_id for row in rows}))
+                .group_by(DocumentVersion.patient_id, DocumentVersion.data_type)
+            )
+        )  # fmt: skip
+        stale = [r.id for r in rows if newest[(r.patient_id, r.data_type)] != r.version_id]
+        if stale:
+            # A newer version arrived after this one was claimed: never send the old one over
+            # it (the newer one is queued for the same destination).
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(stale), Delivery.claimed_by == claimant)
+                .values(status=DeliveryStatus.SUPERSEDED, claimed_by=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+    return [UploadItem(*row[:5]) for row in rows if row.id not in stale]
 
 
 def stream_contents(

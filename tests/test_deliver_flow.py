@@ -300,3 +300,23 @@ def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
     [row] = rows(store)
     assert row.status == "delivered" and row.path == pending.path
     assert (root / pending.path).read_bytes() == CCDA
+
+
+def test_an_older_version_claimed_before_a_newer_arrived_is_not_sent(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    destination = save_local(root, "{projectId}/{externalId}")  # one path per document
+    ingest.subscribe(store, project, destination)
+    patient = ingest.add_patient(store, project, "MRN-9")
+    ingest.put_document(store, patient, "ccda", CCDA)
+    claimed = ledger.claim(store, "slow-run")  # a run that claimed version 1 and stalled
+    block = LocalDestination.load(destination.split("/")[1])
+    ledger.render_paths(store, "slow-run", claimed[destination], block.render_path)
+    ingest.put_document(store, patient, "ccda", CCDA_V2)  # version 2 arrives meanwhile
+
+    assert ledger.start_batch(store, "slow-run", claimed[destination]) == []  # it resumes
+    assert deliver().delivered == 1
+
+    assert (root / "study" / "MRN-9.xml").read_bytes() == CCDA_V2
+    assert sorted(r.status for r in rows(store)) == ["delivered", "superseded"]
