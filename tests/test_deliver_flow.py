@@ -46,6 +46,16 @@ def rows(store: Store, **where: object) -> list[Delivery]:
         return list(session.scalars(statement))
 
 
+def stall(
+    store: Store, claimant: str, destination: str, lease: timedelta | None = None
+) -> list[int]:
+    """Act as a run that claimed and rendered its work, then stopped before uploading."""
+    claimed = ledger.claim(store, claimant, lease=lease)[destination]
+    block = LocalDestination.load(destination.split("/")[1])
+    ledger.render_paths(store, claimant, claimed, block.render_path)
+    return claimed
+
+
 def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -160,9 +170,7 @@ def test_a_crashed_runs_pending_work_is_completed_at_the_same_path(
     patient = ingest.add_patient(store, project)
     ingest.put_document(store, patient, "ccda", CCDA)
     # A run that claimed and rendered, then died before uploading; its lease has run out.
-    claimed = ledger.claim(store, "crashed-run", lease=timedelta(seconds=-1))
-    block = LocalDestination.load(destination.split("/")[1])
-    ledger.render_paths(store, "crashed-run", claimed[destination], block.render_path)
+    stall(store, "crashed-run", destination, lease=timedelta(seconds=-1))
     [pending] = rows(store, status="pending")
 
     summary = deliver()
@@ -290,9 +298,7 @@ def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
     patient = ingest.add_patient(store, project)
     ingest.put_document(store, patient, "ccda", CCDA)
     # That run claims and renders, then is gone; its lease would last another 10 minutes.
-    claimed = ledger.claim(store, finished_run)
-    block = LocalDestination.load(destination.split("/")[1])
-    ledger.render_paths(store, finished_run, claimed[destination], block.render_path)
+    stall(store, finished_run, destination)
     [pending] = rows(store, status="pending")
 
     assert deliver().delivered == 1
@@ -310,12 +316,10 @@ def test_an_older_version_claimed_before_a_newer_arrived_is_not_sent(
     ingest.subscribe(store, project, destination)
     patient = ingest.add_patient(store, project, "MRN-9")
     ingest.put_document(store, patient, "ccda", CCDA)
-    claimed = ledger.claim(store, "slow-run")  # a run that claimed version 1 and stalled
-    block = LocalDestination.load(destination.split("/")[1])
-    ledger.render_paths(store, "slow-run", claimed[destination], block.render_path)
+    claimed = stall(store, "slow-run", destination)  # it claimed version 1, then stalled
     ingest.put_document(store, patient, "ccda", CCDA_V2)  # version 2 arrives meanwhile
 
-    assert ledger.start_batch(store, "slow-run", claimed[destination]) == []  # it resumes
+    assert ledger.start_batch(store, "slow-run", claimed) == []  # it resumes: nothing to send
     assert deliver().delivered == 1
 
     assert (root / "study" / "MRN-9.xml").read_bytes() == CCDA_V2
