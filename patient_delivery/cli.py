@@ -64,14 +64,15 @@ def _prefect() -> None:
     apply_local_defaults(get_settings().home)
 
 
-def _refusals(run):  # type: ignore[no-untyped-def]
-    """Run `run()`, turning the store's refusals into a clear message and exit code 2."""
+def _refusals(run, refused: tuple[type[Exception], ...] | None = None):  # type: ignore[no-untyped-def]
+    """Run `run()`, turning refusals (by default the store's) into a message and exit code 2."""
     from patient_delivery.documents import InvalidDocument
     from patient_delivery.ingest import IngestError
 
+    kinds = refused if refused is not None else (InvalidDocument, IngestError)
     try:
         return run()
-    except (InvalidDocument, IngestError) as exc:
+    except kinds as exc:
         raise _fail(str(exc), code=2) from None
 
 
@@ -683,15 +684,8 @@ def redeliver_command(
     from flows.backfill import redeliver
 
     with _progress_bar("redeliver"):
-        counts = _refusals_value(lambda: redeliver(**parameters))
+        counts = _refusals(lambda: redeliver(**parameters), refused=(ValueError,))
     _print_counts("redeliver (dry run: nothing sent)" if dry_run else "redeliver", counts)
-
-
-def _refusals_value(run):  # type: ignore[no-untyped-def]
-    try:
-        return run()
-    except ValueError as exc:
-        raise _fail(str(exc), code=2) from None
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:

@@ -371,22 +371,20 @@ def stream_contents(
 
     One query per batch instead of one per document; only the current document is in memory.
     """
-    wanted = {item.version_id for item in items}
     by_version: dict[int, list[UploadItem]] = {}
     for item in items:
         by_version.setdefault(item.version_id, []).append(item)
     with store.engine.connect() as connection:
         rows = connection.execution_options(yield_per=1).execute(
             select(DocumentContent.version_id, DocumentContent.content).where(
-                DocumentContent.version_id.in_(wanted)
+                DocumentContent.version_id.in_(by_version)
             )
         )
         for version_id, content in rows:
             for item in by_version.pop(version_id, []):
                 yield item, content
-    for missing in by_version.values():
-        for item in missing:
-            raise LookupError(f"document version {item.version_id} has no stored content")
+    if by_version:
+        raise LookupError(f"document version(s) {sorted(by_version)} have no stored content")
 
 
 def read_content(store: Store, version_id: int) -> bytes:

@@ -64,6 +64,30 @@ def prefect(env: dict[str, str], *args: str) -> str:
     return run(env, sys.executable, "-m", "prefect", *args)
 
 
+def project_with_folder(
+    env: dict[str, str], name: str, root: Path, external_id: str | None = None, *options: str
+) -> str:
+    """Organization acme, project study, one patient, subscribed to a new local folder block
+    (created with `options`); returns the patient's ID."""
+    cli(env, "org", "add", "Acme", "--id", "acme")
+    cli(env, "project", "add", "acme", "Study", "--id", "study")
+    patient_options = ["--external-id", external_id] if external_id else []
+    patient = cli(env, "patient", "add", "study", *patient_options).strip()
+    cli(env, "destination", "local", name, "--root", str(root), *options)
+    cli(env, "subscribe", "study", f"local-destination/{name}")
+    return patient
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process and its children; SIGKILL after 5 s (a process worker may ignore SIGTERM)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def deployments(server: PrefectServer) -> dict[str, dict]:
     response = httpx.post(f"{server.url}/deployments/filter", json={}, timeout=30)
     response.raise_for_status()
@@ -92,12 +116,8 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
     crons = [s["schedule"].get("cron") for s in found["deliver-updates"]["schedules"]]
     assert crons == ["*/5 * * * *"]
 
-    cli(env, "org", "add", "Acme", "--id", "acme")
-    cli(env, "project", "add", "acme", "Study", "--id", "study")
-    patient = cli(env, "patient", "add", "study").strip()
     root = tmp_path / "org-folder"
-    cli(env, "destination", "local", "service-folder", "--root", str(root))
-    cli(env, "subscribe", "study", "local-destination/service-folder")
+    patient = project_with_folder(env, "service-folder", root)
 
     worker_log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
@@ -129,23 +149,14 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         assert "nothing sent: 1 resend" in artifacts[0]["description"]
         assert len(delivered) == len(list(root.rglob("*.xml")))  # a dry run sent nothing
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # a process worker may not stop on SIGTERM
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_group(worker)
 
 
 def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
     server: PrefectServer, env: dict[str, str], tmp_path: Path
 ) -> None:
-    cli(env, "org", "add", "Acme", "--id", "acme")
-    cli(env, "project", "add", "acme", "Study", "--id", "study")
-    patient = cli(env, "patient", "add", "study").strip()
     root = tmp_path / "org-folder"
-    cli(env, "destination", "local", "listener-folder", "--root", str(root))
-    cli(env, "subscribe", "study", "local-destination/listener-folder")
+    patient = project_with_folder(env, "listener-folder", root)
     out = (tmp_path / "listener.log").open("wb")
     listener = subprocess.Popen(
         [str(BIN / "patient-delivery"), "listen"], env=env, cwd=ROOT, stdout=out,
@@ -179,12 +190,7 @@ def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
         runs = log.read_text().count("delivering") - runs_before
         assert 1 <= runs <= 2, log.read_text()[-3000:]  # four updates, coalesced
     finally:
-        os.killpg(listener.pid, signal.SIGTERM)
-        try:
-            listener.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(listener.pid, signal.SIGKILL)
-            listener.wait()
+        stop_group(listener)
 
 
 def test_a_failed_run_sends_an_alert_through_the_installed_automation(
@@ -218,13 +224,9 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
         installed = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
         assert installed.count("created automation") == 2
 
-        cli(env, "org", "add", "Acme", "--id", "acme")
-        cli(env, "project", "add", "acme", "Study", "--id", "study")
-        patient = cli(env, "patient", "add", "study", "--external-id", "../escape").strip()
+        patient = project_with_folder(env, "alert-folder", tmp_path / "org", "../escape",
+                                      "--template", "{projectId}/{externalId}")  # fmt: skip
         cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
-        cli(env, "destination", "local", "alert-folder", "--root", str(tmp_path / "org"),
-            "--template", "{projectId}/{externalId}")  # fmt: skip
-        cli(env, "subscribe", "study", "local-destination/alert-folder")
         failed = subprocess.run([str(BIN / "patient-delivery"), "deliver"], env=env, cwd=ROOT,
                                 capture_output=True, timeout=300, check=False)  # fmt: skip
         assert failed.returncode == 1
