@@ -40,6 +40,8 @@ class DeliveryError(Exception):
     """A delivery could not be made. Subclasses say whether trying again can help."""
 
     retryable: bool = False
+    leftover: str | None = None
+    """A temporary file (relative path) the failed attempt could not remove, for a retry to."""
 
 
 class TransientDeliveryError(DeliveryError):

@@ -26,6 +26,7 @@ import paramiko
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from blocks.base import (
+    DeliveryError,
     Destination,
     DestinationSession,
     Receipt,
@@ -108,10 +109,13 @@ class SftpSession(DestinationSession):
         for path in reversed(missing):
             try:
                 self.sftp.mkdir(path)
-            except OSError:
+            except OSError as refused:
                 # Already there (made earlier or by another connection), or truly not creatable:
-                # stat tells which, and raises in the second case.
-                self.sftp.stat(path)
+                # stat tells which, and then mkdir's own error (permission denied...) says why.
+                try:
+                    self.sftp.stat(path)
+                except FileNotFoundError:
+                    raise refused from None
             self._folders.add(path)
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
@@ -124,26 +128,35 @@ class SftpSession(DestinationSession):
             self.sftp.putfo(io.BytesIO(content), temporary, file_size=len(content), confirm=False)
             written = self.sftp.stat(temporary).st_size
             if written != len(content):
-                raise _transient(f"size check failed: {written} bytes arrived of {len(content)}")
+                raise _transient(
+                    f"size check failed: {written} bytes arrived of {len(content)}; the server "
+                    "stopped writing (disk full or quota reached?)"
+                )
             self.sftp.posix_rename(temporary, final)
-        except (TerminalDeliveryError, TransientDeliveryError):
-            self._discard(temporary)
-            raise
+        except (TerminalDeliveryError, TransientDeliveryError) as exc:
+            raise self._discard(temporary, exc) from None
         except PermissionError:
-            self._discard(temporary)
-            raise TerminalDeliveryError(
+            error = TerminalDeliveryError(
                 "permission denied on the SFTP server: the user may not write in that folder"
-            ) from None
+            )
+            raise self._discard(temporary, error) from None
         except OSError as exc:
-            self._discard(temporary)
-            raise _sftp_error(exc) from None
+            raise self._discard(temporary, _sftp_error(exc)) from None
         except (paramiko.SSHException, EOFError):
-            raise _transient("the SFTP connection was lost during the upload") from None
+            error = _transient("the SFTP connection was lost during the upload")
+            raise self._discard(temporary, error) from None
         return Receipt(path=path, size=len(content), sha256=sha256)
 
-    def _discard(self, temporary: str) -> None:
-        with suppress(OSError, paramiko.SSHException, EOFError):
+    def _discard(self, temporary: str, error: DeliveryError) -> DeliveryError:
+        """Remove a failed write's temporary file; when the connection is gone, hand its
+        name to the retry (`error.leftover`), which removes it over the next connection."""
+        try:
             self.sftp.remove(temporary)
+        except FileNotFoundError:
+            pass
+        except (OSError, paramiko.SSHException, EOFError):
+            error.leftover = posixpath.relpath(temporary, posixpath.normpath(self.root))
+        return error
 
     def remove(self, path: str) -> None:
         try:

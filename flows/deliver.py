@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
@@ -190,6 +191,12 @@ def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Batc
         pool = pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
             for item, content in ledger.stream_contents(store, items):
+                if pool.down is not None:
+                    # Another upload already gave up on this destination in this run: fail
+                    # fast instead of spending the whole backoff on every document.
+                    error = f"not attempted in this run: {pool.down}"
+                    outcomes.append(Outcome(item.delivery_id, 0, error=error))
+                    continue
                 outcomes.append(_send(lease, item, content))
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
@@ -211,13 +218,24 @@ def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Batc
 
 def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
     """Upload one document, retrying transient errors with exponential backoff and jitter."""
+    leftovers: list[str] = []
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         try:
-            receipt = lease.session().upload(item.path, content, item.sha256)
+            session = lease.session()
+            receipt = session.upload(item.path, content, item.sha256)
+            for leftover in leftovers:  # temporary files of attempts cut off midway
+                with suppress(DeliveryError):
+                    session.remove(leftover)
             return Outcome(item.delivery_id, attempt, sha256=receipt.sha256, size=receipt.size)
         except DeliveryError as exc:
-            if not exc.retryable or attempt == UPLOAD_ATTEMPTS:
-                return Outcome(item.delivery_id, attempt, error=str(exc))
+            if exc.leftover:
+                leftovers.append(exc.leftover)
+            if not exc.retryable:
+                return Outcome(item.delivery_id, attempt, error=f"{exc} (not retried)")
+            if attempt == UPLOAD_ATTEMPTS:
+                lease.trip(str(exc))
+                error = f"{exc} (gave up after {attempt} tries; the next run tries again)"
+                return Outcome(item.delivery_id, attempt, error=error)
             lease.reset()
             time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
         except Exception as exc:

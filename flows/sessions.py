@@ -3,7 +3,9 @@
 Opening a session is the expensive part of a delivery (an SSH handshake and login, an STS
 AssumeRole), so a run keeps up to `max_connections` sessions per destination and lends them to
 its upload batches in turn. The same bound is the per-destination concurrency limit: a batch
-waits for a free session. A session that failed is dropped and reopened on next use.
+waits for a free session. A session that failed is dropped and reopened on next use. Once
+an upload has exhausted its retries on a temporary error, the destination counts as down for
+the rest of the run: its other deliveries fail at once and wait for the next run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class Lease:
         if opened is not None:
             _close(opened)
 
+    def trip(self, reason: str) -> None:
+        """Mark the destination down for the rest of this run (retries were exhausted)."""
+        self.reset()
+        self._pool.down = reason
+
 
 def _close(opened: Opened) -> None:
     # A broken connection may fail to close; it is dropped either way.
@@ -51,6 +58,8 @@ class SessionPool:
         self._idle: list[Opened] = []
         self._lent = 0
         self._available = threading.Condition()
+        self.down: str | None = None
+        """Why the destination is considered down for the rest of the run, once it is."""
 
     @contextmanager
     def lease(self) -> Iterator[Lease]:

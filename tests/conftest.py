@@ -80,3 +80,22 @@ def seaweed():  # type: ignore[no-untyped-def]
     server = SeaweedServer("deliveries")
     yield server
     server.stop()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the bad-input cases that passed (each was refused as it should be)."""
+    from tests.faults import REPORT
+
+    if report.when == "call" and report.passed and "bad_input" in report.keywords:
+        REPORT.bad_inputs_refused += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault suite's figures: faults injected, delivered, lost, duplicated, ..."""
+    from tests.faults import REPORT
+
+    lines = REPORT.lines()
+    if lines:
+        terminalreporter.section("faults and bad input: figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -6,6 +6,7 @@ cannot be started fails the tests that need it, loudly; none is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -48,6 +49,26 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (sshd's per-connection children start their
+    own sessions, so a process-group kill would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    doomed, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        doomed.append(current)
+        queue.extend(children.get(current, []))
+    for victim in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
 
 
 def _run(*command: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -103,11 +124,26 @@ class SshServer:
             f"Match User {SFTP_USER}\n    ForceCommand internal-sftp\n"
         )
         self.log = self.dir / "sshd.log"
-        self.process = subprocess.Popen(
-            [str(sshd), "-D", "-f", str(config), "-E", str(self.log)],
-            stdin=subprocess.DEVNULL,
-        )
+        self._command = [str(sshd), "-D", "-f", str(config), "-E", str(self.log)]
+        self.start()
+
+    def start(self) -> None:
+        """Start sshd (again, after `crash`): same port, host key and users."""
+        self.process = subprocess.Popen(self._command, stdin=subprocess.DEVNULL)
         wait_for_port(self.port, 10, self.process, self.log)
+
+    def crash(self) -> None:
+        """SIGKILL sshd and every connection it serves, as a machine failure would."""
+        kill_tree(self.process.pid)
+        self.process.wait()
+
+    def new_host_key(self) -> None:
+        """Replace the host key (a reinstalled or impersonated server); restart to use it."""
+        for suffix in ("", ".pub"):
+            Path(f"{self.host_key}{suffix}").unlink()
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True
+        )
 
     def _ensure_user(self) -> None:
         if _run("id", "-u", SFTP_USER).returncode != 0:
@@ -140,68 +176,6 @@ class SshServer:
     def stop(self) -> None:
         stop(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class CutProxy:
-    """A TCP proxy on 127.0.0.1 that resets the connection after `limit` client bytes.
-
-    Stands in for a network that drops mid-upload (no toxiproxy or netem on these machines).
-    """
-
-    def __init__(self, target_port: int, limit: int) -> None:
-        import threading
-
-        self.target_port = target_port
-        self.limit = limit
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        import threading
-
-        self.listener.settimeout(0.2)
-        while not self._stopped.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
-        sent = 0
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if counted and sent + len(data) > self.limit:
-                    sink.sendall(data[: self.limit - sent])
-                    break
-                sink.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                    )
-                    end.close()
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.listener.close()
-        self._thread.join(timeout=2)
 
 
 ACCOUNT = "123456789012"  # moto's default account
@@ -316,7 +290,7 @@ class SeaweedServer:
                  "filer.port.grpc", "s3.port.grpc", "admin", "admin.port.grpc")  # fmt: skip
         ports = {name: free_port() for name in names}
         self.log = self.dir / "weed.out"
-        command = [
+        self._command = [
             str(weed), f"-logdir={self.dir / 'logs'}", "mini", f"-dir={self.dir / 'data'}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
             "-webdav=false", "-admin.ui=false", f"-s3.port={self.port}",
@@ -328,12 +302,21 @@ class SeaweedServer:
             f"-filer.localSocket={self.dir / 'run' / 'filer.sock'}",
             f"-s3.localSocket={self.dir / 'run' / 's3.sock'}",
         ]  # fmt: skip
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        """Start SeaweedFS (again, after `crash`) on the same ports and data."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self._command, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)  # fmt: skip
         wait_for_port(self.port, 60, self.process, self.log)
-        self.url = f"http://127.0.0.1:{self.port}"
         self._wait_for_bucket()
+
+    def crash(self) -> None:
+        """SIGKILL the server, as a machine failure would."""
+        kill_tree(self.process.pid)
+        self.process.wait()
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3

@@ -137,6 +137,7 @@ def test_a_failed_delivery_is_delivered_by_the_next_run_at_the_same_path(
     assert (root / "acme" / "blocked.xml").read_bytes() == CCDA
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "hostile", ["../../etc", "a/b", "back\\slash", "nul\x00", "rtl\u202e", "x" * 1000]
 )
@@ -190,6 +191,7 @@ def test_a_live_lease_is_not_taken_over(store: Store, project: str, tmp_path: Pa
     assert rows(store)[0].status == "pending"
 
 
+@pytest.mark.bad_input
 def test_a_missing_destination_block_fails_only_its_deliveries(
     store: Store, project: str, tmp_path: Path
 ) -> None:

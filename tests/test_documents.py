@@ -33,6 +33,7 @@ def test_checked_document_carries_sha256_and_size() -> None:
     assert checked.size == len(CCDA_MINIMAL)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -52,6 +53,7 @@ def test_malformed_ccda_is_refused_with_position(content: bytes, expected: str) 
     assert expected in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_error_message_does_not_quote_document_text() -> None:
     secret = b"Jane Canary-Doe has HIV"
     content = (
@@ -62,6 +64,7 @@ def test_error_message_does_not_quote_document_text() -> None:
     assert "Canary" not in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_entity_expansion_bomb_is_refused_without_expanding() -> None:
     bomb = b"""<?xml version="1.0"?>
 <!DOCTYPE ClinicalDocument [
@@ -79,6 +82,7 @@ def test_entity_expansion_bomb_is_refused_without_expanding() -> None:
         check_document("ccda", bomb)
 
 
+@pytest.mark.bad_input
 def test_external_entity_is_refused_and_never_read(tmp_path: Path) -> None:
     target = tmp_path / "secret.txt"
     target.write_text("should never be read")
@@ -98,6 +102,7 @@ def test_fhir_bundle_of_one_patient_is_accepted_and_returns_its_id() -> None:
     assert check_document("fhir", _bundle("p1", condition)).fhir_patient_id == "p1"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -116,12 +121,14 @@ def test_malformed_fhir_is_refused(content: bytes, expected: str) -> None:
     assert expected in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_fhir_bundle_with_another_patients_resource_is_refused() -> None:
     foreign = {"resourceType": "Condition", "subject": {"reference": "Patient/someone-else"}}
     with pytest.raises(InvalidDocument, match=r"entry\[1\] refers to a different patient"):
         check_document("fhir", _bundle("p1", foreign))
 
 
+@pytest.mark.bad_input
 def test_two_patients_in_one_bundle_is_refused() -> None:
     content = json.dumps(
         {
@@ -133,6 +140,7 @@ def test_two_patients_in_one_bundle_is_refused() -> None:
         check_document("fhir", content)
 
 
+@pytest.mark.bad_input
 def test_unknown_data_type_and_oversized_documents_are_refused() -> None:
     with pytest.raises(InvalidDocument, match="unknown data type"):
         check_document("pdf", b"%PDF")

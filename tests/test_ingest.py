@@ -47,6 +47,7 @@ def test_patient_ids_are_opaque_stable_and_external_ids_unique_per_project(
         assert session.get(Patient, first) is not None
 
 
+@pytest.mark.bad_input
 def test_ids_that_become_path_variables_are_checked_when_created(store: Store) -> None:
     with pytest.raises(ingest.IngestError, match="organization ID"):
         ingest.add_organization(store, "Bad", "../evil")
@@ -65,6 +66,7 @@ def test_identical_content_creates_no_new_version(store: Store, project: str) ->
     assert _count(store, DocumentVersion, patient_id=patient) == 2
 
 
+@pytest.mark.bad_input
 def test_invalid_document_stores_nothing(store: Store, project: str) -> None:
     patient = ingest.add_patient(store, project)
     ingest.subscribe(store, project, DEST)
@@ -165,6 +167,7 @@ def test_ccda_files_import_one_patient_each_or_as_versions(
     assert _count(store, DocumentVersion, patient_id=patient) == 3
 
 
+@pytest.mark.bad_input
 def test_import_refusals_name_the_file_and_store_nothing_for_it(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -180,6 +183,7 @@ def test_import_refusals_name_the_file_and_store_nothing_for_it(
     assert _count(store, Patient) == 1  # the refused file left no patient behind
 
 
+@pytest.mark.bad_input
 def test_fhir_bundle_for_a_different_patient_than_before_is_refused(
     store: Store, project: str
 ) -> None:

@@ -46,11 +46,13 @@ class TestLocalDestinationContract(DestinationContract):
     pass
 
 
+@pytest.mark.bad_input
 def test_bad_template_is_refused_when_the_block_is_built(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"unknown variable\(s\) \{patient\}"):
         LocalDestination(root=tmp_path, path_template="{patient}/{externalId}")
 
 
+@pytest.mark.bad_input
 def test_render_path_refuses_unsafe_values(tmp_path: Path) -> None:
     block = LocalDestination(root=tmp_path, path_template="{orgId}/{externalId}")
     values = {"orgId": "acme", "externalId": "../../etc", "dataType": "ccda"}
@@ -58,6 +60,7 @@ def test_render_path_refuses_unsafe_values(tmp_path: Path) -> None:
         block.render_path(values, "ccda")
 
 
+@pytest.mark.bad_input
 def test_a_path_escaping_the_root_is_refused(destination: LocalDestination) -> None:
     with destination.open_session() as session, pytest.raises(TerminalDeliveryError):
         session.upload("../outside.xml", BODY, sha(BODY))

@@ -44,6 +44,7 @@ def test_all_six_variables_are_known() -> None:
     assert PathTemplate.parse(text).variables == frozenset(VALUES)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("template", "named"),
     [
@@ -69,11 +70,13 @@ def test_bad_templates_are_refused_with_the_problem_named(template: str, named: 
     assert "example of a valid template" in message or named == "empty"
 
 
+@pytest.mark.bad_input
 def test_unknown_variables_are_all_listed() -> None:
     with pytest.raises(PathTemplateError, match=r"\{foo\}, \{patient\}"):
         PathTemplate.parse("{patient}/{foo}/{externalId}")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("value", "problem"),
     [

@@ -90,6 +90,7 @@ class TestS3DestinationContract(DestinationContract):
     pass
 
 
+@pytest.mark.bad_input
 def test_a_role_without_put_object_is_denied_with_the_fix_named(
     moto: MotoServer, bucket: str, remote: BucketRemote
 ) -> None:
@@ -101,6 +102,7 @@ def test_a_role_without_put_object_is_denied_with_the_fix_named(
     assert remote.names() == []
 
 
+@pytest.mark.bad_input
 def test_a_wrong_external_id_cannot_assume_the_role(
     moto: MotoServer, bucket: str, writer_role: str
 ) -> None:
@@ -110,6 +112,7 @@ def test_a_wrong_external_id_cannot_assume_the_role(
     assert "someone-elses-id" not in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_a_role_that_does_not_trust_us_cannot_be_assumed(moto: MotoServer, bucket: str) -> None:
     import json
 
@@ -124,6 +127,7 @@ def test_a_role_that_does_not_trust_us_cannot_be_assumed(moto: MotoServer, bucke
         pass
 
 
+@pytest.mark.bad_input
 def test_our_own_bad_credentials_are_named(moto: MotoServer, bucket: str, writer_role: str) -> None:
     bad = AwsCredentials(aws_access_key_id="AKIAWRONG", aws_secret_access_key="wrong-secret")
     block = s3_block(moto, bucket, writer_role, aws_credentials=bad)
@@ -131,6 +135,7 @@ def test_our_own_bad_credentials_are_named(moto: MotoServer, bucket: str, writer
         connect(block)
 
 
+@pytest.mark.bad_input
 def test_a_missing_bucket_is_named(moto: MotoServer, writer_role: str) -> None:
     block = s3_block(moto, "no-such-bucket-here", writer_role)
     with block.open_session() as session, pytest.raises(TerminalDeliveryError) as error:
@@ -138,6 +143,7 @@ def test_a_missing_bucket_is_named(moto: MotoServer, writer_role: str) -> None:
     assert "no-such-bucket-here" in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_settings_are_checked_when_the_block_is_built(moto: MotoServer, bucket: str) -> None:
     with pytest.raises(ValidationError, match="role ARN"):
         s3_block(moto, bucket, "arn:aws:iam::12:user/x")

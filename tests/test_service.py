@@ -17,7 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from patient_delivery.store import open_store
+from tests.faults import REPORT, check_invariant
 from tests.servers import PrefectServer
+from tests.test_local_destination import FolderRemote
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -282,3 +285,10 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
     assert all(paths[i] == path for i, path in rendered.items())  # same paths as first rendered
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert files == sorted(paths.values())  # each exactly once, nothing partial or temporary
+    figures = check_invariant(
+        open_store(f"sqlite:///{tmp_path / 'store.db'}"),
+        {"local-destination/kill-folder": FolderRemote(root)},
+    )
+    REPORT.record("delivery process SIGKILLed mid-run (local folder)", figures,
+                  {"SIGKILL of the delivery process": 1})  # fmt: skip
+    assert (figures.delivered, figures.lost, figures.duplicated, figures.partial) == (800, 0, 0, 0)

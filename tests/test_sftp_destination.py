@@ -12,7 +12,8 @@ from pydantic import SecretStr, ValidationError
 from blocks.base import TerminalDeliveryError, TransientDeliveryError
 from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
 from tests.destination_contract import BODY, DestinationContract, connect, sha
-from tests.servers import SFTP_PASSWORD, SFTP_USER, CutProxy, SshServer, free_port
+from tests.faults import FaultProxy
+from tests.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
 from tests.test_local_destination import FolderRemote
 
 
@@ -78,6 +79,7 @@ def test_fetched_host_key_matches_the_servers_own(sshd: SshServer) -> None:
     assert HostKeyPin.parse(sshd.host_key_line()).fingerprint == expected
 
 
+@pytest.mark.bad_input
 def test_wrong_password_is_refused_clearly(sshd: SshServer, folder: Path) -> None:
     block = sftp_block(sshd, folder, password="not-the-password")
     with pytest.raises(TerminalDeliveryError, match=f"login as '{SFTP_USER}'.*refused"):
@@ -85,6 +87,7 @@ def test_wrong_password_is_refused_clearly(sshd: SshServer, folder: Path) -> Non
     assert "not-the-password" not in repr(block)
 
 
+@pytest.mark.bad_input
 def test_changed_host_key_is_refused_and_nothing_is_sent(
     sshd: SshServer, folder: Path, tmp_path: Path
 ) -> None:
@@ -101,6 +104,7 @@ def test_changed_host_key_is_refused_and_nothing_is_sent(
     assert not report.ok and report.checks[0].step == "connect" and seen in report.checks[0].detail
 
 
+@pytest.mark.bad_input
 def test_unreachable_server_is_a_transient_error(sshd: SshServer, folder: Path) -> None:
     block = sftp_block(sshd, folder, port=free_port())
     with pytest.raises(TransientDeliveryError, match="cannot reach"), block.open_session():
@@ -120,7 +124,7 @@ def test_upload_cut_off_midway_leaves_nothing_at_the_final_path(
     sshd: SshServer, folder: Path
 ) -> None:
     big = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"y" * 3_000_000 + b"</ClinicalDocument>"
-    proxy = CutProxy(sshd.port, limit=1_000_000)
+    proxy = FaultProxy(sshd.port, reset_after=1_000_000)
     try:
         block = sftp_block(sshd, folder, port=proxy.port)
         with pytest.raises(TransientDeliveryError), block.open_session() as session:
@@ -134,6 +138,7 @@ def test_upload_cut_off_midway_leaves_nothing_at_the_final_path(
     assert (folder / "cut" / "doc.xml").read_bytes() == big
 
 
+@pytest.mark.bad_input
 def test_settings_are_checked_when_the_block_is_built(sshd: SshServer, folder: Path) -> None:
     with pytest.raises(ValidationError, match="password or a private key"):
         sftp_block(sshd, folder, password=None)
