@@ -42,7 +42,8 @@ from patient_delivery.ledger import Outcome, RenderResult, UploadItem, WorkFilte
 from patient_delivery.store import Store, open_store
 
 PAGE_SIZE = 5_000
-"""Deliveries claimed per gather: the flow holds this many IDs at most, whatever the backlog."""
+"""Deliveries claimed per gather by default: the flow holds this many IDs at most, whatever the
+backlog. Runs that share a backlog (several workers) take turns a page at a time."""
 
 UPLOAD_ATTEMPTS = 3
 """Tries per document within a run for transient errors; a run after this one tries again."""
@@ -273,11 +274,14 @@ def deliver_updates(
     data_types: list[DataType] | None = None,
     batch_size: int = 100,
     max_documents: int | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> RunSummary | State:
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
     Filters narrow the run to a project, destinations (block `type/name`), patients or data
-    types; `max_documents` caps how many are sent in this run (the rest wait for the next).
+    types; `max_documents` caps how many are sent in this run (the rest wait for the next);
+    `page_size` is how many deliveries are claimed at a time (smaller pages share a backlog
+    more evenly between runs working at once).
     """
     logger = get_run_logger()
     claimant = str(flow_run.id or uuid.uuid4())
@@ -293,7 +297,7 @@ def deliver_updates(
         owed = min(owed, max_documents)
     progress = Progress(owed)
     try:
-        _deliver_pages(claimant, work, batch_size, max_documents, summary, progress)
+        _deliver_pages(claimant, work, batch_size, page_size, max_documents, summary, progress)
     finally:
         pools.close_run(claimant)
     _publish(summary)
@@ -346,6 +350,7 @@ def _deliver_pages(
     claimant: str,
     work: WorkFilter,
     batch_size: int,
+    page_size: int,
     max_documents: int | None,
     summary: RunSummary,
     progress: Progress,
@@ -355,7 +360,7 @@ def _deliver_pages(
     remaining = max_documents if max_documents is not None else float("inf")
     while remaining > 0:
         started = time.perf_counter()
-        claimed = gather(claimant, work, int(min(PAGE_SIZE, remaining)))
+        claimed = gather(claimant, work, int(min(max(1, page_size), remaining)))
         count = sum(len(ids) for ids in claimed.values())
         if count == 0:
             break

@@ -11,6 +11,7 @@ the rest of the run: its other deliveries fail at once and wait for the next run
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 
@@ -80,6 +81,11 @@ class SessionPool:
                 self._lent -= 1
                 self._available.notify()
 
+    def idle(self) -> bool:
+        """No session is lent out right now."""
+        with self._available:
+            return self._lent == 0
+
     def close(self) -> None:
         with self._available:
             idle, self._idle = self._idle, []
@@ -87,23 +93,40 @@ class SessionPool:
             _close(opened)
 
 
+IDLE_SECONDS = 120.0
+"""A run's pool unused this long is closed when another is asked for: on Dask workers the flow's
+`close_run` cannot reach the pools, so they close themselves this way."""
+
+
 class PoolRegistry:
-    """The pools of each running flow, keyed by destination; closed when the run ends."""
+    """The pools of each running flow, keyed by destination; closed when the run ends (in the
+    flow's process) or after `IDLE_SECONDS` unused (in any other, e.g. a Dask worker)."""
 
     def __init__(self) -> None:
         self._pools: dict[tuple[str, str], SessionPool] = {}
+        self._used: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
+        now = time.monotonic()
         with self._lock:
+            stale = [key for key, used in self._used.items()
+                     if now - used > IDLE_SECONDS and self._pools[key].idle()]  # fmt: skip
+            closing = [self._pools.pop(key) for key in stale]
+            for key in stale:
+                del self._used[key]
             pool = self._pools.get((run, reference))
             if pool is None:
                 pool = self._pools[(run, reference)] = SessionPool(load(reference))
-            return pool
+            self._used[(run, reference)] = now
+        for old in closing:
+            old.close()
+        return pool
 
     def close_run(self, run: str) -> None:
         with self._lock:
             pools = [p for (r, _), p in self._pools.items() if r == run]
             self._pools = {k: v for k, v in self._pools.items() if k[0] != run}
+            self._used = {k: v for k, v in self._used.items() if k[0] != run}
         for pool in pools:
             pool.close()

@@ -483,6 +483,9 @@ def deliver(
     data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=5000)] = 100,
     max_documents: Annotated[int | None, typer.Option(min=1)] = None,
+    page_size: Annotated[
+        int, typer.Option(min=1, help="Deliveries claimed at a time (runs sharing a backlog)")
+    ] = 5000,
     deployment: Annotated[
         bool, typer.Option(help="Start the deployment on the Prefect server instead")
     ] = False,
@@ -496,6 +499,7 @@ def deliver(
         "data_types": data_type,
         "batch_size": batch_size,
         "max_documents": max_documents,
+        "page_size": page_size,
     }
     if deployment:
         _start_deployment("deliver-updates/deliver-updates", parameters)

@@ -80,6 +80,9 @@ def check_external_id(external_id: str | None) -> None:
     # for templates that use it, and fails only that delivery.
     if external_id is not None and (external_id == "" or len(external_id) > MAX_EXTERNAL_ID_LENGTH):
         raise IngestError(f"externalId must be 1-{MAX_EXTERNAL_ID_LENGTH} characters (or omitted)")
+    # The one exception: no identifier has a NUL, and PostgreSQL cannot store one in text.
+    if external_id is not None and "\x00" in external_id:
+        raise IngestError("externalId contains a NUL character; refused")
 
 
 def add_patient(store: Store, project_id: str, external_id: str | None = None) -> str:

@@ -185,12 +185,21 @@ def claim(
 
     One UPDATE whose WHERE re-checks eligibility, so two runs claiming at once never get the
     same row: the database serializes the writes and the loser's re-check no longer matches.
+    On PostgreSQL the candidates are locked with `FOR UPDATE SKIP LOCKED`, so a run claiming
+    at the same time as another takes the next rows instead of waiting for them and coming
+    back short; SQLite has one writer at a time and needs no such clause.
     """
     now = _now()
     lease = lease if lease is not None else default_lease()
     eligible = _claimable(now, claimant, work)
     with store.session() as session:
-        candidates = select(Delivery.id).where(eligible).order_by(Delivery.id).limit(limit)
+        candidates = (
+            select(Delivery.id)
+            .where(eligible)
+            .order_by(Delivery.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
         session.execute(
             update(Delivery)
             .where(Delivery.id.in_(candidates.scalar_subquery()), eligible)

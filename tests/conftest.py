@@ -31,10 +31,25 @@ def fixtures_dir() -> Path:
     return SHARED_FIXTURES
 
 
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_stores` run once on SQLite and once on PostgreSQL."""
+    if "store" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
+        metafunc.parametrize("store", STORE_BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
-    """A new SQLite store, also the one the delivery flow opens (through settings)."""
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Store]:
+    """A new store (SQLite unless parametrized), also the one the delivery flow opens."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres").database()
+    else:
+        url = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("PATIENT_DELIVERY_STORE_URL", url)
     monkeypatch.setenv("PATIENT_DELIVERY_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
@@ -68,6 +83,16 @@ def moto():  # type: ignore[no-untyped-def]
     from tests.servers import MotoServer
 
     server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    """PostgreSQL on loopback; each test that uses it gets its own database."""
+    from tests.servers import PostgresServer
+
+    server = PostgresServer()
     yield server
     server.stop()
 

@@ -75,18 +75,18 @@ def _run(*command: str, input: str | None = None) -> subprocess.CompletedProcess
     return subprocess.run(command, input=input, text=True, capture_output=True, check=False)
 
 
-def _install_openssh_server() -> None:
-    """Install Debian's openssh-server so that `uv run pytest` works on a fresh machine."""
+def apt_install(package: str) -> None:
+    """Install a Debian package the tests need, so that `uv run pytest` works on a new machine."""
     if shutil.which("apt-get") is None:
-        pytest.fail("OpenSSH sshd not found: install openssh-server (Debian/Ubuntu package)")
+        pytest.fail(f"{package} not found: install Debian/Ubuntu's {package} package")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "openssh-server"],
+        ["apt-get", "install", "-y", "-qq", package],
     ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            pytest.fail(f"installing openssh-server failed: {done.stderr[-1000:]}")
+            pytest.fail(f"installing {package} failed: {done.stderr[-1000:]}")
 
 
 class SshServer:
@@ -97,7 +97,7 @@ class SshServer:
         if os.geteuid() != 0:
             pytest.fail("the sshd tests run as root (they create a test user)")
         if not sshd.exists():
-            _install_openssh_server()
+            apt_install("openssh-server")
         self.dir = Path(tempfile.mkdtemp(prefix="sshd-"))
         self.dir.chmod(0o755)
         self.home = self.dir / "home"
@@ -381,3 +381,78 @@ class PrefectServer:
     def stop(self) -> None:
         stop(self.process)
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+class PostgresServer:
+    """PostgreSQL (Debian's package) on a free 127.0.0.1 port with its own data folder.
+
+    Tuned for tests, not durability (fsync off). `database()` makes a fresh database per test.
+    """
+
+    def __init__(self) -> None:
+        import glob
+
+        if os.geteuid() != 0:
+            pytest.fail("the PostgreSQL tests run as root (they start the server as postgres)")
+        if not glob.glob("/usr/lib/postgresql/*/bin/postgres"):
+            apt_install("postgresql")
+        self.bin = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
+        self.dir = Path(tempfile.mkdtemp(prefix="postgres-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        initdb = subprocess.run(
+            [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--no-sync"],
+            user="postgres", capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if initdb.returncode != 0:
+            pytest.fail(f"initdb failed: {initdb.stderr[-2000:]}")
+        self.port = free_port()
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                 "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                 "-c", "max_connections=300"],
+                user="postgres", stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        wait_for_port(self.port, 30, self.process, self.log)
+        self._ready()
+
+    def _ready(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self._dsn("postgres")).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def database(self, prefix: str = "store") -> str:
+        """Create an empty database; returns its SQLAlchemy URL."""
+        import uuid
+
+        import psycopg
+
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.process.pid)
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -17,7 +17,7 @@ from patient_delivery import ingest
 from patient_delivery.store import Store
 from tests.test_deliver_flow import CCDA, CCDA_V2, files_under, rows
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
 
 
 def folder_destination(root: Path) -> str:

@@ -7,16 +7,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from blocks.local import LocalDestination
 from flows.deliver import deliver
 from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
-from patient_delivery.store.models import Delivery, DocumentVersion
+from patient_delivery.store.models import Delivery, DocumentVersion, Share
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
 
 CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v1</title></ClinicalDocument>'
 CCDA_V2 = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v2</title></ClinicalDocument>'
@@ -139,7 +139,7 @@ def test_a_failed_delivery_is_delivered_by_the_next_run_at_the_same_path(
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
-    "hostile", ["../../etc", "a/b", "back\\slash", "nul\x00", "rtl\u202e", "x" * 1000]
+    "hostile", ["../../etc", "a/b", "back\\slash", "esc\x1b[31m", "rtl\u202e", "x" * 1000]
 )
 def test_a_hostile_external_id_fails_only_its_own_delivery(
     store: Store, project: str, tmp_path: Path, hostile: str
@@ -160,6 +160,16 @@ def test_a_hostile_external_id_fails_only_its_own_delivery(
     assert hostile not in (failed.last_error or "")
     assert sorted(files_under(root)) == [f"study/MRN-{i}.xml" for i in range(3)]
     assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.bad_input
+def test_an_external_id_with_a_nul_is_refused_at_ingest(store: Store, project: str) -> None:
+    with pytest.raises(ingest.IngestError, match="NUL character; refused"):
+        ingest.add_patient(store, project, "nul\x00")
+    with pytest.raises(ingest.IngestError, match="NUL"):
+        ingest.share_patient(store, ingest.add_patient(store, project, "ok"), project, "a\x00b")
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Share)) == 1
 
 
 def test_a_crashed_runs_pending_work_is_completed_at_the_same_path(

@@ -18,6 +18,8 @@ CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v1</title></ClinicalDoc
 CCDA_V2 = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v2</title></ClinicalDocument>'
 DEST = "local-destination/test"
 
+pytestmark = pytest.mark.both_stores
+
 
 @pytest.fixture
 def project(store: Store) -> str:

@@ -6,6 +6,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from blocks.local import LocalDestination
 from flows.sessions import PoolRegistry, SessionPool
 
@@ -64,3 +66,22 @@ def test_registry_keeps_one_pool_per_run_and_destination(tmp_path: Path) -> None
     registry.close_run("run-1")
     assert registry.get("run-1", "local-destination/a", load) is not first
     assert loads == ["local-destination/a"] * 3
+
+
+def test_pools_unused_for_a_while_close_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a Dask worker nobody calls close_run: idle pools of finished runs must not linger."""
+    import flows.sessions
+
+    registry = PoolRegistry()
+    old = registry.get("run-1", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
+    with old.lease() as lease:
+        lease.session()
+    busy = registry.get("run-2", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
+    monkeypatch.setattr(flows.sessions, "IDLE_SECONDS", 0.0)
+    with busy.lease():
+        time.sleep(0.01)
+        registry.get("run-3", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
+        assert old._idle == []  # closed: it was idle
+        assert registry.get("run-2", "local-destination/a", lambda _: 1 / 0) is busy  # kept: lent
