@@ -1,0 +1,148 @@
+"""Runs at the same time, in separate processes, over the same work: each document once.
+
+On SQLite and on PostgreSQL (`both_stores`): claims made at the same moment never overlap; whole
+delivery runs started together split the backlog and deliver every document exactly once, also
+when one of them is SIGKILLed holding claims (its lease runs out and the others take over).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from patient_delivery import ingest, ledger
+from patient_delivery.seed import seed_project
+from patient_delivery.store import Store, open_store
+from patient_delivery.store.models import Delivery, Disclosure
+from tests.faults import check_invariant
+from tests.test_deliver_flow import save_local
+from tests.test_local_destination import FolderRemote
+
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = Path(sys.executable).parent / "patient-delivery"
+
+
+def _claim_until_empty(
+    url: str,
+    claimant: str,
+    ready: multiprocessing.queues.Queue,
+    start: multiprocessing.synchronize.Event,
+) -> None:
+    """A process that claims small pages as fast as it can, once all of them are ready."""
+    store = open_store(url)
+    ledger.count_owed(store, claimant)  # connected and warm
+    ready.put(claimant)
+    start.wait()
+    mine: set[int] = set()
+    while True:
+        claimed = {i for ids in ledger.claim(store, claimant, limit=7).values() for i in ids}
+        if claimed == mine:
+            break
+        mine = claimed
+
+
+@pytest.fixture
+def project(store: Store) -> str:
+    ingest.add_organization(store, "Acme", "acme")
+    return ingest.add_project(store, "acme", "Study", "study")
+
+
+def test_claims_made_at_the_same_moment_by_four_processes_never_overlap(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    for name in ("a", "b", "c"):
+        ingest.subscribe(store, project, save_local(tmp_path / name))
+    seed_project(store, project, 100, size_scale=0.02)  # 100 patients x 2 documents x 3 = 600
+    url = str(store.engine.url.render_as_string(hide_password=False))
+    context = multiprocessing.get_context("spawn")
+    ready, start = context.Queue(), context.Event()
+    claimants = [f"claimer-{i}" for i in range(4)]
+    processes = [
+        context.Process(target=_claim_until_empty, args=(url, claimant, ready, start))
+        for claimant in claimants
+    ]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        ready.get(timeout=60)
+    start.set()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    with store.session() as session:
+        held = dict(
+            session.execute(
+                select(Delivery.claimed_by, func.count()).group_by(Delivery.claimed_by)
+            ).all()
+        )
+    # Every delivery is held by exactly one claimant (a row has one claimed_by), none is left
+    # unclaimed, and the work was shared: more than one process got some.
+    assert sum(held.get(c, 0) for c in claimants) == 600 and None not in held
+    assert sum(1 for c in claimants if held.get(c)) >= 2, held
+
+
+def _deliver(env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(CLI), "deliver", "--batch-size", "5", "--page-size", "20", *options],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_a_killed_one(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    root = tmp_path / "org-folder"
+    reference = save_local(root)
+    ingest.subscribe(store, project, reference)
+    seed_project(store, project, 300, size_scale=0.2)  # 600 documents
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PATIENT_DELIVERY_STORE_URL": store.engine.url.render_as_string(hide_password=False),
+        "PATIENT_DELIVERY_LEASE_SECONDS": "5",
+    }
+    victim = _deliver(env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(root.rglob("*.*"))) < 30:
+        assert victim.poll() is None, victim.stderr.read() if victim.stderr else ""
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    with store.session() as session:
+        held = session.scalar(select(func.count()).where(Delivery.status == "pending"))
+        rendered = dict(session.execute(select(Delivery.id, Delivery.path).where(
+            Delivery.path.is_not(None))).all())  # fmt: skip
+    assert held, "the killed run held no claims: it was not killed mid-run"
+    time.sleep(5)  # its leases run out
+
+    runners = [_deliver(env) for _ in range(3)]
+    for runner in runners:
+        _, stderr = runner.communicate(timeout=300)
+        assert runner.returncode == 0, stderr.decode()[-3000:]
+
+    figures = check_invariant(store, {reference: FolderRemote(root)})
+    assert (figures.rows, figures.delivered, figures.owed) == (600, 600, 0), figures
+    assert (figures.lost, figures.duplicated, figures.partial, figures.leftovers) == (0, 0, 0, 0)
+    with store.session() as session:
+        paths = dict(session.execute(select(Delivery.id, Delivery.path)).all())
+        runs = dict(session.execute(
+            select(Disclosure.flow_run_id, func.count()).group_by(Disclosure.flow_run_id)
+        ).all())  # fmt: skip
+    assert all(paths[i] == path for i, path in rendered.items())  # taken over at the same paths
+    print(f"\ndeliveries per run (the first was killed): {sorted(runs.values(), reverse=True)}")
+    assert len(runs) >= 3, runs  # the killed run and at least two of the three at once
