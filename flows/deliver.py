@@ -13,7 +13,9 @@ upload task, one document at a time, and never becomes a parameter, result, log 
 from __future__ import annotations
 
 import math
+import os
 import random
+import socket
 import time
 import uuid
 from collections import Counter
@@ -31,14 +33,16 @@ from prefect.blocks.core import Block
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 import blocks  # noqa: F401  (registers every destination block type for Block.load)
 from blocks.base import DeliveryError, Destination
-from flows.sessions import Lease, PoolRegistry
+from flows import sessions
+from flows.sessions import Lease
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
 from patient_delivery.ledger import Outcome, RenderResult, UploadItem, WorkFilter
+from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
 
 PAGE_SIZE = 5_000
@@ -54,6 +58,8 @@ class BatchReport:
     """What one upload task did: counts and reasons only."""
 
     destination: str
+    worker: str | None = None
+    """host:pid of the process that ran the batch (the flow's own, or a Dask worker)."""
     delivered: int = 0
     failed: int = 0
     skipped: int = 0
@@ -68,8 +74,12 @@ class RunSummary:
 
     flow_run_id: str
     destinations: dict[str, BatchReport] = field(default_factory=dict)
+    workers: Counter[str] = field(default_factory=Counter)
+    """Documents sent per process (host:pid)."""
 
     def add(self, report: BatchReport) -> None:
+        if report.worker:
+            self.workers[report.worker] += report.delivered + report.failed
         total = self.destinations.setdefault(report.destination, BatchReport(report.destination))
         total.delivered += report.delivered
         total.failed += report.failed
@@ -115,10 +125,6 @@ def load_destination(reference: str) -> Destination:
     if not isinstance(destination, Destination):
         raise TypeError(f"block {reference!r} is not a destination")
     return destination
-
-
-pools = PoolRegistry()
-"""Sessions of the runs in this process, shared by their upload tasks (threads)."""
 
 
 @task(name="gather")
@@ -183,13 +189,13 @@ def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rend
 def upload(destination_ref: str, claimant: str, delivery_ids: list[int]) -> BatchReport:
     """Send one batch through a pooled destination session, then record every outcome at once."""
     store = open_store()
-    report = BatchReport(destination_ref)
+    report = BatchReport(destination_ref, worker=f"{socket.gethostname()}:{os.getpid()}")
     started = time.perf_counter()
     items = ledger.start_batch(store, claimant, delivery_ids)
     report.skipped = len(delivery_ids) - len(items)
     outcomes: list[Outcome] = []
     try:
-        pool = pools.get(claimant, destination_ref, load_destination)
+        pool = sessions.pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
             for item, content in ledger.stream_contents(store, items):
                 if pool.down is not None:
@@ -261,10 +267,31 @@ def _run_name() -> str:
     return f"deliver {scope}"
 
 
+def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[type-arg]
+    """Where upload batches run: threads in the flow's process, or a Dask cluster.
+
+    `dask_address` (default: the `PATIENT_DELIVERY_DASK_ADDRESS` setting) is a scheduler
+    address, or `local` for a cluster of worker processes on this machine, on loopback. Batches
+    carry delivery IDs and a destination's block name only: each Dask worker loads the block
+    and opens its own sessions, nothing is pickled from the flow.
+    """
+    address = dask_address or get_settings().dask_address
+    if not address:
+        return ThreadPoolTaskRunner(max_workers=32)
+    from prefect_dask import DaskTaskRunner
+
+    if address == "local":
+        return DaskTaskRunner(
+            cluster_kwargs={"processes": True, "threads_per_worker": 8, "host": "127.0.0.1",
+                            "dashboard_address": None},
+        )  # fmt: skip
+    return DaskTaskRunner(address=address)
+
+
 @flow(
     name="deliver-updates",
     flow_run_name=_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=32),
+    task_runner=task_runner(),
     validate_parameters=True,
 )
 def deliver_updates(
@@ -299,7 +326,7 @@ def deliver_updates(
     try:
         _deliver_pages(claimant, work, batch_size, page_size, max_documents, summary, progress)
     finally:
-        pools.close_run(claimant)
+        sessions.pools.close_run(claimant)
     _publish(summary)
     logger.info(
         "run finished: %d delivered, %d failed, to %d destination(s)",
@@ -314,9 +341,11 @@ def deliver_updates(
     return summary
 
 
-def deliver(**parameters: object) -> RunSummary:
-    """Run `deliver_updates` and return its summary, whether or not some deliveries failed."""
-    state = deliver_updates(**parameters, return_state=True)  # type: ignore[call-overload]
+def deliver(runner: TaskRunner | None = None, **parameters: object) -> RunSummary:  # type: ignore[type-arg]
+    """Run `deliver_updates` (on `runner`, if given) and return its summary, whether or not
+    some deliveries failed."""
+    run = deliver_updates if runner is None else deliver_updates.with_options(task_runner=runner)
+    state = run(**parameters, return_state=True)  # type: ignore[call-overload]
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result

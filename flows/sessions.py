@@ -130,3 +130,9 @@ class PoolRegistry:
             self._used = {k: v for k, v in self._used.items() if k[0] != run}
         for pool in pools:
             pool.close()
+
+
+pools = PoolRegistry()
+"""The sessions of the runs in this process (the flow's, or a Dask worker's), shared by their
+upload tasks. Used through the module (`sessions.pools`), so that the flow and its tasks pickle
+for Dask without it: each process has its own."""

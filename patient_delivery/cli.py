@@ -486,6 +486,10 @@ def deliver(
     page_size: Annotated[
         int, typer.Option(min=1, help="Deliveries claimed at a time (runs sharing a backlog)")
     ] = 5000,
+    dask: Annotated[
+        str | None,
+        typer.Option(help="Upload on a Dask cluster: tcp://scheduler:8786, or `local`"),
+    ] = None,
     deployment: Annotated[
         bool, typer.Option(help="Start the deployment on the Prefect server instead")
     ] = False,
@@ -505,9 +509,10 @@ def deliver(
         _start_deployment("deliver-updates/deliver-updates", parameters)
         return
     from flows.deliver import deliver as run_delivery
+    from flows.deliver import task_runner
 
     with _progress_bar("delivering"):
-        summary = run_delivery(**parameters)
+        summary = run_delivery(task_runner(dask) if dask else None, **parameters)
     _print_summary(summary)
     if summary.failed:
         raise typer.Exit(1)

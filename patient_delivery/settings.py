@@ -34,6 +34,14 @@ class Settings(BaseSettings):
             "run that died loses its claims when this runs out."
         ),
     )
+    dask_address: str | None = Field(
+        default=None,
+        description=(
+            "Run upload batches on a Dask cluster: a scheduler address (tcp://host:8786), or "
+            "`local` for a cluster of worker processes on this machine. Default: threads in "
+            "the flow's own process."
+        ),
+    )
     emit_events: bool | None = Field(
         default=None,
         description=(

@@ -7,26 +7,32 @@ when one of them is SIGKILLed holding claims (its lease runs out and the others 
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from flows.deliver import deliver
 from patient_delivery import ingest, ledger
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store, open_store
-from patient_delivery.store.models import Delivery, Disclosure
+from patient_delivery.store.models import Delivery, Disclosure, DocumentVersion
 from tests.faults import check_invariant
+from tests.servers import SshServer
 from tests.test_deliver_flow import save_local
 from tests.test_local_destination import FolderRemote
+from tests.test_sftp_destination import sftp_block
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
 
@@ -146,3 +152,35 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
     assert all(paths[i] == path for i, path in rendered.items())  # taken over at the same paths
     print(f"\ndeliveries per run (the first was killed): {sorted(runs.values(), reverse=True)}")
     assert len(runs) >= 3, runs  # the killed run and at least two of the three at once
+
+
+def test_a_delivery_on_a_local_dask_cluster_arrives_byte_identical(
+    store: Store, project: str, sshd: SshServer
+) -> None:
+    """Upload batches run in Dask worker processes, which open their own SFTP sessions."""
+    from prefect_dask import DaskTaskRunner
+
+    folder = sshd.make_folder(f"dask-{uuid.uuid4().hex[:8]}")
+    name = f"dask-{uuid.uuid4().hex[:8]}"
+    sftp_block(sshd, folder, max_connections=4).save(name)
+    reference = f"sftp-destination/{name}"
+    ingest.subscribe(store, project, reference)
+    seed_project(store, project, 60, size_scale=0.2)  # 120 documents
+    cluster = {"n_workers": 2, "threads_per_worker": 4, "processes": True, "host": "127.0.0.1",
+               "dashboard_address": None}  # fmt: skip
+
+    summary = deliver(DaskTaskRunner(cluster_kwargs=cluster), batch_size=10)
+
+    assert (summary.delivered, summary.failed) == (120, 0)
+    assert summary.workers and f"{socket.gethostname()}:{os.getpid()}" not in summary.workers
+    print(f"\ndocuments per Dask worker process: {dict(summary.workers)}")
+    with store.session() as session:
+        expected = dict(session.execute(
+            select(Delivery.path, DocumentVersion.sha256)
+            .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
+        ).all())  # fmt: skip
+    arrived = {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in folder.rglob("*") if path.is_file()
+    }  # fmt: skip
+    assert arrived == expected  # every stored version, byte-identical, and nothing else
