@@ -344,7 +344,8 @@ class SeaweedServer:
 class PrefectServer:
     """A real `prefect server start` on 127.0.0.1 with its own home and database."""
 
-    def __init__(self) -> None:
+    def __init__(self, database_url: str | None = None) -> None:
+        """`database_url`: the server's own database (postgresql+asyncpg://...); SQLite if None."""
         import sys
         import urllib.request
 
@@ -353,6 +354,8 @@ class PrefectServer:
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_HOME": str(self.home),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+        if database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         env.pop("PREFECT_API_URL", None)
         self.log = self.home / "server.log"
         with self.log.open("wb") as out:

@@ -1,0 +1,201 @@
+"""Past one process: the same backlog delivered by one process, a Dask cluster, and Prefect workers.
+
+    uv run python bench/scale.py                    # 400 patients (800 documents) per setup
+    uv run python bench/scale.py --patients 1000 --workers 2 --runs 4
+
+Starts on loopback, the way the tests do: PostgreSQL (for the store and for Prefect's own
+database), `prefect server start` on it, and OpenSSH sshd as the destination. Each setup gets
+its own project with the same synthetic patients and its own SFTP folder, then:
+
+1. `process`: one `deliver_updates` run in one process (threads), the baseline;
+2. `dask-N`: one run whose upload batches go to a local Dask cluster of N worker processes;
+3. `workers-W`: a deployment on a process work pool served by W `prefect worker` processes,
+   and R flow runs created at once over the same backlog (they claim it a page at a time).
+
+Prints documents/s per setup with the ratio to the baseline, and for the workers setup which
+worker ran which flow runs and how many documents each delivered. Needs root (sshd's test user,
+PostgreSQL run as `postgres`) and Debian's `openssh-server` and `postgresql` packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def child(setup: str, project: str, dask_workers: int) -> None:
+    """One delivery run in this (child) process; prints its seconds and documents."""
+    from flows.deliver import deliver, task_runner
+
+    runner = task_runner()
+    if setup == "dask":
+        from distributed import LocalCluster
+
+        # An existing cluster, as in production: its start-up is not part of the run.
+        cluster = LocalCluster(n_workers=dask_workers, threads_per_worker=8, processes=True,
+                               host="127.0.0.1", dashboard_address=None)  # fmt: skip
+        runner = task_runner(cluster.scheduler_address)
+    started = time.perf_counter()
+    summary = deliver(runner, project_id=project, batch_size=50)
+    seconds = time.perf_counter() - started
+    if summary.failed:
+        raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")
+    print(f"RESULT {seconds:.3f} {summary.delivered} {len(summary.workers)}")
+
+
+def run_child(env: dict[str, str], setup: str, project: str, dask_workers: int = 0) -> tuple:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", setup, project, str(dask_workers)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    match = re.search(r"RESULT (\S+) (\d+) (\d+)", done.stdout)
+    if done.returncode != 0 or not match:
+        raise SystemExit(f"{setup} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return float(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def workers_setup(env: dict[str, str], project: str, workers: int, runs: int, logs: Path):
+    """Deploy, start `workers` process workers, create `runs` flow runs at once; time them."""
+    import httpx
+    from prefect.deployments import run_deployment
+
+    from flows.deliver import deliver_updates
+
+    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "bench",
+                    "--type", "process"], env=env, check=True, capture_output=True)  # fmt: skip
+    deliver_updates.from_source(source=str(ROOT), entrypoint="flows/deliver.py:deliver_updates") \
+        .deploy(name="bench", work_pool_name="bench", print_next_steps=False)  # fmt: skip
+    started_workers = []
+    for number in range(workers):
+        log = (logs / f"worker-{number}.log").open("wb")
+        started_workers.append((subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench",
+             "--name", f"worker-{number}", "--limit", str(-(-runs // workers))],
+            env={**env, "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_WORKER_QUERY_SECONDS": "1",
+                 "PREFECT_WORKER_PREFETCH_SECONDS": "0"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))  # fmt: skip
+    time.sleep(5)  # the workers are polling
+    started = time.perf_counter()
+    ids = [
+        str(run_deployment("deliver-updates/bench", timeout=0,
+                           parameters={"project_id": project, "page_size": 100,
+                                       "batch_size": 50}).id)
+        for _ in range(runs)
+    ]  # fmt: skip
+    api = env["PREFECT_API_URL"]
+    while True:
+        states = [httpx.get(f"{api}/flow_runs/{i}").json()["state"]["type"] for i in ids]
+        if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states):
+            break
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    for process, log in started_workers:
+        os.killpg(process.pid, 15)
+        process.wait()
+        log.close()
+    if any(s != "COMPLETED" for s in states):
+        raise SystemExit(f"flow runs ended {states}; see {logs}")
+    by_worker = {}
+    for number in range(workers):
+        text = (logs / f"worker-{number}.log").read_text()
+        by_worker[f"worker-{number}"] = [i for i in ids if i in text]
+    return seconds, ids, by_worker
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patients", type=int, default=400)
+    parser.add_argument("--dask-workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=4)
+    args = parser.parse_args()
+
+    from tests.servers import SFTP_PASSWORD, SFTP_USER, PostgresServer, PrefectServer, SshServer
+
+    logs = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    postgres = PostgresServer()
+    sshd = SshServer()
+    prefect_db = postgres.database("prefect").replace("+psycopg", "+asyncpg")
+    server = PrefectServer(database_url=prefect_db)
+    try:
+        store_url = postgres.database("store")
+        env = {**server.client_env(), "PATIENT_DELIVERY_STORE_URL": store_url,
+               "PATIENT_DELIVERY_EMIT_EVENTS": "false",
+               "PATIENT_DELIVERY_CHECKOUT": str(ROOT)}  # fmt: skip
+        os.environ.update(env)  # before Prefect is imported: it reads its settings once
+        from sqlalchemy import func, select
+
+        from blocks.sftp import SftpDestination
+        from patient_delivery import ingest
+        from patient_delivery.seed import seed_project
+        from patient_delivery.store import open_store
+        from patient_delivery.store.models import Disclosure
+
+        store = open_store(store_url)
+        ingest.add_organization(store, "Bench", "bench")
+        setups = ["process", f"dask-{args.dask_workers}", f"workers-{args.workers}"]
+        for setup in setups:
+            project = ingest.add_project(store, "bench", setup, setup.replace("-", ""))
+            folder = sshd.make_folder(setup)
+            SftpDestination(host="127.0.0.1", port=sshd.port, username=SFTP_USER,
+                            password=SFTP_PASSWORD, host_keys=[sshd.host_key_line()],
+                            root=str(folder), max_connections=8).save(setup)  # fmt: skip
+            ingest.subscribe(store, project, f"sftp-destination/{setup}")
+            print(f"seeding {args.patients} patients for {setup} ...", file=sys.stderr)
+            seed_project(store, project, args.patients)
+
+        rows = []
+        seconds, sent, _ = run_child(env, "process", "process")
+        rows.append(("1 process, 32 threads", sent, seconds, 1))
+        seconds, sent, used = run_child(env, "dask", f"dask{args.dask_workers}", args.dask_workers)
+        rows.append((f"1 run on Dask, {args.dask_workers} worker processes", sent, seconds, used))
+        seconds, _, by_worker = workers_setup(
+            env, f"workers{args.workers}", args.workers, args.runs, logs
+        )
+        with store.session() as session:
+            per_run = dict(session.execute(
+                select(Disclosure.flow_run_id, func.count())
+                .where(Disclosure.project_id == f"workers{args.workers}")
+                .group_by(Disclosure.flow_run_id)
+            ).all())  # fmt: skip
+        sent = sum(per_run.values())
+        rows.append((f"{args.runs} runs on {args.workers} Prefect workers", sent, seconds,
+                     args.workers))  # fmt: skip
+        base = rows[0][1] / rows[0][2]
+        print("\n| setup | documents | seconds | documents/s | processes | vs 1 process |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, count, secs, processes in rows:
+            rate = count / secs
+            print(f"| {name} | {count} | {secs:.1f} | {rate:.0f} | {processes} | "
+                  f"{rate / base:.2f}x |")  # fmt: skip
+        print("\nflow runs per Prefect worker (documents delivered by each run):")
+        for worker, runs in by_worker.items():
+            counts = [per_run.get(i, 0) for i in runs]
+            print(f"  {worker}: {len(runs)} runs, {sum(counts)} documents {counts}")
+        spread = Counter({w: sum(per_run.get(i, 0) for i in r) for w, r in by_worker.items()})
+        print(f"  total {sum(spread.values())} of {args.patients * 2}")
+    finally:
+        server.stop()
+        sshd.stop()
+        postgres.stop()
+
+
+if __name__ == "__main__":
+    main()
