@@ -186,7 +186,8 @@ class Disclosure(Base):
     __table_args__ = (Index("ix_disclosures_patient", "patient_id", "disclosed_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    """The delivery that pushed it; empty for a read through the pull API."""
     patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"))
     organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
@@ -199,3 +200,19 @@ class Disclosure(Base):
     purpose: Mapped[str] = mapped_column(String(200))
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     disclosed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    accessor: Mapped[str | None] = mapped_column(String(64))
+    """Who read it through the pull API (`api-key:<id>`); empty for pushes."""
+
+
+class ApiKey(Base):
+    """An organization's key to the pull API (FHIR and MCP). Only the SHA-256 of the key is
+    kept: the key itself is shown once, when it is created."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

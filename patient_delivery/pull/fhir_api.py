@@ -1,0 +1,243 @@
+"""A read-only FHIR R4 API (JSON) over the organization's patients, on FastAPI.
+
+    GET /fhir/metadata                      CapabilityStatement (no key needed)
+    GET /fhir/Patient[?identifier=EXT]      the organization's patients, paged
+    GET /fhir/Patient/{id}                  one patient (id: healthexPatientId)
+    GET /fhir/Patient/{id}/$everything      all of a patient's resources, paged
+    GET /fhir/{type}?patient={id}           a patient's resources of one type, paged
+
+Paging: `_count` (default 50, at most 500) and `_offset`, with `next`/`previous` links;
+`_since` (an instant) returns what changed at or after it. Every answer is
+`application/fhir+json`; every error an `OperationOutcome`. A key is an organization's bearer
+token; a patient the organization may not see is "not found", like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from patient_delivery.pull.keys import Caller, authenticate
+from patient_delivery.pull.records import FhirRecord, Records
+
+FHIR_JSON = "application/fhir+json"
+CHANNEL = "fhir-api"
+MAX_COUNT = 500
+
+# The R4 resource types of the Patient compartment that stored bundles carry.
+RESOURCE_TYPES = sorted({
+    "AllergyIntolerance", "CarePlan", "CareTeam", "Claim", "Condition", "Coverage", "Device",
+    "DiagnosticReport", "DocumentReference", "Encounter", "ExplanationOfBenefit", "Goal",
+    "ImagingStudy", "Immunization", "Location", "Medication", "MedicationAdministration",
+    "MedicationDispense", "MedicationRequest", "MedicationStatement", "Observation",
+    "Organization", "Practitioner", "PractitionerRole", "Procedure", "Provenance",
+    "ServiceRequest", "SupplyDelivery",
+})  # fmt: skip
+
+
+class FhirResponse(JSONResponse):
+    media_type = FHIR_JSON
+
+
+class FhirError(Exception):
+    """An error answered as an OperationOutcome."""
+
+    def __init__(self, status: int, code: str, text: str) -> None:
+        super().__init__(text)
+        self.status, self.code, self.text = status, code, text
+
+
+def outcome(status: int, code: str, text: str) -> FhirResponse:
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return FhirResponse(body, status_code=status, headers=headers)
+
+
+def capability_statement(base: str) -> dict[str, Any]:
+    search = [
+        {"name": "patient", "type": "reference"},
+        {"name": "_since", "type": "date"},
+        {"name": "_count", "type": "number"},
+    ]
+    everything = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+    resources: list[dict[str, Any]] = [
+        {
+            "type": "Patient",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [
+                {"name": "identifier", "type": "token"},
+                {"name": "_count", "type": "number"},
+            ],
+            "operation": [{"name": "everything", "definition": everything}],
+        }
+    ]
+    resources += [
+        {"type": name, "interaction": [{"code": "search-type"}], "searchParam": search}
+        for name in RESOURCE_TYPES
+    ]
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-25",
+        "kind": "instance",
+        "software": {"name": "patient-delivery"},
+        "implementation": {"description": "patient-delivery pull API", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {"description": "Bearer token: an organization's API key"},
+                "resource": resources,
+            }
+        ],
+    }
+
+
+def current_caller(request: Request) -> Caller:
+    """The organization whose API key is the request's bearer token; 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    store = request.app.state.records.store
+    found = authenticate(store, key.strip()) if scheme.lower() == "bearer" else None
+    if found is None:
+        raise FhirError(401, "login", "a valid API key is required (Authorization: Bearer)")
+    return found
+
+
+Who = Annotated[Caller, Depends(current_caller)]
+Count = Annotated[int, Query(alias="_count", ge=0, le=MAX_COUNT)]
+Offset = Annotated[int, Query(alias="_offset", ge=0)]
+Since = Annotated[datetime | None, Query(alias="_since")]
+
+
+def create_fhir_router(records: Records) -> APIRouter:
+    """The /fhir routes; the app must carry the same `records` as `app.state.records`."""
+    router = APIRouter(prefix="/fhir")
+
+    def record_or_404(who: Caller, patient_id: str) -> FhirRecord:
+        record = records.fhir(who, patient_id)
+        if record is None:
+            raise FhirError(404, "not-found", f"Patient/{patient_id} is not known")
+        return record
+
+    @router.get("/metadata")
+    def metadata(request: Request) -> FhirResponse:
+        return FhirResponse(capability_statement(str(request.base_url) + "fhir"))
+
+    @router.get("/Patient")
+    def search_patients(
+        request: Request, who: Who, identifier: str | None = None, count: Count = 50,
+        offset: Offset = 0,
+    ) -> FhirResponse:  # fmt: skip
+        external_id = identifier.split("|")[-1] if identifier else None
+        page, total = records.patients(who, external_id, limit=count, offset=offset)
+        resources = []
+        for patient in page:
+            record = records.fhir(who, patient.patient_id)
+            if record is None:
+                resources.append({"resourceType": "Patient", "id": patient.patient_id})
+                continue
+            resources += record.of_type("Patient")
+            records.disclose(who, patient, record.version, "Patient?identifier", CHANNEL)
+        return FhirResponse(_searchset(request, resources, total, count, offset))
+
+    @router.get("/Patient/{patient_id}")
+    def read_patient(patient_id: str, who: Who) -> FhirResponse:
+        record = record_or_404(who, patient_id)
+        records.disclose(who, record.patient, record.version, "Patient/{id}", CHANNEL)
+        [patient] = record.of_type("Patient") or [{"resourceType": "Patient", "id": patient_id}]
+        return FhirResponse(patient)
+
+    @router.get("/Patient/{patient_id}/$everything")
+    def everything(
+        request: Request, patient_id: str, who: Who, count: Count = 50, offset: Offset = 0,
+        since: Since = None,
+    ) -> FhirResponse:  # fmt: skip
+        record = record_or_404(who, patient_id)
+        found = record.everything(_aware(since))
+        records.disclose(who, record.patient, record.version, "Patient/{id}/$everything", CHANNEL)
+        page = found[offset : offset + count]
+        return FhirResponse(_searchset(request, page, len(found), count, offset))
+
+    @router.get("/{resource_type}")
+    def search(
+        request: Request, resource_type: str, who: Who, patient: str | None = None,
+        subject: str | None = None, count: Count = 50, offset: Offset = 0, since: Since = None,
+    ) -> FhirResponse:  # fmt: skip
+        if resource_type not in RESOURCE_TYPES:
+            raise FhirError(404, "not-supported", f"resource type {resource_type!r} is not served")
+        wanted = patient or subject
+        if not wanted:
+            raise FhirError(400, "required", "search needs ?patient={healthexPatientId}")
+        patient_id = wanted.removeprefix("Patient/")
+        record = record_or_404(who, patient_id)
+        found = record.of_type(resource_type, _aware(since))
+        records.disclose(who, record.patient, record.version, f"{resource_type}?patient", CHANNEL)
+        page = found[offset : offset + count]
+        return FhirResponse(_searchset(request, page, len(found), count, offset))
+
+    return router
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def _searchset(
+    request: Request, resources: list[dict[str, Any]], total: int, count: int, offset: int
+) -> dict[str, Any]:
+    """A searchset Bundle of one page, with self/next/previous links that keep the query."""
+    base = str(request.base_url).rstrip("/") + "/fhir"
+
+    def link(relation: str, at: int) -> dict[str, str]:
+        return {"relation": relation,
+                "url": str(request.url.include_query_params(_offset=at, _count=count))}  # fmt: skip
+
+    links = [link("self", offset)]
+    if offset + count < total:
+        links.append(link("next", offset + count))
+    if offset > 0:
+        links.append(link("previous", max(0, offset - count)))
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": [
+            {
+                "fullUrl": f"{base}/{r.get('resourceType')}/{r.get('id')}",
+                "resource": r,
+                "search": {"mode": "match"},
+            }
+            for r in resources
+        ],
+    }
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Errors as OperationOutcome, with no request values echoed back."""
+
+    @app.exception_handler(FhirError)
+    async def _fhir_error(_: Request, error: FhirError) -> FhirResponse:
+        return outcome(error.status, error.code, error.text)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> FhirResponse:
+        names = sorted({str(e.get("loc", ["", "?"])[-1]) for e in error.errors()})
+        return outcome(400, "invalid", f"invalid parameter(s): {', '.join(names)}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> FhirResponse:
+        code = "not-found" if error.status_code == 404 else "processing"
+        return outcome(error.status_code, code, str(error.detail))

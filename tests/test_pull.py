@@ -1,0 +1,308 @@
+"""The pull API on a real server on loopback, read with clients nobody here wrote: `fhirclient`
+(SMART on FHIR) for the FHIR API and the `mcp` SDK's client for the MCP server."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import select
+
+from patient_delivery import ingest
+from patient_delivery.importers import fhir_bundle, import_ccda, import_fhir_bulk
+from patient_delivery.pull.keys import create_key, revoke_key
+from patient_delivery.pull.server import create_app
+from patient_delivery.store import Store
+from patient_delivery.store.models import Disclosure, Patient, Share
+from tests.servers import free_port
+
+FHIR_JSON = "application/fhir+json"
+
+
+class ApiServer:
+    """`create_app` under uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(store, self.url), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the API server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class World:
+    store: Store
+    api: ApiServer
+    key: str
+    other_key: str
+    fixtures: Path
+
+    def get(self, path: str, key: str | None = "own", **params: Any) -> httpx.Response:
+        token = {"own": self.key, "other": self.other_key}.get(key or "", key)
+        headers = {"Authorization": f"Bearer {token}"} if key else {}
+        return httpx.get(f"{self.api.url}/fhir/{path}", params=params, headers=headers)
+
+    def patients(self) -> dict[str, str]:
+        """healthexPatientId -> the Patient.id in the fixture export, for project study."""
+        with self.store.session() as session:
+            return dict(session.execute(
+                select(Patient.id, Patient.fhir_id).join(Share, Share.patient_id == Patient.id)
+                .where(Share.project_id == "study", Patient.fhir_id.is_not(None))
+            ).all())  # fmt: skip
+
+    def exported(self, source_id: str, patient_id: str) -> list[dict[str, Any]]:
+        """The fixture export's resources of one patient, as the API should serve them."""
+        found = []
+        for path in sorted(self.fixtures.glob("*.ndjson")):
+            if path.name[0].isupper():
+                for line in path.read_text().splitlines():
+                    if source_id in line:
+                        text = line.replace(f"Patient/{source_id}", f"Patient/{patient_id}")
+                        resource = json.loads(text)
+                        if resource["resourceType"] == "Patient":
+                            if resource["id"] != source_id:
+                                continue
+                            resource["id"] = patient_id
+                        found.append(resource)
+        return found
+
+
+@pytest.fixture
+def world(store: Store, fixtures_dir: Path) -> Iterator[World]:
+    ingest.add_organization(store, "Acme", "acme")
+    ingest.add_project(store, "acme", "Study", "study")
+    import_fhir_bulk(store, fixtures_dir / "fhir-bulk-10", "study")
+    import_ccda(store, sorted((fixtures_dir / "ccda").glob("*.xml"))[:2], project_id="study")
+    ingest.add_organization(store, "Other", "other")
+    ingest.add_project(store, "other", "Trial", "trial")
+    stranger = ingest.add_patient(store, "trial", "T-1")
+    ingest.put_document(store, stranger, "fhir", fhir_bundle(
+        {"resourceType": "Patient", "id": "t1"}, []))  # fmt: skip
+    _, key = create_key(store, "acme", "tests")
+    _, other_key = create_key(store, "other", "tests")
+    api = ApiServer(store)
+    yield World(store, api, key, other_key, fixtures_dir / "fhir-bulk-10")
+    api.stop()
+
+
+def test_fhirclient_reads_a_patient_and_searches_resources_page_by_page(world: World) -> None:
+    from fhirclient import client
+    from fhirclient.models.condition import Condition
+    from fhirclient.models.encounter import Encounter
+    from fhirclient.models.patient import Patient as FhirPatient
+
+    smart = client.FHIRClient(settings={"app_id": "tests", "api_base": f"{world.api.url}/fhir/"})
+    smart.server.session.headers["Authorization"] = f"Bearer {world.key}"
+    smart.prepare()  # reads and parses our CapabilityStatement
+    assert smart.ready
+    candidates = {pid: world.exported(sid, pid) for pid, sid in world.patients().items()}
+    patient_id = max(candidates, key=lambda pid: len(candidates[pid]))  # the fullest record
+    exported = candidates[patient_id]
+
+    patient = FhirPatient.read(patient_id, smart.server)
+    [expected] = [r for r in exported if r["resourceType"] == "Patient"]
+    assert patient.as_json() == FhirPatient(expected).as_json()
+
+    for model, kind in ((Condition, "Condition"), (Encounter, "Encounter")):
+        search = model.where(struct={"patient": patient_id, "_count": "2"})
+        found = [r.as_json() for r in search.perform_resources_iter(smart.server)]
+        wanted = [model(r).as_json() for r in exported if r["resourceType"] == kind]
+        assert len(wanted) > 2  # several pages were followed
+        assert sorted(r["id"] for r in found) == sorted(r["id"] for r in wanted)
+        assert sorted(found, key=lambda r: r["id"]) == sorted(wanted, key=lambda r: r["id"])
+
+
+def test_everything_pages_return_each_resource_exactly_once(world: World) -> None:
+    patient_id, source_id = sorted(world.patients().items())[1]
+    seen: list[str] = []
+    response = world.get(f"Patient/{patient_id}/$everything", _count=25)
+    pages = 0
+    while True:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith(FHIR_JSON)
+        bundle = response.json()
+        seen += [f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle["entry"]]
+        pages += 1
+        following = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+        if not following:
+            break
+        response = httpx.get(following[0], headers={"Authorization": f"Bearer {world.key}"})
+    exported = world.exported(source_id, patient_id)
+    assert pages > 2 and len(seen) == len(set(seen)) == bundle["total"] == len(exported)
+    assert set(seen) == {f"{r['resourceType']}/{r['id']}" for r in exported}
+
+
+def test_since_returns_only_what_changed_after(world: World) -> None:
+    patient_id, _ = sorted(world.patients().items())[0]
+    past = world.get("Condition", patient=patient_id, _since="2000-01-01T00:00:00Z")
+    future = world.get("Condition", patient=patient_id, _since="2999-01-01T00:00:00Z")
+    assert past.json()["total"] > 0 and future.json()["total"] == 0
+
+
+def test_another_organizations_patient_is_not_found_like_one_that_does_not_exist(
+    world: World,
+) -> None:
+    patient_id, _ = sorted(world.patients().items())[0]
+    theirs = world.get(f"Patient/{patient_id}", key="other")
+    nobody = world.get("Patient/hx_00000000000000000000", key="other")
+    searched = world.get("Condition", key="other", patient=patient_id)
+    for response in (theirs, nobody, searched):
+        assert response.status_code == 404
+        assert response.json()["resourceType"] == "OperationOutcome"
+    assert theirs.json() == {
+        **nobody.json(),
+        "issue": [
+            {**nobody.json()["issue"][0], "diagnostics": f"Patient/{patient_id} is not known"}
+        ],
+    }
+    # The other organization sees its own patient and only that one.
+    listed = world.get("Patient", key="other").json()
+    assert listed["total"] == 1 and listed["entry"][0]["resource"]["id"] != patient_id
+
+
+@pytest.mark.bad_input
+def test_missing_wrong_and_revoked_keys_are_refused(world: World) -> None:
+    patient_id, _ = sorted(world.patients().items())[0]
+    key_id, key = create_key(world.store, "acme", "soon revoked")
+    assert world.get(f"Patient/{patient_id}", key=key).status_code == 200
+    revoke_key(world.store, key_id)
+    for presented in (None, "pdk_wrong", key, world.key + "x"):
+        response = world.get(f"Patient/{patient_id}", key=presented)
+        assert response.status_code == 401, presented
+        assert response.json()["issue"][0]["code"] == "login"
+        assert response.headers["www-authenticate"] == "Bearer"
+    bad = world.get("Condition", _count="many", patient=patient_id)
+    assert bad.status_code == 400 and "_count" in bad.json()["issue"][0]["diagnostics"]
+    assert world.get("Spaceship", patient=patient_id).status_code == 404
+    assert world.get("Condition").status_code == 400  # no patient
+
+
+def test_every_read_is_a_disclosure_with_who_what_and_when(world: World) -> None:
+    patient_id, _ = sorted(world.patients().items())[0]
+    world.get(f"Patient/{patient_id}")
+    world.get("Condition", patient=patient_id)
+    world.get(f"Patient/{patient_id}", key="other")  # not found: nothing disclosed
+    with world.store.session() as session:
+        rows = session.scalars(
+            select(Disclosure).where(Disclosure.destination == "fhir-api").order_by(Disclosure.id)
+        ).all()
+    assert [(r.patient_id, r.organization_id, r.path, r.purpose) for r in rows] == [
+        (patient_id, "acme", "Patient/{id}", "pull"),
+        (patient_id, "acme", "Condition?patient", "pull"),
+    ]
+    assert all(r.accessor and r.accessor.startswith("api-key:") and r.delivery_id is None
+               for r in rows)  # fmt: skip
+
+
+def _mcp_call(url: str, key: str | None, *calls: tuple[str, dict[str, Any]]) -> list[Any]:
+    """Connect with the mcp SDK's streamable HTTP client, list tools, make `calls`."""
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def run() -> list[Any]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=30) as http,
+            streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            tools = await session.list_tools()
+            results: list[Any] = [sorted(t.name for t in tools.tools)]
+            for name, arguments in calls:
+                results.append(await session.call_tool(name, arguments))
+            return results
+
+    return anyio.run(run)
+
+
+def _text(result: Any) -> str:
+    return "".join(getattr(block, "text", "") for block in result.content)
+
+
+def test_mcp_client_lists_tools_and_reads_the_organizations_records(world: World) -> None:
+    patient_id, source_id = sorted(world.patients().items())[0]
+    with world.store.session() as session:
+        external = session.scalar(select(Share.external_id).where(Share.patient_id == patient_id))
+    tools, listed, by_external, document, conditions, theirs = _mcp_call(
+        world.api.url, world.key,
+        ("list_patients", {}),
+        ("list_patients", {"external_id": external}),
+        ("get_document", {"patient_id": patient_id, "data_type": "fhir"}),
+        ("search_resources", {"patient_id": patient_id, "resource_type": "Condition"}),
+        ("get_document", {"patient_id": _stranger(world), "data_type": "fhir"}),
+    )  # fmt: skip
+    assert tools == ["get_document", "list_patients", "search_resources"]
+    assert json.loads(_text(listed))["total"] == 13 + 2
+    [only] = json.loads(_text(by_external))["patients"]
+    assert only["healthexPatientId"] == patient_id
+    bundle = json.loads(_text(document))
+    exported = {r["id"] for r in world.exported(source_id, source_id)}
+    assert {e["resource"]["id"] for e in bundle["entry"]} == exported  # stored as imported
+    wanted = [r for r in world.exported(source_id, patient_id) if r["resourceType"] == "Condition"]
+    found = json.loads(_text(conditions))
+    assert found["total"] == len(wanted) and sorted(found["resources"], key=lambda r: r["id"]) \
+        == sorted(wanted, key=lambda r: r["id"])  # fmt: skip
+    assert theirs.is_error and "no fhir document" in _text(theirs)
+    with world.store.session() as session:
+        reads = session.scalars(select(Disclosure.path).where(Disclosure.destination == "mcp"))
+        assert sorted(reads) == ["get_document fhir", "search_resources Condition"]
+
+
+@pytest.mark.bad_input
+def test_mcp_over_http_refuses_missing_and_wrong_keys(world: World) -> None:
+    for key in (None, "pdk_wrong"):
+        response = httpx.post(
+            f"{world.api.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        )  # fmt: skip
+        assert response.status_code == 401
+
+
+def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
+    world: World, store: Store
+) -> None:
+    import os
+
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    cli = str(Path(sys.executable).parent / "patient-delivery")
+    parameters = StdioServerParameters(
+        command=cli, args=["mcp"], env={**os.environ, "PATIENT_DELIVERY_API_KEY": world.other_key}
+    )
+
+    async def run() -> Any:
+        async with stdio_client(parameters) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            return await s.call_tool("list_patients", {})
+
+    listed = json.loads(_text(anyio.run(run)))
+    assert listed["total"] == 1 and listed["patients"][0]["externalId"] == "T-1"
+
+
+def _stranger(world: World) -> str:
+    with world.store.session() as session:
+        return session.scalar(select(Share.patient_id).where(Share.project_id == "trial")) or ""
