@@ -3,6 +3,7 @@
     uv run python bench/delivery.py                      # 1,000 patients = 2,000 documents, ~300 MB
     uv run python bench/delivery.py --patients 200 --only sftp
     uv run python bench/delivery.py gather --store-patients 1000000 --changed 1000
+    uv run python bench/delivery.py memory --sizes 1000,10000,100000   # peak RSS as N grows
 
 Starts OpenSSH sshd, SeaweedFS (S3) and moto (STS) on loopback the way the tests do, and a real
 `prefect server start`. Seeds synthetic patients with the project's own generator, exports the
@@ -370,6 +371,54 @@ def gather_benchmark(args: argparse.Namespace) -> None:
     print(f"\npeak RSS of the benchmark process: {rss:.0f} MB")
 
 
+def memory_benchmark(args: argparse.Namespace) -> None:
+    """Peak RSS of whole delivery runs as the backlog grows: flat in N is the target.
+
+    Small documents (`--size-scale`, default 0.02: a few KB each) keep 100,000 patients
+    seedable in minutes; delivered into a folder on /dev/shm, so the flow is what is measured.
+    """
+    from tests.servers import PrefectServer
+
+    server = PrefectServer()
+    os.environ.update(server.client_env())
+    from blocks.local import LocalDestination
+    from patient_delivery import ingest
+    from patient_delivery.seed import seed_project
+    from patient_delivery.store import close_stores, open_store
+
+    rows = []
+    try:
+        for patients in (int(n) for n in args.sizes.split(",")):
+            work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+            url = f"sqlite:///{work / 'store.db'}"
+            os.environ["PATIENT_DELIVERY_STORE_URL"] = url
+            store = open_store(url)
+            ingest.add_organization(store, "Bench", "bench")
+            ingest.add_project(store, "bench", "Bench", "bench")
+            name = f"memory-{patients}"
+            target = Path(tempfile.mkdtemp(prefix="bench-memory-", dir="/dev/shm"))
+            LocalDestination(root=target, max_connections=8).save(name, overwrite=True)
+            ingest.subscribe(store, "bench", f"local-destination/{name}")
+            started = time.perf_counter()
+            print(f"seeding {patients} patients ...", file=sys.stderr)
+            seed_project(store, "bench", patients, size_scale=args.size_scale)
+            print(f"seeded in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            close_stores()
+            config = {"export": str(work), "destination": f"local-destination/{name}",
+                      "batch": args.batch}  # fmt: skip
+            result = run_child("flow", config, dict(os.environ))
+            rows.append((patients, result["files"], result["seconds"], result["rss_mb"]))
+            subprocess.run(["rm", "-rf", str(target), str(work)], check=False)
+    finally:
+        server.stop()
+    smallest = rows[0][3]
+    print("\n| patients | documents | seconds | documents/s | peak RSS MB | vs smallest |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for patients, files, seconds, rss in rows:
+        print(f"| {patients} | {files} | {seconds:.1f} | {files / seconds:.0f} | {rss:.0f} | "
+              f"{rss / smallest:.2f}x |")  # fmt: skip
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         result = child(sys.argv[2], json.loads(sys.argv[3]))
@@ -378,7 +427,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("mode", nargs="?", default="throughput", choices=["throughput", "gather"])
+    parser.add_argument(
+        "mode", nargs="?", default="throughput", choices=["throughput", "gather", "memory"]
+    )
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--size-scale", type=float, default=1.0, help="document size factor")
     parser.add_argument("--batch", type=int, default=100, help="documents per upload task")
@@ -387,9 +438,14 @@ def main() -> None:
     parser.add_argument("--profile", help="folder for py-spy profiles (collapsed stacks) per mode")
     parser.add_argument("--store-patients", type=int, default=1_000_000)
     parser.add_argument("--changed", type=int, default=1000)
+    parser.add_argument("--sizes", default="1000,10000,100000", help="patients, memory mode")
     args = parser.parse_args()
     if args.mode == "gather":
         gather_benchmark(args)
+    elif args.mode == "memory":
+        if args.size_scale == 1.0:
+            args.size_scale = 0.02
+        memory_benchmark(args)
     else:
         throughput(args)
 

@@ -789,7 +789,8 @@ def disclosures(
     since: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
     csv: Annotated[Path | None, typer.Option(help="Write the rows as CSV")] = None,
 ) -> None:
-    """Every send of a patient's records, re-sends included: the accounting of disclosures."""
+    """Every send of a patient's records (re-sends included) and every read through the pull
+    API: the accounting of disclosures."""
     from patient_delivery.reports import disclosures_frame
 
     frame = disclosures_frame(_store(), patient, _parse_when(since))

@@ -128,7 +128,7 @@ def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:
 
 DISCLOSURE_LOG_COLUMNS = [
     "disclosed_at", "patient_id", "organization", "project_id", "destination", "data_type",
-    "version", "sha256", "size", "path", "purpose", "flow_run_id",
+    "version", "sha256", "size", "path", "purpose", "flow_run_id", "accessor",
 ]  # fmt: skip
 
 
@@ -150,6 +150,7 @@ def disclosures_frame(
             Disclosure.path,
             Disclosure.purpose,
             Disclosure.flow_run_id,
+            Disclosure.accessor,
         )
         .join(Organization, Organization.id == Disclosure.organization_id)
         .join(DocumentVersion, DocumentVersion.id == Disclosure.version_id)

@@ -306,3 +306,23 @@ def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
 def _stranger(world: World) -> str:
     with world.store.session() as session:
         return session.scalar(select(Share.patient_id).where(Share.project_id == "trial")) or ""
+
+
+def test_api_keys_from_the_command_line_are_shown_once_and_revocable(store: Store) -> None:
+    from typer.testing import CliRunner
+
+    from patient_delivery.cli import app
+    from patient_delivery.pull.keys import authenticate
+
+    runner = CliRunner()
+    ingest.add_organization(store, "Acme", "acme")
+    created = runner.invoke(app, ["api-key", "create", "acme", "--label", "analytics"])
+    assert created.exit_code == 0, created.output
+    [key] = [word for word in created.output.split() if word.startswith("pdk_")]
+    assert authenticate(store, key) is not None
+    listed = runner.invoke(app, ["api-key", "list"], env={"COLUMNS": "200"})
+    assert "analytics" in listed.output and key not in listed.output
+    assert runner.invoke(app, ["api-key", "revoke", "1"]).exit_code == 0
+    assert authenticate(store, key) is None
+    refused = runner.invoke(app, ["api-key", "create", "nobody"])
+    assert refused.exit_code == 2 and "no organization 'nobody'" in refused.output
