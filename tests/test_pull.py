@@ -71,6 +71,11 @@ class World:
                 .where(Share.project_id == "study", Patient.fhir_id.is_not(None))
             ).all())  # fmt: skip
 
+    def fullest(self) -> tuple[str, str]:
+        """(healthexPatientId, export id) of the patient with the most resources."""
+        patients = self.patients()
+        return max(patients.items(), key=lambda item: len(self.exported(item[1], item[0])))
+
     def exported(self, source_id: str, patient_id: str) -> list[dict[str, Any]]:
         """The fixture export's resources of one patient, as the API should serve them."""
         found = []
@@ -134,7 +139,7 @@ def test_fhirclient_reads_a_patient_and_searches_resources_page_by_page(world: W
 
 
 def test_everything_pages_return_each_resource_exactly_once(world: World) -> None:
-    patient_id, source_id = sorted(world.patients().items())[1]
+    patient_id, source_id = world.fullest()
     seen: list[str] = []
     response = world.get(f"Patient/{patient_id}/$everything", _count=25)
     pages = 0
@@ -154,7 +159,7 @@ def test_everything_pages_return_each_resource_exactly_once(world: World) -> Non
 
 
 def test_since_returns_only_what_changed_after(world: World) -> None:
-    patient_id, _ = sorted(world.patients().items())[0]
+    patient_id, _ = world.fullest()
     past = world.get("Condition", patient=patient_id, _since="2000-01-01T00:00:00Z")
     future = world.get("Condition", patient=patient_id, _since="2999-01-01T00:00:00Z")
     assert past.json()["total"] > 0 and future.json()["total"] == 0
@@ -243,7 +248,11 @@ def _text(result: Any) -> str:
 
 
 def test_mcp_client_lists_tools_and_reads_the_organizations_records(world: World) -> None:
-    patient_id, source_id = sorted(world.patients().items())[0]
+    patients = world.patients()
+    sizes = {pid: len(json.dumps(world.exported(sid, pid))) for pid, sid in patients.items()}
+    patient_id = max(sizes, key=sizes.__getitem__)  # the largest bundle: over 1 MB
+    assert sizes[patient_id] > 1_048_576
+    source_id = patients[patient_id]
     with world.store.session() as session:
         external = session.scalar(select(Share.external_id).where(Share.patient_id == patient_id))
     tools, listed, by_external, document, conditions, theirs = _mcp_call(
@@ -251,7 +260,8 @@ def test_mcp_client_lists_tools_and_reads_the_organizations_records(world: World
         ("list_patients", {}),
         ("list_patients", {"external_id": external}),
         ("get_document", {"patient_id": patient_id, "data_type": "fhir"}),
-        ("search_resources", {"patient_id": patient_id, "resource_type": "Condition"}),
+        ("search_resources", {"patient_id": patient_id, "resource_type": "Condition",
+                              "limit": 1000}),
         ("get_document", {"patient_id": _stranger(world), "data_type": "fhir"}),
     )  # fmt: skip
     assert tools == ["get_document", "list_patients", "search_resources"]

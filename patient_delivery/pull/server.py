@@ -16,8 +16,10 @@ from patient_delivery.store import Store
 def create_app(store: Store, base_url: str, host: str = "127.0.0.1") -> FastAPI:
     """The app, for `base_url` (how clients reach it, e.g. http://127.0.0.1:8080)."""
     records = Records(store)
+    # Plain JSON responses, not SSE: a patient's bundle can pass 1 MB, the SSE event limit of
+    # the SDK's own client.
     mcp_app = build_mcp(records, base_url=base_url.rstrip("/")).streamable_http_app(
-        streamable_http_path="/mcp", host=host
+        streamable_http_path="/mcp", host=host, json_response=True
     )
 
     @asynccontextmanager
