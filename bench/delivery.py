@@ -406,7 +406,9 @@ def memory_benchmark(args: argparse.Namespace) -> None:
             close_stores()
             config = {"export": str(work), "destination": f"local-destination/{name}",
                       "batch": args.batch}  # fmt: skip
-            result = run_child("flow", config, dict(os.environ))
+            # As prefect.yaml's deployments run it (see there), unless set otherwise.
+            env = {"MALLOC_ARENA_MAX": "2", **os.environ}
+            result = run_child("flow", config, env)
             rows.append((patients, result["files"], result["seconds"], result["rss_mb"]))
             subprocess.run(["rm", "-rf", str(target), str(work)], check=False)
     finally:

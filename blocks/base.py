@@ -103,6 +103,10 @@ class DestinationSession(ABC):
     def remove(self, path: str) -> None:
         """Delete the file at `path`; used by `test_connection` to clean up its probe."""
 
+    def discard_leftovers(self, path: str) -> None:  # noqa: B027 - optional; most need nothing
+        """Remove temporary files that earlier, cut-off writes to `path` left (best effort).
+        Called before a retry from a new run, which cannot know their names."""
+
     def close(self) -> None:  # noqa: B027 - optional hook; sessions without resources skip it
         """Release the connection."""
 

@@ -147,6 +147,14 @@ class SftpSession(DestinationSession):
             raise self._discard(temporary, error) from None
         return Receipt(path=path, size=len(content), sha256=sha256)
 
+    def discard_leftovers(self, path: str) -> None:
+        """One listing of the folder, only for deliveries being retried."""
+        folder, name = posixpath.split(self._remote(path))
+        with suppress(OSError, paramiko.SSHException, EOFError):
+            for entry in self.sftp.listdir(folder):
+                if entry.startswith(f".{name}.") and entry.endswith(".partial"):
+                    self.sftp.remove(posixpath.join(folder, entry))
+
     def _discard(self, temporary: str, error: DeliveryError) -> DeliveryError:
         """Remove a failed write's temporary file; when the connection is gone, hand its
         name to the retry (`error.leftover`), which removes it over the next connection."""

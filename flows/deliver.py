@@ -229,6 +229,9 @@ def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         try:
             session = lease.session()
+            if item.attempts and attempt == 1:  # tried by an earlier run, maybe cut off
+                with suppress(DeliveryError):
+                    session.discard_leftovers(item.path)
             receipt = session.upload(item.path, content, item.sha256)
             for leftover in leftovers:  # temporary files of attempts cut off midway
                 with suppress(DeliveryError):

@@ -313,6 +313,8 @@ class UploadItem:
     path: str
     sha256: str
     size: int
+    attempts: int = 0
+    """Tries recorded by earlier runs: a retry may find a cut-off write's temporary file."""
 
 
 def start_batch(
@@ -341,6 +343,7 @@ def start_batch(
                 DocumentVersion.size,
                 DocumentVersion.patient_id,
                 DocumentVersion.data_type,
+                Delivery.attempts,
             )
             .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
             .where(
@@ -370,7 +373,11 @@ def start_batch(
                 .values(status=DeliveryStatus.SUPERSEDED, claimed_by=None, lease_expires_at=None)
                 .execution_options(synchronize_session=False)
             )
-    return [UploadItem(*row[:5]) for row in rows if row.id not in stale]
+    return [
+        UploadItem(row.id, row.version_id, row.path, row.sha256, row.size, row.attempts)
+        for row in rows
+        if row.id not in stale
+    ]
 
 
 def stream_contents(

