@@ -236,6 +236,7 @@ def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
             for leftover in leftovers:  # temporary files of attempts cut off midway
                 with suppress(DeliveryError):
                     session.remove(leftover)
+            lease.delivered()
             return Outcome(item.delivery_id, attempt, sha256=receipt.sha256, size=receipt.size)
         except DeliveryError as exc:
             if exc.leftover:
@@ -243,7 +244,7 @@ def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
             if not exc.retryable:
                 return Outcome(item.delivery_id, attempt, error=f"{exc} (not retried)")
             if attempt == UPLOAD_ATTEMPTS:
-                lease.trip(str(exc))
+                lease.gave_up(str(exc))
                 error = f"{exc} (gave up after {attempt} tries; the next run tries again)"
                 return Outcome(item.delivery_id, attempt, error=error)
             lease.reset()

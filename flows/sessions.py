@@ -3,9 +3,9 @@
 Opening a session is the expensive part of a delivery (an SSH handshake and login, an STS
 AssumeRole), so a run keeps up to `max_connections` sessions per destination and lends them to
 its upload batches in turn. The same bound is the per-destination concurrency limit: a batch
-waits for a free session. A session that failed is dropped and reopened on next use. Once
-an upload has exhausted its retries on a temporary error, the destination counts as down for
-the rest of the run: its other deliveries fail at once and wait for the next run.
+waits for a free session. A session that failed is dropped and reopened on next use. Once two
+documents in a row have used up their retries on temporary errors, the destination counts as
+down for the rest of the run: its other deliveries fail at once and wait for the next run.
 """
 
 from __future__ import annotations
@@ -38,16 +38,23 @@ class Lease:
         if opened is not None:
             _close(opened)
 
-    def trip(self, reason: str) -> None:
-        """Mark the destination down for the rest of this run (retries were exhausted)."""
+    def gave_up(self, reason: str) -> None:
+        """A document used up its retries on a temporary error; drop the session."""
         self.reset()
-        self._pool.down = reason
+        self._pool.gave_up(reason)
+
+    def delivered(self) -> None:
+        self._pool.delivered()
 
 
 def _close(opened: Opened) -> None:
     # A broken connection may fail to close; it is dropped either way.
     with suppress(Exception):
         opened[0].__exit__(None, None, None)
+
+
+DOWN_AFTER = 2
+"""Documents in a row that used up their retries before the destination counts as down."""
 
 
 class SessionPool:
@@ -61,6 +68,20 @@ class SessionPool:
         self._available = threading.Condition()
         self.down: str | None = None
         """Why the destination is considered down for the rest of the run, once it is."""
+        self._given_up = 0
+
+    def gave_up(self, reason: str) -> None:
+        """Count a document that used up its retries. Two in a row, with no delivery between,
+        mark the destination down; one alone may be a document that fails by itself, and must
+        not hold back the others in every run."""
+        with self._available:
+            self._given_up += 1
+            if self._given_up >= DOWN_AFTER:
+                self.down = reason
+
+    def delivered(self) -> None:
+        with self._available:
+            self._given_up = 0
 
     @contextmanager
     def lease(self) -> Iterator[Lease]:

@@ -85,3 +85,16 @@ def test_pools_unused_for_a_while_close_themselves(
         registry.get("run-3", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
         assert old._idle == []  # closed: it was idle
         assert registry.get("run-2", "local-destination/a", lambda _: 1 / 0) is busy  # kept: lent
+
+
+def test_a_destination_counts_as_down_after_two_documents_in_a_row_gave_up(
+    tmp_path: Path,
+) -> None:
+    pool = SessionPool(LocalDestination(root=tmp_path))
+    with pool.lease() as lease:
+        lease.gave_up("timed out")
+        lease.delivered()  # one document failing alone: the others go on
+        lease.gave_up("timed out")
+        assert pool.down is None
+        lease.gave_up("connection refused")
+    assert pool.down == "connection refused"
