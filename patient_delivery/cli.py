@@ -917,7 +917,8 @@ def mcp(
     from patient_delivery.pull.mcp_server import build_mcp
     from patient_delivery.pull.records import Records
 
-    caller = authenticate(_store(), key)
+    store = _store()
+    caller = authenticate(store, key)
     if caller is None:
         raise _fail("a valid API key is required (--key or PATIENT_DELIVERY_API_KEY)", code=2)
-    build_mcp(Records(_store()), caller=caller).run("stdio")
+    build_mcp(Records(store), caller=caller).run("stdio")

@@ -146,7 +146,7 @@ def create_fhir_router(records: Records) -> APIRouter:
         page, total = records.patients(who, external_id, limit=count, offset=offset)
         resources = []
         for patient in page:
-            record = records.fhir(who, patient.patient_id)
+            record = records.record(patient)  # listed for this caller: shared already
             if record is None:
                 resources.append({"resourceType": "Patient", "id": patient.patient_id})
                 continue

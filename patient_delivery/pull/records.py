@@ -147,10 +147,14 @@ class Records:
     def fhir(self, caller: Caller, patient_id: str) -> FhirRecord | None:
         """The patient's newest FHIR bundle as resources, or None (not shared, or no bundle)."""
         patient = self.shared(caller, patient_id)
-        version = self.newest(patient_id, "fhir") if patient else None
-        if patient is None or version is None:
+        return self.record(patient) if patient else None
+
+    def record(self, patient: SharedPatient) -> FhirRecord | None:
+        """The newest FHIR bundle of a patient already known to be shared (no bundle: None)."""
+        version = self.newest(patient.patient_id, "fhir")
+        if version is None:
             return None
-        return FhirRecord(patient, version, self._resources(version, patient_id))
+        return FhirRecord(patient, version, self._resources(version, patient.patient_id))
 
     def _resources(self, version: Version, patient_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -180,16 +184,16 @@ class Records:
     def disclose(
         self, caller: Caller, patient: SharedPatient, version: Version, what: str, channel: str
     ) -> None:
-        """Append the read to the disclosures ledger. `what` names the request, never values."""
+        """Append the read to the disclosures ledger. `what` names the request, never values.
+
+        `patient` comes from `shared`/`patients`: a share with one of the caller's projects, so
+        the recipient organization is the caller's."""
         with self.store.session() as session:
-            organization = session.scalar(
-                select(Project.organization_id).where(Project.id == patient.project_id)
-            )
             session.add(
                 Disclosure(
                     delivery_id=None,
                     patient_id=patient.patient_id,
-                    organization_id=organization or caller.organization_id,
+                    organization_id=caller.organization_id,
                     project_id=patient.project_id,
                     destination=channel,
                     version_id=version.id,
