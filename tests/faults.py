@@ -5,6 +5,7 @@
 - `S3FaultProxy`: an HTTP proxy in front of an S3 server that answers chosen PUTs with S3
   errors (503 SlowDown, 500 InternalError, 403 AccessDenied, ...) and counts every PUT per key.
 - `check_invariant`: compares the ledger with what a server really holds.
+- `sigkill_once_files_arrive`: kill a delivery process in the middle of its run.
 - `REPORT`: what the suite injected and found, printed at the end of the test session.
 """
 
@@ -14,12 +15,16 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -227,6 +232,21 @@ class S3FaultProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def sigkill_once_files_arrive(
+    process: subprocess.Popen[bytes], root: Path, files: int, seconds: float = 120
+) -> None:
+    """SIGKILL a delivery process (started in its own session) and its children as soon as
+    `files` files are in `root`: a crash in the middle of its run."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(list(root.rglob("*.*"))) < files:
+        if process.poll() is not None:
+            error = process.stderr.read().decode()[-3000:] if process.stderr else ""
+            raise AssertionError(f"the delivery ended before it could be killed: {error}")
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @dataclass

@@ -12,7 +12,6 @@ import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from patient_delivery import ingest, ledger
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store, open_store
 from patient_delivery.store.models import Delivery, Disclosure, DocumentVersion
-from tests.faults import check_invariant
+from tests.faults import check_invariant, sigkill_once_files_arrive
 from tests.servers import SshServer
 from tests.test_deliver_flow import save_local
 from tests.test_local_destination import FolderRemote
@@ -122,13 +121,7 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
         "PATIENT_DELIVERY_STORE_URL": store.engine.url.render_as_string(hide_password=False),
         "PATIENT_DELIVERY_LEASE_SECONDS": "5",
     }
-    victim = _deliver(env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(root.rglob("*.*"))) < 30:
-        assert victim.poll() is None, victim.stderr.read() if victim.stderr else ""
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    sigkill_once_files_arrive(_deliver(env), root, 30)
     with store.session() as session:
         held = session.scalar(select(func.count()).where(Delivery.status == "pending"))
         rendered = dict(session.execute(select(Delivery.id, Delivery.path).where(

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -106,11 +107,17 @@ def endpoint(
 
 
 @pytest.fixture
-def proxies() -> Iterator[list[FaultProxy]]:
+def proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """Start a `FaultProxy` (same options) in front of a port; stopped after the test."""
     started: list[FaultProxy] = []
-    yield started
-    for proxy in started:
-        proxy.stop()
+
+    def start(port: int, **faults: Any) -> FaultProxy:
+        started.append(FaultProxy(port, **faults))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 BOTH = pytest.mark.parametrize("endpoint", ["sftp", "s3"], indirect=True)
@@ -132,70 +139,55 @@ def settle(
     return after
 
 
-def subscribe(store: Store, project: str, reference: str) -> None:
-    ingest.subscribe(store, project, reference)
-
-
 def reasons(store: Store, reference: str) -> set[str]:
     with store.session() as session:
         rows = session.scalars(select(Delivery.last_error).where(Delivery.destination == reference))
         return {reason for reason in rows if reason}
 
 
-@BOTH
-def test_a_slow_narrow_network_delivers_everything_once(
-    store: Store, project: str, endpoint: Endpoint, proxies: list[FaultProxy]
-) -> None:
-    proxy = FaultProxy(endpoint.port, latency=0.005, bandwidth=8_000_000)
-    proxies.append(proxy)
-    reference = endpoint.save(port=proxy.port)
-    subscribe(store, project, reference)
-    first = deliver()
-    assert (first.delivered, first.failed) == (DOCUMENTS, 0)
-    proxy.shaped()
-    settle(store, f"{endpoint.kind}: 5 ms per chunk, 8 MB/s cap", {reference: endpoint.remote},
-           proxy.injected)  # fmt: skip
+NETWORK_FAULTS = [
+    # (what, proxy options, connections (None: the block's default), fault the proxy must
+    # have injected and how often)
+    ("5 ms per chunk, 8 MB/s cap", {"latency": 0.005, "bandwidth": 8_000_000}, None, None),
+    ("2 connections reset after 300 kB", {"reset_after": 300_000, "resets": 2}, 1,
+     ("connection reset mid-transfer", 2)),
+    ("first 2 connections refused", {"refuse_first": 2}, 1, ("refused connection", 2)),
+]  # fmt: skip
 
 
 @BOTH
-def test_connections_reset_mid_upload_are_retried_without_partial_files(
-    store: Store, project: str, endpoint: Endpoint, proxies: list[FaultProxy]
+@pytest.mark.parametrize(("what", "faults", "connections", "expected"), NETWORK_FAULTS,
+                         ids=["slow-narrow", "reset-midway", "refused-first"])  # fmt: skip
+def test_network_faults_are_ridden_out_in_the_same_run_without_loss(
+    store: Store,
+    project: str,
+    endpoint: Endpoint,
+    proxy: Callable[..., FaultProxy],
+    what: str,
+    faults: dict[str, Any],
+    connections: int | None,
+    expected: tuple[str, int] | None,
 ) -> None:
-    proxy = FaultProxy(endpoint.port, reset_after=300_000, resets=2)
-    proxies.append(proxy)
-    reference = endpoint.save(port=proxy.port, max_connections=1)
-    subscribe(store, project, reference)
+    faulty = proxy(endpoint.port, **faults)
+    bound = {"max_connections": connections} if connections else {}
+    reference = endpoint.save(port=faulty.port, **bound)
+    ingest.subscribe(store, project, reference)
     first = deliver()
-    assert proxy.injected["connection reset mid-transfer"] == 2
+    if expected is not None:
+        assert faulty.injected[expected[0]] == expected[1]
     assert (first.delivered, first.failed) == (DOCUMENTS, 0)  # the retries got through
-    settle(store, f"{endpoint.kind}: 2 connections reset after 300 kB",
-           {reference: endpoint.remote}, proxy.injected)  # fmt: skip
-
-
-@BOTH
-def test_refused_first_connections_are_retried(
-    store: Store, project: str, endpoint: Endpoint, proxies: list[FaultProxy]
-) -> None:
-    proxy = FaultProxy(endpoint.port, refuse_first=2)
-    proxies.append(proxy)
-    reference = endpoint.save(port=proxy.port, max_connections=1)
-    subscribe(store, project, reference)
-    first = deliver()
-    assert proxy.injected["refused connection"] == 2
-    assert (first.delivered, first.failed) == (DOCUMENTS, 0)
-    settle(store, f"{endpoint.kind}: first 2 connections refused", {reference: endpoint.remote},
-           proxy.injected)  # fmt: skip
+    faulty.shaped()
+    settle(store, f"{endpoint.kind}: {what}", {reference: endpoint.remote}, faulty.injected)
 
 
 @BOTH
 def test_a_server_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
-    store: Store, project: str, endpoint: Endpoint, proxies: list[FaultProxy]
+    store: Store, project: str, endpoint: Endpoint, proxy: Callable[..., FaultProxy]
 ) -> None:
     # A narrow link makes the run last a few seconds, so the crash lands in the middle of it.
-    proxy = FaultProxy(endpoint.port, bandwidth=3_000_000)
-    proxies.append(proxy)
-    reference = endpoint.save(port=proxy.port, max_connections=2)
-    subscribe(store, project, reference)
+    narrow = proxy(endpoint.port, bandwidth=3_000_000)
+    reference = endpoint.save(port=narrow.port, max_connections=2)
+    ingest.subscribe(store, project, reference)
     crashed = threading.Event()
 
     def crash_after_three_files() -> None:
@@ -230,7 +222,7 @@ def test_s3_throttling_and_server_errors_are_retried_with_backoff(
     try:
         proxy.script.extend([503, 503, 500, 503, 500])
         reference = endpoint.save(port=proxy.port, max_connections=1)
-        subscribe(store, project, reference)
+        ingest.subscribe(store, project, reference)
         first = deliver()
         assert (first.delivered, first.failed) == (DOCUMENTS, 0)
         assert sum(proxy.puts.values()) == DOCUMENTS + 5  # each error cost one more request
@@ -249,7 +241,7 @@ def test_s3_permanent_errors_are_not_retried_and_say_so(
     try:
         proxy.always = status
         reference = endpoint.save(port=proxy.port)
-        subscribe(store, project, reference)
+        ingest.subscribe(store, project, reference)
         first = deliver()
         assert (first.delivered, first.failed) == (0, DOCUMENTS)
         assert sorted(proxy.puts.values()) == [1] * DOCUMENTS  # one request each, no retry
@@ -267,7 +259,7 @@ def test_a_changed_host_key_between_runs_sends_nothing_until_pinned_again(
     store: Store, project: str, endpoint: Endpoint, sshd: SshServer
 ) -> None:
     reference = endpoint.save()
-    subscribe(store, project, reference)
+    ingest.subscribe(store, project, reference)
     assert deliver().delivered == DOCUMENTS
     before = {name: endpoint.remote.read(name) for name in endpoint.remote.names()}
     sshd.crash()
@@ -304,8 +296,8 @@ def test_a_full_remote_disk_fails_those_deliveries_only(
         from blocks.local import LocalDestination
 
         LocalDestination(root=tmp_path / "healthy").save(local.split("/")[1])
-        subscribe(store, project, full)
-        subscribe(store, project, local)
+        ingest.subscribe(store, project, full)
+        ingest.subscribe(store, project, local)
         first = deliver()
         per = first.destinations
         assert (per[local].delivered, per[local].failed) == (DOCUMENTS, 0)  # isolation
@@ -327,7 +319,7 @@ def test_a_folder_that_is_not_writable_fails_clearly_and_is_not_retried(
     folder.chmod(0o555)
     try:
         reference = endpoint.save()
-        subscribe(store, project, reference)
+        ingest.subscribe(store, project, reference)
         first = deliver()
         assert (first.delivered, first.failed) == (0, DOCUMENTS)
         found = reasons(store, reference)
@@ -374,7 +366,7 @@ def test_a_50_mb_document_is_accepted_and_held_in_memory_about_once(
     big = _ccda(b"big").replace(b"</ClinicalDocument>", filler * 50_000 + b"</ClinicalDocument>")
     assert 50_000_000 < len(big) < 52_000_000
     reference = endpoint.save()
-    subscribe(store, project, reference)
+    ingest.subscribe(store, project, reference)
 
     tracemalloc.start()
     try:
@@ -420,7 +412,7 @@ def test_a_role_session_shorter_than_the_run_is_renewed_and_the_run_goes_on(
     # shortest STS grants) is always in that window, as a long run's session is at its end.
     s3_block(moto, bucket, role, session_duration_seconds=900, max_connections=2).save(name)
     reference = f"s3-destination/{name}"
-    subscribe(store, project, reference)
+    ingest.subscribe(store, project, reference)
     first = deliver(batch_size=5)
     assert (first.delivered, first.failed) == (DOCUMENTS, 0)
     renewals = _assumed(role) - 1

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from patient_delivery.store import open_store
-from tests.faults import REPORT, check_invariant
+from tests.faults import REPORT, check_invariant, sigkill_once_files_arrive
 from tests.servers import PrefectServer
 from tests.test_local_destination import FolderRemote
 
@@ -261,11 +261,7 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
         [str(BIN / "patient-delivery"), "deliver", "--batch-size", "20"], env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(root.rglob("*.*"))) < 50:
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    sigkill_once_files_arrive(victim, root, 50)
     database = sqlite3.connect(tmp_path / "store.db")
     before = dict(database.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
     rendered = dict(database.execute("SELECT id, path FROM deliveries WHERE path IS NOT NULL"))
