@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,15 +235,30 @@ class S3FaultProxy:
 
 
 def sigkill_once_files_arrive(
-    process: subprocess.Popen[bytes], root: Path, files: int, seconds: float = 120
+    process: subprocess.Popen[bytes],
+    root: Path,
+    files: int,
+    holding: Callable[[], bool] | None = None,
+    seconds: float = 120,
 ) -> None:
     """SIGKILL a delivery process (started in its own session) and its children as soon as
-    `files` files are in `root`: a crash in the middle of its run."""
+    `files` files are in `root` and, if given, `holding()` is true: a crash in the middle of
+    its run.
+
+    `holding` is checked with the process group stopped (SIGSTOP), so what it sees is still
+    true at the kill: a run caught between two pages, holding no claims, is let go on and
+    caught again a moment later.
+    """
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and len(list(root.rglob("*.*"))) < files:
+    while time.monotonic() < deadline:
         if process.poll() is not None:
             error = process.stderr.read().decode()[-3000:] if process.stderr else ""
             raise AssertionError(f"the delivery ended before it could be killed: {error}")
+        if len(list(root.rglob("*.*"))) >= files:
+            os.killpg(process.pid, signal.SIGSTOP)
+            if holding is None or holding():
+                break
+            os.killpg(process.pid, signal.SIGCONT)
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -121,12 +121,17 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
         "PATIENT_DELIVERY_STORE_URL": store.engine.url.render_as_string(hide_password=False),
         "PATIENT_DELIVERY_LEASE_SECONDS": "5",
     }
-    sigkill_once_files_arrive(_deliver(env), root, 30)
+
+    def held() -> int:
+        with store.session() as session:
+            return int(session.scalar(
+                select(func.count()).where(Delivery.status == "pending")) or 0)  # fmt: skip
+
+    sigkill_once_files_arrive(_deliver(env), root, 30, holding=lambda: held() > 0)
     with store.session() as session:
-        held = session.scalar(select(func.count()).where(Delivery.status == "pending"))
         rendered = dict(session.execute(select(Delivery.id, Delivery.path).where(
             Delivery.path.is_not(None))).all())  # fmt: skip
-    assert held, "the killed run held no claims: it was not killed mid-run"
+    assert held(), "the killed run held no claims: it was not killed mid-run"
     time.sleep(5)  # its leases run out
 
     runners = [_deliver(env) for _ in range(3)]

@@ -261,8 +261,9 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
         [str(BIN / "patient-delivery"), "deliver", "--batch-size", "20"], env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    sigkill_once_files_arrive(victim, root, 50)
     database = sqlite3.connect(tmp_path / "store.db")
+    pending = "SELECT count(*) FROM deliveries WHERE status = 'pending'"
+    sigkill_once_files_arrive(victim, root, 50, lambda: database.execute(pending).fetchone()[0] > 0)
     before = dict(database.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
     rendered = dict(database.execute("SELECT id, path FROM deliveries WHERE path IS NOT NULL"))
     assert before.get("delivered", 0) < 800 and before.get("pending", 0) > 0, before
