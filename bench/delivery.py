@@ -36,6 +36,24 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # --- modes, each run in a child process -----------------------------------------------------
 
 
+class Meter:
+    """Wall seconds, this process's CPU seconds (all threads) and the machine's busy CPU
+    seconds from now to `read()`: the transfer alone, imports and connections' setup excluded
+    where the mode allows."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.cpu = time.process_time()
+        self.busy = machine_busy_seconds()
+
+    def read(self) -> dict[str, float]:
+        return {
+            "seconds": time.perf_counter() - self.started,
+            "cpu": time.process_time() - self.cpu,
+            "machine_cpu": machine_busy_seconds() - self.busy,
+        }
+
+
 def child(mode: str, config: dict) -> dict:
     """Run one mode; returns what it moved and how long the transfer took (imports excluded)."""
     export = Path(config["export"])
@@ -43,13 +61,12 @@ def child(mode: str, config: dict) -> dict:
     if mode == "flow":
         from flows.deliver import deliver
 
-        started = time.perf_counter()
+        meter = Meter()
         summary = deliver(destinations=[config["destination"]], batch_size=config["batch"])
-        seconds = time.perf_counter() - started
         moved = sum(r.bytes for r in summary.destinations.values())
         if summary.failed:
             raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")
-        return {"seconds": seconds, "files": summary.delivered, "bytes": moved}
+        return {**meter.read(), "files": summary.delivered, "bytes": moved}
     if mode == "bare-sftp":
         return bare_sftp(config, files, export)
     if mode == "bare-s3":
@@ -73,7 +90,7 @@ def bare_sftp(config: dict, files: list[Path], export: Path) -> dict:
 
     lanes = [files[i::8] for i in range(8)]
     root = config["sftp_root"]
-    started = time.perf_counter()
+    meter = Meter()
 
     def send(lane: list[Path]) -> int:
         sftp, made, sent = connection(), set(), 0
@@ -91,7 +108,7 @@ def bare_sftp(config: dict, files: list[Path], export: Path) -> dict:
 
     with ThreadPoolExecutor(8) as pool:
         moved = sum(pool.map(send, lanes))
-    return {"seconds": time.perf_counter() - started, "files": len(files), "bytes": moved}
+    return {**meter.read(), "files": len(files), "bytes": moved}
 
 
 def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
@@ -106,7 +123,7 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
         aws_access_key_id="bench", aws_secret_access_key="bench",  # noqa: S106 - accepts any
         config=Config(max_pool_connections=16),
     )  # fmt: skip
-    started = time.perf_counter()
+    meter = Meter()
 
     def send(path: Path) -> int:
         body = path.read_bytes()
@@ -116,23 +133,30 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
 
     with ThreadPoolExecutor(16) as pool:
         moved = sum(pool.map(send, files))
-    return {"seconds": time.perf_counter() - started, "files": len(files), "bytes": moved}
+    return {**meter.read(), "files": len(files), "bytes": moved}
 
 
 # --- the parent: servers, data, and the table -------------------------------------------------
 
 
-def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, float, float]:
-    """Run a command; its stdout, wall seconds and peak RSS (VmHWM, sampled every 20 ms).
+def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, dict[str, float]]:
+    """Run a command; its stdout and what it cost: wall seconds, peak RSS (VmHWM, sampled every
+    20 ms), its own CPU seconds, and the whole machine's busy CPU seconds (servers included).
 
-    Not getrusage: a child forked from this large parent inherits its RSS high-water mark.
+    Not getrusage for RSS: a child forked from this large parent inherits its high-water mark.
+    On 2 cores shared by client and servers, files/s is bounded by 2 / (CPU seconds per file):
+    the CPU columns show who spends them.
     """
     started = time.perf_counter()
+    busy = machine_busy_seconds()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
         peak = 0.0
         status = Path(f"/proc/{process.pid}/status")
-        while process.poll() is None:
+        while True:
+            pid, code, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
             try:
                 for line in status.read_text().splitlines():
                     if line.startswith("VmHWM:"):
@@ -140,14 +164,52 @@ def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, float,
             except OSError:
                 pass
             time.sleep(0.02)
-        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(code)
+        cost = {
+            "seconds": time.perf_counter() - started,
+            "rss_mb": peak,
+            "cpu": usage.ru_utime + usage.ru_stime,
+            "machine_cpu": machine_busy_seconds() - busy,
+        }
         out.seek(0)
         err.seek(0)
         if process.returncode != 0:
             raise SystemExit(f"{command[0]} failed: {err.read().decode()[-3000:]}")
         if os.environ.get("BENCH_VERBOSE"):
             sys.stderr.write(err.read().decode()[-5000:])
-        return out.read(), seconds, peak
+        return out.read(), cost
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its descendants, live ones and those already reaped (a
+    server's per-connection children: sshd's sftp-server, uvicorn's workers)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    tree, total = {pid}, 0
+    for _ in range(8):  # a few levels deep is all servers use
+        tree |= {child for child, (parent, _) in stats.items() if parent in tree}
+    for member in tree:
+        total += stats.get(member, (0, 0))[1]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+SERVERS: dict[str, int] = {}
+"""Process IDs of servers whose CPU each run also reports: Prefect's. (Not sshd's: an SFTP
+session's sftp-server can outlive its parent and is then no longer sshd's descendant.)"""
+
+
+def servers_cpu() -> dict[str, float]:
+    return {name: tree_cpu_seconds(pid) for name, pid in SERVERS.items()}
 
 
 def run_child(mode: str, config: dict, env: dict[str, str]) -> dict:
@@ -158,10 +220,13 @@ def run_child(mode: str, config: dict, env: dict[str, str]) -> dict:
         target = Path(config["profile"]) / name
         command = ["py-spy", "record", "--format", "raw", "-r", "200", "-o", str(target), "--",
                    *command]  # fmt: skip
-    output, _, peak = run_measured(command, env)
+    before = servers_cpu()
+    output, cost = run_measured(command, env)
+    time.sleep(0.5)  # the servers reap the connections the child closed
     lines = [x for x in output.decode().splitlines() if x.startswith("{")]
     result = json.loads(lines[-1])
-    result["rss_mb"] = peak
+    result.update({f"{k}_cpu": v - before[k] for k, v in servers_cpu().items()})
+    result["rss_mb"] = cost["rss_mb"]  # the rest, measured by the child around its transfer
     return result
 
 
@@ -169,13 +234,11 @@ def run_rclone(source: Path, remote: str, env: dict[str, str]) -> dict:
     files = [p for p in source.rglob("*") if p.is_file()]
     env = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}  # breaks rclone 1.60's S3
     command = ["rclone", "copy", "--transfers", "16", "--no-check-dest", str(source), remote]
-    _, seconds, peak = run_measured(command, env)
-    return {
-        "seconds": seconds,
-        "files": len(files),
-        "bytes": sum(p.stat().st_size for p in files),
-        "rss_mb": peak,
-    }
+    before = servers_cpu()
+    _, cost = run_measured(command, env)
+    time.sleep(0.5)
+    used = {f"{k}_cpu": v - before[k] for k, v in servers_cpu().items()}
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), **cost, **used}
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -259,6 +322,7 @@ def throughput(args: argparse.Namespace) -> None:
             "profile": args.profile,
         }  # fmt: skip
         rows = []
+        SERVERS["prefect"] = server.process.pid
         if "sftp" in args.only:
             rclone = run_rclone(export, f"bsftp:{folders['rclone']}", env)
             rows.append(("sftp", "rclone copy --transfers 16", rclone, rclone))
@@ -289,19 +353,23 @@ def overhead(server: str, flow: dict, bare: dict) -> tuple:
 
 def print_table(rows: list[tuple], args: argparse.Namespace) -> None:
     print(f"\n{args.patients} patients, {args.batch} documents per upload task\n")
-    print("| server | path | files | MB | s | files/s | MB/s | peak RSS MB | vs rclone |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| server | path | files | MB | s | files/s | MB/s | peak RSS MB | CPU ms/file: client "
+          "| Prefect server | whole machine | vs rclone |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for server, label, result, rclone in rows:
         if result is None:
-            print(f"| {server} | {label} | | | | | | | |")
+            print(f"| {server} | {label} | | | | | | | | | | |")
             continue
         rate = result["files"] / result["seconds"]
         base = rclone["files"] / rclone["seconds"]
         megabytes = result["bytes"] / 1e6
+        per_file = 1000 / max(1, result["files"])
         print(
             f"| {server} | {label} | {result['files']} | {megabytes:.0f} | "
             f"{result['seconds']:.2f} | {rate:.0f} | {megabytes / result['seconds']:.0f}"
-            f" | {result['rss_mb']:.0f} | {rate / base:.2f}x |"
+            f" | {result['rss_mb']:.0f} | {result['cpu'] * per_file:.2f}"
+            f" | {result.get('prefect_cpu', 0) * per_file:.2f}"
+            f" | {result['machine_cpu'] * per_file:.2f} | {rate / base:.2f}x |"
         )
 
 

@@ -142,7 +142,7 @@ class Destination(Block, ABC):
 
     def render_path(self, values: Mapping[str, str], data_type: str) -> str:
         """The relative path for one document; raises `PathValueError` for an unsafe value."""
-        return PathTemplate.parse(self.path_template).render(values, data_type)
+        return PathTemplate.parse_cached(self.path_template).render(values, data_type)
 
     @abstractmethod
     def open_session(self) -> AbstractContextManager[DestinationSession]:

@@ -5,8 +5,9 @@
   was seen is reported, so an operator can check it and pin it; nothing is ever auto-accepted.
 - paramiko never sets `TCP_NODELAY`; we open the socket ourselves and set it (measured on
   loopback: 67 files/s without it, 529 with it, one connection).
-- Each file is written under a temporary name in its folder, its size checked, then moved into
-  place with `posix-rename@openssh.com` (plain `rename` fails over an existing file on OpenSSH).
+- Each file is written under a temporary name in its folder, every write's reply checked, then
+  moved into place with `posix-rename@openssh.com` (plain `rename` fails over an existing file
+  on OpenSSH): three round trips per file, requests pipelined (`sftp_pipeline`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import paramiko
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from blocks import sftp_pipeline
 from blocks.base import (
     DeliveryError,
     Destination,
@@ -96,27 +98,13 @@ class SftpSession(DestinationSession):
             raise TerminalDeliveryError("rendered path leaves the destination root; refused")
         return full
 
-    def _make_folders(self, folder: str) -> None:
-        """Create `folder` and its missing parents, top-down from the deepest one known to exist.
-
-        One `mkdir` per new folder and no `stat` in the common case: round trips are most of
-        an upload's cost.
-        """
+    def _missing_folders(self, folder: str) -> list[str]:
+        """`folder` and the parents this session has not made or seen yet, top-down."""
         missing: list[str] = []
         while folder not in self._folders and folder not in ("", "/"):
             missing.append(folder)
             folder = posixpath.dirname(folder)
-        for path in reversed(missing):
-            try:
-                self.sftp.mkdir(path)
-            except OSError as refused:
-                # Already there (made earlier or by another connection), or truly not creatable:
-                # stat tells which, and then mkdir's own error (permission denied...) says why.
-                try:
-                    self.sftp.stat(path)
-                except FileNotFoundError:
-                    raise refused from None
-            self._folders.add(path)
+        return missing[::-1]
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
         check_content(content, sha256)
@@ -124,15 +112,9 @@ class SftpSession(DestinationSession):
         folder, name = posixpath.split(final)
         temporary = posixpath.join(folder, f".{name}.{secrets.token_hex(6)}.partial")
         try:
-            self._make_folders(folder)
-            self.sftp.putfo(io.BytesIO(content), temporary, file_size=len(content), confirm=False)
-            written = self.sftp.stat(temporary).st_size
-            if written != len(content):
-                raise _transient(
-                    f"size check failed: {written} bytes arrived of {len(content)}; the server "
-                    "stopped writing (disk full or quota reached?)"
-                )
-            self.sftp.posix_rename(temporary, final)
+            missing = self._missing_folders(folder)
+            sftp_pipeline.put(self.sftp, missing, temporary, final, content)
+            self._folders.update(missing)
         except (TerminalDeliveryError, TransientDeliveryError) as exc:
             raise self._discard(temporary, exc) from None
         except PermissionError:
@@ -180,6 +162,15 @@ class SftpSession(DestinationSession):
         with suppress(Exception):
             self.sftp.close()
         self.transport.close()
+
+
+def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:
+    """AES-GCM first, then paramiko's own order (AES-CTR...): the server picks the first of ours
+    it also allows. GCM needs no separate MAC pass: measured here, 8 connections of bare
+    paramiko went from 1,088-1,386 files/s with AES-CTR + HMAC-SHA2 to 1,607-1,680 with GCM,
+    and both ends spent about a third less CPU per file."""
+    aead = [c for c in ciphers if "-gcm@" in c]
+    return aead + [c for c in ciphers if c not in aead]
 
 
 def _sftp_error(exc: OSError) -> TransientDeliveryError | TerminalDeliveryError:
@@ -266,10 +257,11 @@ class SftpDestination(Destination):
         transport.banner_timeout = self.connect_timeout
         transport.auth_timeout = self.connect_timeout
         transport.handshake_timeout = self.connect_timeout
+        options = transport.get_security_options()
+        options.ciphers = _prefer_aead(options.ciphers)
         key_types = sorted({p.key_type for p in self._pins() if p.key_type})
         if key_types and all(p.key_type for p in self._pins()):
             # Ask for the kinds of key we pinned, so a server holding several presents one of them.
-            options = transport.get_security_options()
             options.key_types = [t for t in options.key_types if t in key_types] or key_types
         try:
             transport.start_client(timeout=self.connect_timeout)

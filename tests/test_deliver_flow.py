@@ -280,24 +280,24 @@ def progress_of(flow_run_id: str) -> list[float]:
 def test_a_run_with_failures_ends_failed_with_a_message_that_counts_them(
     store: Store, project: str, tmp_path: Path
 ) -> None:
-    from flows.deliver import deliver_updates
+    from flows.deliver import deliver_state
 
     ingest.subscribe(store, project, save_local(tmp_path / "org", "{projectId}/{externalId}"))
     for external_id in ("MRN-1", "../escape"):
         patient = ingest.add_patient(store, project, external_id)
         ingest.put_document(store, patient, "ccda", CCDA)
 
-    state = deliver_updates(return_state=True)
+    state = deliver_state()
 
     assert state.is_failed()
     assert state.message and state.message.startswith(
         "1 of 2 deliveries failed (to local-destination/"
     )
     assert "escape" not in state.message
-    clean = deliver_updates(return_state=True)  # nothing owed but the same failure again
+    clean = deliver_state()  # nothing owed but the same failure again
     assert clean.is_failed()
     ingest.add_project(store, "acme", "Other", "other")
-    assert deliver_updates(project_id="other", return_state=True).is_completed()
+    assert deliver_state(project_id="other").is_completed()
 
 
 def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
