@@ -2,8 +2,9 @@
 
     gather  -> claim owed deliveries from the ledger (IDs only), a page at a time
     render  -> per destination: give each delivery its path, once; a bad value fails only it
-    upload  -> per batch of documents, in parallel, bounded per destination; each batch records
-               its outcomes in the ledger in one transaction
+    upload  -> a task per connection to each destination, in parallel, each sending an equal
+               share of the page; every `batch_size` documents record their outcomes in the
+               ledger in one transaction
     summary -> a table artifact per run: per destination, delivered / failed / skipped / bytes
 
 Tasks carry delivery IDs, destination names and counts. Document content is read inside the

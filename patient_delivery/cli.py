@@ -481,7 +481,9 @@ def deliver(
     ] = None,
     patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
     data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=5000)] = 100,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=5000, help="Documents recorded per ledger transaction")
+    ] = 100,
     max_documents: Annotated[int | None, typer.Option(min=1)] = None,
     page_size: Annotated[
         int, typer.Option(min=1, help="Deliveries claimed at a time (runs sharing a backlog)")
