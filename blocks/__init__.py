@@ -14,8 +14,7 @@ from blocks.s3 import S3Destination
 from blocks.sftp import SftpDestination
 
 DESTINATION_TYPES: dict[str, type[Destination]] = {
-    kind.get_block_type_slug(): kind
-    for kind in (LocalDestination, S3Destination, SftpDestination)
+    kind.get_block_type_slug(): kind for kind in (LocalDestination, S3Destination, SftpDestination)
 }
 """Our destination block types by slug (`sftp-destination`, ...), to load without a lookup."""
 

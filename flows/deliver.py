@@ -352,6 +352,7 @@ async def deliver_updates(
     `page_size` is how many deliveries are claimed at a time (smaller pages share a backlog
     more evenly between runs working at once).
     """
+
     # The flow is async only for how Prefect ends it: the sync engine joins its heartbeat
     # thread, which sleeps in 1 s steps (1.0-1.1 s added to every run, measured); the async
     # engine lets it stop on its own. The work itself runs in a thread, as a sync flow would,
