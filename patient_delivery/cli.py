@@ -728,7 +728,7 @@ def deliveries(
     project: Annotated[str | None, typer.Option()] = None,
     destination: Annotated[str | None, typer.Option()] = None,
     status: Annotated[
-        str | None, typer.Option(help="queued, pending, delivered, failed, superseded")
+        str | None, typer.Option(help="queued, pending, delivered, failed, superseded, replaced")
     ] = None,
     since: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
     until: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,

@@ -471,7 +471,36 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
         result = session.connection().execute(statement, parameters)
         if delivered_ids:
             _disclose(session, claimant, delivered_ids, now)
+            _mark_replaced(session, delivered_ids, now)
         return int(result.rowcount or 0)
+
+
+def _mark_replaced(session: Session, delivered_ids: list[int], now: datetime) -> None:
+    """Older versions of the same document that were delivered to the path these deliveries
+    just wrote were overwritten: their rows say so (`replaced`), so the ledger matches what
+    each path holds. It happens by design with a template without `{timestamp}` (one file per
+    document, the newest wins), and with one when two versions render in the same second."""
+    table = Delivery.__table__
+    placed = session.execute(
+        select(table.c.id, table.c.destination, table.c.path, table.c.patient_id,
+               table.c.data_type).where(table.c.id.in_(delivered_ids))
+    ).all()  # fmt: skip
+    statement = (
+        update(table)
+        .where(
+            table.c.destination == bindparam("b_destination"),
+            table.c.path == bindparam("b_path"),
+            table.c.patient_id == bindparam("b_patient"),
+            table.c.data_type == bindparam("b_data_type"),
+            table.c.status == DeliveryStatus.DELIVERED,
+            table.c.id != bindparam("b_id"),
+        )
+        .values(status=DeliveryStatus.REPLACED, updated_at=now)
+    )
+    session.connection().execute(statement, [
+        {"b_id": i, "b_destination": d, "b_path": p, "b_patient": pt, "b_data_type": dt}
+        for i, d, p, pt, dt in placed
+    ])  # fmt: skip
 
 
 def _disclose(session: Session, claimant: str, delivery_ids: list[int], now: datetime) -> None:

@@ -283,14 +283,22 @@ def check_invariant(store: Store, remotes: Mapping[str, Remote]) -> Figures:
     A delivered row must have its file, whole (the recorded SHA-256), at its final path: else
     it is *lost*, or *partial* if other bytes sit there. A row not yet delivered is *owed*
     (the next run sends it). A file that is no row's path but holds a version's bytes is a
-    *duplicate*, and so is a second disclosure of one version to one destination. Temporary
+    *duplicate*, and so is a second disclosure of one version to one destination. A row
+    *replaced* by a newer version at its path counts as lost unless that version is delivered
+    there. Temporary
     files (`*.partial`) are *leftovers*: never at a final path, but counted.
     """
     figures = Figures()
     with store.session() as session:
         rows = session.scalars(
             select(Delivery).where(
-                Delivery.destination.in_(list(remotes)), Delivery.status != "superseded"
+                Delivery.destination.in_(list(remotes)),
+                Delivery.status.not_in(["superseded", "replaced"]),
+            )
+        ).all()
+        replaced = session.scalars(
+            select(Delivery).where(
+                Delivery.destination.in_(list(remotes)), Delivery.status == "replaced"
             )
         ).all()
         sends = session.execute(
@@ -317,6 +325,12 @@ def check_invariant(store: Store, remotes: Mapping[str, Remote]) -> Figures:
             figures.partial += 1
         else:
             figures.delivered += 1
+    # A replaced row's path must hold the newer version of its document that overwrote it.
+    holders = {(r.destination, r.path, r.patient_id, r.data_type) for r in rows
+               if r.status == "delivered"}  # fmt: skip
+    for row in replaced:
+        if (row.destination, row.path, row.patient_id, row.data_type) not in holders:
+            figures.lost += 1
     for reference, remote in remotes.items():
         for name in remote.names():
             if name.rsplit("/", 1)[-1].endswith(".partial"):

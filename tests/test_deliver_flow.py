@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,8 @@ from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery, DocumentVersion, Share
+from tests.faults import check_invariant
+from tests.test_local_destination import FolderRemote
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
 
@@ -90,22 +92,26 @@ def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
 
 
 def test_a_changed_document_is_delivered_again_alone(
-    store: Store, project: str, tmp_path: Path
+    store: Store, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "org-folder"
-    ingest.subscribe(store, project, save_local(root))
+    ingest.subscribe(store, project, save_local(root))  # the default template: {timestamp}
     patients = [ingest.add_patient(store, project) for _ in range(3)]
     for patient in patients:
         ingest.put_document(store, patient, "ccda", CCDA)
+    first = datetime.now(UTC)
+    monkeypatch.setattr(ledger, "_now", lambda: first)
     assert deliver().delivered == 3
 
     ingest.put_document(store, patients[1], "ccda", CCDA_V2)
+    monkeypatch.setattr(ledger, "_now", lambda: first + timedelta(seconds=2))  # a later second
     summary = deliver()
 
     assert summary.delivered == 1
-    newest = rows(store, patient_id=patients[1])[-1]
-    assert newest.status == "delivered"
+    older, newest = rows(store, patient_id=patients[1])
+    assert newest.status == "delivered" and newest.path != older.path
     assert (root / newest.path).read_bytes() == CCDA_V2
+    assert (root / older.path).read_bytes() == CCDA  # both versions, each in its own file
     assert len(rows(store, status="delivered")) == 4
 
 
@@ -336,3 +342,36 @@ def test_an_older_version_claimed_before_a_newer_arrived_is_not_sent(
 
     assert (root / "study" / "MRN-9.xml").read_bytes() == CCDA_V2
     assert sorted(r.status for r in rows(store)) == ["delivered", "superseded"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{projectId}/{externalId}",  # one path per document, by design
+        "{projectId}/{externalId}/{timestamp}",  # two versions rendered in the same second
+    ],
+)
+def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
+    store: Store, project: str, tmp_path: Path, template: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger must say what each path holds: the older row is `replaced`, not `delivered`
+    at a path whose bytes are no longer its own."""
+    root = tmp_path / "org-folder"
+    destination = save_local(root, template)
+    ingest.subscribe(store, project, destination)
+    patient = ingest.add_patient(store, project, "MRN-11")
+    other = ingest.add_patient(store, project, "MRN-12")
+    ingest.put_document(store, patient, "ccda", CCDA)
+    ingest.put_document(store, other, "ccda", CCDA)
+    moment = datetime.now(UTC)
+    monkeypatch.setattr(ledger, "_now", lambda: moment)  # both runs render in the same second
+    assert deliver().delivered == 2
+    ingest.put_document(store, patient, "ccda", CCDA_V2)
+    assert deliver().delivered == 1
+
+    by_patient = sorted((r.patient_id == patient, r.status, r.sha256) for r in rows(store))
+    assert [status for _, status, _ in by_patient] == ["delivered", "delivered", "replaced"]
+    [newest] = [r for r in rows(store) if r.status == "delivered" and r.patient_id == patient]
+    assert (root / newest.path).read_bytes() == CCDA_V2
+    figures = check_invariant(store, {destination: FolderRemote(root)})
+    assert (figures.rows, figures.delivered, figures.lost, figures.partial) == (2, 2, 0, 0)

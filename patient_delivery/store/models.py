@@ -139,6 +139,7 @@ class DeliveryStatus(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"  # the next run tries again (at the same path, if one was rendered)
     SUPERSEDED = "superseded"  # a newer version replaced it before it was sent
+    REPLACED = "replaced"  # was delivered; a newer version was since delivered to the same path
 
 
 class Delivery(Base):
@@ -150,6 +151,7 @@ class Delivery(Base):
         Index("ix_deliveries_status_destination", "status", "destination"),
         Index("ix_deliveries_patient", "patient_id", "data_type", "destination"),
         Index("ix_deliveries_project_destination", "project_id", "destination"),
+        Index("ix_deliveries_destination_path", "destination", "path"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
