@@ -59,10 +59,11 @@ def child(mode: str, config: dict) -> dict:
     export = Path(config["export"])
     files = sorted(p for p in export.rglob("*") if p.is_file())
     if mode == "flow":
-        from flows.deliver import deliver
+        from flows.deliver import deliver, task_runner
 
+        runner = task_runner(config["dask"]) if config.get("dask") else None
         meter = Meter()
-        summary = deliver(destinations=[config["destination"]], batch_size=config["batch"])
+        summary = deliver(runner, destinations=[config["destination"]], batch_size=config["batch"])
         moved = sum(r.bytes for r in summary.destinations.values())
         if summary.failed:
             raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")
@@ -302,6 +303,15 @@ def throughput(args: argparse.Namespace) -> None:
             path_template="flow/{healthexPatientId}/{dataType}",
         ).save("bench-s3", overwrite=True)  # fmt: skip
         ingest.subscribe(store, "bench", "sftp-destination/bench-sftp")
+        dask = start_dask(args.dask) if args.dask and "sftp" in args.only else None
+        if dask:
+            servers.append(dask)
+            SftpDestination(
+                host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
+                host_keys=[sshd.host_key_line()], root=str(sshd.make_folder("dask")),
+                max_connections=args.connections,
+            ).save("bench-dask", overwrite=True)  # fmt: skip
+            ingest.subscribe(store, "bench", "sftp-destination/bench-dask")
         ingest.subscribe(store, "bench", "s3-destination/bench-s3")
         obscured = subprocess.run(["rclone", "obscure", SFTP_PASSWORD], capture_output=True,
                                   text=True, check=True).stdout.strip()  # fmt: skip
@@ -331,6 +341,12 @@ def throughput(args: argparse.Namespace) -> None:
             flow = run_child("flow", {**config, "destination": "sftp-destination/bench-sftp"}, env)
             rows.append(("sftp", f"delivery flow ({args.connections} connections)", flow, rclone))
             rows.append(overhead("sftp", flow, bare))
+            if dask:
+                spread = run_child("flow", {**config, "destination": "sftp-destination/bench-dask",
+                                            "dask": dask.scheduler_address}, env)  # fmt: skip
+                spread["cpu"] += sum(v for k, v in spread.items() if k.startswith("dask"))
+                rows.append(("sftp", f"delivery flow, Dask: {args.dask} worker processes "
+                             f"({args.connections} connections each)", spread, rclone))  # fmt: skip
         if "s3" in args.only:
             rclone = run_rclone(export, "bs3:bench/rclone", env)
             rows.append(("s3", "rclone copy --transfers 16", rclone, rclone))
@@ -344,6 +360,32 @@ def throughput(args: argparse.Namespace) -> None:
         for running in reversed(servers):
             running.stop()
         server.stop()
+
+
+class DaskCluster:
+    """A running local Dask cluster of worker processes, warmed up (our modules imported), as a
+    standing production cluster would be; its workers' CPU counts as the client's."""
+
+    def __init__(self, workers: int) -> None:
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=8, processes=True,
+                                    host="127.0.0.1", dashboard_address=None)  # fmt: skip
+        self.client = Client(self.cluster)
+        self.client.run(__import__, "flows.deliver")
+        self.scheduler_address = self.cluster.scheduler_address
+        self.pids = list(self.client.run(os.getpid).values())
+
+    def stop(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+def start_dask(workers: int) -> DaskCluster:
+    cluster = DaskCluster(workers)
+    for number, pid in enumerate(cluster.pids):
+        SERVERS[f"dask{number}"] = pid
+    return cluster
 
 
 def overhead(server: str, flow: dict, bare: dict) -> tuple:
@@ -505,6 +547,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="documents per upload task")
     parser.add_argument("--connections", type=int, default=8, help="SFTP connections (flow)")
     parser.add_argument("--only", default="sftp,s3")
+    parser.add_argument(
+        "--dask", type=int, default=0, help="also the SFTP flow on a Dask cluster of N processes"
+    )
     parser.add_argument("--profile", help="folder for py-spy profiles (collapsed stacks) per mode")
     parser.add_argument("--store-patients", type=int, default=1_000_000)
     parser.add_argument("--changed", type=int, default=1000)

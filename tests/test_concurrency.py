@@ -36,7 +36,6 @@ from tests.test_sftp_destination import sftp_block
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = Path(sys.executable).parent / "patient-delivery"
 
 
 def _claim_until_empty(
@@ -98,9 +97,27 @@ def test_claims_made_at_the_same_moment_by_four_processes_never_overlap(
     assert sum(1 for c in claimants if held.get(c)) >= 2, held
 
 
-def _deliver(env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
+# `patient-delivery deliver ...` once the file named first exists. The process imports
+# everything first and says so with a `.ready.PID` file beside it, so runs started together
+# begin claiming within milliseconds of each other: a run is faster than Python's start, and
+# without this the first started could finish the backlog before the others had started.
+AFTER_START_SIGNAL = """
+import os, pathlib, sys, time
+from patient_delivery.cli import main
+import flows.deliver
+signal = pathlib.Path(sys.argv[1])
+signal.with_name(f"{signal.name}.ready.{os.getpid()}").touch()
+while not signal.exists():
+    time.sleep(0.005)
+sys.argv = ["patient-delivery", *sys.argv[2:]]
+main()
+"""
+
+
+def _deliver(env: dict[str, str], signal: Path, *options: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [str(CLI), "deliver", "--batch-size", "5", "--page-size", "20", *options],
+        [sys.executable, "-c", AFTER_START_SIGNAL, str(signal), "deliver", "--batch-size", "5",
+         "--page-size", "20", *options],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
@@ -127,14 +144,21 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
             return int(session.scalar(
                 select(func.count()).where(Delivery.status == "pending")) or 0)  # fmt: skip
 
-    sigkill_once_files_arrive(_deliver(env), root, 30, holding=lambda: held() > 0)
+    go = tmp_path / "go"
+    go.touch()
+    sigkill_once_files_arrive(_deliver(env, go), root, 30, holding=lambda: held() > 0)
     with store.session() as session:
         rendered = dict(session.execute(select(Delivery.id, Delivery.path).where(
             Delivery.path.is_not(None))).all())  # fmt: skip
     assert held(), "the killed run held no claims: it was not killed mid-run"
     time.sleep(5)  # its leases run out
 
-    runners = [_deliver(env) for _ in range(3)]
+    together = tmp_path / "together"
+    runners = [_deliver(env, together) for _ in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("together.ready.*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    together.touch()  # all three are ready: they start claiming at once
     for runner in runners:
         _, stderr = runner.communicate(timeout=300)
         assert runner.returncode == 0, stderr.decode()[-3000:]
