@@ -375,3 +375,23 @@ def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
     assert (root / newest.path).read_bytes() == CCDA_V2
     figures = check_invariant(store, {destination: FolderRemote(root)})
     assert (figures.rows, figures.delivered, figures.lost, figures.partial) == (2, 2, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("count", "connections", "batch_size", "sizes"),
+    [
+        (2000, 8, 100, [250] * 8),  # one task per connection, all of one size
+        (5000, 8, 100, [313] * 15 + [305]),  # over 5 batches each: two rounds of 8
+        (3, 8, 100, [1, 1, 1]),  # fewer documents than connections
+        (10, 1, 2, [10]),  # one connection: 5 batches per task
+        (11, 1, 2, [6, 5]),
+    ],
+)
+def test_upload_tasks_keep_every_connection_busy_and_finish_together(
+    count: int, connections: int, batch_size: int, sizes: list[int]
+) -> None:
+    from flows.deliver import BATCHES_PER_TASK, _batches, task_size
+
+    size = task_size(count, connections, batch_size)
+    assert [len(b) for b in _batches(list(range(count)), size)] == sizes
+    assert size <= batch_size * BATCHES_PER_TASK
