@@ -8,8 +8,8 @@ project subscribes to. What happens to each depends on the ledger:
 - already owed (queued, pending, failed) -> nothing to do: the next run sends it;
 - delivered                    -> with `force`, queue it again *at the path it was sent to*
                                   (an organization that lost its files); else skip;
-- superseded, or not the newest version of its document -> skip: an older version is never
-                                  sent over a newer one.
+- superseded or replaced, or not the newest version of its document -> skip: an older
+                                  version is never sent over a newer one.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _action(delivery: Delivery | None, force: bool, is_latest: bool) -> str:
         return "queue"
     if delivery.status == DeliveryStatus.DELIVERED:
         return "resend" if force else "skip"
-    if delivery.status == DeliveryStatus.SUPERSEDED:
+    if delivery.status in (DeliveryStatus.SUPERSEDED, DeliveryStatus.REPLACED):
         return "skip"
     return "owed"
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from flows.deliver import deliver
-from patient_delivery import ingest
+from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery
@@ -256,7 +257,7 @@ def test_s3_permanent_errors_are_not_retried_and_say_so(
 
 @pytest.mark.parametrize("endpoint", ["sftp"], indirect=True)
 def test_a_changed_host_key_between_runs_sends_nothing_until_pinned_again(
-    store: Store, project: str, endpoint: Endpoint, sshd: SshServer
+    store: Store, project: str, endpoint: Endpoint, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = endpoint.save()
     ingest.subscribe(store, project, reference)
@@ -266,6 +267,10 @@ def test_a_changed_host_key_between_runs_sends_nothing_until_pinned_again(
     sshd.new_host_key()
     sshd.start()
     ingest.put_document(store, _first_patient(store), "ccda", _ccda(b"changed after key change"))
+    # The new version renders its {timestamp} in a later second than the first run's, so it
+    # gets a path of its own (in the same second it would replace the old file, by design).
+    later = datetime.now(UTC) + timedelta(seconds=2)
+    monkeypatch.setattr(ledger, "_now", lambda: later)
     second = deliver()
     assert (second.delivered, second.failed) == (0, 1)
     [reason] = reasons(store, reference)
