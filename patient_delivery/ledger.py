@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from patient_delivery.paths import PathValueError, format_timestamp
@@ -470,20 +470,34 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
     with store.session() as session:
         result = session.connection().execute(statement, parameters)
         if delivered_ids:
-            _disclose(session, claimant, delivered_ids, now)
-            _mark_replaced(session, delivered_ids, now)
+            recorded = _recorded_as_delivered(claimant, delivered_ids, now)
+            _disclose(session, recorded)
+            _mark_replaced(session, recorded, now)
         return int(result.rowcount or 0)
 
 
-def _mark_replaced(session: Session, delivered_ids: list[int], now: datetime) -> None:
+def _recorded_as_delivered(
+    claimant: str, delivery_ids: list[int], now: datetime
+) -> ColumnElement[bool]:
+    """The rows of `delivery_ids` this call just recorded as delivered, and only those: a row
+    another run took over does not carry this run's id and time."""
+    return and_(
+        Delivery.id.in_(delivery_ids),
+        Delivery.flow_run_id == claimant,
+        Delivery.status == DeliveryStatus.DELIVERED,
+        Delivery.delivered_at == now,
+    )
+
+
+def _mark_replaced(session: Session, recorded: ColumnElement[bool], now: datetime) -> None:
     """Older versions of the same document that were delivered to the path these deliveries
     just wrote were overwritten: their rows say so (`replaced`), so the ledger matches what
     each path holds. It happens by design with a template without `{timestamp}` (one file per
     document, the newest wins), and with one when two versions render in the same second."""
     table = Delivery.__table__
     placed = session.execute(
-        select(table.c.id, table.c.destination, table.c.path, table.c.patient_id,
-               table.c.data_type).where(table.c.id.in_(delivered_ids))
+        select(Delivery.id, Delivery.destination, Delivery.path, Delivery.patient_id,
+               Delivery.data_type).where(recorded)
     ).all()  # fmt: skip
     statement = (
         update(table)
@@ -503,9 +517,8 @@ def _mark_replaced(session: Session, delivered_ids: list[int], now: datetime) ->
     ])  # fmt: skip
 
 
-def _disclose(session: Session, claimant: str, delivery_ids: list[int], now: datetime) -> None:
-    """Append a disclosure for each delivery this call just recorded as delivered (and only
-    those: a row another run took over does not carry this run's id and time)."""
+def _disclose(session: Session, recorded: ColumnElement[bool]) -> None:
+    """Append a disclosure for each delivery this call just recorded as delivered."""
     columns = ["delivery_id", "patient_id", "organization_id", "project_id", "destination",
                "version_id", "data_type", "path", "sha256", "size", "purpose", "flow_run_id",
                "disclosed_at"]  # fmt: skip
@@ -514,10 +527,5 @@ def _disclose(session: Session, claimant: str, delivery_ids: list[int], now: dat
         Delivery.destination, Delivery.version_id, Delivery.data_type, Delivery.path,
         Delivery.sha256, Delivery.size, Delivery.purpose, Delivery.flow_run_id,
         Delivery.delivered_at,
-    ).where(
-        Delivery.id.in_(delivery_ids),
-        Delivery.flow_run_id == claimant,
-        Delivery.status == DeliveryStatus.DELIVERED,
-        Delivery.delivered_at == now,
-    )  # fmt: skip
+    ).where(recorded)  # fmt: skip
     session.execute(insert(Disclosure).from_select(columns, source))
