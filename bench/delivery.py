@@ -142,7 +142,8 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
 
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, dict[str, float]]:
     """Run a command; its stdout and what it cost: wall seconds, peak RSS (VmHWM, sampled every
-    20 ms), its own CPU seconds, and the whole machine's busy CPU seconds (servers included).
+    20 ms), its own CPU seconds, the whole machine's busy CPU seconds (servers included), and
+    the CPU seconds of each process in `SERVERS` (as `NAME_cpu`).
 
     Not getrusage for RSS: a child forked from this large parent inherits its high-water mark.
     On 2 cores shared by client and servers, files/s is bounded by 2 / (CPU seconds per file):
@@ -150,6 +151,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, dict[s
     """
     started = time.perf_counter()
     busy = machine_busy_seconds()
+    servers = servers_cpu()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
         peak = 0.0
@@ -172,6 +174,8 @@ def run_measured(command: list[str], env: dict[str, str]) -> tuple[bytes, dict[s
             "cpu": usage.ru_utime + usage.ru_stime,
             "machine_cpu": machine_busy_seconds() - busy,
         }
+        time.sleep(0.5)  # the servers finish what the command sent them (events, logs)
+        cost.update({f"{k}_cpu": v - servers[k] for k, v in servers_cpu().items()})
         out.seek(0)
         err.seek(0)
         if process.returncode != 0:
@@ -221,13 +225,11 @@ def run_child(mode: str, config: dict, env: dict[str, str]) -> dict:
         target = Path(config["profile"]) / name
         command = ["py-spy", "record", "--format", "raw", "-r", "200", "-o", str(target), "--",
                    *command]  # fmt: skip
-    before = servers_cpu()
     output, cost = run_measured(command, env)
-    time.sleep(0.5)  # the servers reap the connections the child closed
     lines = [x for x in output.decode().splitlines() if x.startswith("{")]
     result = json.loads(lines[-1])
-    result.update({f"{k}_cpu": v - before[k] for k, v in servers_cpu().items()})
-    result["rss_mb"] = cost["rss_mb"]  # the rest, measured by the child around its transfer
+    # Seconds, own and machine CPU are the child's own, measured around its transfer alone.
+    result.update({k: v for k, v in cost.items() if k not in ("seconds", "cpu", "machine_cpu")})
     return result
 
 
@@ -235,11 +237,8 @@ def run_rclone(source: Path, remote: str, env: dict[str, str]) -> dict:
     files = [p for p in source.rglob("*") if p.is_file()]
     env = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}  # breaks rclone 1.60's S3
     command = ["rclone", "copy", "--transfers", "16", "--no-check-dest", str(source), remote]
-    before = servers_cpu()
     _, cost = run_measured(command, env)
-    time.sleep(0.5)
-    used = {f"{k}_cpu": v - before[k] for k, v in servers_cpu().items()}
-    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), **cost, **used}
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), **cost}
 
 
 def throughput(args: argparse.Namespace) -> None:
