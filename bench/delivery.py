@@ -67,12 +67,39 @@ def child(mode: str, config: dict) -> dict:
         moved = sum(r.bytes for r in summary.destinations.values())
         if summary.failed:
             raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")
-        return {**meter.read(), "files": summary.delivered, "bytes": moved}
+        result = {**meter.read(), "files": summary.delivered, "bytes": moved}
+        if os.environ.get("BENCH_TIMELINE"):
+            timeline(summary.flow_run_id, meter.started)
+        return result
     if mode == "bare-sftp":
         return bare_sftp(config, files, export)
     if mode == "bare-s3":
         return bare_s3(config, files, export)
     raise SystemExit(f"unknown mode {mode}")
+
+
+def timeline(flow_run_id: str, started: float) -> None:
+    """Where a flow run's time went, from Prefect's own records (BENCH_TIMELINE=1): its task
+    runs' start and end, in seconds since the meter started, printed to stderr."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    zero = datetime.now(UTC).timestamp() - (time.perf_counter() - started)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(flow_run_id))
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+    rows = [("flow", run.start_time, run.end_time)] + [
+        (t.name, t.start_time, t.end_time) for t in tasks
+    ]
+    for name, start, end in sorted(rows, key=lambda r: r[1].timestamp() if r[1] else 0):
+        begin = start.timestamp() - zero if start else float("nan")
+        finish = end.timestamp() - zero if end else float("nan")
+        sys.stderr.write(f"{name:40s} {begin:7.3f} {finish:7.3f}\n")
 
 
 def bare_sftp(config: dict, files: list[Path], export: Path) -> dict:
@@ -223,8 +250,10 @@ def run_child(mode: str, config: dict, env: dict[str, str]) -> dict:
     if config.get("profile"):
         name = f"{mode}-{config.get('destination', 'bare').replace('/', '-')}.txt"
         target = Path(config["profile"]) / name
-        command = ["py-spy", "record", "--format", "raw", "-r", "200", "-o", str(target), "--",
-                   *command]  # fmt: skip
+        target.parent.mkdir(parents=True, exist_ok=True)  # py-spy does not create it
+        # --gil: where this process's Python time goes (threads waiting on I/O are not sampled)
+        command = ["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "-r", "1000",
+                   "-o", str(target), "--", *command]  # fmt: skip
     output, cost = run_measured(command, env)
     lines = [x for x in output.decode().splitlines() if x.startswith("{")]
     result = json.loads(lines[-1])
