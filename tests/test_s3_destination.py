@@ -11,10 +11,10 @@ from botocore.exceptions import ClientError
 from prefect_aws import AwsCredentials
 from pydantic import ValidationError
 
-from blocks.base import TerminalDeliveryError
+from blocks.base import TerminalDeliveryError, TransientDeliveryError
 from blocks.s3 import S3Destination
 from tests.destination_contract import BODY, DestinationContract, connect, sha
-from tests.servers import MotoServer, SeaweedServer
+from tests.servers import MotoServer, SeaweedServer, free_port
 
 EXTERNAL_ID = "canary-external-id-7d2c"
 
@@ -71,9 +71,12 @@ def writer_role(moto: MotoServer, bucket: str) -> str:
     )
 
 
-@pytest.fixture
-def destination(moto: MotoServer, bucket: str, writer_role: str) -> S3Destination:
-    return s3_block(moto, bucket, writer_role)
+@pytest.fixture(params=["crt", "boto3"])
+def destination(
+    moto: MotoServer, bucket: str, writer_role: str, request: pytest.FixtureRequest
+) -> S3Destination:
+    """The block on each transfer client: the contract holds for both."""
+    return s3_block(moto, bucket, writer_role, transfer_client=request.param)
 
 
 @pytest.fixture
@@ -154,26 +157,69 @@ def test_settings_are_checked_when_the_block_is_built(moto: MotoServer, bucket: 
     assert block.describe().startswith(f"s3://{bucket}/")
 
 
+@pytest.mark.parametrize("client", ["crt", "boto3"])
 def test_seaweedfs_stores_byte_identical_and_rejects_a_wrong_checksum(
-    moto: MotoServer, seaweed: SeaweedServer
+    moto: MotoServer, seaweed: SeaweedServer, client: str
 ) -> None:
     role = moto.create_role(f"seaweed-{uuid.uuid4().hex[:8]}", EXTERNAL_ID, ["s3:PutObject"], "x")
     block = s3_block(
-        moto, seaweed.bucket, role, endpoint_url=seaweed.url, server_side_encryption=None
-    )
+        moto, seaweed.bucket, role, endpoint_url=seaweed.url, server_side_encryption=None,
+        transfer_client=client,
+    )  # fmt: skip
+    good = f"{client}/doc.xml"
+    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
     with block.open_session() as session:
-        session.upload("a/doc.xml", BODY, sha(BODY))
-        wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
-        with pytest.raises(ClientError) as error:
-            session.client.put_object(
-                Bucket=seaweed.bucket, Key="a/bad.xml", Body=BODY, ChecksumSHA256=wrong
-            )
-    explained = block.explain(error.value, "write")
+        session.upload(good, BODY, sha(BODY))
+        # upload() checks content against its checksum first; the server's check is behind it
+        if session.writer is not None:
+            with pytest.raises(TerminalDeliveryError) as refused:
+                session.writer.put(f"{client}/bad.xml", BODY, block.put_headers(wrong, "x/y"))
+            explained: Exception = refused.value
+        else:
+            with pytest.raises(ClientError) as error:
+                session.client.put_object(
+                    Bucket=seaweed.bucket, Key=f"{client}/bad.xml", Body=BODY, ChecksumSHA256=wrong
+                )
+            explained = block.explain(error.value, "write")
     assert "BadDigest" in str(explained) and "checksum" in str(explained)
-    stored = seaweed.client().get_object(Bucket=seaweed.bucket, Key="a/doc.xml")["Body"].read()
+    stored = seaweed.client().get_object(Bucket=seaweed.bucket, Key=good)["Body"].read()
     assert hashlib.sha256(stored).hexdigest() == sha(BODY)
     names = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=seaweed.bucket)["Contents"]]
-    assert "a/bad.xml" not in names
+    assert f"{client}/bad.xml" not in names
+
+
+def test_both_transfer_clients_send_the_same_put(
+    moto: MotoServer, bucket: str, writer_role: str
+) -> None:
+    """What S3 stores about an object (bytes, type, encryption) does not depend on the client
+    that sent it. (moto keeps a checksum only when told its algorithm, which neither client
+    says; SeaweedFS, which checks it, is the test for that.)"""
+    s3 = moto.client("s3")
+    seen = {}
+    for client in ("crt", "boto3"):
+        block = s3_block(
+            moto, bucket, writer_role, transfer_client=client, bucket_owner_full_control=True
+        )
+        key = f"same/{client} doc+1.json"  # a space and a plus: the key is encoded the same
+        with block.open_session() as session:
+            session.upload(key, BODY, sha(BODY))
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == BODY
+        seen[client] = (head["ContentType"], head["ServerSideEncryption"], head["ContentLength"])
+    assert seen["crt"] == seen["boto3"] == ("application/fhir+json", "AES256", len(BODY))
+
+
+@pytest.mark.parametrize("client", ["crt", "boto3"])
+def test_an_unreachable_s3_endpoint_is_a_temporary_failure(
+    moto: MotoServer, bucket: str, writer_role: str, client: str
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    block = s3_block(moto, bucket, writer_role, endpoint_url=closed, transfer_client=client,
+                     connect_timeout=2.0)  # fmt: skip
+    with block.open_session() as session, pytest.raises(TransientDeliveryError) as error:
+        session.upload("x/doc.xml", BODY, sha(BODY))
+    assert str(error.value).startswith("S3 write failed")
+    assert EXTERNAL_ID not in str(error.value)
 
 
 def test_credentials_are_renewed_before_the_role_session_expires(
