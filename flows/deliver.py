@@ -392,6 +392,7 @@ def _deliver_updates(
         _deliver_pages(claimant, work, batch_size, page_size, max_documents, summary, progress)
     finally:
         sessions.pools.close_run(claimant)
+    progress.update(summary.delivered + summary.failed, final=True)
     _publish(summary)
     logger.info(
         "run finished: %d delivered, %d failed, to %d destination(s)",
@@ -428,8 +429,14 @@ progress_hooks: list[Callable[[int, int], None]] = []
 class Progress:
     """A progress artifact that moves as batches finish (created only for runs with work)."""
 
+    EVERY_SECONDS = 1.0
+    """At most one update a second (and the last): each is a call to Prefect's API, and the
+    equal-sized upload tasks of a page finish together."""
+
     def __init__(self, total: int) -> None:
         self.total = total
+        self.updated = time.monotonic()
+        self.shown = 0.0
         self.artifact_id = (
             create_progress_artifact(
                 0.0, description=f"{total} deliveries owed at start", _sync=True
@@ -438,12 +445,17 @@ class Progress:
             else None
         )
 
-    def update(self, done: int) -> None:
-        for hook in progress_hooks:
-            hook(done, self.total)
-        if self.artifact_id is not None:
-            share = min(100.0, 100.0 * done / max(1, self.total))
-            update_progress_artifact(self.artifact_id, share, _sync=True)
+    def update(self, done: int, final: bool = False) -> None:
+        if not final:
+            for hook in progress_hooks:
+                hook(done, self.total)
+        share = min(100.0, 100.0 * done / max(1, self.total))
+        if self.artifact_id is None or share == self.shown:
+            return
+        if not final and done < self.total and time.monotonic() - self.updated < self.EVERY_SECONDS:
+            return
+        self.updated, self.shown = time.monotonic(), share
+        update_progress_artifact(self.artifact_id, share, _sync=True)
 
 
 def _deliver_pages(
@@ -460,11 +472,14 @@ def _deliver_pages(
     remaining = max_documents if max_documents is not None else float("inf")
     while remaining > 0:
         started = time.perf_counter()
-        claimed = gather(claimant, work, int(min(max(1, page_size), remaining)))
+        limit = int(min(max(1, page_size), remaining))
+        claimed = gather(claimant, work, limit)
         count = sum(len(ids) for ids in claimed.values())
         if count == 0:
             break
         remaining -= count
+        if count < limit:
+            remaining = 0  # a short page: nothing more was owed; what comes later is the next run's
         logger.info(
             "claimed %d deliveries to %d destination(s) in %.2f s",
             count, len(claimed), time.perf_counter() - started,

@@ -249,9 +249,14 @@ def render_paths(
     """
     result = RenderResult()
     now = _now()
+    rendered: list[dict[str, object]] = []
+    failed: list[dict[str, object]] = []
     with store.session() as session:
         rows = session.execute(
-            select(Delivery, Share.external_id)
+            select(
+                Delivery.id, Delivery.path, Delivery.rendered_at, Delivery.organization_id,
+                Delivery.project_id, Delivery.patient_id, Delivery.data_type, Share.external_id,
+            )
             .outerjoin(
                 Share,
                 and_(
@@ -259,28 +264,47 @@ def render_paths(
                 ),
             )
             .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == claimant)
-        ).all()
-        for delivery, external_id in rows:
-            if delivery.path:
-                result.ready.append(delivery.id)
+        ).all()  # fmt: skip
+        for id_, path, rendered_at, org_id, project_id, patient_id, data_type, external_id in rows:
+            if path:
+                result.ready.append(id_)
                 continue
-            moment = delivery.rendered_at or now
+            moment = rendered_at or now
             values = {
-                "orgId": delivery.organization_id,
-                "projectId": delivery.project_id,
-                "healthexPatientId": delivery.patient_id,
+                "orgId": org_id,
+                "projectId": project_id,
+                "healthexPatientId": patient_id,
                 "externalId": external_id or "",
-                "dataType": delivery.data_type,
+                "dataType": data_type,
                 "timestamp": format_timestamp(moment),
             }
             try:
-                delivery.path = renderer(values, delivery.data_type)
-                delivery.rendered_at = moment
-                result.ready.append(delivery.id)
+                rendered.append({"b_id": id_, "b_path": renderer(values, data_type),
+                                 "b_rendered_at": moment})  # fmt: skip
+                result.ready.append(id_)
             except PathValueError as exc:
                 reason = f"cannot render path: {exc}"
-                _fail(delivery, reason, claimant)
+                failed.append({"b_id": id_, "b_error": reason})
                 result.failed[reason] += 1
+        # Core statements, many rows each: the ORM's unit of work cost 0.1 ms per row here.
+        table = Delivery.__table__
+        mine = and_(table.c.id == bindparam("b_id"), table.c.claimed_by == claimant)
+        if rendered:
+            session.connection().execute(
+                update(table)
+                .where(mine)
+                .values(path=bindparam("b_path"), rendered_at=bindparam("b_rendered_at")),
+                rendered,
+            )
+        if failed:
+            session.connection().execute(
+                update(table).where(mine).values(
+                    status=DeliveryStatus.FAILED, last_error=bindparam("b_error"),
+                    attempts=table.c.attempts + 1, flow_run_id=claimant, claimed_by=None,
+                    lease_expires_at=None, updated_at=now,
+                ),
+                failed,
+            )  # fmt: skip
     return result
 
 
