@@ -275,7 +275,12 @@ def _save_block(block_type: type, name: str, overwrite: bool, fields: dict[str, 
     try:
         block = block_type(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        raise _fail("; ".join(str(e["msg"]) for e in exc.errors()), code=2) from None
+        # The field and what is wrong with it; never the value given (it may be a secret).
+        problems = [
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else str(e["msg"])
+            for e in exc.errors()
+        ]
+        raise _fail("; ".join(problems), code=2) from None
     try:
         block.save(name, overwrite=overwrite)
     except ValueError as exc:
@@ -358,6 +363,9 @@ def destination_s3(
     session_name: Annotated[str, typer.Option(help="RoleSessionName")] = "patient-delivery",
     template: Annotated[str | None, typer.Option(help="Path template")] = None,
     max_connections: Annotated[int, typer.Option(min=1, max=64)] = 8,
+    transfer_client: Annotated[
+        str, typer.Option(help="crt (AWS Common Runtime, the fast one) or boto3 (via a proxy)")
+    ] = "crt",
     overwrite: Annotated[bool, typer.Option(help="Replace a block of that name")] = False,
 ) -> None:
     """Create an S3 destination block (an IAM role of the organization's, assumed by us)."""
@@ -380,6 +388,7 @@ def destination_s3(
         "role_session_name": session_name,
         "path_template": template,
         "max_connections": max_connections,
+        "transfer_client": transfer_client,
     }
     _save_block(S3Destination, name, overwrite, fields)
 

@@ -129,6 +129,46 @@ def test_sftp_destination_from_the_command_line_without_echoing_secrets(
 
 
 @pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("client", ["crt", "boto3", "curl"])
+def test_s3_destination_from_the_command_line_on_either_transfer_client(
+    store: Store,
+    moto,
+    monkeypatch: pytest.MonkeyPatch,
+    client: str,  # type: ignore[no-untyped-def]
+) -> None:
+    import uuid
+
+    from prefect_aws import AwsCredentials
+
+    from tests.test_s3_destination import EXTERNAL_ID
+
+    bucket = f"cli-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=bucket)
+    role = moto.create_role(bucket, EXTERNAL_ID, ["s3:PutObject", "s3:DeleteObject"], bucket)
+    access, secret = moto.deliverer_keys
+    AwsCredentials(aws_access_key_id=access, aws_secret_access_key=secret).save(
+        f"ours-{bucket}", overwrite=True
+    )
+    monkeypatch.setenv("ORG_EXTERNAL_ID", EXTERNAL_ID)
+    arguments = ["destination", "s3", bucket, "--bucket", bucket, "--role-arn", role,
+                 "--external-id-env", "ORG_EXTERNAL_ID", "--aws-credentials", f"ours-{bucket}",
+                 "--endpoint-url", moto.url, "--sts-endpoint-url", moto.url,
+                 "--transfer-client", client]  # fmt: skip
+    if client == "curl":
+        refused = run(*arguments, code=2)
+        assert "transfer_client: Input should be 'crt' or 'boto3'" in refused
+        assert EXTERNAL_ID not in refused
+        return
+    created = run(*arguments)
+    tested = run("destination", "test", f"s3-destination/{bucket}")
+    assert "ok write probe file" in tested and "ok remove probe file" in tested
+    shown = run("destination", "show", f"s3-destination/{bucket}")
+    assert client in shown
+    for output in (created, tested, shown):
+        assert EXTERNAL_ID not in output and secret not in output
+
+
+@pytest.mark.usefixtures("prefect_api")
 def test_backfill_and_redeliver_from_the_command_line(store: Store, tmp_path: Path) -> None:
     run("org", "add", "Acme", "--id", "acme")
     run("project", "add", "acme", "Study", "--id", "study")
