@@ -33,6 +33,8 @@ from botocore.parsers import create_parser
 from blocks.base import TerminalDeliveryError, TransientDeliveryError
 
 PROBE_KEY = "probe"
+SLOWEST_RATE = 128 * 1024
+"""Bytes/s a put may take at worst before it is given up (with the timeouts, see `put`)."""
 CREDENTIAL_ERRORS = ("AWS_AUTH_CREDENTIALS_PROVIDER_DELEGATE_FAILURE",)
 
 
@@ -65,7 +67,7 @@ class CrtWriter:
         self._credentials = credentials
         self._credential_error: Exception | None = None
         self._explain = explain
-        self._timeout = connect_timeout + read_timeout
+        self._timeout = max_attempts * (connect_timeout + read_timeout)
         self._model = client.meta.service_model.operation_model("PutObject")
         self._parser_lock = threading.Lock()
         self._parser = create_parser("rest-xml")
@@ -100,7 +102,12 @@ class CrtWriter:
         return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     def put(self, key: str, body: bytes, headers: Mapping[str, str]) -> dict[str, str]:
-        """One PutObject of `body` at `key`; the response headers, lower-cased."""
+        """One PutObject of `body` at `key`; the response headers, lower-cased.
+
+        The CRT has no timeout per read, so a server that stops answering is bounded here: a
+        put has each try's connect and read timeouts plus its bytes at `SLOWEST_RATE`, then
+        it is cancelled and reported as temporary (the next try or run sends it again).
+        """
         request = http.HttpRequest(
             "PUT",
             self._prefix + quote(key, safe="/~"),
@@ -120,13 +127,12 @@ class CrtWriter:
             request=request,
             on_headers=on_headers,
         )
+        budget = self._timeout + len(body) / SLOWEST_RATE
         try:
-            pending.finished_future.result(timeout=self._timeout)
+            pending.finished_future.result(timeout=budget)
         except FutureTimeout:
             pending.cancel()
-            raise TransientDeliveryError(
-                f"S3 write got no answer in {self._timeout:.0f} s"
-            ) from None
+            raise TransientDeliveryError(f"S3 write got no answer in {budget:.0f} s") from None
         except s3.S3ResponseError as exc:
             raise self._explain(self._client_error(exc), "write") from None
         except AwsCrtError as exc:

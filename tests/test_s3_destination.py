@@ -210,6 +210,32 @@ def test_both_transfer_clients_send_the_same_put(
 
 
 @pytest.mark.parametrize("client", ["crt", "boto3"])
+def test_an_s3_endpoint_that_never_answers_times_out_as_a_temporary_failure(
+    moto: MotoServer, bucket: str, writer_role: str, client: str
+) -> None:
+    """A server that takes the connection and then says nothing: the put gives up after the
+    block's timeouts instead of holding its upload lane for ever."""
+    import socket
+    import time
+
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes connections to it
+    try:
+        block = s3_block(
+            moto, bucket, writer_role, endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            transfer_client=client, connect_timeout=1.0, read_timeout=1.0,
+        )  # fmt: skip
+        started = time.monotonic()
+        with block.open_session() as session, pytest.raises(TransientDeliveryError) as error:
+            session.upload("x/doc.xml", BODY, sha(BODY))
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    print(f"{client}: gave up after {elapsed:.1f} s: {error.value}")
+    assert str(error.value).startswith("S3 write")
+    assert elapsed < 20  # 3 tries of a 1 s read timeout, with backoff; never for ever
+
+
+@pytest.mark.parametrize("client", ["crt", "boto3"])
 def test_an_unreachable_s3_endpoint_is_a_temporary_failure(
     moto: MotoServer, bucket: str, writer_role: str, client: str
 ) -> None:
