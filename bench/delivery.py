@@ -75,6 +75,8 @@ def child(mode: str, config: dict) -> dict:
         return bare_sftp(config, files, export)
     if mode == "bare-s3":
         return bare_s3(config, files, export)
+    if mode == "bare-crt":
+        return bare_crt(config, files, export)
     raise SystemExit(f"unknown mode {mode}")
 
 
@@ -157,6 +159,36 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
         body = path.read_bytes()
         key = "bare/" + path.relative_to(export).as_posix()
         client.put_object(Bucket=config["bucket"], Key=key, Body=body)
+        return len(body)
+
+    with ThreadPoolExecutor(16) as pool:
+        moved = sum(pool.map(send, files))
+    return {**meter.read(), "files": len(files), "bytes": moved}
+
+
+def bare_crt(config: dict, files: list[Path], export: Path) -> dict:
+    """The flow's own S3 writer (awscrt) alone, from 16 threads: what the flow adds is the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.credentials import Credentials
+
+    from blocks.s3_crt import CrtWriter
+
+    client = boto3.client(
+        "s3", endpoint_url=config["s3_url"], region_name="us-east-1",
+        aws_access_key_id="bench", aws_secret_access_key="bench",  # noqa: S106 - accepts any
+    )  # fmt: skip
+    writer = CrtWriter(
+        client=client, bucket=config["bucket"], credentials=Credentials("bench", "bench"),
+        explain=lambda error, step: error, max_connections=16, connect_timeout=10,
+        read_timeout=60, max_attempts=3,
+    )  # fmt: skip
+    meter = Meter()
+
+    def send(path: Path) -> int:
+        body = path.read_bytes()
+        writer.put("crt/" + path.relative_to(export).as_posix(), body, {})
         return len(body)
 
     with ThreadPoolExecutor(16) as pool:
@@ -380,9 +412,11 @@ def throughput(args: argparse.Namespace) -> None:
             rows.append(("s3", "rclone copy --transfers 16", rclone, rclone))
             bare = run_child("bare-s3", config, env)
             rows.append(("s3", "boto3 put_object, 16 threads", bare, rclone))
+            crt = run_child("bare-crt", config, env)
+            rows.append(("s3", "awscrt (the flow's writer), 16 threads", crt, rclone))
             flow = run_child("flow", {**config, "destination": "s3-destination/bench-s3"}, env)
             rows.append(("s3", "delivery flow (16 connections)", flow, rclone))
-            rows.append(overhead("s3", flow, bare))
+            rows.append(overhead("s3", flow, crt))
         print_table(rows, args)
     finally:
         for running in reversed(servers):
