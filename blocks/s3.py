@@ -46,6 +46,15 @@ from blocks.base import (
 )
 from blocks.s3_crt import CrtWriter
 
+PUT_HEADERS = {
+    "ChecksumSHA256": "x-amz-checksum-sha256",
+    "ExpectedBucketOwner": "x-amz-expected-bucket-owner",
+    "ContentType": "Content-Type",
+    "ServerSideEncryption": "x-amz-server-side-encryption",
+    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+    "ACL": "x-amz-acl",
+}
+"""PutObject's parameters and the headers botocore sends them as (its S3 model's locationName)."""
 MAX_ATTEMPTS = 3  # per put, by the client itself; the flow tries a document again next run
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
 SESSION_NAME = re.compile(r"^[\w+=,.@-]{2,64}$")
@@ -91,16 +100,8 @@ class S3Session(DestinationSession):
             "Key": key,
             "Body": content,
             "ContentLength": len(content),
-            "ChecksumSHA256": checksum,
-            "ExpectedBucketOwner": d.bucket_owner,
-            "ContentType": content_type,
+            **d.put_options(checksum, content_type),
         }
-        if d.server_side_encryption:
-            request["ServerSideEncryption"] = d.server_side_encryption
-            if d.server_side_encryption == "aws:kms" and d.kms_key_id:
-                request["SSEKMSKeyId"] = d.kms_key_id
-        if d.bucket_owner_full_control:
-            request["ACL"] = "bucket-owner-full-control"
         try:
             response = self.client.put_object(**request)
         except ClientError as exc:
@@ -304,20 +305,24 @@ class S3Destination(Destination):
                 )
             return self._writer
 
-    def put_headers(self, checksum: str, content_type: str) -> dict[str, str]:
-        """PutObject's headers for the CRT writer: the same request boto3 would send."""
-        headers = {
-            "Content-Type": content_type,
-            "x-amz-checksum-sha256": checksum,
-            "x-amz-expected-bucket-owner": self.bucket_owner,
+    def put_options(self, checksum: str, content_type: str) -> dict[str, str]:
+        """What every PutObject carries besides its key and body, in boto3's parameter names."""
+        options = {
+            "ChecksumSHA256": checksum,
+            "ExpectedBucketOwner": self.bucket_owner,
+            "ContentType": content_type,
         }
         if self.server_side_encryption:
-            headers["x-amz-server-side-encryption"] = self.server_side_encryption
+            options["ServerSideEncryption"] = self.server_side_encryption
             if self.server_side_encryption == "aws:kms" and self.kms_key_id:
-                headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.kms_key_id
+                options["SSEKMSKeyId"] = self.kms_key_id
         if self.bucket_owner_full_control:
-            headers["x-amz-acl"] = "bucket-owner-full-control"
-        return headers
+            options["ACL"] = "bucket-owner-full-control"
+        return options
+
+    def put_headers(self, checksum: str, content_type: str) -> dict[str, str]:
+        """The same options as the HTTP headers S3 reads, for the CRT writer."""
+        return {PUT_HEADERS[k]: v for k, v in self.put_options(checksum, content_type).items()}
 
     def _new_client(self) -> Any:
         credentials = RefreshableCredentials.create_from_metadata(

@@ -263,3 +263,17 @@ def test_credentials_are_renewed_before_the_role_session_expires(
                 session.upload(f"renew/{i}.xml", BODY, sha(BODY))
         assert (len(set(keys)) == 3) is expect_renewal
         assert len(set(keys)) in (1, 3)
+
+
+def test_the_crt_writer_sends_each_put_option_under_the_header_botocore_uses() -> None:
+    import botocore.session
+
+    from blocks.s3 import PUT_HEADERS
+
+    members = (
+        botocore.session.get_session()
+        .get_service_model("s3")
+        .operation_model("PutObject")
+        .input_shape.members
+    )
+    assert {k: members[k].serialization["name"] for k in PUT_HEADERS} == PUT_HEADERS
