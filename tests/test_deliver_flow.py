@@ -395,3 +395,45 @@ def test_upload_tasks_keep_every_connection_busy_and_finish_together(
     size = task_size(count, connections, batch_size)
     assert [len(b) for b in _batches(list(range(count)), size)] == sizes
     assert size <= batch_size * BATCHES_PER_TASK
+
+
+def task_run_names(flow_run_id: str) -> list[str]:
+    """The task runs of a flow run by name without the suffix (gather, render, upload)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)]))
+        )
+    return sorted(run.name.rsplit("-", 1)[0] for run in runs)
+
+
+@pytest.mark.parametrize(("batch_size", "uploads"), [(5, 1), (2, 2)])
+def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
+    store: Store, project: str, tmp_path: Path, batch_size: int, uploads: int
+) -> None:
+    from patient_delivery.seed import seed_project
+
+    root = tmp_path / "org"
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    LocalDestination(root=root, max_connections=4).save(name)
+    ingest.subscribe(store, project, f"local-destination/{name}")
+    seed_project(store, project, 30, size_scale=0.02)  # 60 documents
+
+    # 4 lanes of 15; each lane is at most 5 batches, so batches of 2 need a second wave
+    summary = deliver(batch_size=batch_size)
+
+    assert (summary.delivered, summary.failed) == (60, 0)
+    assert task_run_names(summary.flow_run_id) == ["gather", "render"] + ["upload"] * uploads
+    assert len([p for p in root.rglob("*") if p.is_file()]) == 60
+
+
+def test_lanes_share_a_task_on_threads_and_not_on_dask() -> None:
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.deliver import lanes_per_task
+
+    assert lanes_per_task(ThreadPoolTaskRunner(max_workers=4)) is None  # all of the wave's
+    assert lanes_per_task(DaskTaskRunner(address="tcp://127.0.0.1:1")) == 1
