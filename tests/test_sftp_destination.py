@@ -165,3 +165,24 @@ def test_many_connections_at_once(sshd: SshServer, folder: Path) -> None:
     assert sum(1 for p in folder.rglob("*.xml")) == 80
     assert not [p for p in folder.rglob("*") if p.name.endswith(".partial")]
     shutil.rmtree(folder / "w0")
+
+
+def test_each_write_fits_one_ssh_packet(sshd: SshServer, folder: Path) -> None:
+    """A document of 8 full writes goes out as 8 data packets, not 16: paramiko splits a write
+    larger than the server's packet size less 64 (OpenSSH: 32 KiB) into two encrypted packets."""
+    from blocks.sftp_pipeline import write_size
+
+    block = sftp_block(sshd, folder)
+    with block.open_session() as session:
+        session.upload("warm/up.xml", BODY, sha(BODY))  # folders made, connection settled
+        with session.sftp.open(str(folder / "warm" / "handle"), "w") as opened:
+            size = write_size(session.sftp, opened.handle)  # the server's handle length
+        content = bytes(range(256)) * (size * 8 // 256) + bytes(size * 8 % 256)
+        packetizer = session.transport.packetizer
+        before = packetizer._Packetizer__sent_packets  # read, not patched
+        session.upload("warm/doc.xml", content, sha(content))
+        sent = packetizer._Packetizer__sent_packets - before
+    # open, 8 writes, close, rename (the folder exists): 11 packets; splitting would be 19
+    assert sent == 11, sent
+    assert size == 32_768 - 64 - 25 - 4  # OpenSSH: 32 KiB packets, 4-byte handles
+    assert (folder / "warm" / "doc.xml").read_bytes() == content
