@@ -2,9 +2,10 @@
 
     gather  -> claim owed deliveries from the ledger (IDs only), a page at a time
     render  -> per destination: give each delivery its path, once; a bad value fails only it
-    upload  -> a task per connection to each destination, in parallel, each sending an equal
-               share of the page; every `batch_size` documents record their outcomes in the
-               ledger in one transaction
+    upload  -> per destination, a lane per connection, in parallel, each sending an equal share
+               of the page (one task carries a wave's lanes on threads; one lane per task on
+               Dask); every `batch_size` documents record their outcomes in the ledger in one
+               transaction
     summary -> a table artifact per run: per destination, delivered / failed / skipped / bytes
 
 Tasks carry delivery IDs, destination names and counts. Document content is read inside the
@@ -239,6 +240,7 @@ def _send_lane(
     store: Store, destination_ref: str, claimant: str, delivery_ids: list[int], batch_size: int,
     worker: str,
 ) -> BatchReport:  # fmt: skip
+    """One connection's share, batch after batch, once one of the process's lane slots is free."""
     report = BatchReport(destination_ref, worker=worker)
     with _lane_slots:
         started = time.perf_counter()
