@@ -35,7 +35,8 @@ from blocks.base import TerminalDeliveryError, TransientDeliveryError
 PROBE_KEY = "probe"
 SLOWEST_RATE = 128 * 1024
 """Bytes/s a put may take at worst before it is given up (with the timeouts, see `put`)."""
-CREDENTIAL_ERRORS = ("AWS_AUTH_CREDENTIALS_PROVIDER_DELEGATE_FAILURE",)
+REFUSED_KEY = "renewal-failed"
+"""Signs a request when the role could not be renewed: S3 refuses it, put() says why."""
 
 
 class CrtWriter:
@@ -93,12 +94,18 @@ class CrtWriter:
         )
 
     def _frozen(self) -> auth.AwsCredentials:
-        """Called by the CRT on each signing: botocore renews the role before it expires."""
+        """Called by the CRT on each signing: botocore renews the role before it expires.
+
+        When renewing fails, the request is signed with credentials S3 refuses, and put()
+        raises the renewal's own error: an exception raised here would only reach the CRT as
+        "delegate failure", and Python would print it to stderr as unraisable.
+        """
         try:
             frozen = self._credentials.get_frozen_credentials()
-        except Exception as exc:  # kept for put() to raise: the CRT only sees that it failed
+        except Exception as exc:
             self._credential_error = exc
-            raise
+            return auth.AwsCredentials(REFUSED_KEY, REFUSED_KEY)
+        self._credential_error = None
         return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     def put(self, key: str, body: bytes, headers: Mapping[str, str]) -> dict[str, str]:
@@ -133,11 +140,11 @@ class CrtWriter:
         except FutureTimeout:
             pending.cancel()
             raise TransientDeliveryError(f"S3 write got no answer in {budget:.0f} s") from None
-        except s3.S3ResponseError as exc:
-            raise self._explain(self._client_error(exc), "write") from None
         except AwsCrtError as exc:
-            if exc.name in CREDENTIAL_ERRORS and self._credential_error is not None:
+            if self._credential_error is not None:  # the role could not be renewed
                 raise self._credential_error from None
+            if isinstance(exc, s3.S3ResponseError):
+                raise self._explain(self._client_error(exc), "write") from None
             raise TransientDeliveryError(f"S3 write failed: {exc.name}") from None
         return answered
 

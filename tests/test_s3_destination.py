@@ -277,3 +277,29 @@ def test_the_crt_writer_sends_each_put_option_under_the_header_botocore_uses() -
         .input_shape.members
     )
     assert {k: members[k].serialization["name"] for k in PUT_HEADERS} == PUT_HEADERS
+
+
+@pytest.mark.bad_input
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # nothing on stderr
+def test_a_failed_role_renewal_is_the_reason_the_crt_writer_gives(
+    moto: MotoServer, bucket: str
+) -> None:
+    """The CRT asks for credentials on each signing and only learns that the callback failed;
+    the writer raises what renewing the role raised (botocore raises once the credentials are
+    within 10 minutes of expiry and the role can no longer be assumed)."""
+    import boto3
+
+    from blocks.s3_crt import CrtWriter
+
+    class Refused:
+        def get_frozen_credentials(self) -> None:
+            raise TerminalDeliveryError("could not assume the role (AccessDenied)")
+
+    writer = CrtWriter(
+        client=boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
+                            aws_access_key_id="x", aws_secret_access_key="x"),
+        bucket=bucket, credentials=Refused(), explain=lambda error, step: error,
+        max_connections=1, connect_timeout=2, read_timeout=2, max_attempts=1,
+    )  # fmt: skip
+    with pytest.raises(TerminalDeliveryError, match=r"could not assume the role \(AccessDenied\)"):
+        writer.put("x/doc.xml", BODY, {})
