@@ -298,34 +298,38 @@ def render_paths(
             )
         if failed:
             session.connection().execute(
-                update(table).where(mine).values(
-                    status=DeliveryStatus.FAILED, last_error=bindparam("b_error"),
-                    attempts=table.c.attempts + 1, flow_run_id=claimant, claimed_by=None,
-                    lease_expires_at=None, updated_at=now,
-                ),
+                update(table)
+                .where(mine)
+                .values(last_error=bindparam("b_error"), **_failed(claimant, now)),
                 failed,
-            )  # fmt: skip
+            )
     return result
 
 
-def _fail(delivery: Delivery, reason: str, claimant: str) -> None:
-    delivery.status = DeliveryStatus.FAILED
-    delivery.last_error = reason
-    delivery.attempts += 1
-    delivery.flow_run_id = claimant
-    delivery.claimed_by = None
-    delivery.lease_expires_at = None
+def _failed(claimant: str, now: datetime) -> dict[str, object]:
+    """What failing a delivery this run holds sets (besides its reason): counted as a try,
+    attributed to the run, and released."""
+    table = Delivery.__table__
+    return {
+        "status": DeliveryStatus.FAILED,
+        "attempts": table.c.attempts + 1,
+        "flow_run_id": claimant,
+        "claimed_by": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
 
 
 def fail_claimed(store: Store, claimant: str, delivery_ids: Sequence[int], reason: str) -> int:
     """Fail every listed delivery still claimed by `claimant` with one reason (e.g. bad block)."""
+    table = Delivery.__table__
     with store.session() as session:
-        rows = session.scalars(
-            select(Delivery).where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == claimant)
-        ).all()
-        for delivery in rows:
-            _fail(delivery, reason, claimant)
-        return len(rows)
+        result = session.connection().execute(
+            update(table)
+            .where(table.c.id.in_(delivery_ids), table.c.claimed_by == claimant)
+            .values(last_error=reason, **_failed(claimant, _now()))
+        )
+        return int(result.rowcount or 0)
 
 
 @dataclass(frozen=True)
