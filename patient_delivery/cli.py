@@ -21,6 +21,7 @@ from patient_delivery.settings import get_settings
 
 if TYPE_CHECKING:
     import pandas as pd
+    from pydantic import ValidationError
 
     from flows.deliver import RunSummary
     from patient_delivery.store import Store
@@ -263,9 +264,19 @@ def destination_local(
             fields["path_template"] = template
         block = LocalDestination(**fields)
     except ValidationError as exc:
-        raise _fail("; ".join(e["msg"] for e in exc.errors()), code=2) from None
+        raise _invalid(exc) from None
     block.save(name, overwrite=overwrite)
     console.print(f"local-destination/{name}")
+
+
+def _invalid(error: ValidationError) -> typer.Exit:
+    """Refused settings: each field and what is wrong with it, never the value given (it may
+    be a secret)."""
+    problems = [
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else str(e["msg"])
+        for e in error.errors()
+    ]
+    return _fail("; ".join(problems), code=2)
 
 
 def _save_block(block_type: type, name: str, overwrite: bool, fields: dict[str, object]) -> None:
@@ -275,12 +286,7 @@ def _save_block(block_type: type, name: str, overwrite: bool, fields: dict[str, 
     try:
         block = block_type(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        # The field and what is wrong with it; never the value given (it may be a secret).
-        problems = [
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else str(e["msg"])
-            for e in exc.errors()
-        ]
-        raise _fail("; ".join(problems), code=2) from None
+        raise _invalid(exc) from None
     try:
         block.save(name, overwrite=overwrite)
     except ValueError as exc:
