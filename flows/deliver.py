@@ -318,20 +318,20 @@ def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
     raise AssertionError("unreachable")
 
 
-BATCHES_PER_TASK = 5
-"""Most ledger batches one upload task sends: progress moves at least this often."""
+BATCHES_PER_LANE = 5
+"""Most ledger batches a lane sends in one wave: progress moves at least this often."""
 
 
-def task_size(count: int, connections: int, batch_size: int) -> int:
+def lane_size(count: int, connections: int, batch_size: int) -> int:
     """Documents per lane (one connection's share of a wave) for `count` to send over
     `connections`.
 
     As few as keep every connection busy, all of one size so the connections finish together
     (100-document shares on 8 connections left half of them idle for the last third of a
-    2,000-document run), none over `BATCHES_PER_TASK` batches.
+    2,000-document run), none over `BATCHES_PER_LANE` batches.
     """
     lanes = max(1, connections)
-    waves = math.ceil(count / (lanes * batch_size * BATCHES_PER_TASK))
+    waves = math.ceil(count / (lanes * batch_size * BATCHES_PER_LANE))
     return max(1, math.ceil(count / (lanes * max(1, waves))))
 
 
@@ -340,11 +340,12 @@ def _batches(items: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(items[start : start + size])
 
 
-def lanes_per_task(runner: TaskRunner | None) -> int | None:  # type: ignore[type-arg]
-    """How many lanes one upload task carries: all of a wave's (None) on the flow's own thread
-    pool, where each task run would cost Prefect's server about 17 ms of CPU and this process
-    about 9 ms (measured) and buy nothing; one on Dask, so lanes spread over its workers."""
-    return None if isinstance(runner, ThreadPoolTaskRunner) else 1
+def lanes_per_task(runner: TaskRunner | None, connections: int) -> int:  # type: ignore[type-arg]
+    """How many lanes one upload task carries: a whole wave's (one per connection) on the
+    flow's own thread pool, where each task run would cost Prefect's server about 17 ms of CPU
+    and this process about 9 ms (measured) and buy nothing; one on Dask, so lanes spread over
+    its workers."""
+    return max(1, connections) if isinstance(runner, ThreadPoolTaskRunner) else 1
 
 
 def _run_name() -> str:
@@ -543,9 +544,10 @@ def _deliver_pages(
                 ref, len(result.ready), time.perf_counter() - started,
             )  # fmt: skip
             summary.add(BatchReport(ref, failed=result.failed.total(), reasons=result.failed))
-            size = task_size(len(result.ready), rendered_page.max_connections, batch_size)
+            connections = rendered_page.max_connections
+            size = lane_size(len(result.ready), connections, batch_size)
             lanes = list(_batches(result.ready, size))
-            per_task = lanes_per_task(runner) or rendered_page.max_connections
+            per_task = lanes_per_task(runner, connections)
             uploads += [
                 upload.submit(ref, claimant, wave, batch_size) for wave in _batches(lanes, per_task)
             ]

@@ -390,11 +390,11 @@ def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
 def test_upload_tasks_keep_every_connection_busy_and_finish_together(
     count: int, connections: int, batch_size: int, sizes: list[int]
 ) -> None:
-    from flows.deliver import BATCHES_PER_TASK, _batches, task_size
+    from flows.deliver import BATCHES_PER_LANE, _batches, lane_size
 
-    size = task_size(count, connections, batch_size)
+    size = lane_size(count, connections, batch_size)
     assert [len(b) for b in _batches(list(range(count)), size)] == sizes
-    assert size <= batch_size * BATCHES_PER_TASK
+    assert size <= batch_size * BATCHES_PER_LANE
 
 
 def task_run_names(flow_run_id: str) -> list[str]:
@@ -435,5 +435,5 @@ def test_lanes_share_a_task_on_threads_and_not_on_dask() -> None:
 
     from flows.deliver import lanes_per_task
 
-    assert lanes_per_task(ThreadPoolTaskRunner(max_workers=4)) is None  # all of the wave's
-    assert lanes_per_task(DaskTaskRunner(address="tcp://127.0.0.1:1")) == 1
+    assert lanes_per_task(ThreadPoolTaskRunner(max_workers=4), 8) == 8  # all of the wave's
+    assert lanes_per_task(DaskTaskRunner(address="tcp://127.0.0.1:1"), 8) == 1
