@@ -24,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -143,52 +145,50 @@ def bare_sftp(config: dict, files: list[Path], export: Path) -> dict:
 
 def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
     """boto3 put_object from 16 threads sharing one client."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import boto3
     from botocore.config import Config
 
-    client = boto3.client(
-        "s3", endpoint_url=config["s3_url"], region_name="us-east-1",
-        aws_access_key_id="bench", aws_secret_access_key="bench",  # noqa: S106 - accepts any
-        config=Config(max_pool_connections=16),
-    )  # fmt: skip
-    meter = Meter()
-
-    def send(path: Path) -> int:
-        body = path.read_bytes()
-        key = "bare/" + path.relative_to(export).as_posix()
-        client.put_object(Bucket=config["bucket"], Key=key, Body=body)
-        return len(body)
-
-    with ThreadPoolExecutor(16) as pool:
-        moved = sum(pool.map(send, files))
-    return {**meter.read(), "files": len(files), "bytes": moved}
+    client = bench_s3_client(config, Config(max_pool_connections=16))
+    bucket = config["bucket"]
+    return put_from_threads(
+        files,
+        export,
+        lambda key, body: client.put_object(Bucket=bucket, Key="bare/" + key, Body=body),
+    )
 
 
 def bare_crt(config: dict, files: list[Path], export: Path) -> dict:
     """The flow's own S3 writer (awscrt) alone, from 16 threads: what the flow adds is the rest."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import boto3
     from botocore.credentials import Credentials
 
     from blocks.s3_crt import CrtWriter
 
-    client = boto3.client(
+    writer = CrtWriter(
+        client=bench_s3_client(config), bucket=config["bucket"],
+        credentials=Credentials("bench", "bench"), explain=lambda error, step: error,
+        max_connections=16, connect_timeout=10, read_timeout=60, max_attempts=3,
+    )  # fmt: skip
+    return put_from_threads(files, export, lambda key, body: writer.put("crt/" + key, body, {}))
+
+
+def bench_s3_client(config: dict, botocore_config: Any = None) -> Any:
+    import boto3
+
+    return boto3.client(
         "s3", endpoint_url=config["s3_url"], region_name="us-east-1",
         aws_access_key_id="bench", aws_secret_access_key="bench",  # noqa: S106 - accepts any
+        config=botocore_config,
     )  # fmt: skip
-    writer = CrtWriter(
-        client=client, bucket=config["bucket"], credentials=Credentials("bench", "bench"),
-        explain=lambda error, step: error, max_connections=16, connect_timeout=10,
-        read_timeout=60, max_attempts=3,
-    )  # fmt: skip
+
+
+def put_from_threads(files: list[Path], export: Path, put: Callable[[str, bytes], object]) -> dict:
+    """Every file read and `put` at its relative path from 16 threads, timed from the first."""
+    from concurrent.futures import ThreadPoolExecutor
+
     meter = Meter()
 
     def send(path: Path) -> int:
         body = path.read_bytes()
-        writer.put("crt/" + path.relative_to(export).as_posix(), body, {})
+        put(path.relative_to(export).as_posix(), body)
         return len(body)
 
     with ThreadPoolExecutor(16) as pool:
