@@ -354,7 +354,7 @@ def throughput(args: argparse.Namespace) -> None:
         SftpDestination(
             host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
             host_keys=[sshd.host_key_line()], root=str(folders["flow"]),
-            max_connections=args.connections,
+            max_connections=args.connections, files_in_flight=args.in_flight,
         ).save("bench-sftp", overwrite=True)  # fmt: skip
         S3Destination(
             bucket_name="bench", role_arn=role, external_id="bench-external-id",
@@ -369,7 +369,7 @@ def throughput(args: argparse.Namespace) -> None:
             SftpDestination(
                 host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
                 host_keys=[sshd.host_key_line()], root=str(sshd.make_folder("dask")),
-                max_connections=args.connections,
+                max_connections=args.connections, files_in_flight=args.in_flight,
             ).save("bench-dask", overwrite=True)  # fmt: skip
             ingest.subscribe(store, "bench", "sftp-destination/bench-dask")
         ingest.subscribe(store, "bench", "s3-destination/bench-s3")
@@ -608,6 +608,9 @@ def main() -> None:
     parser.add_argument("--size-scale", type=float, default=1.0, help="document size factor")
     parser.add_argument("--batch", type=int, default=100, help="documents per upload task")
     parser.add_argument("--connections", type=int, default=8, help="SFTP connections (flow)")
+    parser.add_argument(
+        "--in-flight", type=int, default=4, help="files on their way per SFTP connection (flow)"
+    )
     parser.add_argument("--only", default="sftp,s3")
     parser.add_argument(
         "--dask", type=int, default=0, help="also the SFTP flow on a Dask cluster of N processes"

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
@@ -65,6 +66,17 @@ class Receipt:
     sha256: str
 
 
+class Upload(NamedTuple):
+    """One document to put at `path` (relative), with the SHA-256 it must arrive with."""
+
+    path: str
+    content: bytes
+    sha256: str
+
+
+K = TypeVar("K")
+
+
 @dataclass
 class ConnectionCheck:
     """One step of `test_connection`, for people: what was tried and how it went."""
@@ -98,6 +110,23 @@ class DestinationSession(ABC):
     @abstractmethod
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
         """Put `content` at `path` (relative), atomically, and verify it arrived whole."""
+
+    def upload_many(
+        self, uploads: Iterable[tuple[K, Upload]]
+    ) -> Iterator[tuple[K, Receipt | DeliveryError]]:
+        """Upload each `(key, upload)` as `upload()` would and yield `(key, receipt or error)`,
+        in the order they finish, taking the next upload only when there is room for it.
+
+        Destinations that can have several files on their way over one connection (SFTP)
+        override this; the default sends one at a time. Each upload taken gets exactly one
+        result; after an error that broke the session, no more are taken, so the caller can
+        reconnect and go on with the rest.
+        """
+        for key, upload in uploads:
+            try:
+                yield key, self.upload(*upload)
+            except DeliveryError as exc:
+                yield key, exc
 
     @abstractmethod
     def remove(self, path: str) -> None:

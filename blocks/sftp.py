@@ -19,9 +19,10 @@ import io
 import posixpath
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Generic
 
 import paramiko
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -31,9 +32,11 @@ from blocks.base import (
     DeliveryError,
     Destination,
     DestinationSession,
+    K,
     Receipt,
     TerminalDeliveryError,
     TransientDeliveryError,
+    Upload,
     check_content,
 )
 
@@ -85,10 +88,17 @@ def _transient(message: str) -> TransientDeliveryError:
 
 
 class SftpSession(DestinationSession):
-    def __init__(self, transport: paramiko.Transport, sftp: paramiko.SFTPClient, root: str) -> None:
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        sftp: paramiko.SFTPClient,
+        root: str,
+        files_in_flight: int = 1,
+    ) -> None:
         self.transport = transport
         self.sftp = sftp
         self.root = root
+        self.files_in_flight = files_in_flight
         self._folders: set[str] = {posixpath.normpath(root)}  # exists: normalize() found it
 
     def _remote(self, path: str) -> str:
@@ -107,27 +117,112 @@ class SftpSession(DestinationSession):
         return missing[::-1]
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        check_content(content, sha256)
-        final = self._remote(path)
+        ((_, result),) = self.upload_many([(None, Upload(path, content, sha256))])
+        if isinstance(result, DeliveryError):
+            raise result
+        return result
+
+    def upload_many(
+        self, uploads: Iterable[tuple[K, Upload]]
+    ) -> Iterator[tuple[K, Receipt | DeliveryError]]:
+        """Several files on their way over the one channel: up to `files_in_flight` of them
+        (fewer when they hold `FLIGHT_BYTES`), each advanced as its replies arrive.
+
+        A refused request fails its file alone, and its temporary file is removed. A broken
+        connection fails every file on its way, each handing its temporary file's name to the
+        retry (`leftover`), and no more uploads are taken.
+        """
+        ready: list[sftp_pipeline.Put] = []  # puts whose step's replies are all in
+        flights: dict[sftp_pipeline.Put, _Flight[K]] = {}
+        source = iter(uploads)
+        while True:
+            while self._room(flights.values()) and (taken := next(source, None)) is not None:
+                key, upload = taken
+                try:
+                    flight = _Flight(key, upload, *self._names(upload))
+                except DeliveryError as exc:
+                    yield key, exc
+                    continue
+                try:
+                    put = sftp_pipeline.Put(self.sftp, flight.folders, flight.temporary,
+                                            flight.final, upload.content, ready)  # fmt: skip
+                except (OSError, paramiko.SSHException, EOFError) as exc:
+                    yield from self._lost([*flights.items(), (None, flight)], exc)
+                    return
+                flights[put] = flight
+            if not flights:
+                return
+            try:
+                while not ready:
+                    self.sftp._read_response()
+                put = ready.pop(0)
+                flight = flights[put]
+                if not put.advance():
+                    continue
+            except sftp_pipeline.Refused as refused:
+                del flights[put]
+                yield flight.key, self._discard(flight.temporary, _refusal(refused.error))
+                continue
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                yield from self._lost(flights.items(), exc)
+                return
+            del flights[put]
+            yield flight.key, self._arrived(flight)
+
+    def _lost(
+        self,
+        flights: Iterable[tuple[sftp_pipeline.Put | None, _Flight[K]]],
+        exc: BaseException,
+    ) -> Iterator[tuple[K, Receipt | DeliveryError]]:
+        """The connection broke with files on their way.
+
+        Replies that came in before it broke are read first: a file whose rename was answered
+        is in place, and delivered (with several files on their way, a rename's answer can wait
+        behind the next file's writes). Every other file failed, temporarily, and hands its
+        temporary file's name to the retry, which removes it over a new connection (a timed-out
+        one may never answer a remove).
+        """
+        with suppress(OSError, paramiko.SSHException, EOFError):
+            while self.sftp.sock.recv_ready():
+                self.sftp._read_response()
+        timed_out = isinstance(exc, socket.timeout | TimeoutError)
+        for put, flight in flights:
+            if put is not None and put.step == put.RENAME and not put.waiting:
+                with suppress(sftp_pipeline.Refused):
+                    put.advance()  # reads the answer; sends nothing more
+                    yield flight.key, self._arrived(flight)
+                    continue
+            error = _transient(
+                "the SFTP server did not answer in time"
+                if timed_out
+                else "the SFTP connection was lost during the upload"
+            )
+            error.leftover = self._relative(flight.temporary)
+            yield flight.key, error
+
+    def _arrived(self, flight: _Flight[K]) -> Receipt:
+        self._folders.update(flight.folders)
+        upload = flight.upload
+        return Receipt(upload.path, len(upload.content), upload.sha256)
+
+    def _relative(self, remote: str) -> str:
+        return posixpath.relpath(remote, posixpath.normpath(self.root))
+
+    def _room(self, flights: Collection[_Flight[K]]) -> bool:
+        """Another file may start: fewer than `files_in_flight` on their way, holding less than
+        `FLIGHT_BYTES` between them (a large document goes alone rather than not at all)."""
+        if len(flights) >= self.files_in_flight:
+            return False
+        return sum(len(f.upload.content) for f in flights) < FLIGHT_BYTES
+
+    def _names(self, upload: Upload) -> tuple[str, str, list[str]]:
+        """Checked content; the final name, a fresh temporary one beside it, and the folders
+        to make first (those this session has not made or seen yet)."""
+        check_content(upload.content, upload.sha256)
+        final = self._remote(upload.path)
         folder, name = posixpath.split(final)
         temporary = posixpath.join(folder, f".{name}.{secrets.token_hex(6)}.partial")
-        try:
-            missing = self._missing_folders(folder)
-            sftp_pipeline.put(self.sftp, missing, temporary, final, content)
-            self._folders.update(missing)
-        except (TerminalDeliveryError, TransientDeliveryError) as exc:
-            raise self._discard(temporary, exc) from None
-        except PermissionError:
-            error = TerminalDeliveryError(
-                "permission denied on the SFTP server: the user may not write in that folder"
-            )
-            raise self._discard(temporary, error) from None
-        except OSError as exc:
-            raise self._discard(temporary, _sftp_error(exc)) from None
-        except (paramiko.SSHException, EOFError):
-            error = _transient("the SFTP connection was lost during the upload")
-            raise self._discard(temporary, error) from None
-        return Receipt(path=path, size=len(content), sha256=sha256)
+        return final, temporary, self._missing_folders(folder)
 
     def discard_leftovers(self, path: str) -> None:
         """One listing of the folder, only for deliveries being retried."""
@@ -145,7 +240,7 @@ class SftpSession(DestinationSession):
         except FileNotFoundError:
             pass
         except (OSError, paramiko.SSHException, EOFError):
-            error.leftover = posixpath.relpath(temporary, posixpath.normpath(self.root))
+            error.leftover = self._relative(temporary)
         return error
 
     def remove(self, path: str) -> None:
@@ -162,6 +257,31 @@ class SftpSession(DestinationSession):
         with suppress(Exception):
             self.sftp.close()
         self.transport.close()
+
+
+@dataclass
+class _Flight(Generic[K]):
+    """A file on its way: the caller's key, the upload, and the names it goes by."""
+
+    key: K
+    upload: Upload
+    final: str
+    temporary: str
+    folders: list[str]
+
+
+FLIGHT_BYTES = 8 * 1024 * 1024
+"""Most content bytes of files on their way over one connection: their writes go out whole,
+and each stays in memory until its reply comes back."""
+
+
+def _refusal(error: OSError) -> DeliveryError:
+    """What the server's answer to a file's request means for its delivery."""
+    if isinstance(error, PermissionError):
+        return TerminalDeliveryError(
+            "permission denied on the SFTP server: the user may not write in that folder"
+        )
+    return _sftp_error(error)
 
 
 def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:
@@ -223,6 +343,16 @@ class SftpDestination(Destination):
     )
     operation_timeout: float = Field(
         default=60.0, gt=0, title="Operation timeout (s)", description="Each SFTP request."
+    )
+    files_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=32,
+        title="Files in flight per connection",
+        description=(
+            "Files on their way over one connection at once: while one waits for the server's "
+            "replies, the next one's requests are already sent. More helps on a slow link."
+        ),
     )
 
     @field_validator("host_keys")
@@ -320,7 +450,7 @@ class SftpDestination(Destination):
             raise _transient(
                 f"cannot start SFTP on {self.host}:{self.port} ({type(exc).__name__})"
             ) from None
-        session = SftpSession(transport, sftp, root)
+        session = SftpSession(transport, sftp, root, self.files_in_flight)
         try:
             yield session
         finally:

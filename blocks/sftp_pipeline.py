@@ -7,7 +7,10 @@ many folders it needs:
 
     [mkdir ..., open temporary]  ->  [write ..., close]  ->  [posix-rename to the final name]
 
-and reads every reply: a write the server refused fails the upload before the rename.
+and reads every reply: a write the server refused fails the upload before the rename. Each file
+is a `Put`, the owner paramiko hands that file's replies to, so several files can be on their
+way over one channel at once (`SftpSession.upload_many`): while one waits for its replies,
+the next one's requests are already on the wire.
 
 Built on `SFTPClient._async_request` and `_read_response`, the two methods paramiko's own
 pipelined writes and prefetching use; paramiko is pinned in uv.lock and the SFTP tests run
@@ -51,31 +54,96 @@ CHANNEL_RESERVE = 64
 Reply = tuple[int, Message]
 
 
-class Replies:
-    """Requests sent as one batch on one SFTP channel, and their replies by request number.
+class Refused(Exception):
+    """The server answered a request of a `Put` with an error (`error`, as paramiko raises it).
+    Kept apart from the OSError a broken connection raises: only that one ends the session."""
 
-    paramiko hands a reply that nobody is waiting for to its request's owner through
-    `_async_response`; this object is that owner, so no reply is dropped.
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Put:
+    """One file on its way: create `folders` (top-down; existing ones are fine), write
+    `content` to `temporary`, check every write, then rename it over `final`.
+
+    Each step's requests go out together; `advance()` checks their replies once all are in
+    (`waiting` is False) and sends the next step. When a step's last reply arrives, the put
+    appends itself to `ready`, so a driver with many puts on one channel knows which to advance.
     """
 
-    def __init__(self, sftp: paramiko.SFTPClient) -> None:
+    OPEN, WRITE, RENAME, DONE = range(4)
+
+    def __init__(
+        self,
+        sftp: paramiko.SFTPClient,
+        folders: list[str],
+        temporary: str,
+        final: str,
+        content: bytes,
+        ready: list[Put] | None = None,
+    ) -> None:
         self._sftp = sftp
+        self._temporary, self._final, self._content = temporary, final, content
+        self._ready = ready
         self._sent: list[int] = []
         self._replies: dict[int, Reply] = {}
+        self.step = self.OPEN
+        for folder in folders:
+            self._send(CMD_MKDIR, folder, paramiko.SFTPAttributes())
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+        self._send(CMD_OPEN, temporary, flags, paramiko.SFTPAttributes())
 
-    def send(self, command: int, *arguments: object) -> None:
+    def _send(self, command: int, *arguments: object) -> None:
         self._sent.append(self._sftp._async_request(self, command, *arguments))
 
     def _async_response(self, kind: int, message: Message, number: int) -> None:
+        """paramiko hands over a reply to one of this put's requests."""
         self._replies[number] = (kind, message)
+        if self._ready is not None and not self.waiting:
+            self._ready.append(self)
 
-    def wait(self) -> list[Reply]:
-        """Read until every request sent has its reply; the replies in the order sent."""
-        while any(number not in self._replies for number in self._sent):
-            self._sftp._read_response()
+    @property
+    def waiting(self) -> bool:
+        """Replies to this step's requests are still to come."""
+        return len(self._replies) < len(self._sent)
+
+    def _collect(self) -> list[Reply]:
         replies = [self._replies.pop(number) for number in self._sent]
         self._sent = []
         return replies
+
+    def advance(self) -> bool:
+        """Check the step whose replies are all in and send the next one; True once the file
+        is in place. Raises `Refused` for an answered error, OSError, SSHException or EOFError
+        when the connection fails."""
+        replies = self._collect()
+        if self.step == self.OPEN:
+            *made, (kind, message) = replies
+            if kind != CMD_HANDLE:
+                # An existing folder's mkdir fails too, harmlessly; when the open fails, a
+                # refused mkdir says why better than the open's "no such file".
+                refusals = [e for e in map(status_error, made) if isinstance(e, PermissionError)]
+                opened = status_error((kind, message)) or OSError("open")
+                raise Refused(refusals[0] if refusals else opened)
+            handle = message.get_binary()
+            size = write_size(self._sftp, handle)
+            view = memoryview(self._content)
+            for offset in range(0, len(self._content), size):
+                chunk = bytes(view[offset : offset + size])
+                self._send(CMD_WRITE, handle, int64(offset), chunk)
+            self._send(CMD_CLOSE, handle)
+            self.step = self.WRITE
+            return False
+        for reply in replies:
+            if error := status_error(reply):
+                raise Refused(error)
+        if self.step == self.WRITE:
+            self._send(CMD_EXTENDED, "posix-rename@openssh.com", self._temporary, self._final)
+            self.step = self.RENAME
+            return False
+        self.step = self.DONE
+        return True
 
 
 def status_error(reply: Reply) -> OSError | None:
@@ -103,33 +171,3 @@ def write_size(sftp: paramiko.SFTPClient, handle: bytes) -> int:
     """
     fits = sftp.sock.out_max_packet_size - CHANNEL_RESERVE - WRITE_HEADER - len(handle)
     return max(1024, min(WRITE_SIZE, fits))
-
-
-def put(
-    sftp: paramiko.SFTPClient, folders: list[str], temporary: str, final: str, content: bytes
-) -> None:
-    """Create `folders` (top-down; existing ones are fine), write `content` to `temporary`,
-    check every write, then rename it over `final`. Raises OSError as paramiko would."""
-    replies = Replies(sftp)
-    for folder in folders:
-        replies.send(CMD_MKDIR, folder, paramiko.SFTPAttributes())
-    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-    replies.send(CMD_OPEN, temporary, flags, paramiko.SFTPAttributes())
-    *made, (kind, message) = replies.wait()
-    if kind != CMD_HANDLE:
-        # An existing folder's mkdir fails too, harmlessly; when the open fails, a refused
-        # mkdir says why better than the open's "no such file".
-        refusals = [e for e in map(status_error, made) if isinstance(e, PermissionError)]
-        raise refusals[0] if refusals else (status_error((kind, message)) or OSError("open"))
-    handle = message.get_binary()
-    size = write_size(sftp, handle)
-    view = memoryview(content)
-    for offset in range(0, len(content), size):
-        replies.send(CMD_WRITE, handle, int64(offset), bytes(view[offset : offset + size]))
-    replies.send(CMD_CLOSE, handle)
-    for reply in replies.wait():
-        if error := status_error(reply):
-            raise error
-    replies.send(CMD_EXTENDED, "posix-rename@openssh.com", temporary, final)
-    if error := status_error(replies.wait()[0]):
-        raise error

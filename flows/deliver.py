@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TypeVar
 
 from prefect import flow, get_run_logger, task
@@ -44,7 +45,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 import blocks  # registers every destination block type, for Block.load
-from blocks.base import DeliveryError, Destination
+from blocks.base import DeliveryError, Destination, DestinationSession, Receipt, Upload
 from flows import sessions
 from flows.sessions import Lease
 from patient_delivery import ledger
@@ -259,14 +260,9 @@ def _upload_batch(
     try:
         pool = sessions.pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
-            for item, content in ledger.stream_contents(store, items):
-                if pool.down is not None:
-                    # Another upload already gave up on this destination in this run: fail
-                    # fast instead of spending the whole backoff on every document.
-                    error = f"not attempted in this run: {pool.down}"
-                    outcomes.append(Outcome(item.delivery_id, 0, error=error))
-                    continue
-                outcomes.append(_send(lease, item, content))
+            documents = ledger.stream_contents(store, items)
+            for outcome in _send_documents(lease, pool, documents):
+                outcomes.append(outcome)  # one by one: kept if a later document raises
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
         done = {o.delivery_id for o in outcomes}
@@ -283,15 +279,87 @@ def _upload_batch(
             report.reasons[outcome.error or "unknown"] += 1
 
 
-def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
-    """Upload one document, retrying transient errors with exponential backoff and jitter."""
-    leftovers: list[str] = []
-    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+Document = tuple[UploadItem, bytes]
+
+
+def _send_documents(
+    lease: Lease, pool: sessions.SessionPool, documents: Iterator[Document]
+) -> Iterator[Outcome]:
+    """Each document's outcome, in the order they finish.
+
+    First tries go through the session's `upload_many`, several on their way at once where the
+    destination can (SFTP). Once one fails temporarily, no more are started: those on their
+    way land, the failed ones are retried one at a time by `_send` (after one reconnect and
+    backoff for them all), and then first tries go on with the rest.
+    """
+    while True:
+        if pool.down is not None:
+            # Another upload already gave up on this destination in this run: fail fast
+            # instead of spending the whole backoff on every document.
+            for item, _ in documents:
+                error = f"not attempted in this run: {pool.down}"
+                yield Outcome(item.delivery_id, 0, error=error)
+            return
+        failed: list[tuple[Document, DeliveryError]] = []
         try:
             session = lease.session()
-            if item.attempts and attempt == 1:  # tried by an earlier run, maybe cut off
-                with suppress(DeliveryError):
-                    session.discard_leftovers(item.path)
+        except DeliveryError as exc:  # connecting is a first try of the next document
+            failed = [(document, exc) for document in islice(documents, 1)]
+        else:
+            firsts = session.upload_many(_first_tries(session, pool, documents, failed))
+            for (item, content), result in firsts:
+                if isinstance(result, Receipt):
+                    lease.delivered()
+                    yield Outcome(item.delivery_id, 1, sha256=result.sha256, size=result.size)
+                elif not result.retryable:
+                    yield Outcome(item.delivery_id, 1, error=f"{result} (not retried)")
+                else:
+                    failed.append(((item, content), result))
+        if not failed:
+            return  # every document was taken, and has landed
+        lease.reset()
+        _back_off(1)
+        for (item, content), error in failed:
+            if not error.retryable:
+                yield Outcome(item.delivery_id, 1, error=f"{error} (not retried)")
+            elif pool.down is not None:
+                error_text = f"{error} (not retried in this run: {pool.down})"
+                yield Outcome(item.delivery_id, 1, error=error_text)
+            else:
+                yield _send(lease, item, content, failed=error)
+
+
+def _first_tries(
+    session: DestinationSession,
+    pool: sessions.SessionPool,
+    documents: Iterator[Document],
+    failed: list[tuple[Document, DeliveryError]],
+) -> Iterator[tuple[Document, Upload]]:
+    """The documents to start, while none has failed and the destination is not down; a
+    document an earlier run tried first has that run's cut-off temporary files removed."""
+    while not failed and pool.down is None:
+        document = next(documents, None)
+        if document is None:
+            return
+        item, content = document
+        if item.attempts:
+            with suppress(DeliveryError):
+                session.discard_leftovers(item.path)
+        yield document, Upload(item.path, content, item.sha256)
+
+
+def _back_off(attempt: int) -> None:
+    """Exponential backoff with jitter before try `attempt + 1`."""
+    time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
+
+
+def _send(lease: Lease, item: UploadItem, content: bytes, failed: DeliveryError) -> Outcome:
+    """Retry one document whose first try `failed` temporarily, with exponential backoff and
+    jitter between tries, removing the temporary files cut-off tries left."""
+    leftovers = [failed.leftover] if failed.leftover else []
+    for attempt in range(2, UPLOAD_ATTEMPTS + 1):
+        try:
+            session = lease.session()
             receipt = session.upload(item.path, content, item.sha256)
             for leftover in leftovers:  # temporary files of attempts cut off midway
                 with suppress(DeliveryError):
@@ -308,7 +376,7 @@ def _send(lease: Lease, item: UploadItem, content: bytes) -> Outcome:
                 error = f"{exc} (gave up after {attempt} tries; the next run tries again)"
                 return Outcome(item.delivery_id, attempt, error=error)
             lease.reset()
-            time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
+            _back_off(attempt)
         except Exception as exc:
             # Unknown failures are recorded by type only: their text may carry what we must not log.
             lease.reset()

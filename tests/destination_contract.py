@@ -12,7 +12,7 @@ from typing import Protocol
 
 import pytest
 
-from blocks.base import DeliveryError, Destination
+from blocks.base import DeliveryError, Destination, Receipt, Upload
 
 BODY = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"x" * 200_000 + b"</ClinicalDocument>"
 
@@ -57,6 +57,26 @@ class DestinationContract:
                 body = f"document {i}".encode()
                 session.upload(f"many/{i}.xml", body, sha(body))
         assert all(remote.read(f"many/{i}.xml") == f"document {i}".encode() for i in range(25))
+
+    def test_upload_many_reports_each_by_its_key_and_a_bad_one_fails_alone(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        bodies = {i: f"document {i}".encode() * 1000 for i in range(12)}
+        uploads = [
+            (i, Upload(f"batch/{i}.xml", body, sha(b"corrupt" if i == 5 else body)))
+            for i, body in bodies.items()
+        ]
+        with destination.open_session() as session:
+            results = dict(session.upload_many(uploads))
+        assert sorted(results) == sorted(bodies)  # each upload reported once, by its key
+        bad = results.pop(5)
+        assert isinstance(bad, DeliveryError) and not bad.retryable
+        assert remote.read("batch/5.xml") is None
+        for i, receipt in results.items():
+            assert isinstance(receipt, Receipt), receipt
+            assert (receipt.path, receipt.size) == (f"batch/{i}.xml", len(bodies[i]))
+            assert remote.read(f"batch/{i}.xml") == bodies[i]
+        assert len(remote.names()) == 11  # nothing temporary left
 
     def test_upload_to_same_path_replaces_whole_file(
         self, destination: Destination, remote: Remote

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from blocks.base import TerminalDeliveryError, TransientDeliveryError
+from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
 from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.faults import FaultProxy
@@ -186,3 +189,76 @@ def test_each_write_fits_one_ssh_packet(sshd: SshServer, folder: Path) -> None:
     assert sent == 11, sent
     assert size == 32_768 - 64 - 25 - 4  # OpenSSH: 32 KiB packets, 4-byte handles
     assert (folder / "warm" / "doc.xml").read_bytes() == content
+
+
+def _tracked(uploads: list[Upload], taken: list[int]) -> Iterator[tuple[int, Upload]]:
+    """The uploads keyed by number, counting in `taken` how many upload_many has taken."""
+    for number, upload in enumerate(uploads):
+        taken.append(number)
+        yield number, upload
+
+
+def test_several_files_are_on_their_way_at_once_and_no_more(
+    sshd: SshServer, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uploads = [Upload(f"flight/{i}.xml", BODY, sha(BODY)) for i in range(10)]
+    for files_in_flight, flight_bytes, most in ((3, 10**9, 3), (8, 2 * len(BODY) - 1, 2)):
+        monkeypatch.setattr("blocks.sftp.FLIGHT_BYTES", flight_bytes)
+        taken: list[int] = []
+        on_their_way: list[int] = []  # files taken and not yet reported, at each report
+        block = sftp_block(sshd, folder, files_in_flight=files_in_flight)
+        with block.open_session() as session:
+            for done, (_, receipt) in enumerate(session.upload_many(_tracked(uploads, taken))):
+                assert isinstance(receipt, Receipt), receipt
+                on_their_way.append(len(taken) - done)
+        assert max(on_their_way) == most  # the first report came after `most` were sent
+        assert sorted(p.name for p in (folder / "flight").iterdir()) == sorted(
+            f"{i}.xml" for i in range(10)
+        )
+        shutil.rmtree(folder / "flight")
+
+
+def test_a_refused_file_fails_alone_among_files_on_their_way(sshd: SshServer, folder: Path) -> None:
+    (folder / "locked").mkdir()  # owned by root, 0755: the SFTP user may not write in it
+    uploads = [
+        Upload(f"{'locked' if i % 3 == 1 else 'open'}/{i}.xml", BODY, sha(BODY)) for i in range(9)
+    ]
+    with sftp_block(sshd, folder, files_in_flight=4).open_session() as session:
+        results = dict(session.upload_many(enumerate(uploads)))
+        session.upload("open/after.xml", BODY, sha(BODY))  # the session goes on
+    for i, result in results.items():
+        if i % 3 == 1:
+            assert isinstance(result, TerminalDeliveryError) and "permission" in str(result)
+        else:
+            assert isinstance(result, Receipt), result
+    assert list((folder / "locked").iterdir()) == []
+    assert sorted(p.name for p in (folder / "open").iterdir()) == sorted(
+        [f"{i}.xml" for i in range(9) if i % 3 != 1] + ["after.xml"]
+    )
+
+
+def test_a_broken_connection_fails_the_files_on_their_way_but_not_an_answered_rename(
+    sshd: SshServer, folder: Path
+) -> None:
+    """Two files on their way; the connection breaks once the second one's rename has been
+    answered but before that answer was read: it is delivered; the next file fails
+    temporarily, naming its temporary file for the retry; nothing more is taken."""
+    uploads = [Upload(f"broken/{i}.xml", BODY, sha(BODY)) for i in range(5)]
+    taken: list[int] = []
+    results: dict[int, Receipt | object] = {}
+    with sftp_block(sshd, folder, files_in_flight=2).open_session() as session:
+        for number, result in session.upload_many(_tracked(uploads, taken)):
+            results[number] = result
+            if number == 0:
+                deadline = time.monotonic() + 10
+                while not (session.sftp.sock.recv_ready() and (folder / "broken/1.xml").exists()):
+                    assert time.monotonic() < deadline, "the second rename was never answered"
+                    time.sleep(0.01)
+                session.transport.sock.shutdown(socket.SHUT_RDWR)
+    assert isinstance(results[0], Receipt) and isinstance(results[1], Receipt)
+    assert taken == [0, 1, 2]  # the third was started when the connection broke, no more
+    lost = results[2]
+    assert isinstance(lost, TransientDeliveryError) and "connection was lost" in str(lost)
+    assert lost.leftover and lost.leftover.startswith("broken/.2.xml.")
+    assert (folder / "broken/1.xml").read_bytes() == BODY
+    assert not (folder / "broken/2.xml").exists()
