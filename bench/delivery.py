@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,12 @@ def run_rclone(source: Path, remote: str, env: dict[str, str]) -> dict:
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), **cost}
 
 
+def parse_variants(text: str) -> list[tuple[int, int]]:
+    """'8x1,2x4' -> [(8, 1), (2, 4)]: connections x files in flight, each once, in order."""
+    pairs = (v.split("x") for v in text.split(",") if v)
+    return list(dict.fromkeys((int(c), int(w)) for c, w in pairs))
+
+
 def throughput(args: argparse.Namespace) -> None:
     from tests.servers import PrefectServer
 
@@ -350,19 +357,29 @@ def throughput(args: argparse.Namespace) -> None:
 
         identity = AwsCredentials(aws_access_key_id=moto.deliverer_keys[0],
                                   aws_secret_access_key=moto.deliverer_keys[1])  # fmt: skip
-        folders = {name: sshd.make_folder(name) for name in ("flow", "bare", "rclone")}
-        SftpDestination(
-            host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
-            host_keys=[sshd.host_key_line()], root=str(folders["flow"]),
-            max_connections=args.connections, files_in_flight=args.in_flight,
-        ).save("bench-sftp", overwrite=True)  # fmt: skip
-        S3Destination(
-            bucket_name="bench", role_arn=role, external_id="bench-external-id",
-            endpoint_url=seaweed.url, sts_endpoint_url=moto.url, aws_credentials=identity,
-            server_side_encryption=None, max_connections=16,
-            path_template="flow/{healthexPatientId}/{dataType}",
-        ).save("bench-s3", overwrite=True)  # fmt: skip
-        ingest.subscribe(store, "bench", "sftp-destination/bench-sftp")
+        folders = {name: sshd.make_folder(name) for name in ("bare", "rclone")}
+        variants = parse_variants(f"{args.connections}x{args.in_flight}," + args.sftp_variants)
+        for connections, in_flight in variants:
+            SftpDestination(
+                host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
+                host_keys=[sshd.host_key_line()],
+                root=str(sshd.make_folder(f"flow-{connections}x{in_flight}")),
+                max_connections=connections, files_in_flight=in_flight,
+            ).save(f"bench-sftp-{connections}x{in_flight}", overwrite=True)  # fmt: skip
+            ingest.subscribe(
+                store, "bench", f"sftp-destination/bench-sftp-{connections}x{in_flight}"
+            )
+        s3_variants = parse_variants(f"16x{args.s3_in_flight}," + args.s3_variants)
+        for connections, in_flight in s3_variants:
+            name = f"bench-s3-{connections}x{in_flight}"
+            S3Destination(
+                bucket_name="bench", role_arn=role, external_id="bench-external-id",
+                endpoint_url=seaweed.url, sts_endpoint_url=moto.url, aws_credentials=identity,
+                server_side_encryption=None, max_connections=connections,
+                files_in_flight=in_flight,
+                path_template=f"{name}/{{healthexPatientId}}/{{dataType}}",
+            ).save(name, overwrite=True)  # fmt: skip
+            ingest.subscribe(store, "bench", f"s3-destination/{name}")
         dask = start_dask(args.dask) if args.dask and "sftp" in args.only else None
         if dask:
             servers.append(dask)
@@ -372,7 +389,6 @@ def throughput(args: argparse.Namespace) -> None:
                 max_connections=args.connections, files_in_flight=args.in_flight,
             ).save("bench-dask", overwrite=True)  # fmt: skip
             ingest.subscribe(store, "bench", "sftp-destination/bench-dask")
-        ingest.subscribe(store, "bench", "s3-destination/bench-s3")
         obscured = subprocess.run(["rclone", "obscure", SFTP_PASSWORD], capture_output=True,
                                   text=True, check=True).stdout.strip()  # fmt: skip
         env = {
@@ -398,9 +414,12 @@ def throughput(args: argparse.Namespace) -> None:
             rows.append(("sftp", "rclone copy --transfers 16", rclone, rclone))
             bare = run_child("bare-sftp", config, env)
             rows.append(("sftp", "paramiko, 8 connections, NODELAY", bare, rclone))
-            flow = run_child("flow", {**config, "destination": "sftp-destination/bench-sftp"}, env)
-            rows.append(("sftp", f"delivery flow ({args.connections} connections)", flow, rclone))
-            rows.append(overhead("sftp", flow, bare))
+            for connections, in_flight in variants:
+                reference = f"sftp-destination/bench-sftp-{connections}x{in_flight}"
+                flow = run_child("flow", {**config, "destination": reference}, env)
+                label = f"delivery flow ({connections} connections x {in_flight} files in flight)"
+                rows.append(("sftp", label, flow, rclone))
+                rows.append(overhead("sftp", flow, bare))
             if dask:
                 spread = run_child("flow", {**config, "destination": "sftp-destination/bench-dask",
                                             "dask": dask.scheduler_address}, env)  # fmt: skip
@@ -414,14 +433,18 @@ def throughput(args: argparse.Namespace) -> None:
             rows.append(("s3", "boto3 put_object, 16 threads", bare, rclone))
             crt = run_child("bare-crt", config, env)
             rows.append(("s3", "awscrt (the flow's writer), 16 threads", crt, rclone))
-            flow = run_child("flow", {**config, "destination": "s3-destination/bench-s3"}, env)
-            rows.append(("s3", "delivery flow (16 connections)", flow, rclone))
-            rows.append(overhead("s3", flow, crt))
+            for connections, in_flight in s3_variants:
+                reference = f"s3-destination/bench-s3-{connections}x{in_flight}"
+                flow = run_child("flow", {**config, "destination": reference}, env)
+                label = f"delivery flow ({connections} lanes x {in_flight} puts in flight)"
+                rows.append(("s3", label, flow, rclone))
+                rows.append(overhead("s3", flow, crt))
         print_table(rows, args)
     finally:
         for running in reversed(servers):
             running.stop()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the store and the export: 6 GB at 10,000
 
 
 class DaskCluster:
@@ -541,6 +564,8 @@ def gather_benchmark(args: argparse.Namespace) -> None:
           f"{', '.join(f'{t:.0f}' for t in timings)} | {min(timings):.0f} |")  # fmt: skip
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of the benchmark process: {rss:.0f} MB")
+    store.engine.dispose()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def memory_benchmark(args: argparse.Namespace) -> None:
@@ -611,6 +636,13 @@ def main() -> None:
     parser.add_argument(
         "--in-flight", type=int, default=4, help="files on their way per SFTP connection (flow)"
     )
+    parser.add_argument(
+        "--sftp-variants",
+        default="",
+        help="more SFTP flow rows, e.g. 8x1,2x4 (connections x files)",
+    )
+    parser.add_argument("--s3-in-flight", type=int, default=1, help="puts on their way per lane")
+    parser.add_argument("--s3-variants", default="", help="more S3 flow rows: 4x4 (lanes x puts)")
     parser.add_argument("--only", default="sftp,s3")
     parser.add_argument(
         "--dask", type=int, default=0, help="also the SFTP flow on a Dask cluster of N processes"

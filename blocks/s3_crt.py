@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -34,9 +35,41 @@ from blocks.base import TerminalDeliveryError, TransientDeliveryError
 
 PROBE_KEY = "probe"
 SLOWEST_RATE = 128 * 1024
-"""Bytes/s a put may take at worst before it is given up (with the timeouts, see `put`)."""
+"""Bytes/s a put may take at worst before it is given up (with the timeouts: `PendingPut`)."""
 REFUSED_KEY = "renewal-failed"
 """Signs a request when the role could not be renewed: S3 refuses it, put() says why."""
+
+
+class PendingPut:
+    """A put on its way: `wait()` for its answer (the response headers, lower-cased).
+
+    The CRT has no timeout per read, so a server that stops answering is bounded here: a put
+    has each try's connect and read timeouts plus its bytes at `SLOWEST_RATE`, counted from
+    when it was sent, then it is cancelled and reported as temporary (the next try or run
+    sends it again).
+    """
+
+    def __init__(
+        self, writer: CrtWriter, pending: s3.S3Request, answered: dict[str, str], budget: float
+    ) -> None:
+        self._writer = writer
+        self._pending = pending
+        self._answered = answered
+        self._budget = budget
+        self._deadline = time.monotonic() + budget
+
+    def wait(self) -> dict[str, str]:
+        try:
+            self._pending.finished_future.result(
+                timeout=max(0.0, self._deadline - time.monotonic())
+            )
+        except FutureTimeout:
+            self._pending.cancel()
+            message = f"S3 write got no answer in {self._budget:.0f} s"
+            raise TransientDeliveryError(message) from None
+        except AwsCrtError as exc:
+            raise self._writer.explain_failure(exc) from None
+        return self._answered
 
 
 class CrtWriter:
@@ -109,12 +142,11 @@ class CrtWriter:
         return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     def put(self, key: str, body: bytes, headers: Mapping[str, str]) -> dict[str, str]:
-        """One PutObject of `body` at `key`; the response headers, lower-cased.
+        """One PutObject of `body` at `key`; the response headers, lower-cased."""
+        return self.start(key, body, headers).wait()
 
-        The CRT has no timeout per read, so a server that stops answering is bounded here: a
-        put has each try's connect and read timeouts plus its bytes at `SLOWEST_RATE`, then
-        it is cancelled and reported as temporary (the next try or run sends it again).
-        """
+    def start(self, key: str, body: bytes, headers: Mapping[str, str]) -> PendingPut:
+        """Send a PutObject of `body` at `key` and return at once; `wait()` for its answer."""
         request = http.HttpRequest(
             "PUT",
             self._prefix + quote(key, safe="/~"),
@@ -134,19 +166,16 @@ class CrtWriter:
             request=request,
             on_headers=on_headers,
         )
-        budget = self._timeout + len(body) / SLOWEST_RATE
-        try:
-            pending.finished_future.result(timeout=budget)
-        except FutureTimeout:
-            pending.cancel()
-            raise TransientDeliveryError(f"S3 write got no answer in {budget:.0f} s") from None
-        except AwsCrtError as exc:
-            if self._credential_error is not None:  # the role could not be renewed
-                raise self._credential_error from None
-            if isinstance(exc, s3.S3ResponseError):
-                raise self._explain(self._client_error(exc), "write") from None
-            raise TransientDeliveryError(f"S3 write failed: {exc.name}") from None
-        return answered
+        return PendingPut(self, pending, answered, self._timeout + len(body) / SLOWEST_RATE)
+
+    def explain_failure(self, exc: AwsCrtError) -> Exception:
+        """What a failed put raises: the role renewal's own error when that is why, S3's
+        answer explained as botocore's would be, or a temporary failure to reach S3."""
+        if self._credential_error is not None:  # the role could not be renewed
+            return self._credential_error
+        if isinstance(exc, s3.S3ResponseError):
+            return self._explain(self._client_error(exc), "write")
+        return TransientDeliveryError(f"S3 write failed: {exc.name}")
 
     def _client_error(self, error: s3.S3ResponseError) -> ClientError:
         """S3's error response as botocore would have raised it, so it is explained the same."""

@@ -328,6 +328,9 @@ def destination_sftp(
     ] = None,
     template: Annotated[str | None, typer.Option(help="Path template")] = None,
     max_connections: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    files_in_flight: Annotated[
+        int, typer.Option(min=1, max=32, help="Files on their way at once per connection")
+    ] = 4,
     overwrite: Annotated[bool, typer.Option(help="Replace a block of that name")] = False,
 ) -> None:
     """Create an SFTP destination block; the password never appears on the command line."""
@@ -345,6 +348,7 @@ def destination_sftp(
         "private_key_passphrase": _read_secret(False, passphrase_env, "passphrase"),
         "path_template": template,
         "max_connections": max_connections,
+        "files_in_flight": files_in_flight,
     }
     _save_block(SftpDestination, name, overwrite, fields)
 
@@ -368,7 +372,10 @@ def destination_s3(
     bucket_owner_full_control: Annotated[bool, typer.Option(help="Send that canned ACL")] = False,
     session_name: Annotated[str, typer.Option(help="RoleSessionName")] = "patient-delivery",
     template: Annotated[str | None, typer.Option(help="Path template")] = None,
-    max_connections: Annotated[int, typer.Option(min=1, max=64)] = 8,
+    max_connections: Annotated[int, typer.Option(min=1, max=64, help="Upload lanes")] = 8,
+    files_in_flight: Annotated[
+        int, typer.Option(min=1, max=32, help="Puts on their way at once per lane (crt)")
+    ] = 2,
     transfer_client: Annotated[
         str, typer.Option(help="crt (AWS Common Runtime, the fast one) or boto3 (via a proxy)")
     ] = "crt",
@@ -394,6 +401,7 @@ def destination_s3(
         "role_session_name": session_name,
         "path_template": template,
         "max_connections": max_connections,
+        "files_in_flight": files_in_flight,
         "transfer_client": transfer_client,
     }
     _save_block(S3Destination, name, overwrite, fields)

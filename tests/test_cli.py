@@ -112,9 +112,13 @@ def test_sftp_destination_from_the_command_line_without_echoing_secrets(
     created = run(
         "destination", "sftp", "cli-sftp", "--host", "127.0.0.1", "--port", str(sshd.port),
         "--username", SFTP_USER, "--host-key", line, "--root", str(folder),
-        "--password-env", "ORG_SFTP_PASSWORD",
+        "--password-env", "ORG_SFTP_PASSWORD", "--files-in-flight", "2",
     )  # fmt: skip
     assert f"sftp-destination/cli-sftp  sftp://{SFTP_USER}@127.0.0.1:{sshd.port}" in created
+    from blocks.sftp import SftpDestination
+
+    saved = SftpDestination.load("cli-sftp")
+    assert (saved.files_in_flight, saved.max_connections) == (2, 4)
     tested = run("destination", "test", "sftp-destination/cli-sftp")
     assert "ok write probe file" in tested and "ok remove probe file" in tested
     listed = run("destination", "list")
@@ -153,7 +157,7 @@ def test_s3_destination_from_the_command_line_on_either_transfer_client(
     arguments = ["destination", "s3", bucket, "--bucket", bucket, "--role-arn", role,
                  "--external-id-env", "ORG_EXTERNAL_ID", "--aws-credentials", f"ours-{bucket}",
                  "--endpoint-url", moto.url, "--sts-endpoint-url", moto.url,
-                 "--transfer-client", client]  # fmt: skip
+                 "--transfer-client", client, "--files-in-flight", "3"]  # fmt: skip
     if client == "curl":
         refused = run(*arguments, code=2)
         assert "transfer_client: Input should be 'crt' or 'boto3'" in refused
@@ -164,6 +168,9 @@ def test_s3_destination_from_the_command_line_on_either_transfer_client(
     assert "ok write probe file" in tested and "ok remove probe file" in tested
     shown = run("destination", "show", f"s3-destination/{bucket}")
     assert client in shown
+    from blocks.s3 import S3Destination
+
+    assert S3Destination.load(bucket).files_in_flight == 3
     for output in (created, tested, shown):
         assert EXTERNAL_ID not in output and secret not in output
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from botocore.exceptions import ClientError
 from prefect_aws import AwsCredentials
 from pydantic import ValidationError
 
-from blocks.base import TerminalDeliveryError, TransientDeliveryError
+from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
 from blocks.s3 import S3Destination
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.servers import MotoServer, SeaweedServer, free_port
@@ -71,12 +72,15 @@ def writer_role(moto: MotoServer, bucket: str) -> str:
     )
 
 
-@pytest.fixture(params=["crt", "boto3"])
+@pytest.fixture(params=["crt", "crt-4-in-flight", "boto3"])
 def destination(
     moto: MotoServer, bucket: str, writer_role: str, request: pytest.FixtureRequest
 ) -> S3Destination:
-    """The block on each transfer client: the contract holds for both."""
-    return s3_block(moto, bucket, writer_role, transfer_client=request.param)
+    """The block on each transfer client, and with several puts on their way: the contract
+    holds for each."""
+    client, _, in_flight = request.param.partition("-")
+    return s3_block(moto, bucket, writer_role, transfer_client=client,
+                    files_in_flight=4 if in_flight else 1)  # fmt: skip
 
 
 @pytest.fixture
@@ -222,17 +226,23 @@ def test_an_s3_endpoint_that_never_answers_times_out_as_a_temporary_failure(
     try:
         block = s3_block(
             moto, bucket, writer_role, endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
-            transfer_client=client, connect_timeout=1.0, read_timeout=1.0,
+            transfer_client=client, connect_timeout=1.0, read_timeout=1.0, files_in_flight=3,
         )  # fmt: skip
         started = time.monotonic()
-        with block.open_session() as session, pytest.raises(TransientDeliveryError) as error:
-            session.upload("x/doc.xml", BODY, sha(BODY))
+        count = 3 if client == "crt" else 1  # boto3 sends one at a time
+        uploads = [(i, Upload(f"x/{i}.xml", BODY, sha(BODY))) for i in range(count)]
+        with block.open_session() as session:
+            results = dict(session.upload_many(uploads))  # on their way together on the CRT
         elapsed = time.monotonic() - started
     finally:
         silent.close()
-    print(f"{client}: gave up after {elapsed:.1f} s: {error.value}")
-    assert str(error.value).startswith("S3 write")
-    assert elapsed < 20  # 3 tries of a 1 s read timeout, with backoff; never for ever
+    print(f"{client}: gave up after {elapsed:.1f} s: {results[0]}")
+    assert sorted(results) == list(range(count))
+    for error in results.values():
+        assert isinstance(error, TransientDeliveryError) and str(error).startswith("S3 write")
+    # 3 tries of a 1 s read timeout, with backoff, never for ever; on the CRT three puts on
+    # their way at once wait out their time together, not one after another
+    assert elapsed < 20
 
 
 @pytest.mark.parametrize("client", ["crt", "boto3"])
@@ -303,3 +313,26 @@ def test_a_failed_role_renewal_is_the_reason_the_crt_writer_gives(
     )  # fmt: skip
     with pytest.raises(TerminalDeliveryError, match=r"could not assume the role \(AccessDenied\)"):
         writer.put("x/doc.xml", BODY, {})
+
+
+def test_puts_are_on_their_way_several_at_once_and_no_more(
+    moto: MotoServer, seaweed: SeaweedServer
+) -> None:
+    role = moto.create_role(f"flight-{uuid.uuid4().hex[:8]}", EXTERNAL_ID, ["s3:PutObject"], "x")
+    block = s3_block(moto, seaweed.bucket, role, endpoint_url=seaweed.url,
+                     server_side_encryption=None, files_in_flight=3)  # fmt: skip
+    taken: list[int] = []
+
+    def uploads() -> Iterator[tuple[int, Upload]]:
+        for number in range(8):
+            taken.append(number)
+            yield number, Upload(f"flight/{number}.xml", BODY, sha(BODY))
+
+    on_their_way = []
+    with block.open_session() as session:
+        for done, (number, receipt) in enumerate(session.upload_many(uploads())):
+            assert isinstance(receipt, Receipt) and receipt.path == f"flight/{number}.xml"
+            on_their_way.append(len(taken) - done)
+    assert max(on_their_way) == 3
+    stored = seaweed.client().get_object(Bucket=seaweed.bucket, Key="flight/7.xml")["Body"].read()
+    assert stored == BODY
