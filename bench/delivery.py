@@ -369,7 +369,7 @@ def throughput(args: argparse.Namespace) -> None:
             ingest.subscribe(
                 store, "bench", f"sftp-destination/bench-sftp-{connections}x{in_flight}"
             )
-        s3_variants = parse_variants(f"16x{args.s3_in_flight}," + args.s3_variants)
+        s3_variants = parse_variants(f"{args.s3_lanes}x{args.s3_in_flight}," + args.s3_variants)
         for connections, in_flight in s3_variants:
             name = f"bench-s3-{connections}x{in_flight}"
             S3Destination(
@@ -414,12 +414,7 @@ def throughput(args: argparse.Namespace) -> None:
             rows.append(("sftp", "rclone copy --transfers 16", rclone, rclone))
             bare = run_child("bare-sftp", config, env)
             rows.append(("sftp", "paramiko, 8 connections, NODELAY", bare, rclone))
-            for connections, in_flight in variants:
-                reference = f"sftp-destination/bench-sftp-{connections}x{in_flight}"
-                flow = run_child("flow", {**config, "destination": reference}, env)
-                label = f"delivery flow ({connections} connections x {in_flight} files in flight)"
-                rows.append(("sftp", label, flow, rclone))
-                rows.append(overhead("sftp", flow, bare))
+            rows += flow_rows("sftp", variants, "connections x {} files", config, env, rclone, bare)
             if dask:
                 spread = run_child("flow", {**config, "destination": "sftp-destination/bench-dask",
                                             "dask": dask.scheduler_address}, env)  # fmt: skip
@@ -433,12 +428,7 @@ def throughput(args: argparse.Namespace) -> None:
             rows.append(("s3", "boto3 put_object, 16 threads", bare, rclone))
             crt = run_child("bare-crt", config, env)
             rows.append(("s3", "awscrt (the flow's writer), 16 threads", crt, rclone))
-            for connections, in_flight in s3_variants:
-                reference = f"s3-destination/bench-s3-{connections}x{in_flight}"
-                flow = run_child("flow", {**config, "destination": reference}, env)
-                label = f"delivery flow ({connections} lanes x {in_flight} puts in flight)"
-                rows.append(("s3", label, flow, rclone))
-                rows.append(overhead("s3", flow, crt))
+            rows += flow_rows("s3", s3_variants, "lanes x {} puts", config, env, rclone, crt)
         print_table(rows, args)
     finally:
         for running in reversed(servers):
@@ -471,6 +461,21 @@ def start_dask(workers: int) -> DaskCluster:
     for number, pid in enumerate(cluster.pids):
         SERVERS[f"dask{number}"] = pid
     return cluster
+
+
+def flow_rows(
+    server: str, variants: list[tuple[int, int]], unit: str, config: dict,
+    env: dict[str, str], rclone: dict, bare: dict,
+) -> list[tuple]:  # fmt: skip
+    """The flow to `server` once per variant (lanes x documents in flight, each its own
+    destination block), each with its overhead against the bare client."""
+    rows = []
+    for lanes, in_flight in variants:
+        reference = f"{server}-destination/bench-{server}-{lanes}x{in_flight}"
+        flow = run_child("flow", {**config, "destination": reference}, env)
+        label = f"delivery flow ({lanes} {unit.format(in_flight)} in flight)"
+        rows += [(server, label, flow, rclone), overhead(server, flow, bare)]
+    return rows
 
 
 def overhead(server: str, flow: dict, bare: dict) -> tuple:
@@ -641,7 +646,8 @@ def main() -> None:
         default="",
         help="more SFTP flow rows, e.g. 8x1,2x4 (connections x files)",
     )
-    parser.add_argument("--s3-in-flight", type=int, default=1, help="puts on their way per lane")
+    parser.add_argument("--s3-lanes", type=int, default=8, help="S3 upload lanes (flow)")
+    parser.add_argument("--s3-in-flight", type=int, default=2, help="puts on their way per lane")
     parser.add_argument("--s3-variants", default="", help="more S3 flow rows: 4x4 (lanes x puts)")
     parser.add_argument("--only", default="sftp,s3")
     parser.add_argument(

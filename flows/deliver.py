@@ -288,9 +288,9 @@ def _send_documents(
     """Each document's outcome, in the order they finish.
 
     First tries go through the session's `upload_many`, several on their way at once where the
-    destination can (SFTP). Once one fails temporarily, no more are started: those on their
-    way land, the failed ones are retried one at a time by `_send` (after one reconnect and
-    backoff for them all), and then first tries go on with the rest.
+    destination can (SFTP, S3 on the CRT). Once one fails temporarily, no more are started:
+    those on their way land, the failed ones are retried one at a time by `_send` (after one
+    reconnect, and one backoff for them all), and then first tries go on with the rest.
     """
     while True:
         if pool.down is not None:
@@ -318,7 +318,8 @@ def _send_documents(
         if not failed:
             return  # every document was taken, and has landed
         lease.reset()
-        _back_off(1)
+        if any(error.retryable for _, error in failed):
+            _back_off(1)
         for (item, content), error in failed:
             if not error.retryable:
                 yield Outcome(item.delivery_id, 1, error=f"{error} (not retried)")
