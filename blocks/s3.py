@@ -102,13 +102,12 @@ class S3Session(DestinationSession):
         return path
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        key, checksum, content_type = self._prepare(Upload(path, content, sha256))
         if self.writer is not None:
-            headers = self.destination.put_headers(checksum, content_type)
-            echoed = self.writer.put(key, content, headers).get("x-amz-checksum-sha256")
-        else:
-            echoed = self._put_with_boto3(key, content, checksum, content_type)
-        return _receipt(Upload(path, content, sha256), checksum, echoed)
+            return self._upload_through_many(path, content, sha256)
+        upload = Upload(path, content, sha256)
+        key, checksum, content_type = self._prepare(upload)
+        echoed = self._put_with_boto3(key, content, checksum, content_type)
+        return _receipt(upload, checksum, echoed)
 
     def upload_many(
         self, uploads: Iterable[tuple[K, Upload]]

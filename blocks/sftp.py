@@ -117,10 +117,7 @@ class SftpSession(DestinationSession):
         return missing[::-1]
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        ((_, result),) = self.upload_many([(None, Upload(path, content, sha256))])
-        if isinstance(result, DeliveryError):
-            raise result
-        return result
+        return self._upload_through_many(path, content, sha256)
 
     def upload_many(
         self, uploads: Iterable[tuple[K, Upload]]

@@ -81,7 +81,7 @@ class Put:
         temporary: str,
         final: str,
         content: bytes,
-        ready: list[Put] | None = None,
+        ready: list[Put],
     ) -> None:
         self._sftp = sftp
         self._temporary, self._final, self._content = temporary, final, content
@@ -100,7 +100,7 @@ class Put:
     def _async_response(self, kind: int, message: Message, number: int) -> None:
         """paramiko hands over a reply to one of this put's requests."""
         self._replies[number] = (kind, message)
-        if self._ready is not None and not self.waiting:
+        if not self.waiting:
             self._ready.append(self)
 
     @property
