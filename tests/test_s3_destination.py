@@ -6,6 +6,7 @@ import base64
 import hashlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
@@ -140,6 +141,48 @@ def test_our_own_bad_credentials_are_named(moto: MotoServer, bucket: str, writer
     block = s3_block(moto, bucket, writer_role, aws_credentials=bad)
     with pytest.raises(TerminalDeliveryError, match="our own AWS credentials"):
         connect(block)
+
+
+@pytest.fixture
+def bare_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No AWS credentials anywhere boto3's default chain looks (environment, files, IMDS)."""
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+@pytest.mark.bad_input
+def test_no_credentials_of_our_own_is_named(
+    moto: MotoServer, bucket: str, writer_role: str, bare_environment: pytest.MonkeyPatch
+) -> None:
+    block = s3_block(moto, bucket, writer_role, aws_credentials=None)
+    with pytest.raises(TerminalDeliveryError, match="no AWS credentials of our own"):
+        connect(block)
+
+
+def test_without_a_credentials_block_the_default_chain_assumes_the_role(
+    moto: MotoServer, bucket: str, writer_role: str, bare_environment: pytest.MonkeyPatch
+) -> None:
+    access, secret = moto.deliverer_keys
+    bare_environment.setenv("AWS_ACCESS_KEY_ID", access)
+    bare_environment.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    block = s3_block(moto, bucket, writer_role, aws_credentials=None)
+    with block.open_session() as session:
+        session.upload("chain/doc.xml", BODY, sha(BODY))
+    assert BucketRemote(moto.client("s3"), bucket).read("chain/doc.xml") == BODY
 
 
 @pytest.mark.bad_input
