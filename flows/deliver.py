@@ -316,7 +316,9 @@ def _send_documents(
                 else:
                     failed.append(((item, content), result))
         if not failed:
-            return  # every document was taken, and has landed
+            if pool.down is None:
+                return  # every document was taken, and has landed
+            continue  # another lane gave up on the destination: fail the rest fast, above
         lease.reset()
         if any(error.retryable for _, error in failed):
             _back_off(1)

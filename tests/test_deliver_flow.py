@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -437,3 +439,29 @@ def test_lanes_share_a_task_on_threads_and_not_on_dask() -> None:
 
     assert lanes_per_task(ThreadPoolTaskRunner(max_workers=4), 8) == 8  # all of the wave's
     assert lanes_per_task(DaskTaskRunner(address="tcp://127.0.0.1:1"), 8) == 1
+
+
+def test_documents_left_when_another_lane_marks_the_destination_down_are_each_answered(
+    tmp_path: Path,
+) -> None:
+    """A lane whose own documents all landed, while another lane's gave up mid-batch, still
+    owes an outcome for every document it had not taken; none may go unrecorded."""
+    from flows.deliver import _send_documents
+    from flows.sessions import SessionPool
+    from patient_delivery.ledger import UploadItem
+
+    pool = SessionPool(LocalDestination(root=tmp_path))
+    body = b"<ClinicalDocument/>"
+    digest = hashlib.sha256(body).hexdigest()
+
+    def documents() -> Iterator[tuple[UploadItem, bytes]]:
+        for number in range(4):
+            if number == 2:
+                pool.down = "another lane gave up: timed out"  # while this lane is mid-batch
+            yield UploadItem(number, number, f"p/{number}.xml", digest, len(body)), body
+
+    with pool.lease() as lease:
+        outcomes = {o.delivery_id: o for o in _send_documents(lease, pool, documents())}
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    assert outcomes[0].delivered and outcomes[1].delivered
+    assert outcomes[3].error == "not attempted in this run: another lane gave up: timed out"
