@@ -465,3 +465,17 @@ def test_documents_left_when_another_lane_marks_the_destination_down_are_each_an
     assert sorted(outcomes) == [0, 1, 2, 3]
     assert outcomes[0].delivered and outcomes[1].delivered
     assert outcomes[3].error == "not attempted in this run: another lane gave up: timed out"
+
+
+def test_the_startup_heap_is_frozen_once_and_later_runs_are_collected_as_usual(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    import gc
+
+    ingest.subscribe(store, project, save_local(tmp_path / "out"))
+    deliver()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0  # startup's objects are out of the collector's way
+    deliver()
+    # a second run froze nothing of the first's (frozen objects may still be freed)
+    assert gc.get_freeze_count() <= frozen
