@@ -9,7 +9,10 @@ Starts OpenSSH sshd, SeaweedFS (S3) and moto (STS) on loopback the way the tests
 `prefect server start`. Seeds synthetic patients with the project's own generator, exports the
 same bytes to a folder for the baselines, then times each mode in its own process (so peak RSS
 is that mode's alone): the delivery flow (gather, render, upload, record, with Prefect), a bare
-client baseline, and `rclone copy --transfers 16`. Prints one table with ratios to rclone.
+client baseline, and `rclone copy --transfers 16`. Every row runs `--rounds` times (3), each
+round to fresh folders and in the opposite order to the last, so the machine's drift spreads
+over every row. Prints one table: each row's median, and its ratio to the same round's rclone
+(median and range).
 Needs root (sshd's test user) and Debian's `rclone` and `openssh-server` packages.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -26,7 +30,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +159,7 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
     return put_from_threads(
         files,
         export,
-        lambda key, body: client.put_object(Bucket=bucket, Key="bare/" + key, Body=body),
+        lambda key, body: client.put_object(Bucket=bucket, Key=config["prefix"] + key, Body=body),
     )
 
 
@@ -168,7 +174,8 @@ def bare_crt(config: dict, files: list[Path], export: Path) -> dict:
         credentials=Credentials("bench", "bench"), explain=lambda error, step: error,
         max_connections=16, connect_timeout=10, read_timeout=60, max_attempts=3,
     )  # fmt: skip
-    return put_from_threads(files, export, lambda key, body: writer.put("crt/" + key, body, {}))
+    prefix = config["prefix"]
+    return put_from_threads(files, export, lambda key, body: writer.put(prefix + key, body, {}))
 
 
 def bench_s3_client(config: dict, botocore_config: Any = None) -> Any:
@@ -357,21 +364,19 @@ def throughput(args: argparse.Namespace) -> None:
 
         identity = AwsCredentials(aws_access_key_id=moto.deliverer_keys[0],
                                   aws_secret_access_key=moto.deliverer_keys[1])  # fmt: skip
-        folders = {name: sshd.make_folder(name) for name in ("bare", "rclone")}
+        rounds = range(1, args.rounds + 1)
         variants = parse_variants(f"{args.connections}x{args.in_flight}," + args.sftp_variants)
-        for connections, in_flight in variants:
+        for (connections, in_flight), r in itertools.product(variants, rounds):
+            name = f"bench-sftp-{connections}x{in_flight}-r{r}"
             SftpDestination(
                 host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
-                host_keys=[sshd.host_key_line()],
-                root=str(sshd.make_folder(f"flow-{connections}x{in_flight}")),
+                host_keys=[sshd.host_key_line()], root=str(sshd.make_folder(name)),
                 max_connections=connections, files_in_flight=in_flight,
-            ).save(f"bench-sftp-{connections}x{in_flight}", overwrite=True)  # fmt: skip
-            ingest.subscribe(
-                store, "bench", f"sftp-destination/bench-sftp-{connections}x{in_flight}"
-            )
+            ).save(name, overwrite=True)  # fmt: skip
+            ingest.subscribe(store, "bench", f"sftp-destination/{name}")
         s3_variants = parse_variants(f"{args.s3_lanes}x{args.s3_in_flight}," + args.s3_variants)
-        for connections, in_flight in s3_variants:
-            name = f"bench-s3-{connections}x{in_flight}"
+        for (connections, in_flight), r in itertools.product(s3_variants, rounds):
+            name = f"bench-s3-{connections}x{in_flight}-r{r}"
             S3Destination(
                 bucket_name="bench", role_arn=role, external_id="bench-external-id",
                 endpoint_url=seaweed.url, sts_endpoint_url=moto.url, aws_credentials=identity,
@@ -383,12 +388,13 @@ def throughput(args: argparse.Namespace) -> None:
         dask = start_dask(args.dask) if args.dask and "sftp" in args.only else None
         if dask:
             servers.append(dask)
-            SftpDestination(
-                host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
-                host_keys=[sshd.host_key_line()], root=str(sshd.make_folder("dask")),
-                max_connections=args.connections, files_in_flight=args.in_flight,
-            ).save("bench-dask", overwrite=True)  # fmt: skip
-            ingest.subscribe(store, "bench", "sftp-destination/bench-dask")
+            for r in rounds:
+                SftpDestination(
+                    host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
+                    host_keys=[sshd.host_key_line()], root=str(sshd.make_folder(f"dask-r{r}")),
+                    max_connections=args.connections, files_in_flight=args.in_flight,
+                ).save(f"bench-dask-r{r}", overwrite=True)  # fmt: skip
+                ingest.subscribe(store, "bench", f"sftp-destination/bench-dask-r{r}")
         obscured = subprocess.run(["rclone", "obscure", SFTP_PASSWORD], capture_output=True,
                                   text=True, check=True).stdout.strip()  # fmt: skip
         env = {
@@ -403,33 +409,44 @@ def throughput(args: argparse.Namespace) -> None:
         }  # fmt: skip
         config = {
             "export": str(export), "batch": args.batch, "sftp_port": sshd.port,
-            "sftp_user": SFTP_USER, "sftp_password": SFTP_PASSWORD,
-            "sftp_root": str(folders["bare"]), "s3_url": seaweed.url, "bucket": "bench",
-            "profile": args.profile,
+            "sftp_user": SFTP_USER, "sftp_password": SFTP_PASSWORD, "s3_url": seaweed.url,
+            "bucket": "bench", "profile": args.profile,
         }  # fmt: skip
-        rows = []
         SERVERS["prefect"] = server.process.pid
+        jobs: list[Job] = []
         if "sftp" in args.only:
-            rclone = run_rclone(export, f"bsftp:{folders['rclone']}", env)
-            rows.append(("sftp", "rclone copy --transfers 16", rclone, rclone))
-            bare = run_child("bare-sftp", config, env)
-            rows.append(("sftp", "paramiko, 8 connections, NODELAY", bare, rclone))
-            rows += flow_rows("sftp", variants, "connections x {} files", config, env, rclone, bare)
+
+            def sftp_folder(name: str) -> str:
+                return str(sshd.make_folder(name))
+
+            jobs += [
+                Job("sftp", RCLONE, lambda r: run_rclone(
+                    export, f"bsftp:{sftp_folder(f'rclone-r{r}')}", env)),
+                Job("sftp", "paramiko, 8 connections, NODELAY", lambda r: run_child(
+                    "bare-sftp", {**config, "sftp_root": sftp_folder(f"bare-r{r}")}, env),
+                    bare=True),
+                *flow_jobs("sftp", variants, "connections x {} files", config, env),
+            ]  # fmt: skip
             if dask:
-                spread = run_child("flow", {**config, "destination": "sftp-destination/bench-dask",
-                                            "dask": dask.scheduler_address}, env)  # fmt: skip
-                spread["cpu"] += sum(v for k, v in spread.items() if k.startswith("dask"))
-                rows.append(("sftp", f"delivery flow, Dask: {args.dask} worker processes "
-                             f"({args.connections} connections each)", spread, rclone))  # fmt: skip
+                label = (f"delivery flow, Dask: {args.dask} worker processes "
+                         f"({args.connections} connections each)")  # fmt: skip
+                jobs.append(Job("sftp", label, lambda r: on_dask(config, env, dask, r)))
         if "s3" in args.only:
-            rclone = run_rclone(export, "bs3:bench/rclone", env)
-            rows.append(("s3", "rclone copy --transfers 16", rclone, rclone))
-            bare = run_child("bare-s3", config, env)
-            rows.append(("s3", "boto3 put_object, 16 threads", bare, rclone))
-            crt = run_child("bare-crt", config, env)
-            rows.append(("s3", "awscrt (the flow's writer), 16 threads", crt, rclone))
-            rows += flow_rows("s3", s3_variants, "lanes x {} puts", config, env, rclone, crt)
-        print_table(rows, args)
+            jobs += [
+                Job("s3", RCLONE, lambda r: run_rclone(export, f"bs3:bench/rclone-r{r}", env)),
+                Job("s3", "boto3 put_object, 16 threads", lambda r: run_child(
+                    "bare-s3", {**config, "prefix": f"bare-r{r}/"}, env)),
+                Job("s3", "awscrt (the flow's writer), 16 threads", lambda r: run_child(
+                    "bare-crt", {**config, "prefix": f"crt-r{r}/"}, env), bare=True),
+                *flow_jobs("s3", s3_variants, "lanes x {} puts", config, env),
+            ]  # fmt: skip
+        for r in rounds:
+            print(f"round {r} of {args.rounds} ...", file=sys.stderr)
+            for job in jobs if r % 2 else reversed(jobs):  # drift spreads over every row
+                job.results.append(job.run(r))
+            for folder in sshd.home.glob(f"*-r{r}"):  # 300 MB a row at 1,000 patients
+                shutil.rmtree(folder, ignore_errors=True)
+        print_table(jobs, args)
     finally:
         for running in reversed(servers):
             running.stop()
@@ -463,46 +480,84 @@ def start_dask(workers: int) -> DaskCluster:
     return cluster
 
 
-def flow_rows(
-    server: str, variants: list[tuple[int, int]], unit: str, config: dict,
-    env: dict[str, str], rclone: dict, bare: dict,
-) -> list[tuple]:  # fmt: skip
-    """The flow to `server` once per variant (lanes x documents in flight, each its own
-    destination block), each with its overhead against the bare client."""
-    rows = []
-    for lanes, in_flight in variants:
-        reference = f"{server}-destination/bench-{server}-{lanes}x{in_flight}"
-        flow = run_child("flow", {**config, "destination": reference}, env)
-        label = f"delivery flow ({lanes} {unit.format(in_flight)} in flight)"
-        rows += [(server, label, flow, rclone), overhead(server, flow, bare)]
-    return rows
+RCLONE = "rclone copy --transfers 16"
 
 
-def overhead(server: str, flow: dict, bare: dict) -> tuple:
-    per_doc = (flow["seconds"] - bare["seconds"]) / max(1, flow["files"]) * 1000
-    return (server, f"orchestration overhead: {per_doc:.2f} ms per document", None, None)
+@dataclass
+class Job:
+    """One row of the table: how to run it in round `r`, and its results so far. `bare` marks
+    the client the flow's orchestration overhead is measured against."""
+
+    server: str
+    label: str
+    run: Callable[[int], dict]
+    bare: bool = False
+    results: list[dict] = field(default_factory=list)
 
 
-def print_table(rows: list[tuple], args: argparse.Namespace) -> None:
-    print(f"\n{args.patients} patients, {args.batch} documents per upload task\n")
+def flow_jobs(
+    server: str, variants: list[tuple[int, int]], unit: str, config: dict, env: dict[str, str]
+) -> list[Job]:
+    """The flow to `server` once per variant (lanes x documents in flight), each round to its
+    own destination block."""
+
+    def run(lanes: int, in_flight: int) -> Callable[[int], dict]:
+        block = f"{server}-destination/bench-{server}-{lanes}x{in_flight}"
+        return lambda r: run_child("flow", {**config, "destination": f"{block}-r{r}"}, env)
+
+    return [
+        Job(server, f"delivery flow ({lanes} {unit.format(in_flight)} in flight)", run(*variant))
+        for variant in variants
+        for lanes, in_flight in [variant]
+    ]
+
+
+def on_dask(config: dict, env: dict[str, str], dask: Any, r: int) -> dict:
+    result = run_child("flow", {**config, "destination": f"sftp-destination/bench-dask-r{r}",
+                                "dask": dask.scheduler_address}, env)  # fmt: skip
+    result["cpu"] += sum(v for k, v in result.items() if k.startswith("dask"))
+    return result
+
+
+def print_table(jobs: list[Job], args: argparse.Namespace) -> None:
+    """Each row's median over the rounds; "vs rclone" is the median of the rounds' ratios to
+    that round's rclone run (the machine drifts between rounds more than within one), with
+    their range."""
+    print(f"\n{args.patients} patients, {args.batch} documents per upload task, "
+          f"median of {args.rounds} round(s)\n")  # fmt: skip
     print("| server | path | files | MB | s | files/s | MB/s | peak RSS MB | CPU ms/file: client "
-          "| Prefect server | whole machine | vs rclone |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for server, label, result, rclone in rows:
-        if result is None:
-            print(f"| {server} | {label} | | | | | | | | | | |")
-            continue
-        rate = result["files"] / result["seconds"]
-        base = rclone["files"] / rclone["seconds"]
-        megabytes = result["bytes"] / 1e6
-        per_file = 1000 / max(1, result["files"])
+          "| Prefect server | whole machine | vs rclone | range |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for job in jobs:
+        rclone = next(j for j in jobs if j.server == job.server and j.label == RCLONE)
+        bare = next((j for j in jobs if j.server == job.server and j.bare), None)
+        ratios = [rate(r) / rate(b) for r, b in zip(job.results, rclone.results, strict=True)]
+        files, moved = job.results[0]["files"], job.results[0]["bytes"] / 1e6
+        seconds = median(r["seconds"] for r in job.results)
+
         print(
-            f"| {server} | {label} | {result['files']} | {megabytes:.0f} | "
-            f"{result['seconds']:.2f} | {rate:.0f} | {megabytes / result['seconds']:.0f}"
-            f" | {result['rss_mb']:.0f} | {result['cpu'] * per_file:.2f}"
-            f" | {result.get('prefect_cpu', 0) * per_file:.2f}"
-            f" | {result['machine_cpu'] * per_file:.2f} | {rate / base:.2f}x |"
+            f"| {job.server} | {job.label} | {files} | {moved:.0f} | {seconds:.2f} | "
+            f"{median(map(rate, job.results)):.0f} | {moved / seconds:.0f} | "
+            f"{max(r['rss_mb'] for r in job.results):.0f} | {per_file(job, 'cpu')} | "
+            f"{per_file(job, 'prefect_cpu')} | {per_file(job, 'machine_cpu')} | "
+            f"{median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |"
         )
+        if job.label.startswith("delivery flow") and bare:
+            extra = median(
+                (f["seconds"] - b["seconds"]) / max(1, f["files"]) * 1000
+                for f, b in zip(job.results, bare.results, strict=True)
+            )
+            print(f"| {job.server} | orchestration overhead: {extra:.2f} ms per document "
+                  f"(against {bare.label}) | | | | | | | | | | | |")  # fmt: skip
+
+
+def rate(result: dict) -> float:
+    return result["files"] / result["seconds"]
+
+
+def per_file(job: Job, key: str) -> str:
+    """The rounds' median of `key` (CPU seconds) in milliseconds per file."""
+    return f"{median(r.get(key, 0) / max(1, r['files']) for r in job.results) * 1000:.2f}"
 
 
 def gather_benchmark(args: argparse.Namespace) -> None:
@@ -650,6 +705,9 @@ def main() -> None:
     parser.add_argument("--s3-in-flight", type=int, default=2, help="puts on their way per lane")
     parser.add_argument("--s3-variants", default="", help="more S3 flow rows: 4x4 (lanes x puts)")
     parser.add_argument("--only", default="sftp,s3")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each row runs, in alternating order"
+    )
     parser.add_argument(
         "--dask", type=int, default=0, help="also the SFTP flow on a Dask cluster of N processes"
     )
