@@ -506,9 +506,12 @@ def flow_jobs(
         return lambda r: run_child("flow", {**config, "destination": f"{block}-r{r}"}, env)
 
     return [
-        Job(server, f"delivery flow ({lanes} {unit.format(in_flight)} in flight)", run(*variant))
-        for variant in variants
-        for lanes, in_flight in [variant]
+        Job(
+            server,
+            f"delivery flow ({lanes} {unit.format(in_flight)} in flight)",
+            run(lanes, in_flight),
+        )
+        for lanes, in_flight in variants
     ]
 
 
