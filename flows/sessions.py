@@ -139,7 +139,8 @@ class PoolRegistry:
         self._pools: dict[tuple[str, str], SessionPool] = {}
         self._used: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._warming: dict[str, list[threading.Thread]] = {}
+        self._warming: dict[tuple[str, str], threading.Thread] = {}
+        """Each run's warm-up per destination: one, however many pages the run claims."""
 
     def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
         now = time.monotonic()
@@ -167,14 +168,17 @@ class PoolRegistry:
             with suppress(Exception):
                 self.get(run, reference, load).open_one()
 
-        thread = threading.Thread(target=open_one, name="session-warm-up", daemon=True)
         with self._lock:
-            self._warming.setdefault(run, []).append(thread)
-        thread.start()
+            if (run, reference) in self._warming:  # a later page: the session is kept idle
+                return
+            thread = threading.Thread(target=open_one, name="session-warm-up", daemon=True)
+            self._warming[(run, reference)] = thread
+            thread.start()  # under the lock, so close_run never joins one not yet started
 
     def close_run(self, run: str) -> None:
         with self._lock:
-            warming = self._warming.pop(run, [])
+            warming = [t for (r, _), t in self._warming.items() if r == run]
+            self._warming = {k: t for k, t in self._warming.items() if k[0] != run}
         for thread in warming:  # before closing, so no session opens after its pool closed
             thread.join()
         with self._lock:

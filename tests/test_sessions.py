@@ -154,6 +154,16 @@ def test_a_warm_up_opens_the_session_the_first_upload_gets() -> None:
     assert door.closed == door.opened
 
 
+def test_a_destination_is_warmed_once_per_run_however_many_pages_it_claims() -> None:
+    registry, door = PoolRegistry(), Doorman()
+    door.hold.clear()  # the first warm-up is still logging in when the next page comes
+    for _page in range(3):
+        registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    door.hold.set()
+    registry.close_run("run-1")
+    assert len(door.opened) == 1 and door.closed == door.opened
+
+
 def test_a_failed_warm_up_leaves_the_failure_for_the_upload_to_report() -> None:
     registry, door = PoolRegistry(), Doorman(refusal=TerminalDeliveryError("login refused"))
     registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
