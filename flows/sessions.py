@@ -97,21 +97,48 @@ class SessionPool:
             lease.reset()
             raise
         finally:
-            with self._available:
-                returned, lease._opened = lease._opened, None
-                if returned is not None and not self._closed:
-                    self._idle.append(returned)
-                    returned = None
-                self._lent -= 1
-                self._available.notify()
-            if returned is not None:  # a lease that outlived its pool (a slow warm-up)
-                _close(returned)
+            self._give_back(lease)
 
-    def open_one(self) -> None:
-        """Open a session and keep it for the next lease; a failure is left for that lease to
-        meet (and report), so nothing is lost by trying early."""
-        with suppress(Exception), self.lease() as lease:
+    def _give_back(self, lease: Lease) -> None:
+        """End a lease: its session, if it has one, waits idle for the next."""
+        with self._available:
+            returned, lease._opened = lease._opened, None
+            if returned is not None and not self._closed:
+                self._idle.append(returned)
+                returned = None
+            self._lent -= 1
+            self._available.notify()
+        if returned is not None:  # a lease that outlived its pool (a slow warm-up)
+            _close(returned)
+
+    def open_one(self) -> bool:
+        """Open one more session, where the pool's bound leaves room, and keep it idle for the
+        next lease. A failure is left for that lease to meet (and report), so nothing is lost
+        by trying early. Whether a session opened."""
+        with self._available:
+            if self._closed or self._lent + len(self._idle) >= self._limit:
+                return False
+            self._lent += 1
+        lease = Lease(self, None)
+        try:
             lease.session()
+        except Exception:
+            return False
+        finally:
+            self._give_back(lease)
+        return True
+
+    def open_some(self, count: int) -> None:
+        """Open up to `count` sessions for the next leases: the first alone (a destination that
+        refuses it is not asked again, by the others at once), then the rest side by side."""
+        if count < 1 or not self.open_one():
+            return
+        others = [threading.Thread(target=self.open_one, name="session-warm-up", daemon=True)
+                  for _ in range(min(count, self._limit) - 1)]  # fmt: skip
+        for thread in others:
+            thread.start()
+        for thread in others:
+            thread.join()
 
     def idle(self) -> bool:
         """No session is lent out right now."""
@@ -158,20 +185,23 @@ class PoolRegistry:
             old.close()
         return pool
 
-    def warm(self, run: str, reference: str, load: Callable[[str], Destination]) -> None:
-        """Load a destination and open one of its sessions in the background, while the run
-        renders paths: the first upload then finds an SSH login or an S3 client (an STS call
-        and botocore's models) done, 100-300 ms of each run's start, measured. Only where
-        uploads run in this process; a failure is met again, and reported, by the upload."""
+    def warm(
+        self, run: str, reference: str, load: Callable[[str], Destination], sessions: int = 1
+    ) -> None:
+        """Load a destination and open up to `sessions` of its sessions in the background, while
+        the run claims and renders: its uploads then find their SSH logins or the S3 client (an
+        STS call and botocore's models) done, 100-300 ms of each run's start, measured. Only
+        where uploads run in this process; a failure is met again, and reported, by an upload.
+        """
 
-        def open_one() -> None:
+        def open_some() -> None:
             with suppress(Exception):
-                self.get(run, reference, load).open_one()
+                self.get(run, reference, load).open_some(sessions)
 
         with self._lock:
-            if (run, reference) in self._warming:  # a later page: the session is kept idle
+            if (run, reference) in self._warming:  # once per run and destination
                 return
-            thread = threading.Thread(target=open_one, name="session-warm-up", daemon=True)
+            thread = threading.Thread(target=open_some, name="session-warm-up", daemon=True)
             self._warming[(run, reference)] = thread
             thread.start()  # under the lock, so close_run never joins one not yet started
 

@@ -110,6 +110,7 @@ class Doorman:
     max_connections = 2
 
     def __init__(self, refusal: DeliveryError | None = None) -> None:
+        self.attempts = 0
         self.opened: list[object] = []
         self.closed: list[object] = []
         self.hold = threading.Event()
@@ -118,6 +119,7 @@ class Doorman:
 
     @contextmanager
     def open_session(self) -> Iterator[object]:
+        self.attempts += 1
         self.hold.wait(10)
         if self.refusal is not None:
             raise self.refusal
@@ -152,6 +154,40 @@ def test_a_warm_up_opens_the_session_the_first_upload_gets() -> None:
     assert loads == ["doorman/a"] and len(door.opened) == 1  # one load, one login
     registry.close_run("run-1")
     assert door.closed == door.opened
+
+
+def test_a_warm_up_opens_a_session_per_lane_to_come_within_the_bound() -> None:
+    registry, door = PoolRegistry(), Doorman()  # at most 2 connections
+    registry.warm("run-1", "doorman/a", lambda _: door, sessions=5)  # type: ignore[arg-type,return-value]
+    wait_for(lambda: len(door.opened) == 2)
+    pool = registry.get("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    with pool.lease() as first, pool.lease() as second:  # two lanes at once: both ready
+        assert {id(first.session()), id(second.session())} == {id(s) for s in door.opened}
+    assert door.attempts == 2
+    registry.close_run("run-1")
+    assert door.closed == door.opened
+
+
+def test_a_warm_up_whose_first_login_is_refused_tries_no_more() -> None:
+    """A wrong password is tried once, not by every lane's warm-up at once."""
+    registry, door = PoolRegistry(), Doorman(refusal=TerminalDeliveryError("login refused"))
+    registry.warm("run-1", "doorman/a", lambda _: door, sessions=2)  # type: ignore[arg-type,return-value]
+    registry.close_run("run-1")
+    assert door.attempts == 1 and door.opened == []
+
+
+def test_a_session_opened_ahead_never_takes_the_pool_past_its_bound() -> None:
+    door = Doorman()
+    pool = SessionPool(door)  # type: ignore[arg-type]
+    with pool.lease() as lease:
+        lease.session()
+    assert pool.open_one()  # one idle, one opened ahead: the bound of 2
+    with pool.lease() as lease:
+        lease.session()
+        assert not pool.open_one()  # one lent, one idle
+    assert door.attempts == 2
+    pool.close()
+    assert not pool.open_one() and door.attempts == 2  # nor after it closed
 
 
 def test_a_destination_is_warmed_once_per_run_however_many_pages_it_claims() -> None:
