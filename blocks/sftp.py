@@ -94,11 +94,14 @@ class SftpSession(DestinationSession):
         sftp: paramiko.SFTPClient,
         root: str,
         files_in_flight: int = 1,
+        limits: sftp_pipeline.Limits = sftp_pipeline.EVERY_SERVER,
     ) -> None:
         self.transport = transport
         self.sftp = sftp
         self.root = root
         self.files_in_flight = files_in_flight
+        self.limits = limits
+        """How much each write may carry on this server (asked once per connection)."""
         self._folders: set[str] = {posixpath.normpath(root)}  # exists: normalize() found it
 
     def _remote(self, path: str) -> str:
@@ -142,7 +145,8 @@ class SftpSession(DestinationSession):
                     continue
                 try:
                     put = sftp_pipeline.Put(self.sftp, flight.folders, flight.temporary,
-                                            flight.final, upload.content, ready)  # fmt: skip
+                                            flight.final, upload.content, ready,
+                                            self.limits)  # fmt: skip
                 except (OSError, paramiko.SSHException, EOFError) as exc:
                     yield from self._lost([*flights.items(), (None, flight)], exc)
                     return
@@ -442,12 +446,13 @@ class SftpDestination(Destination):
             assert channel is not None
             channel.settimeout(self.operation_timeout)
             root = sftp.normalize(self.root)
+            limits = sftp_pipeline.server_limits(sftp)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport.close()
             raise _transient(
                 f"cannot start SFTP on {self.host}:{self.port} ({type(exc).__name__})"
             ) from None
-        session = SftpSession(transport, sftp, root, self.files_in_flight)
+        session = SftpSession(transport, sftp, root, self.files_in_flight, limits)
         try:
             yield session
         finally:

@@ -20,12 +20,14 @@ against a real OpenSSH server, so a change there shows.
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 
 import paramiko
 from paramiko.message import Message
 from paramiko.sftp import (
     CMD_CLOSE,
     CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
     CMD_HANDLE,
     CMD_MKDIR,
     CMD_OPEN,
@@ -41,8 +43,13 @@ from paramiko.sftp import (
 )
 
 WRITE_SIZE = 32_768
-"""Most bytes per write request: the size every SFTP server must accept (OpenSSH takes more, but
-that gained under 5% here)."""
+"""Most bytes per write request on a server that does not say what it takes: the size every SFTP
+server must accept."""
+
+LARGEST_WRITE = 261_120
+"""Most bytes per write request on a server that says it takes more (OpenSSH says 255 KiB): most
+documents then go in one write, one reply instead of one per 32 KiB (8 connections: client CPU
+per file 10-15% lower, files/s up in each of three rounds, measured)."""
 
 WRITE_HEADER = 25
 """Bytes an SFTP write request adds to its data and handle: length, type, request id, the
@@ -52,6 +59,35 @@ CHANNEL_RESERVE = 64
 """What paramiko keeps back from the server's maximum packet size in each channel message."""
 
 Reply = tuple[int, Message]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry on this server: `write` bytes of data in a write, `packet`
+    bytes in all (0: not said)."""
+
+    write: int = WRITE_SIZE
+    packet: int = 0
+
+
+EVERY_SERVER = Limits()
+"""What every SFTP server must take: for a server that does not say."""
+
+
+def server_limits(sftp: paramiko.SFTPClient) -> Limits:
+    """The server's limits, where it answers the `limits@openssh.com` request (OpenSSH 8.6 and
+    later); the sizes every server must accept where it does not. Raises SSHException or
+    EOFError when the connection fails."""
+    try:
+        kind, reply = sftp._request(CMD_EXTENDED, "limits@openssh.com")
+    except OSError:  # answered with an error status: the server does not know the request
+        return EVERY_SERVER
+    if kind != CMD_EXTENDED_REPLY:
+        return EVERY_SERVER
+    packet, _read, write = reply.get_int64(), reply.get_int64(), reply.get_int64()
+    if write == 0:  # "no limit of its own": keep to what every server takes
+        return EVERY_SERVER
+    return Limits(write=max(1024, min(write, LARGEST_WRITE)), packet=packet)
 
 
 class Refused(Exception):
@@ -82,8 +118,10 @@ class Put:
         final: str,
         content: bytes,
         ready: list[Put],
+        limits: Limits = EVERY_SERVER,
     ) -> None:
         self._sftp = sftp
+        self._limits = limits
         self._temporary, self._final, self._content = temporary, final, content
         self._ready = ready
         self._sent: list[int] = []
@@ -127,7 +165,7 @@ class Put:
                 opened = status_error((kind, message)) or OSError("open")
                 raise Refused(refusals[0] if refusals else opened)
             handle = message.get_binary()
-            size = write_size(self._sftp, handle)
+            size = write_size(self._sftp, handle, self._limits)
             view = memoryview(self._content)
             for offset in range(0, len(self._content), size):
                 chunk = bytes(view[offset : offset + size])
@@ -161,13 +199,19 @@ def status_error(reply: Reply) -> OSError | None:
     return OSError(text)
 
 
-def write_size(sftp: paramiko.SFTPClient, handle: bytes) -> int:
-    """Data per write so that each request fits one SSH channel message.
+def write_size(sftp: paramiko.SFTPClient, handle: bytes, limits: Limits = EVERY_SERVER) -> int:
+    """Data per write: as much as the server takes, within its packet limit; at 32 KiB, what
+    fits one SSH channel message.
 
     A 32,768-byte write is 32,797 bytes on the channel, and paramiko sends at most the server's
     maximum packet size less 64 per message (32,704 for OpenSSH's 32 KiB): every write went
     out as two encrypted packets, the second of 93 bytes, each costing both ends a packet's
     work. Fitting the write halves the packets sent for a document's bytes.
     """
+    if limits.write > WRITE_SIZE:
+        size = limits.write
+        if limits.packet:
+            size = min(size, limits.packet - WRITE_HEADER - len(handle))
+        return max(1024, size)
     fits = sftp.sock.out_max_packet_size - CHANNEL_RESERVE - WRITE_HEADER - len(handle)
-    return max(1024, min(WRITE_SIZE, fits))
+    return max(1024, min(limits.write, fits))

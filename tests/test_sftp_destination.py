@@ -5,15 +5,18 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 from pydantic import SecretStr, ValidationError
 
 from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
 from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
+from blocks.sftp_pipeline import EVERY_SERVER
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.faults import FaultProxy
 from tests.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
@@ -171,12 +174,14 @@ def test_many_connections_at_once(sshd: SshServer, folder: Path) -> None:
 
 
 def test_each_write_fits_one_ssh_packet(sshd: SshServer, folder: Path) -> None:
-    """A document of 8 full writes goes out as 8 data packets, not 16: paramiko splits a write
-    larger than the server's packet size less 64 (OpenSSH: 32 KiB) into two encrypted packets."""
+    """On a server that does not say what it takes (32 KiB writes), a document of 8 full writes
+    goes out as 8 data packets, not 16: paramiko splits a write larger than the server's packet
+    size less 64 (OpenSSH: 32 KiB) into two encrypted packets."""
     from blocks.sftp_pipeline import write_size
 
     block = sftp_block(sshd, folder)
     with block.open_session() as session:
+        session.limits = EVERY_SERVER  # as on a server without the limits@openssh.com request
         session.upload("warm/up.xml", BODY, sha(BODY))  # folders made, connection settled
         with session.sftp.open(str(folder / "warm" / "handle"), "w") as opened:
             size = write_size(session.sftp, opened.handle)  # the server's handle length
@@ -189,6 +194,78 @@ def test_each_write_fits_one_ssh_packet(sshd: SshServer, folder: Path) -> None:
     assert sent == 11, sent
     assert size == 32_768 - 64 - 25 - 4  # OpenSSH: 32 KiB packets, 4-byte handles
     assert (folder / "warm" / "doc.xml").read_bytes() == content
+
+
+def test_a_server_that_says_it_takes_larger_writes_gets_them(sshd: SshServer, folder: Path) -> None:
+    """OpenSSH answers `limits@openssh.com` with 255 KiB writes: a document of two and a bit
+    such writes goes in 3 of them instead of 16 (each one a request and a reply), and arrives
+    whole either way."""
+    import os
+
+    block = sftp_block(sshd, folder)
+    with block.open_session() as session:
+        said = session.limits
+        assert said.write == 256 * 1024 - 1024  # OpenSSH's own figure
+        session.upload("warm/up.xml", BODY, sha(BODY))  # folders made, connection settled
+        content = os.urandom(2 * said.write + 5)
+        requests = {}
+        for limits in (EVERY_SERVER, said):
+            session.limits = limits
+            before = session.sftp.request_number  # paramiko numbers each request it sends
+            session.upload(f"warm/{limits.write}.xml", content, sha(content))
+            requests[limits] = session.sftp.request_number - before
+            assert (folder / "warm" / f"{limits.write}.xml").read_bytes() == content
+    # open, the writes (32 KiB less what fits one SSH packet, as above), close, rename
+    assert (requests[EVERY_SERVER], requests[said]) == (3 + 16, 3 + 3)
+
+
+class _PlainSftpServer(paramiko.ServerInterface):
+    """paramiko's own SFTP server, which does not know `limits@openssh.com`: one login, one
+    SFTP session, on loopback."""
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL if password == "pw" else paramiko.AUTH_FAILED
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "password"
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return (
+            paramiko.OPEN_SUCCEEDED
+            if kind == "session"
+            else paramiko.OPEN_FAILED_UNKNOWN_CHANNEL_TYPE
+        )
+
+
+def test_a_server_that_does_not_say_what_it_takes_gets_32_kib_writes(folder: Path) -> None:
+    host_key = paramiko.ECDSAKey.generate()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    serving: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        transport = paramiko.Transport(connection)
+        transport.add_server_key(host_key)
+        transport.set_subsystem_handler("sftp", paramiko.SFTPServer, paramiko.SFTPServerInterface)
+        serving.append(transport)
+        transport.start_server(server=_PlainSftpServer())
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    block = SftpDestination(
+        host="127.0.0.1", port=port, username="someone", password=SecretStr("pw"), root="/",
+        host_keys=[f"{host_key.get_name()} {host_key.get_base64()}"],
+    )  # fmt: skip
+    try:
+        with block.open_session() as session:
+            assert session.limits == EVERY_SERVER  # it answered "unsupported"; nothing broke
+            assert session.sftp.normalize(".")  # the connection is still good
+    finally:
+        server.join(10)
+        for transport in serving:
+            transport.close()
+        listener.close()
 
 
 def _tracked(uploads: list[Upload], taken: list[int]) -> Iterator[tuple[int, Upload]]:
