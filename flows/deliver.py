@@ -2,9 +2,10 @@
 
     gather  -> claim owed deliveries from the ledger (IDs only), a page at a time
     render  -> per destination: give each delivery its path, once; a bad value fails only it
-    upload  -> per destination, a lane per connection, in parallel, each sending an equal share
-               of the page (one task carries a wave's lanes on threads; one lane per task on
-               Dask); every `batch_size` documents record their outcomes in the ledger in one
+    upload  -> per destination, a lane per connection, in parallel, a wave at a time (on
+               threads, one task carries a wave's lanes, each taking the wave's next batch when
+               it is ready for one; on Dask, each lane is a task with an equal share); each
+               batch (at most `batch_size` documents) records its outcomes in the ledger in one
                transaction
     summary -> a table artifact per run: per destination, delivered / failed / skipped / bytes
 
@@ -214,22 +215,57 @@ def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rend
 def upload(
     destination_ref: str, claimant: str, lanes: list[list[int]], batch_size: int = 100
 ) -> BatchReport:
-    """Send a share of a page to one destination: each lane (the deliveries one connection
-    sends, in order) in its own thread, recording outcomes in the ledger every `batch_size`
-    documents (one transaction each)."""
+    """Send a share of a page to one destination, recording outcomes in the ledger a batch at
+    a time (one transaction each, at most `batch_size` documents). One lane: its deliveries in
+    order. Several: a thread per lane (connection), each taking the wave's next batch when it
+    is ready for one (`Shares`)."""
     store = open_store()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if len(lanes) == 1:
-        return _send_lane(store, destination_ref, claimant, lanes[0], batch_size, worker)
+        batches = _batches(lanes[0], batch_size)
+        return _send_lane(store, destination_ref, claimant, batches, worker)
+    shares = Shares([i for lane in lanes for i in lane], len(lanes), batch_size)
     report = BatchReport(destination_ref, worker=worker)
     with ThreadPoolExecutor(len(lanes), thread_name_prefix="upload-lane") as pool:
         sent = pool.map(
-            lambda lane: _send_lane(store, destination_ref, claimant, lane, batch_size, worker),
+            lambda _: _send_lane(store, destination_ref, claimant, shares.batches(), worker),
             lanes,
         )
         for lane_report in sent:  # a lane's exception is raised once every lane has ended
             report.absorb(lane_report)
     return report
+
+
+class Shares:
+    """A wave's deliveries, handed to its lanes a batch at a time, in order.
+
+    Each lane takes the next batch when it has sent its last, so a lane that goes faster sends
+    more and the lanes end together (fixed equal shares ended up to 0.3 s apart in a 2.3 s
+    run, measured, with connections idle meanwhile). Batches shrink toward the end, to a share
+    of what is left, so that no lane starts a long last batch while the others run dry.
+    """
+
+    SMALLEST = 8
+    """Documents in the last batches: enough to keep several files in flight per connection."""
+
+    def __init__(self, delivery_ids: list[int], lanes: int, batch_size: int) -> None:
+        self._ids = delivery_ids
+        self._taken = 0
+        self._lanes = max(1, lanes)
+        self._batch_size = max(1, batch_size)
+        self._lock = threading.Lock()
+
+    def take(self) -> list[int]:
+        """The next batch; empty once every delivery is taken."""
+        with self._lock:
+            left = len(self._ids) - self._taken
+            share = max(self.SMALLEST, math.ceil(left / self._lanes))
+            batch = self._ids[self._taken : self._taken + min(self._batch_size, share)]
+            self._taken += len(batch)
+            return batch
+
+    def batches(self) -> Iterator[list[int]]:
+        return iter(self.take, [])
 
 
 UPLOAD_LANES = 32
@@ -240,14 +276,14 @@ _lane_slots = threading.BoundedSemaphore(UPLOAD_LANES)
 
 
 def _send_lane(
-    store: Store, destination_ref: str, claimant: str, delivery_ids: list[int], batch_size: int,
-    worker: str,
-) -> BatchReport:  # fmt: skip
-    """One connection's share, batch after batch, once one of the process's lane slots is free."""
+    store: Store, destination_ref: str, claimant: str, batches: Iterator[list[int]], worker: str
+) -> BatchReport:
+    """One connection's batches, one after another, once one of the process's lane slots is
+    free."""
     report = BatchReport(destination_ref, worker=worker)
     with _lane_slots:
         started = time.perf_counter()
-        for batch in _batches(delivery_ids, batch_size):
+        for batch in batches:
             _upload_batch(store, destination_ref, claimant, batch, report)
         report.seconds = time.perf_counter() - started
     return report
@@ -401,7 +437,8 @@ def lane_size(count: int, connections: int, batch_size: int) -> int:
 
     As few as keep every connection busy, all of one size so the connections finish together
     (100-document shares on 8 connections left half of them idle for the last third of a
-    2,000-document run), none over `BATCHES_PER_LANE` batches.
+    2,000-document run), none over `BATCHES_PER_LANE` batches. (On threads, a wave's lanes
+    then share its batches out as they go: `Shares`.)
     """
     lanes = max(1, connections)
     waves = math.ceil(count / (lanes * batch_size * BATCHES_PER_LANE))

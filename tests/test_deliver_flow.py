@@ -419,6 +419,25 @@ def test_upload_tasks_keep_every_connection_busy_and_finish_together(
     assert size <= batch_size * BATCHES_PER_LANE
 
 
+def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.deliver import Shares
+
+    shares = Shares(list(range(2000)), lanes=8, batch_size=100)
+    sizes = [len(batch) for batch in shares.batches()]
+    assert sizes[:8] == [100] * 8 and sizes[-1] <= Shares.SMALLEST
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) == 2000
+    assert len(sizes) <= 2 * 2000 // 100  # at most twice the ledger transactions of full batches
+
+    shares = Shares(list(range(1000)), lanes=4, batch_size=7)  # lanes taking at once
+    with ThreadPoolExecutor(4) as pool:
+        taken = list(pool.map(lambda _: [i for batch in shares.batches() for i in batch], range(4)))
+    assert sorted(i for lane in taken for i in lane) == list(range(1000))  # each once
+    assert all(lane == sorted(lane) for lane in taken)
+    assert Shares([1, 2, 3], lanes=8, batch_size=1).take() == [1]  # batch_size is the most
+
+
 def task_run_names(flow_run_id: str) -> list[str]:
     """The task runs of a flow run by name without the suffix (gather, render, upload)."""
     from prefect.client.orchestration import get_client
