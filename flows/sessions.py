@@ -129,8 +129,9 @@ class SessionPool:
         return True
 
     def open_some(self, count: int) -> None:
-        """Open up to `count` sessions for the next leases: the first alone (a destination that
-        refuses it is not asked again, by the others at once), then the rest side by side."""
+        """Open up to `count` sessions for the next leases: the first alone, so that a
+        destination refusing it is not asked again by the others at once; then the rest side
+        by side."""
         if count < 1 or not self.open_one():
             return
         others = [threading.Thread(target=self.open_one, name="session-warm-up", daemon=True)
