@@ -246,20 +246,22 @@ class Shares:
     """
 
     SMALLEST = 8
-    """Documents in the last batches: enough to keep several files in flight per connection."""
+    """Documents in the last batches: enough to keep several files in flight per connection
+    (fewer when the wave has fewer per lane, so that every lane gets some)."""
 
     def __init__(self, delivery_ids: list[int], lanes: int, batch_size: int) -> None:
         self._ids = delivery_ids
         self._taken = 0
         self._lanes = max(1, lanes)
         self._batch_size = max(1, batch_size)
+        self._smallest = max(1, min(self.SMALLEST, len(delivery_ids) // self._lanes))
         self._lock = threading.Lock()
 
     def take(self) -> list[int]:
         """The next batch; empty once every delivery is taken."""
         with self._lock:
             left = len(self._ids) - self._taken
-            share = max(self.SMALLEST, math.ceil(left / self._lanes))
+            share = max(self._smallest, math.ceil(left / self._lanes))
             batch = self._ids[self._taken : self._taken + min(self._batch_size, share)]
             self._taken += len(batch)
             return batch

@@ -436,6 +436,8 @@ def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:
     assert sorted(i for lane in taken for i in lane) == list(range(1000))  # each once
     assert all(lane == sorted(lane) for lane in taken)
     assert Shares([1, 2, 3], lanes=8, batch_size=1).take() == [1]  # batch_size is the most
+    few = [len(batch) for batch in Shares(list(range(17)), lanes=8, batch_size=100).batches()]
+    assert len(few) >= 8 and sum(few) == 17  # a small wave still gives every lane some
 
 
 def task_run_names(flow_run_id: str) -> list[str]:
