@@ -75,9 +75,9 @@ EVERY_SERVER = Limits()
 
 
 def server_limits(sftp: paramiko.SFTPClient) -> Limits:
-    """The server's limits, where it answers the `limits@openssh.com` request (OpenSSH 8.6 and
-    later); the sizes every server must accept where it does not. Raises SSHException or
-    EOFError when the connection fails."""
+    """The server's limits, where it answers the `limits@openssh.com` request (OpenSSH's
+    sftp-server does); the sizes every server must accept where it does not. Raises
+    SSHException or EOFError when the connection fails."""
     try:
         kind, reply = sftp._request(CMD_EXTENDED, "limits@openssh.com")
     except OSError:  # answered with an error status: the server does not know the request
