@@ -544,13 +544,9 @@ def _deliver_updates(
         data_types=tuple(data_types or ()),
     )
     summary = RunSummary(flow_run_id=claimant)
-    owed_to = ledger.count_owed(open_store(), claimant, work)
-    owed = sum(owed_to.values())
+    owed = ledger.count_owed(open_store(), claimant, work)
     if max_documents is not None:
         owed = min(owed, max_documents)
-    if _uploads_here():  # their sessions open while the run claims and renders
-        for ref, count in owed_to.items():
-            sessions.pools.warm(claimant, ref, load_destination, sessions=min(count, owed))
     progress = Progress(owed)
     try:
         _deliver_pages(claimant, work, batch_size, page_size, max_documents, summary, progress)
@@ -569,12 +565,6 @@ def _deliver_updates(
         # A red run in the UI, and the trigger for alerts; the ledger has each reason.
         return Failed(message=summary.headline(), data=summary)
     return summary
-
-
-def _uploads_here() -> bool:
-    """Whether this run's uploads run in this process (threads), not on a Dask cluster."""
-    context = FlowRunContext.get()
-    return context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
 
 
 @functools.cache
@@ -667,6 +657,9 @@ def _deliver_pages(
             count, len(claimed), time.perf_counter() - started,
         )  # fmt: skip
         started = time.perf_counter()
+        if isinstance(runner, ThreadPoolTaskRunner):  # uploads run here: their sessions too
+            for ref, ids in claimed.items():  # as many as the page's lanes use, within the bound
+                sessions.pools.warm(claimant, ref, load_destination, sessions=len(ids))
         rendered = {ref: render.submit(ref, claimant, ids) for ref, ids in claimed.items()}
         uploads = []
         for ref, future in rendered.items():

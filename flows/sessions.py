@@ -190,9 +190,9 @@ class PoolRegistry:
         self, run: str, reference: str, load: Callable[[str], Destination], sessions: int = 1
     ) -> None:
         """Load a destination and open up to `sessions` of its sessions in the background, while
-        the run claims and renders: its uploads then find their SSH logins or the S3 client (an
-        STS call and botocore's models) done, 100-300 ms of each run's start, measured. Only
-        where uploads run in this process; a failure is met again, and reported, by an upload.
+        the run renders paths: its uploads then find their SSH logins or the S3 client (an STS
+        call and botocore's models) done, 100-300 ms of each run's start, measured. Only where
+        uploads run in this process; a failure is met again, and reported, by an upload.
         """
 
         def open_some() -> None:

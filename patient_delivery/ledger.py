@@ -220,16 +220,15 @@ def claim(
     return claimed
 
 
-def count_owed(store: Store, claimant: str, work: WorkFilter = WorkFilter()) -> dict[str, int]:
-    """How many deliveries a run could claim now, per destination: the denominator of its
-    progress, and how many sessions each destination is worth opening before the claim."""
+def count_owed(store: Store, claimant: str, work: WorkFilter = WorkFilter()) -> int:
+    """How many deliveries a run could claim now: the denominator of its progress."""
     with store.session() as session:
-        rows = session.execute(
-            select(Delivery.destination, func.count())
-            .where(_claimable(_now(), claimant, work))
-            .group_by(Delivery.destination)
+        return int(
+            session.scalar(
+                select(func.count()).select_from(Delivery).where(_claimable(_now(), claimant, work))
+            )
+            or 0
         )
-        return {destination: int(count) for destination, count in rows}
 
 
 PathRenderer = Callable[[Mapping[str, str], str], str]
