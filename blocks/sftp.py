@@ -93,8 +93,8 @@ class SftpSession(DestinationSession):
         transport: paramiko.Transport,
         sftp: paramiko.SFTPClient,
         root: str,
-        files_in_flight: int = 1,
-        limits: sftp_pipeline.Limits = sftp_pipeline.EVERY_SERVER,
+        files_in_flight: int,
+        limits: sftp_pipeline.Limits,
     ) -> None:
         self.transport = transport
         self.sftp = sftp

@@ -118,7 +118,7 @@ class Put:
         final: str,
         content: bytes,
         ready: list[Put],
-        limits: Limits = EVERY_SERVER,
+        limits: Limits,
     ) -> None:
         self._sftp = sftp
         self._limits = limits
@@ -199,7 +199,7 @@ def status_error(reply: Reply) -> OSError | None:
     return OSError(text)
 
 
-def write_size(sftp: paramiko.SFTPClient, handle: bytes, limits: Limits = EVERY_SERVER) -> int:
+def write_size(sftp: paramiko.SFTPClient, handle: bytes, limits: Limits) -> int:
     """Data per write: as much as the server takes, within its packet limit; at 32 KiB, what
     fits one SSH channel message.
 

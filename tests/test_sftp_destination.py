@@ -184,7 +184,7 @@ def test_each_write_fits_one_ssh_packet(sshd: SshServer, folder: Path) -> None:
         session.limits = EVERY_SERVER  # as on a server without the limits@openssh.com request
         session.upload("warm/up.xml", BODY, sha(BODY))  # folders made, connection settled
         with session.sftp.open(str(folder / "warm" / "handle"), "w") as opened:
-            size = write_size(session.sftp, opened.handle)  # the server's handle length
+            size = write_size(session.sftp, opened.handle, EVERY_SERVER)  # its handle length
         content = bytes(range(256)) * (size * 8 // 256) + bytes(size * 8 % 256)
         packetizer = session.transport.packetizer
         before = packetizer._Packetizer__sent_packets  # read, not patched
