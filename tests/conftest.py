@@ -19,16 +19,13 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, close_stores, open_store
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """`../shared/fixtures`: tests that need real data fail loudly without it, never skip."""
-    if not (SHARED_FIXTURES / "ccda").is_dir() or not (SHARED_FIXTURES / "fhir-bulk-10").is_dir():
-        pytest.fail(f"real-world fixtures not found at {SHARED_FIXTURES}")
-    return SHARED_FIXTURES
+    """The real-world data in `tests/fixtures` (HL7 C-CDA examples, a Synthea bulk export)."""
+    return FIXTURES
 
 
 STORE_BACKENDS = ("sqlite", "postgresql")
