@@ -317,7 +317,7 @@ def parse_variants(text: str) -> list[tuple[int, int]]:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    from tests.servers import PrefectServer
+    from loopback.servers import PrefectServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     os.environ["PATIENT_DELIVERY_STORE_URL"] = f"sqlite:///{work / 'store.db'}"
@@ -325,12 +325,12 @@ def throughput(args: argparse.Namespace) -> None:
     os.environ.update(server.client_env())
     from blocks.s3 import S3Destination
     from blocks.sftp import SftpDestination
+    from loopback.servers import SFTP_PASSWORD, SFTP_USER, MotoServer, SeaweedServer, SshServer
     from patient_delivery import ingest
     from patient_delivery.ledger import read_content
     from patient_delivery.seed import seed_project
     from patient_delivery.store import open_store
     from patient_delivery.store.models import DocumentVersion
-    from tests.servers import SFTP_PASSWORD, SFTP_USER, MotoServer, SeaweedServer, SshServer
 
     servers: list = []
     try:
@@ -637,7 +637,7 @@ def memory_benchmark(args: argparse.Namespace) -> None:
     Small documents (`--size-scale`, default 0.02: a few KB each) keep 100,000 patients
     seedable in minutes; delivered into a folder on /dev/shm, so the flow is what is measured.
     """
-    from tests.servers import PrefectServer
+    from loopback.servers import PrefectServer
 
     server = PrefectServer()
     os.environ.update(server.client_env())

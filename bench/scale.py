@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=4)
     args = parser.parse_args()
 
-    from tests.servers import SFTP_PASSWORD, SFTP_USER, PostgresServer, PrefectServer, SshServer
+    from loopback.servers import SFTP_PASSWORD, SFTP_USER, PostgresServer, PrefectServer, SshServer
 
     logs = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     postgres = PostgresServer()

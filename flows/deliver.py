@@ -39,7 +39,6 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.blocks.core import Block
 from prefect.context import FlowRunContext, SyncClientContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
@@ -47,8 +46,8 @@ from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-import blocks  # registers every destination block type, for Block.load
-from blocks.base import DeliveryError, Destination, DestinationSession, Receipt, Upload
+from blocks import load_destination
+from blocks.base import DeliveryError, DestinationSession, Receipt, Upload
 from flows import sessions
 from flows.sessions import Lease
 from patient_delivery import ledger
@@ -136,21 +135,6 @@ class RunSummary:
             }
             for r in self.destinations.values()
         ]
-
-
-def load_destination(reference: str) -> Destination:
-    """The destination block saved as `block-type/name`.
-
-    Our own block types load through their class: `Block.load` first imports every installed
-    Prefect collection to find the class (prefect-dask pulls in Dask's `distributed`), 1.4 s of
-    CPU in every run that loads a block, measured here.
-    """
-    slug, _, name = reference.partition("/")
-    kind = blocks.DESTINATION_TYPES.get(slug)
-    destination = kind.load(name) if kind is not None and name else Block.load(reference)
-    if not isinstance(destination, Destination):
-        raise TypeError(f"block {reference!r} is not a destination")
-    return destination
 
 
 @task(name="gather")

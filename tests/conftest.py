@@ -67,7 +67,7 @@ def prefect_api() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sshd():  # type: ignore[no-untyped-def]
     """OpenSSH sshd on loopback with an SFTP-only test user."""
-    from tests.servers import SshServer
+    from loopback.servers import SshServer
 
     server = SshServer()
     yield server
@@ -77,7 +77,7 @@ def sshd():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def moto():  # type: ignore[no-untyped-def]
     """moto in server mode for S3, STS and IAM, with authorization enforced."""
-    from tests.servers import MotoServer
+    from loopback.servers import MotoServer
 
     server = MotoServer()
     yield server
@@ -87,7 +87,7 @@ def moto():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def postgres():  # type: ignore[no-untyped-def]
     """PostgreSQL on loopback; each test that uses it gets its own database."""
-    from tests.servers import PostgresServer
+    from loopback.servers import PostgresServer
 
     server = PostgresServer()
     yield server
@@ -97,7 +97,7 @@ def postgres():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def seaweed():  # type: ignore[no-untyped-def]
     """SeaweedFS as a real S3 server (it verifies checksums)."""
-    from tests.servers import SeaweedServer
+    from loopback.servers import SeaweedServer
 
     server = SeaweedServer("deliveries")
     yield server

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from patient_delivery.cli import app
+from cli import app
 from patient_delivery.store import Store
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def test_sftp_destination_from_the_command_line_without_echoing_secrets(
     sshd,
     monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.servers import SFTP_PASSWORD, SFTP_USER
+    from loopback.servers import SFTP_PASSWORD, SFTP_USER
 
     folder = sshd.make_folder("cli-sftp")
     shown = run("destination", "host-key", f"127.0.0.1:{sshd.port}")

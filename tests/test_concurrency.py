@@ -23,12 +23,12 @@ import pytest
 from sqlalchemy import func, select
 
 from flows.deliver import deliver
+from loopback.servers import SshServer
 from patient_delivery import ingest, ledger
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store, open_store
 from patient_delivery.store.models import Delivery, Disclosure, DocumentVersion
 from tests.faults import check_invariant, sigkill_once_files_arrive
-from tests.servers import SshServer
 from tests.test_deliver_flow import save_local
 from tests.test_local_destination import FolderRemote
 from tests.test_sftp_destination import sftp_block
@@ -103,7 +103,7 @@ def test_claims_made_at_the_same_moment_by_four_processes_never_overlap(
 # without this the first started could finish the backlog before the others had started.
 AFTER_START_SIGNAL = """
 import os, pathlib, sys, time
-from patient_delivery.cli import main
+from cli import main
 import flows.deliver
 signal = pathlib.Path(sys.argv[1])
 signal.with_name(f"{signal.name}.ready.{os.getpid()}").touch()

@@ -23,13 +23,13 @@ import pytest
 from sqlalchemy import select
 
 from flows.deliver import deliver
+from loopback.servers import MotoServer, SeaweedServer, SshServer
 from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery
 from tests.destination_contract import Remote
 from tests.faults import REPORT, FaultProxy, Figures, S3FaultProxy, check_invariant
-from tests.servers import MotoServer, SeaweedServer, SshServer
 from tests.test_local_destination import FolderRemote
 from tests.test_s3_destination import EXTERNAL_ID, BucketRemote, s3_block
 from tests.test_sftp_destination import sftp_block

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli import app
+from loopback.servers import MotoServer, SshServer
 from patient_delivery import ingest
-from patient_delivery.cli import app
 from patient_delivery.importers import fhir_bundle
 from patient_delivery.store import Store
 from tests.faults import REPORT
-from tests.servers import MotoServer, SshServer
 from tests.test_deliver_flow import rows
 from tests.test_s3_destination import s3_block
 from tests.test_sftp_destination import sftp_block

@@ -18,13 +18,13 @@ import pytest
 import uvicorn
 from sqlalchemy import select
 
+from loopback.servers import free_port
 from patient_delivery import ingest
 from patient_delivery.importers import fhir_bundle, import_ccda, import_fhir_bulk
 from patient_delivery.pull.keys import create_key, revoke_key
 from patient_delivery.pull.server import create_app
 from patient_delivery.store import Store
 from patient_delivery.store.models import Disclosure, Patient, Share
-from tests.servers import free_port
 
 FHIR_JSON = "application/fhir+json"
 
@@ -321,7 +321,7 @@ def _stranger(world: World) -> str:
 def test_api_keys_from_the_command_line_are_shown_once_and_revocable(store: Store) -> None:
     from typer.testing import CliRunner
 
-    from patient_delivery.cli import app
+    from cli import app
     from patient_delivery.pull.keys import authenticate
 
     runner = CliRunner()

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import select
 
 from flows.deliver import deliver
+from loopback.servers import MotoServer, SshServer
 from patient_delivery import ingest
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery
-from tests.servers import MotoServer, SshServer
 from tests.test_s3_destination import EXTERNAL_ID, BucketRemote, s3_block
 from tests.test_sftp_destination import sftp_block
 

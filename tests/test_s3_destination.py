@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
 from blocks.s3 import S3Destination
+from loopback.servers import MotoServer, SeaweedServer, free_port
 from tests.destination_contract import BODY, DestinationContract, connect, sha
-from tests.servers import MotoServer, SeaweedServer, free_port
 
 EXTERNAL_ID = "canary-external-id-7d2c"
 

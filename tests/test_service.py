@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loopback.servers import PrefectServer
 from patient_delivery.store import open_store
 from tests.faults import REPORT, check_invariant, sigkill_once_files_arrive
-from tests.servers import PrefectServer
 from tests.test_local_destination import FolderRemote
 
 ROOT = Path(__file__).resolve().parent.parent

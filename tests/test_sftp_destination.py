@@ -17,9 +17,9 @@ from pydantic import SecretStr, ValidationError
 from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
 from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
 from blocks.sftp_pipeline import EVERY_SERVER
+from loopback.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.faults import FaultProxy
-from tests.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
 from tests.test_local_destination import FolderRemote
 
 

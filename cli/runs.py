@@ -1,0 +1,224 @@
+"""Delivery runs: now in this process or on a deployment, on updates, backfill and redeliver."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import app, console, errors, fail, parse_when, prefect, refusals
+
+if TYPE_CHECKING:
+    from flows.deliver import RunSummary
+
+
+@app.command()
+def deliver(
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    destination: Annotated[
+        list[str] | None, typer.Option(help="Only these destinations (repeatable)")
+    ] = None,
+    patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
+    data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=5000, help="Documents recorded per ledger transaction")
+    ] = 100,
+    max_documents: Annotated[int | None, typer.Option(min=1)] = None,
+    page_size: Annotated[
+        int, typer.Option(min=1, help="Deliveries claimed at a time (runs sharing a backlog)")
+    ] = 5000,
+    dask: Annotated[
+        str | None,
+        typer.Option(help="Upload on a Dask cluster: tcp://scheduler:8786, or `local`"),
+    ] = None,
+    deployment: Annotated[
+        bool, typer.Option(help="Start the deployment on the Prefect server instead")
+    ] = False,
+) -> None:
+    """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
+    prefect()
+    parameters = {
+        "project_id": project,
+        "destinations": destination,
+        "patient_ids": patient,
+        "data_types": data_type,
+        "batch_size": batch_size,
+        "max_documents": max_documents,
+        "page_size": page_size,
+    }
+    if deployment:
+        start_deployment("deliver-updates/deliver-updates", parameters)
+        return
+    from flows.deliver import deliver as run_delivery
+    from flows.deliver import task_runner
+
+    with progress_bar("delivering"):
+        summary = run_delivery(task_runner(dask) if dask else None, **parameters)
+    print_summary(summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[None]:
+    """A rich progress bar fed by the delivery flow's progress, for runs in this process."""
+    from rich.progress import Progress
+
+    from flows.deliver import progress_hooks
+
+    with Progress(console=errors, transient=True) as progress:
+        bar = progress.add_task(label, total=None)
+
+        def hook(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        progress_hooks.append(hook)
+        try:
+            yield
+        finally:
+            progress_hooks.remove(hook)
+
+
+def start_deployment(name: str, parameters: dict[str, object]) -> None:
+    """Start a deployment's run on the Prefect server instead of running here."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        name, parameters={k: v for k, v in parameters.items() if v is not None}, timeout=0
+    )
+    console.print(f"started {name}: flow run {flow_run.name} ({flow_run.id})", highlight=False)
+
+
+def print_summary(summary: RunSummary) -> None:
+    table = Table(title=f"delivery run {summary.flow_run_id}")
+    for column in ("destination", "delivered", "failed", "skipped", "MB", "failure reasons"):
+        table.add_column(column, overflow="fold")
+    for row in summary.rows():
+        table.add_row(
+            str(row["destination"]),
+            str(row["delivered"]),
+            str(row["failed"]),
+            str(row["skipped"]),
+            f"{int(row['bytes']) / 1e6:.1f}",  # type: ignore[call-overload]
+            str(row["failure reasons"]),
+        )
+    if not summary.rows():
+        table.add_row("(nothing owed)", "0", "0", "0", "0.0", "")
+    console.print(table)
+
+
+@app.command()
+def listen(
+    quiet: Annotated[
+        float, typer.Option(help="Seconds to wait for a burst of updates to end")
+    ] = 0.2,
+) -> None:
+    """Deliver as soon as ingest announces an update (needs a Prefect server: PREFECT_API_URL)."""
+    import os
+    import signal
+    import threading
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise fail("listen follows a Prefect server's events: set PREFECT_API_URL", code=2)
+    prefect()
+    from flows.deliver import deliver as run_delivery
+    from flows.listener import UpdateListener
+
+    def announce(projects: set[str]) -> None:
+        names = ", ".join(sorted(p for p in projects if p)) or "all projects"
+        console.print(f"update for {names}: delivering", highlight=False)
+
+    listener = UpdateListener(run_delivery, quiet, on_run=announce)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: listener.stopped.set())
+
+    def say_ready() -> None:
+        if listener.ready.wait(timeout=60):
+            console.print("listening for patient.data.updated", highlight=False)
+
+    threading.Thread(target=say_ready, daemon=True).start()
+    listener.run()
+
+
+@app.command("backfill")
+def backfill_command(
+    org: Annotated[str | None, typer.Option(help="Only this organization")] = None,
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
+    created_from: Annotated[
+        str | None, typer.Option("--from", help="Versions created at or after (ISO, UTC)")
+    ] = None,
+    created_to: Annotated[
+        str | None, typer.Option("--to", help="Versions created before (ISO, UTC)")
+    ] = None,
+    data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
+    destination: Annotated[list[str] | None, typer.Option(help="Only these destinations")] = None,
+    force: Annotated[bool, typer.Option(help="Also re-send what was delivered")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
+    deployment: Annotated[
+        bool, typer.Option(help="Start the deployment on the Prefect server instead")
+    ] = False,
+) -> None:
+    """Queue the newest matching documents where they are missing, then deliver them."""
+    prefect()
+    parameters = {
+        "organization_id": org,
+        "project_id": project,
+        "patient_ids": patient,
+        "created_from": parse_when(created_from),
+        "created_to": parse_when(created_to),
+        "data_types": data_type,
+        "destinations": destination,
+        "dry_run": dry_run,
+        "force": force,
+    }
+    if deployment:
+        start_deployment("backfill/backfill", parameters)
+        return
+    from flows.backfill import backfill
+
+    with progress_bar("backfill"):
+        counts = backfill(**parameters)
+    _print_counts("backfill (dry run: nothing sent)" if dry_run else "backfill", counts)
+
+
+@app.command("redeliver")
+def redeliver_command(
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    destination: Annotated[str | None, typer.Option(help="Only this destination")] = None,
+    full: Annotated[
+        bool, typer.Option(help="Every newest document of the project to the destination")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
+    deployment: Annotated[
+        bool, typer.Option(help="Start the deployment on the Prefect server instead")
+    ] = False,
+) -> None:
+    """Send again what failed or was left pending (or, with --full, everything)."""
+    prefect()
+    parameters = {"project_id": project, "destination": destination, "full": full,
+                  "dry_run": dry_run}  # fmt: skip
+    if deployment:
+        start_deployment("redeliver/redeliver", parameters)
+        return
+    from flows.backfill import redeliver
+
+    with progress_bar("redeliver"):
+        counts = refusals(lambda: redeliver(**parameters), refused=(ValueError,))
+    _print_counts("redeliver (dry run: nothing sent)" if dry_run else "redeliver", counts)
+
+
+def _print_counts(title: str, counts: dict[str, int]) -> None:
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for what, count in sorted(counts.items()):
+        table.add_row(what, str(count))
+    if not counts:
+        table.add_row("(nothing matches)", "0")
+    console.print(table)
+    if counts.get("failed"):
+        raise typer.Exit(1)
