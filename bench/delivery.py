@@ -68,7 +68,8 @@ def child(mode: str, config: dict) -> dict:
     export = Path(config["export"])
     files = sorted(p for p in export.rglob("*") if p.is_file())
     if mode == "flow":
-        from flows.deliver import deliver, task_runner
+        from flows.deliver import deliver
+        from flows.runtime import task_runner
 
         runner = task_runner(config["dask"]) if config.get("dask") else None
         meter = Meter()
@@ -167,12 +168,12 @@ def bare_crt(config: dict, files: list[Path], export: Path) -> dict:
     """The flow's own S3 writer (awscrt) alone, from 16 threads: what the flow adds is the rest."""
     from botocore.credentials import Credentials
 
-    from blocks.s3_crt import CrtWriter
+    from blocks.s3.crt import CrtWriter
 
     writer = CrtWriter(
         client=bench_s3_client(config), bucket=config["bucket"],
         credentials=Credentials("bench", "bench"), explain=lambda error, step: error,
-        max_connections=16, connect_timeout=10, read_timeout=60, max_attempts=3,
+        max_connections=16, connect_timeout=10, read_timeout=60,
     )  # fmt: skip
     prefix = config["prefix"]
     return put_from_threads(files, export, lambda key, body: writer.put(prefix + key, body, {}))

@@ -39,7 +39,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 def child(setup: str, project: str, dask_workers: int) -> None:
     """One delivery run in this (child) process; prints its seconds and documents."""
-    from flows.deliver import deliver, task_runner
+    from flows.deliver import deliver
+    from flows.runtime import task_runner
 
     runner = task_runner()
     if setup == "dask":

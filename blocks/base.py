@@ -128,7 +128,7 @@ class DestinationSession(ABC):
             except DeliveryError as exc:
                 yield key, exc
 
-    def _upload_through_many(self, path: str, content: bytes, sha256: str) -> Receipt:
+    def upload_one_through_many(self, path: str, content: bytes, sha256: str) -> Receipt:
         """`upload()` for a session whose `upload_many` is how it sends: one path to test."""
         ((_, result),) = self.upload_many([(None, Upload(path, content, sha256))])
         if isinstance(result, DeliveryError):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import errno
-import glob
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -20,6 +18,7 @@ from blocks.base import (
     TransientDeliveryError,
     check_content,
 )
+from blocks.naming import contained, is_temporary_of, temporary_name
 
 _TERMINAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
@@ -44,16 +43,14 @@ class LocalSession(DestinationSession):
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _target(self, path: str) -> Path:
-        target = (self.root / path).resolve()
-        if not target.is_relative_to(self.root):
-            raise TerminalDeliveryError("rendered path leaves the destination root; refused")
-        return target
+    def target(self, path: str) -> Path:
+        """Where `path` goes under the root (refused when it would leave it)."""
+        return self.root / contained(path)
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        target = self._target(path)
+        target = self.target(path)
         check_content(content, sha256)
-        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+        temporary = target.with_name(temporary_name(target.name))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(temporary, "wb") as handle:
@@ -78,15 +75,17 @@ class LocalSession(DestinationSession):
 
     def remove(self, path: str) -> None:
         try:
-            self._target(path).unlink(missing_ok=True)
+            self.target(path).unlink(missing_ok=True)
         except OSError as exc:
             raise _os_error(exc, "remove") from None
 
 
 def _discard_leftovers(target: Path) -> None:
     """Remove temporary files of earlier writes to this path that a killed process left."""
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
-        _discard(leftover)
+    with suppress(OSError):
+        for entry in os.scandir(target.parent):
+            if is_temporary_of(entry.name, target.name):
+                _discard(Path(entry.path))
 
 
 def _discard(temporary: Path) -> None:

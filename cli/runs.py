@@ -12,7 +12,7 @@ from rich.table import Table
 from cli.common import app, console, errors, fail, parse_when, prefect, refusals
 
 if TYPE_CHECKING:
-    from flows.deliver import RunSummary
+    from flows.reporting import RunSummary
 
 
 @app.command()
@@ -53,7 +53,7 @@ def deliver(
         start_deployment("deliver-updates/deliver-updates", parameters)
         return
     from flows.deliver import deliver as run_delivery
-    from flows.deliver import task_runner
+    from flows.runtime import task_runner
 
     with progress_bar("delivering"):
         summary = run_delivery(task_runner(dask) if dask else None, **parameters)
@@ -67,7 +67,7 @@ def progress_bar(label: str) -> Iterator[None]:
     """A rich progress bar fed by the delivery flow's progress, for runs in this process."""
     from rich.progress import Progress
 
-    from flows.deliver import progress_hooks
+    from flows.reporting import progress_hooks
 
     with Progress(console=errors, transient=True) as progress:
         bar = progress.add_task(label, total=None)

@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.deliver import RunSummary, deliver
+from flows.deliver import deliver
+from flows.reporting import RunSummary
 from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
 from patient_delivery.store import open_store

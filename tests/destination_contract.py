@@ -1,8 +1,10 @@
 """One contract, every destination: the same cases run against the local folder, S3 and SFTP.
 
 A test module subclasses `DestinationContract` and provides three fixtures:
-`destination` (a ready block), `remote` (a `Remote` that reads what arrived, independently of
-the block) and `secrets` (strings that must never show in `str()`/`repr()`).
+`destination` (a ready block), `remote` (a `Remote` that reads what arrived and plants files,
+independently of the block) and `secrets` (strings that must never show in `str()`/`repr()`).
+A subclass whose destination never writes a temporary file (S3: objects appear whole) sets
+`writes_temporary_files = False`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Protocol
 
 import pytest
 
-from blocks.base import DeliveryError, Destination, Receipt, Upload
+from blocks.base import DeliveryError, Destination, Receipt, TerminalDeliveryError, Upload
+from blocks.naming import temporary_name
 
 BODY = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"x" * 200_000 + b"</ClinicalDocument>"
 
@@ -32,8 +35,54 @@ class Remote(Protocol):
 
     def names(self) -> list[str]: ...
 
+    def plant(self, path: str, content: bytes) -> None:
+        """Put a file at `path` the way someone else would, not through the block."""
+
+
+ESCAPING_PATHS = [
+    "../outside.xml",
+    "a/../../outside.xml",
+    "/outside.xml",
+    "a//outside.xml",
+    "./outside.xml",
+    "a\\..\\..\\outside.xml",
+    "a/outside\x00.xml",
+    "",
+]
+
 
 class DestinationContract:
+    writes_temporary_files = True
+
+    @pytest.mark.bad_input
+    @pytest.mark.parametrize("path", ESCAPING_PATHS)
+    def test_a_path_escaping_the_root_is_refused_before_anything_is_sent(
+        self, destination: Destination, remote: Remote, path: str
+    ) -> None:
+        with destination.open_session() as session, pytest.raises(TerminalDeliveryError) as error:
+            session.upload(path, BODY, sha(BODY))
+        assert "outside" not in str(error.value)  # the message names no path (paths carry IDs)
+        assert remote.names() == []
+
+    def test_leftovers_of_a_cut_write_are_removed_and_nothing_else(
+        self, destination: Destination, remote: Remote
+    ) -> None:
+        leftover = "cut/" + temporary_name("doc.xml")
+        others = [
+            "cut/doc.xml.partial",
+            "cut/.doc.xml.notes",
+            "cut/" + temporary_name("doc.xml.v2"),
+        ]
+        for name in [leftover, *others]:
+            remote.plant(name, b"half a document")
+        with destination.open_session() as session:
+            session.discard_leftovers("cut/doc.xml")
+            session.upload("cut/doc.xml", BODY, sha(BODY))
+        # A destination that never writes temporary files leaves a look-alike alone: it is not ours.
+        kept = [] if self.writes_temporary_files else [leftover]
+        assert remote.names() == sorted(["cut/doc.xml", *others, *kept])
+        assert remote.read("cut/doc.xml") == BODY
+
     def test_round_trip_is_byte_identical(self, destination: Destination, remote: Remote) -> None:
         with destination.open_session() as session:
             receipt = session.upload("a/b/doc.xml", BODY, sha(BODY))

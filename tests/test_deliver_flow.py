@@ -412,17 +412,17 @@ def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
 def test_upload_tasks_keep_every_connection_busy_and_finish_together(
     count: int, connections: int, batch_size: int, sizes: list[int]
 ) -> None:
-    from flows.deliver import BATCHES_PER_LANE, _batches, lane_size
+    from flows.sending import BATCHES_PER_LANE, chunks, lane_size
 
     size = lane_size(count, connections, batch_size)
-    assert [len(b) for b in _batches(list(range(count)), size)] == sizes
+    assert [len(b) for b in chunks(list(range(count)), size)] == sizes
     assert size <= batch_size * BATCHES_PER_LANE
 
 
 def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from flows.deliver import Shares
+    from flows.sending import Shares
 
     shares = Shares(list(range(2000)), lanes=8, batch_size=100)
     sizes = [len(batch) for batch in shares.batches()]
@@ -441,7 +441,7 @@ def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:
 
 
 def task_run_names(flow_run_id: str) -> list[str]:
-    """The task runs of a flow run by name without the suffix (gather, render, upload)."""
+    """The task runs of a flow run by name without the suffix (gather, render, upload, record)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -468,7 +468,9 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
     summary = deliver(batch_size=batch_size)
 
     assert (summary.delivered, summary.failed) == (60, 0)
-    assert task_run_names(summary.flow_run_id) == ["gather", "render"] + ["upload"] * uploads
+    assert (
+        task_run_names(summary.flow_run_id) == ["gather", "record", "render"] + ["upload"] * uploads
+    )
     assert len([p for p in root.rglob("*") if p.is_file()]) == 60
 
 
@@ -476,7 +478,7 @@ def test_lanes_share_a_task_on_threads_and_not_on_dask() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.deliver import lanes_per_task
+    from flows.runtime import lanes_per_task
 
     assert lanes_per_task(ThreadPoolTaskRunner(max_workers=4), 8) == 8  # all of the wave's
     assert lanes_per_task(DaskTaskRunner(address="tcp://127.0.0.1:1"), 8) == 1
@@ -487,7 +489,7 @@ def test_documents_left_when_another_lane_marks_the_destination_down_are_each_an
 ) -> None:
     """A lane whose own documents all landed, while another lane's gave up mid-batch, still
     owes an outcome for every document it had not taken; none may go unrecorded."""
-    from flows.deliver import _send_documents
+    from flows.sending import send_documents
     from flows.sessions import SessionPool
     from patient_delivery.ledger import UploadItem
 
@@ -502,7 +504,7 @@ def test_documents_left_when_another_lane_marks_the_destination_down_are_each_an
             yield UploadItem(number, number, f"p/{number}.xml", digest, len(body)), body
 
     with pool.lease() as lease:
-        outcomes = {o.delivery_id: o for o in _send_documents(lease, pool, documents())}
+        outcomes = {o.delivery_id: o for o in send_documents(lease, pool, documents())}
     assert sorted(outcomes) == [0, 1, 2, 3]
     assert outcomes[0].delivered and outcomes[1].delivered
     assert outcomes[3].error == "not attempted in this run: another lane gave up: timed out"

@@ -234,6 +234,32 @@ def test_s3_throttling_and_server_errors_are_retried_with_backoff(
 
 
 @pytest.mark.parametrize("endpoint", ["s3"], indirect=True)
+def test_a_document_costs_at_most_the_runs_attempts_however_long_s3_keeps_failing(
+    store: Store, project: str, endpoint: Endpoint
+) -> None:
+    """Retries happen in one place: the run's rounds. The S3 clients retry nothing themselves,
+    so a put that keeps failing is sent `ATTEMPTS` times in a run, not that many times each
+    client's own tries."""
+    from flows.sending import ATTEMPTS
+
+    proxy = S3FaultProxy(endpoint.port)
+    try:
+        proxy.always = 503
+        reference = endpoint.save(port=proxy.port, max_connections=1, files_in_flight=1)
+        ingest.subscribe(store, project, reference)
+        first = deliver()
+        assert (first.delivered, first.failed) == (0, DOCUMENTS)
+        assert max(proxy.puts.values()) == ATTEMPTS  # the most one document cost
+        # two documents in a row used up their tries: the destination is down for this run
+        assert sorted(proxy.puts.values()) == [ATTEMPTS, ATTEMPTS]
+        proxy.always = None
+        settle(store, f"s3: 503 on every write ({ATTEMPTS} tries each), then fixed",
+               {reference: endpoint.remote}, proxy.injected)  # fmt: skip
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("endpoint", ["s3"], indirect=True)
 @pytest.mark.parametrize("status", [403, 404, 400])
 def test_s3_permanent_errors_are_not_retried_and_say_so(
     store: Store, project: str, endpoint: Endpoint, status: int

@@ -1,10 +1,9 @@
 """PutObject through the AWS Common Runtime's S3 client (awscrt), botocore doing the rest.
 
-Why: boto3 spends about 1.2 ms of Python CPU on each put_object, so on two cores shared with
-the server it tops out near 550-600 puts/s of 100-200 KB documents; the CRT client signs,
-sends and retries in its own C threads, about 0.3 ms of this process's CPU per put (1,000-1,190
-puts/s to the same SeaweedFS, measured). It is the client boto3 itself uses for large transfers
-when `awscrt` is installed.
+Why: the CRT client signs and sends in its own C threads, a fraction of the Python CPU boto3
+spends on each put_object, which matters when the flow shares the machine's cores with many
+uploads (`docs/performance.md`). It is the client boto3 itself uses for large transfers when
+`awscrt` is installed.
 
 botocore keeps everything that is not the hot path, so behaviour reads the same either way: it
 assumes and renews the role (the CRT asks our credentials callback on each signing), resolves
@@ -12,13 +11,13 @@ the endpoint once (virtual-hosted or path style, FIPS, custom endpoints), and pa
 responses into the `ClientError` that `S3Destination.explain` turns into a clear message.
 Each put is one plain PutObject request (never the CRT's automatic multipart upload), so the
 SHA-256 checksum header covers the whole object and S3 rejects a body that does not match.
+The CRT retries nothing: a failed put is retried by the delivery run (`flows.sending`).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -29,9 +28,9 @@ from awscrt import auth, http, s3
 from awscrt import io as crt_io
 from awscrt.exceptions import AwsCrtError
 from botocore.exceptions import ClientError
-from botocore.parsers import create_parser
 
 from blocks.base import TerminalDeliveryError, TransientDeliveryError
+from blocks.s3.botocore_adapter import ErrorParser
 
 PROBE_KEY = "probe"
 SLOWEST_RATE = 128 * 1024
@@ -44,32 +43,30 @@ class PendingPut:
     """A put on its way: `wait()` for its answer (the response headers, lower-cased).
 
     The CRT has no timeout per read, so a server that stops answering is bounded here: a put
-    has each try's connect and read timeouts plus its bytes at `SLOWEST_RATE`, counted from
-    when it was sent, then it is cancelled and reported as temporary (the next try or run
-    sends it again).
+    has the connect and read timeouts plus its bytes at `SLOWEST_RATE`, counted from when it
+    was sent, then it is cancelled and reported as temporary (the run's next round, or the
+    next run, sends it again).
     """
 
     def __init__(
         self, writer: CrtWriter, pending: s3.S3Request, answered: dict[str, str], budget: float
     ) -> None:
-        self._writer = writer
-        self._pending = pending
-        self._answered = answered
-        self._budget = budget
-        self._deadline = time.monotonic() + budget
+        self.writer = writer
+        self.pending = pending
+        self.answered = answered
+        self.budget = budget
+        self.deadline = time.monotonic() + budget
 
     def wait(self) -> dict[str, str]:
         try:
-            self._pending.finished_future.result(
-                timeout=max(0.0, self._deadline - time.monotonic())
-            )
+            self.pending.finished_future.result(timeout=max(0.0, self.deadline - time.monotonic()))
         except FutureTimeout:
-            self._pending.cancel()
-            message = f"S3 write got no answer in {self._budget:.0f} s"
+            self.pending.cancel()
+            message = f"S3 write got no answer in {self.budget:.0f} s"
             raise TransientDeliveryError(message) from None
         except AwsCrtError as exc:
-            raise self._writer.explain_failure(exc) from None
-        return self._answered
+            raise self.writer.explain_failure(exc) from None
+        return self.answered
 
 
 class CrtWriter:
@@ -85,7 +82,6 @@ class CrtWriter:
         max_connections: int,
         connect_timeout: float,
         read_timeout: float,
-        max_attempts: int,
     ) -> None:
         # botocore's endpoint rules decide the URL once: a presigned URL for a probe key shows
         # scheme, host and the path before the key (/bucket/ in path style, / when virtual).
@@ -96,15 +92,13 @@ class CrtWriter:
         )
         if not url.path.endswith("/" + PROBE_KEY):
             raise TerminalDeliveryError(f"cannot derive the S3 URL for bucket {bucket}")
-        self._host = url.netloc
-        self._prefix = url.path[: -len(PROBE_KEY)]
-        self._credentials = credentials
-        self._credential_error: Exception | None = None
-        self._explain = explain
-        self._timeout = max_attempts * (connect_timeout + read_timeout)
-        self._model = client.meta.service_model.operation_model("PutObject")
-        self._parser_lock = threading.Lock()
-        self._parser = create_parser("rest-xml")
+        self.host = url.netloc
+        self.prefix = url.path[: -len(PROBE_KEY)]
+        self.credentials = credentials
+        self.credential_error: Exception | None = None
+        self.explain = explain
+        self.timeout = connect_timeout + read_timeout
+        self.errors = ErrorParser(client)
         tls = url.scheme == "https"
         options: dict[str, Any] = {}
         if tls:
@@ -115,18 +109,18 @@ class CrtWriter:
             options["tls_connection_options"] = crt_io.ClientTlsContext(
                 context
             ).new_connection_options()
-        self._client = s3.S3Client(
+        self.client = s3.S3Client(
             bootstrap=crt_io.ClientBootstrap.get_or_create_static_default(),
             region=client.meta.region_name,
-            credential_provider=auth.AwsCredentialsProvider.new_delegate(self._frozen),
+            credential_provider=auth.AwsCredentialsProvider.new_delegate(self.frozen),
             tls_mode=s3.S3RequestTlsMode.ENABLED if tls else s3.S3RequestTlsMode.DISABLED,
             max_active_connections_override=max_connections,
-            retry_config=s3.S3RetryConfig(max_retries=max_attempts - 1),
+            retry_config=s3.S3RetryConfig(retry_mode=s3.S3RetryMode.NONE),
             connect_timeout_ms=int(connect_timeout * 1000),
             **options,
         )
 
-    def _frozen(self) -> auth.AwsCredentials:
+    def frozen(self) -> auth.AwsCredentials:
         """Called by the CRT on each signing: botocore renews the role before it expires.
 
         When renewing fails, the request is signed with credentials S3 refuses, and put()
@@ -134,11 +128,11 @@ class CrtWriter:
         "delegate failure", and Python would print it to stderr as unraisable.
         """
         try:
-            frozen = self._credentials.get_frozen_credentials()
+            frozen = self.credentials.get_frozen_credentials()
         except Exception as exc:
-            self._credential_error = exc
+            self.credential_error = exc
             return auth.AwsCredentials(REFUSED_KEY, REFUSED_KEY)
-        self._credential_error = None
+        self.credential_error = None
         return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     def put(self, key: str, body: bytes, headers: Mapping[str, str]) -> dict[str, str]:
@@ -149,9 +143,9 @@ class CrtWriter:
         """Send a PutObject of `body` at `key` and return at once; `wait()` for its answer."""
         request = http.HttpRequest(
             "PUT",
-            self._prefix + quote(key, safe="/~"),
+            self.prefix + quote(key, safe="/~"),
             http.HttpHeaders(
-                [("Host", self._host), ("Content-Length", str(len(body))), *headers.items()]
+                [("Host", self.host), ("Content-Length", str(len(body))), *headers.items()]
             ),
             io.BytesIO(body),
         )
@@ -160,34 +154,24 @@ class CrtWriter:
         def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
             answered.update((name.lower(), value) for name, value in headers)
 
-        pending = self._client.make_request(
+        pending = self.client.make_request(
             type=s3.S3RequestType.DEFAULT,
             operation_name="PutObject",
             request=request,
             on_headers=on_headers,
         )
-        return PendingPut(self, pending, answered, self._timeout + len(body) / SLOWEST_RATE)
+        return PendingPut(self, pending, answered, self.timeout + len(body) / SLOWEST_RATE)
 
     def explain_failure(self, exc: AwsCrtError) -> Exception:
         """What a failed put raises: the role renewal's own error when that is why, S3's
         answer explained as botocore's would be, or a temporary failure to reach S3."""
-        if self._credential_error is not None:  # the role could not be renewed
-            return self._credential_error
+        if self.credential_error is not None:  # the role could not be renewed
+            return self.credential_error
         if isinstance(exc, s3.S3ResponseError):
-            return self._explain(self._client_error(exc), "write")
+            return self.explain(self.client_error(exc), "write")
         return TransientDeliveryError(f"S3 write failed: {exc.name}")
 
-    def _client_error(self, error: s3.S3ResponseError) -> ClientError:
+    def client_error(self, error: s3.S3ResponseError) -> ClientError:
         """S3's error response as botocore would have raised it, so it is explained the same."""
-        response = {
-            "status_code": error.status_code,
-            "headers": {name.lower(): value for name, value in error.headers},
-            "body": error.body or b"",
-        }
-        with self._parser_lock:  # parsers keep state between calls
-            parsed = self._parser.parse(response, self._model.output_shape)
-        parsed.setdefault("ResponseMetadata", {})["HTTPStatusCode"] = error.status_code
-        error_info = parsed.setdefault("Error", {})
-        if not error_info.get("Code"):  # no body (a HEAD-like answer): botocore uses the status
-            error_info["Code"] = str(error.status_code)
-        return ClientError(parsed, "PutObject")  # type: ignore[arg-type]
+        headers = {name.lower(): value for name, value in error.headers}
+        return self.errors.client_error(error.status_code, headers, error.body or b"")

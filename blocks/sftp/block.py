@@ -1,0 +1,202 @@
+"""An organization's SFTP server: pinned host key, password or key login, atomic writes.
+
+- The server's host key must match one pinned in the block (`host_keys`).
+- paramiko never sets `TCP_NODELAY`; we open the socket ourselves and set it, or each small
+  request waits on Nagle's algorithm.
+- AES-GCM is offered first: it needs no separate MAC pass, so both ends spend less CPU per file.
+- Each file goes through `session.SftpSession`: a temporary name, checked writes, a rename.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import paramiko
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
+from blocks.sftp import pipeline
+from blocks.sftp.host_keys import HostKeyPin, fingerprint
+from blocks.sftp.session import SftpSession
+
+
+def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:
+    """AES-GCM first, then paramiko's own order (AES-CTR...): the server picks the first of ours
+    it also allows. GCM needs no separate MAC pass: measured here, 8 connections of bare
+    paramiko went from 1,088-1,386 files/s with AES-CTR + HMAC-SHA2 to 1,607-1,680 with GCM,
+    and both ends spent about a third less CPU per file."""
+    aead = [c for c in ciphers if "-gcm@" in c]
+    return aead + [c for c in ciphers if c not in aead]
+
+
+class SftpDestination(Destination):
+    """Deliver to an SFTP server: pinned host key, reused connections, atomic writes."""
+
+    _block_type_name = "SFTP Destination"
+    _block_type_slug = "sftp-destination"
+    _description = "Deliver patient documents to an organization's SFTP server."
+
+    host: str = Field(title="Host", description="The SFTP server's host name or IP address.")
+    port: int = Field(default=22, ge=1, le=65535, title="Port", description="SSH port.")
+    username: str = Field(title="Username", description="The account we log in as.")
+    password: SecretStr | None = Field(
+        default=None, title="Password", description="Password login (or use a private key)."
+    )
+    private_key: SecretStr | None = Field(
+        default=None,
+        title="Private key",
+        description="An OpenSSH or PEM private key (the file's text) for key login.",
+    )
+    private_key_passphrase: SecretStr | None = Field(
+        default=None, title="Key passphrase", description="Passphrase of the private key, if any."
+    )
+    host_keys: list[str] = Field(
+        title="Pinned host keys",
+        description=(
+            "The server's public host key(s): known_hosts lines or SHA256 fingerprints. "
+            "Get them with `patient-delivery destination host-key HOST:PORT` and check them with "
+            "the organization. Several are allowed for key rotation; any other key is refused."
+        ),
+        min_length=1,
+    )
+    root: str = Field(
+        default=".",
+        title="Remote folder",
+        description="Folder on the server that paths are relative to (absolute or from login).",
+    )
+    connect_timeout: float = Field(
+        default=15.0, gt=0, title="Connect timeout (s)", description="TCP, SSH handshake, login."
+    )
+    operation_timeout: float = Field(
+        default=60.0, gt=0, title="Operation timeout (s)", description="Each SFTP request."
+    )
+    files_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=32,
+        title="Files in flight per connection",
+        description=(
+            "Files on their way over one connection at once: while one waits for the server's "
+            "replies, the next one's requests are already sent. More helps on a slow link."
+        ),
+    )
+
+    @field_validator("host_keys")
+    @classmethod
+    def _check_pins(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            HostKeyPin.parse(entry)
+        return value
+
+    @model_validator(mode="after")
+    def _check_login(self) -> SftpDestination:
+        if self.password is None and self.private_key is None:
+            raise ValueError("give a password or a private key to log in with")
+        return self
+
+    def describe(self) -> str:
+        root = self.root if self.root.startswith("/") else "/~/" + self.root.lstrip("./")
+        return f"sftp://{self.username}@{self.host}:{self.port}{root.rstrip('/') or '/'}"
+
+    def pins(self) -> list[HostKeyPin]:
+        return [HostKeyPin.parse(entry) for entry in self.host_keys]
+
+    def connect(self) -> paramiko.Transport:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise TransientDeliveryError(
+                f"cannot reach {self.host}:{self.port} ({exc.strerror or type(exc).__name__})"
+            ) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = self.connect_timeout
+        transport.auth_timeout = self.connect_timeout
+        transport.handshake_timeout = self.connect_timeout
+        options = transport.get_security_options()
+        options.ciphers = _prefer_aead(options.ciphers)
+        key_types = sorted({p.key_type for p in self.pins() if p.key_type})
+        if key_types and all(p.key_type for p in self.pins()):
+            # Ask for the kinds of key we pinned, so a server holding several presents one of them.
+            options.key_types = [t for t in options.key_types if t in key_types] or key_types
+        try:
+            transport.start_client(timeout=self.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport.close()
+            raise TransientDeliveryError(
+                f"SSH handshake with {self.host}:{self.port} failed ({type(exc).__name__})"
+            ) from None
+        return transport
+
+    def verify_host_key(self, transport: paramiko.Transport) -> None:
+        key = transport.get_remote_server_key()
+        seen = fingerprint(key)
+        if not any(pin.fingerprint == seen for pin in self.pins()):
+            transport.close()
+            raise TerminalDeliveryError(
+                f"host key of {self.host}:{self.port} does not match the pinned key(s): the "
+                f"server presented {key.get_name()} {seen}. Nothing was sent. If the "
+                "organization confirms a new key, pin it; otherwise this may be an attack."
+            )
+
+    def login(self, transport: paramiko.Transport) -> None:
+        try:
+            if self.private_key is not None:
+                transport.auth_publickey(self.username, _load_private_key(
+                    self.private_key, self.private_key_passphrase))  # fmt: skip
+            else:
+                assert self.password is not None
+                transport.auth_password(self.username, self.password.get_secret_value())
+        except paramiko.AuthenticationException:
+            transport.close()
+            raise TerminalDeliveryError(
+                f"login as {self.username!r} to {self.host}:{self.port} was refused: check the "
+                "username and password or key"
+            ) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport.close()
+            raise TransientDeliveryError(
+                f"login to {self.host}:{self.port} failed ({type(exc).__name__})"
+            ) from None
+
+    @contextmanager
+    def open_session(self) -> Iterator[SftpSession]:
+        transport = self.connect()
+        self.verify_host_key(transport)
+        self.login(transport)
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+            assert sftp is not None
+            channel = sftp.get_channel()
+            assert channel is not None
+            channel.settimeout(self.operation_timeout)
+            root = sftp.normalize(self.root)
+            limits = pipeline.server_limits(sftp)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport.close()
+            raise TransientDeliveryError(
+                f"cannot start SFTP on {self.host}:{self.port} ({type(exc).__name__})"
+            ) from None
+        session = SftpSession(transport, sftp, root, self.files_in_flight, limits)
+        try:
+            yield session
+        finally:
+            session.close()
+
+
+def _load_private_key(key: SecretStr, passphrase: SecretStr | None) -> paramiko.PKey:
+    text = key.get_secret_value()
+    password = passphrase.get_secret_value() if passphrase else None
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return kind.from_private_key(io.StringIO(text), password=password)
+        except paramiko.PasswordRequiredException:
+            raise TerminalDeliveryError("the private key needs a passphrase") from None
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise TerminalDeliveryError(
+        "the private key cannot be read (wrong passphrase or unsupported key type)"
+    )

@@ -1,0 +1,135 @@
+"""How the delivery run sits on Prefect's run time: where its tasks run, the sync/async bridge,
+the heap freeze, and every use of Prefect's internals.
+
+- **Task runner**: threads in the flow's process by default, or a Dask cluster.
+- **Async shell**: the flow is async only for how Prefect ends it (the sync engine joins its
+  heartbeat thread, which sleeps in 1 s steps; the async engine lets it stop on its own). The
+  work runs in a thread, as a sync flow would, with one sync API client its tasks share (else
+  each task run opens its own). Prefect's helpers that would turn into coroutines inside an
+  async flow (artifacts) are called with `_sync=True`.
+- **Heap freeze**: a process's first run moves what startup allocated out of the garbage
+  collector's way, so a full collection during the run does not walk Prefect's and botocore's
+  objects.
+
+`missing()` names whatever of Prefect's internals an upgrade took away; a test calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import FlowRunContext, SyncClientContext
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from patient_delivery.settings import get_settings
+
+T = TypeVar("T")
+
+THREADS = 32
+"""Task runs at once on the flow's own thread pool."""
+
+REQUIRED = ("SyncClientContext.get_or_create", "asyncutils.run_coro_as_sync", "_sync=True")
+"""Prefect's internals this module relies on, as `missing()` reports them."""
+
+
+def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[type-arg]
+    """Where upload tasks run: threads in the flow's process, or a Dask cluster.
+
+    `dask_address` (default: the `PATIENT_DELIVERY_DASK_ADDRESS` setting) is a scheduler
+    address, or `local` for a cluster of worker processes on this machine, on loopback. Tasks
+    carry delivery IDs and a destination's block name only: each Dask worker loads the block
+    and opens its own sessions, nothing is pickled from the flow.
+    """
+    address = dask_address or get_settings().dask_address
+    if not address:
+        return ThreadPoolTaskRunner(max_workers=THREADS)
+    from prefect_dask import DaskTaskRunner
+
+    if address == "local":
+        return DaskTaskRunner(
+            cluster_kwargs={"processes": True, "threads_per_worker": 8, "host": "127.0.0.1",
+                            "dashboard_address": None},
+        )  # fmt: skip
+    return DaskTaskRunner(address=address)
+
+
+def current_task_runner() -> TaskRunner | None:  # type: ignore[type-arg]
+    context = FlowRunContext.get()
+    return context.task_runner if context is not None else None
+
+
+def uploads_run_here(runner: TaskRunner | None) -> bool:  # type: ignore[type-arg]
+    """Whether upload tasks run in this process (threads), not on Dask workers."""
+    return isinstance(runner, ThreadPoolTaskRunner)
+
+
+def lanes_per_task(runner: TaskRunner | None, connections: int) -> int:  # type: ignore[type-arg]
+    """How many lanes one upload task carries: a whole wave's (one per connection) on the
+    flow's own threads, where another task run only costs Prefect's server and this process
+    work; one on Dask, so that lanes spread over its workers."""
+    return max(1, connections) if uploads_run_here(runner) else 1
+
+
+async def in_thread_with_one_client(work: Callable[[], T]) -> T:
+    """Run `work` in a thread, its tasks sharing one sync API client (the async flow's body)."""
+
+    def run() -> T:
+        with SyncClientContext.get_or_create():
+            return work()
+
+    return await asyncio.to_thread(run)
+
+
+def run_sync(coroutine: Any) -> Any:
+    """Run a flow's coroutine (an async flow called from sync code) to its end."""
+    return run_coro_as_sync(coroutine)
+
+
+@functools.cache
+def freeze_startup_heap() -> None:
+    """Once per process, at its first run: move what startup allocated (modules, Prefect's
+    engine, the store's metadata) out of the garbage collector's way (`gc.freeze`). What later
+    runs allocate is collected as usual."""
+    gc.freeze()
+
+
+def create_progress(progress: float, description: str) -> UUID:
+    return create_progress_artifact(progress, description=description, _sync=True)  # type: ignore[call-arg]
+
+
+def update_progress(artifact_id: UUID, progress: float) -> None:
+    update_progress_artifact(artifact_id, progress, _sync=True)  # type: ignore[call-arg]
+
+
+def create_table(rows: list[dict[str, object]], key: str, description: str) -> None:
+    create_table_artifact(table=rows, key=key, description=description, _sync=True)  # type: ignore[call-arg]
+
+
+def missing() -> list[str]:
+    """The internals of `REQUIRED` this Prefect no longer has (empty when all are there)."""
+    gone = []
+    if not callable(getattr(SyncClientContext, "get_or_create", None)):
+        gone.append("SyncClientContext.get_or_create")
+    if not callable(run_coro_as_sync):
+        gone.append("asyncutils.run_coro_as_sync")
+    try:
+        from prefect._internal.compatibility import async_dispatch
+
+        dispatches = '"_sync"' in inspect.getsource(async_dispatch.async_dispatch)
+    except (ImportError, AttributeError):
+        dispatches = False
+    if not dispatches:
+        gone.append("_sync=True")
+    return gone

@@ -1,0 +1,314 @@
+"""The sending engine: a wave of deliveries to one destination, over its connections, in rounds.
+
+    send_wave  -> a lane (thread) per connection; each lane takes the wave's next batch when it
+                  has sent its last (`Shares`), so the connections finish together
+    a batch    -> renew the claims, read the documents from the store one at a time, send them
+                  in rounds (`send_documents`), write every outcome to the ledger in one
+                  transaction
+    a round    -> send what is owed over one session, several files on their way at once where
+                  the destination allows; stop taking more once one fails temporarily; then
+                  back off and send the temporary failures again in the next round
+
+**Retries happen here and nowhere else** (the S3 clients retry nothing themselves): a document
+costs at most `ATTEMPTS` sends in one run, with exponential backoff and jitter between rounds.
+Terminal failures (denied, misconfigured, invalid) are not retried and say so. Once two
+documents in a row have used up their attempts, the destination counts as down for the rest of
+the run (`sessions.SessionPool.gave_up`): its other documents fail at once and wait for the
+next run, instead of each spending the whole backoff.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+from blocks import DeliveryError, Receipt, load_destination
+from blocks.base import DestinationSession, Upload
+from flows import sessions
+from flows.reporting import BatchReport
+from flows.sessions import Lease, SessionPool
+from patient_delivery import ledger
+from patient_delivery.ledger import Outcome, UploadItem
+from patient_delivery.store import Store, open_store
+
+ATTEMPTS = 4
+"""Most sends of one document in one run: a first try and three retries. The next run tries
+again from the start."""
+
+LANES_PER_PROCESS = 32
+"""Lanes sending at once in one process, over every destination and task."""
+
+_lane_slots = threading.BoundedSemaphore(LANES_PER_PROCESS)
+
+Document = tuple[UploadItem, bytes]
+
+
+def send_wave(
+    destination_ref: str, claimant: str, lanes: list[list[int]], batch_size: int
+) -> BatchReport:
+    """Send a wave of claimed deliveries to one destination, a lane per connection, recording
+    each batch's outcomes in the ledger as it ends. Counts and reasons, never content."""
+    store = open_store()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    shares = Shares([i for lane in lanes for i in lane], len(lanes), batch_size)
+    report = BatchReport(destination_ref, worker=worker)
+
+    def lane(_: object) -> BatchReport:
+        return _send_lane(store, destination_ref, claimant, shares, worker)
+
+    if len(lanes) == 1:
+        return lane(None)
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="upload-lane") as pool:
+        for lane_report in pool.map(lane, lanes):  # a lane's exception is raised once all end
+            report.absorb(lane_report)
+    return report
+
+
+class Shares:
+    """A wave's deliveries, handed to its lanes a batch at a time, in order.
+
+    Each lane takes the next batch when it has sent its last, so a lane that goes faster sends
+    more and the lanes end together. Batches shrink toward the end, to a share of what is left,
+    so that no lane starts a long last batch while the others run dry.
+    """
+
+    SMALLEST = 8
+    """Documents in the last batches: enough to keep several files in flight per connection
+    (fewer when the wave has fewer per lane, so that every lane gets some)."""
+
+    def __init__(self, delivery_ids: list[int], lanes: int, batch_size: int) -> None:
+        self.ids = delivery_ids
+        self.taken = 0
+        self.lanes = max(1, lanes)
+        self.batch_size = max(1, batch_size)
+        self.smallest = max(1, min(self.SMALLEST, len(delivery_ids) // self.lanes))
+        self.lock = threading.Lock()
+
+    def take(self) -> list[int]:
+        """The next batch; empty once every delivery is taken."""
+        with self.lock:
+            left = len(self.ids) - self.taken
+            share = max(self.smallest, math.ceil(left / self.lanes))
+            batch = self.ids[self.taken : self.taken + min(self.batch_size, share)]
+            self.taken += len(batch)
+            return batch
+
+    def batches(self) -> Iterator[list[int]]:
+        return iter(self.take, [])
+
+
+def _send_lane(
+    store: Store, destination_ref: str, claimant: str, shares: Shares, worker: str
+) -> BatchReport:
+    """One connection's batches, one after another, once one of the process's lane slots is
+    free."""
+    report = BatchReport(destination_ref, worker=worker)
+    with _lane_slots:
+        started = time.perf_counter()
+        for batch in shares.batches():
+            _send_batch(store, destination_ref, claimant, batch, report)
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+def _send_batch(
+    store: Store, destination_ref: str, claimant: str, delivery_ids: list[int], report: BatchReport
+) -> None:
+    """Send one batch and record every outcome in one ledger transaction (also when sending
+    broke off: what was not answered fails with the reason, and the next run sends it)."""
+    items = ledger.start_batch(store, claimant, delivery_ids)
+    report.skipped += len(delivery_ids) - len(items)
+    outcomes: list[Outcome] = []
+    try:
+        pool = sessions.pools.get(claimant, destination_ref, load_destination)
+        with pool.lease() as lease:
+            for outcome in send_documents(lease, pool, ledger.stream_contents(store, items)):
+                outcomes.append(outcome)  # one by one: kept if a later document raises
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
+        done = {o.delivery_id for o in outcomes}
+        outcomes += [
+            Outcome(i.delivery_id, 1, error=reason) for i in items if i.delivery_id not in done
+        ]
+    ledger.record_outcomes(store, claimant, outcomes)
+    for outcome in outcomes:
+        if outcome.delivered:
+            report.delivered += 1
+            report.bytes += outcome.size or 0
+        else:
+            report.failed += 1
+            report.reasons[outcome.error or "unknown"] += 1
+
+
+@dataclass
+class Retry:
+    """A document whose last send failed temporarily, and what that cost so far."""
+
+    document: Document
+    attempts: int
+    error: DeliveryError
+    leftovers: list[str] = field(default_factory=list)
+    """Temporary files that cut-off sends left, removed over the next session."""
+
+    @property
+    def delivery_id(self) -> int:
+        return self.document[0].delivery_id
+
+
+def send_documents(
+    lease: Lease, pool: SessionPool, documents: Iterator[Document]
+) -> Iterator[Outcome]:
+    """Each document's outcome, in rounds: send what is owed (the last round's temporary
+    failures first, then documents not tried yet), collect this round's temporary failures,
+    back off, and send those again, until every document has an outcome."""
+    retries: list[Retry] = []
+    untried: Iterator[Document] = documents
+    while True:
+        if pool.down is not None:  # this or another lane gave up on the destination
+            yield from _not_sent(retries, untried, pool.down)
+            return
+        if retries:
+            lease.reset()
+            _back_off(max(r.attempts for r in retries))
+        this_round = Round(pool, retries, untried)
+        yield from this_round.send(lease)
+        retries = []
+        for retry in this_round.owed_next:
+            if retry.attempts < ATTEMPTS:
+                retries.append(retry)
+                continue
+            lease.gave_up(str(retry.error))
+            why = f"{retry.error} (gave up after {retry.attempts} tries; the next run tries again)"
+            yield Outcome(retry.delivery_id, retry.attempts, error=why)
+        if not retries and this_round.untried_done:
+            return
+
+
+class Round:
+    """One pass over one session. It takes the retries first, then documents not tried yet,
+    while none has failed temporarily in this round and the destination is not down; what it
+    did not take waits for the next round, with the tries it has used."""
+
+    def __init__(
+        self, pool: SessionPool, retries: list[Retry], untried: Iterator[Document]
+    ) -> None:
+        self.pool = pool
+        self.retries = {retry.delivery_id: retry for retry in retries}
+        """Retries this round has not taken yet."""
+        self.tried = {retry.delivery_id: retry.attempts for retry in retries}
+        self.leftovers = {retry.delivery_id: retry.leftovers for retry in retries}
+        self.untried = untried
+        self.untried_done = False
+        self.stopped = False
+        self.owed_next: list[Retry] = []
+        """This round's temporary failures, and the retries it did not reach."""
+
+    def send(self, lease: Lease) -> Iterator[Outcome]:
+        try:
+            session = lease.session()
+        except DeliveryError as exc:  # connecting counts as a try of the first document owed
+            for document in self.owed():
+                self.owed_next.append(self.failure(document, exc))
+                break
+        else:
+            self.remove_leftovers(session)
+            uploads = ((document, self.upload(session, document)) for document in self.owed())
+            for (item, content), result in session.upload_many(uploads):
+                tries = self.tries(item)
+                if isinstance(result, Receipt):
+                    lease.delivered()
+                    yield Outcome(item.delivery_id, tries, sha256=result.sha256, size=result.size)
+                elif not result.retryable:
+                    yield Outcome(item.delivery_id, tries, error=f"{result} (not retried)")
+                else:
+                    self.stopped = True
+                    self.owed_next.append(self.failure((item, content), result))
+        self.owed_next += self.retries.values()  # those this round did not reach
+
+    def remove_leftovers(self, session: DestinationSession) -> None:
+        """Remove the temporary files the retries' cut-off sends left; keep the names of those
+        that could not be removed, for the next try."""
+        for delivery_id, names in self.leftovers.items():
+            kept = []
+            for name in names:
+                try:
+                    session.remove(name)
+                except DeliveryError:
+                    kept.append(name)
+            self.leftovers[delivery_id] = kept
+
+    def owed(self) -> Iterator[Document]:
+        """The documents to send, taken one at a time while the round goes well."""
+        while self.retries and not self.stopped and self.pool.down is None:
+            yield self.retries.pop(next(iter(self.retries))).document
+        while not self.stopped and self.pool.down is None:
+            document = next(self.untried, None)
+            if document is None:
+                self.untried_done = True
+                return
+            yield document
+
+    def upload(self, session: DestinationSession, document: Document) -> Upload:
+        item, content = document
+        if item.attempts and self.tries(item) == 1:
+            with suppress(DeliveryError):  # an earlier run's cut-off send may have left some
+                session.discard_leftovers(item.path)
+        return Upload(item.path, content, item.sha256)
+
+    def tries(self, item: UploadItem) -> int:
+        """Which try of this document in this run the round makes."""
+        return self.tried.get(item.delivery_id, 0) + 1
+
+    def failure(self, document: Document, error: DeliveryError) -> Retry:
+        item = document[0]
+        leftovers = [*self.leftovers.get(item.delivery_id, []), *filter(None, [error.leftover])]
+        return Retry(document, self.tries(item), error, leftovers)
+
+
+def _not_sent(retries: list[Retry], documents: Iterator[Document], down: str) -> Iterator[Outcome]:
+    """Outcomes for what is left once the destination is down: nothing more is sent to it."""
+    for retry in retries:
+        why = f"{retry.error} (not retried in this run: {down})"
+        yield Outcome(retry.delivery_id, retry.attempts, error=why)
+    for item, _ in documents:
+        yield Outcome(item.delivery_id, 0, error=f"not attempted in this run: {down}")
+
+
+def _back_off(attempt: int) -> None:
+    """Exponential backoff with jitter before try `attempt + 1`."""
+    time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
+
+
+BATCHES_PER_LANE = 5
+"""Most ledger batches a lane sends in one wave: progress moves at least this often."""
+
+
+def plan_waves(
+    ready: list[int], connections: int, batch_size: int, lanes_per_task: int
+) -> list[list[list[int]]]:
+    """A page's deliveries to one destination as upload tasks' waves: lanes of `lane_size`,
+    `lanes_per_task` of them to a task."""
+    lanes = chunks(ready, lane_size(len(ready), connections, batch_size))
+    return chunks(lanes, lanes_per_task)
+
+
+def lane_size(count: int, connections: int, batch_size: int) -> int:
+    """Documents per lane (one connection's share of a wave) for `count` to send over
+    `connections`: as few as keep every connection busy, all of one size so the connections
+    finish together, none over `BATCHES_PER_LANE` batches."""
+    lanes = max(1, connections)
+    waves = math.ceil(count / (lanes * batch_size * BATCHES_PER_LANE))
+    return max(1, math.ceil(count / (lanes * max(1, waves))))
+
+
+def chunks(items: list, size: int) -> list[list]:  # type: ignore[type-arg]
+    """`items` cut into lists of `size` (the last may be shorter)."""
+    return [items[start : start + size] for start in range(0, len(items), size)]

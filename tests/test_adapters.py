@@ -1,0 +1,58 @@
+"""The adapters that hold a library's internals: each names what an upgrade took away.
+
+Speed and error handling rest on a few private names of paramiko and botocore (and Prefect's
+run-time plumbing on a few of Prefect's). Each adapter lists them and reports the ones the
+installed version lacks; these tests fail by the adapter's name when an upgrade removes one,
+and show that the check would see it.
+"""
+
+from __future__ import annotations
+
+import botocore
+import paramiko
+import prefect
+import pytest
+
+from blocks.s3 import botocore_adapter
+from blocks.sftp import paramiko_adapter
+from flows import runtime
+
+
+def test_paramiko_still_has_what_the_sftp_pipeline_uses() -> None:
+    gone = paramiko_adapter.missing()
+    assert gone == [], (
+        f"blocks/sftp/paramiko_adapter.py: paramiko {paramiko.__version__} no longer has {gone}"
+    )
+
+
+def test_botocore_still_has_what_the_s3_destination_uses() -> None:
+    gone = botocore_adapter.missing()
+    assert gone == [], (
+        f"blocks/s3/botocore_adapter.py: botocore {botocore.__version__} no longer has {gone}"
+    )
+
+
+def test_prefect_still_has_what_the_flows_run_time_uses() -> None:
+    gone = runtime.missing()
+    assert gone == [], f"flows/runtime.py: Prefect {prefect.__version__} no longer has {gone}"
+
+
+@pytest.mark.parametrize("name", ["_async_request", "_read_response", "_request"])
+def test_the_paramiko_check_sees_a_removed_method(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.delattr(paramiko.SFTPClient, name)
+    assert f"SFTPClient.{name}" in paramiko_adapter.missing()
+
+
+def test_the_botocore_check_sees_a_removed_credentials_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = botocore.session.Session.__init__
+
+    def without_slot(self: botocore.session.Session, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        del self._credentials
+
+    monkeypatch.setattr(botocore.session.Session, "__init__", without_slot)
+    assert "Session._credentials" in botocore_adapter.missing()
