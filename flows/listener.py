@@ -1,7 +1,7 @@
 """Deliver on update, fast: listen for `patient.data.updated` and run deliveries in-process.
 
 A deployment trigger starts a run through a worker, which polls and then spawns a Python
-process for it: 5 s or more from event to file on these machines. This listener keeps one
+process for it: seconds from event to file. This listener keeps one
 process warm, follows Prefect's event stream over its websocket, and starts the delivery flow
 in its own process as soon as an update arrives. Events that arrive within `quiet_seconds` of
 each other, or while a run is going, are coalesced into the next single run: a burst of

@@ -191,8 +191,8 @@ class PoolRegistry:
     ) -> None:
         """Load a destination and open up to `sessions` of its sessions in the background, while
         the run renders paths: its uploads then find their SSH logins or the S3 client (an STS
-        call and botocore's models) done, 100-300 ms of each run's start, measured. Only where
-        uploads run in this process; a failure is met again, and reported, by an upload.
+        call and botocore's models) done instead of waiting for them. Only where uploads run in
+        this process; a failure is met again, and reported, by an upload.
         """
 
         def open_some() -> None:

@@ -5,7 +5,7 @@ trigger on it starts a delivery run at once instead of at the next scheduled one
 
 Events go out only when a Prefect server is configured (`PREFECT_API_URL`), or when
 `PATIENT_DELIVERY_EMIT_EVENTS` says so: without a server, Prefect would start a temporary one
-(13-22 s here) just to drop the event when the process ends.
+(many seconds) just to drop the event when the process ends.
 """
 
 from __future__ import annotations

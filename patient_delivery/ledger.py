@@ -286,7 +286,7 @@ def render_paths(
                 reason = f"cannot render path: {exc}"
                 failed.append({"b_id": id_, "b_error": reason})
                 result.failed[reason] += 1
-        # Core statements, many rows each: the ORM's unit of work cost 0.1 ms per row here.
+        # Core statements, many rows each: the ORM's unit of work costs far more per row.
         table = Delivery.__table__
         mine = and_(table.c.id == bindparam("b_id"), table.c.claimed_by == claimant)
         if rendered:

@@ -25,9 +25,8 @@ from blocks.sftp.session import SftpSession
 
 def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:
     """AES-GCM first, then paramiko's own order (AES-CTR...): the server picks the first of ours
-    it also allows. GCM needs no separate MAC pass: measured here, 8 connections of bare
-    paramiko went from 1,088-1,386 files/s with AES-CTR + HMAC-SHA2 to 1,607-1,680 with GCM,
-    and both ends spent about a third less CPU per file."""
+    it also allows. GCM needs no separate MAC pass, so both ends spend less CPU per file than
+    with AES-CTR and an HMAC."""
     aead = [c for c in ciphers if "-gcm@" in c]
     return aead + [c for c in ciphers if c not in aead]
 
