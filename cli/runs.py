@@ -30,6 +30,9 @@ def deliver(
     page_size: Annotated[
         int, typer.Option(min=1, help="Deliveries claimed at a time (runs sharing a backlog)")
     ] = 5000,
+    connection_budget: Annotated[
+        int, typer.Option(min=1, help="Most connections open at once over every destination")
+    ] = 32,
     dask: Annotated[
         str | None,
         typer.Option(help="Upload on a Dask cluster: tcp://scheduler:8786, or `local`"),
@@ -48,6 +51,7 @@ def deliver(
         "batch_size": batch_size,
         "max_documents": max_documents,
         "page_size": page_size,
+        "connection_budget": connection_budget,
     }
     if deployment:
         start_deployment("deliver-updates/deliver-updates", parameters)

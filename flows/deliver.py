@@ -53,28 +53,35 @@ class Rendered:
 
 
 @task(name="render")
-def render(destination_ref: str, claimant: str, delivery_ids: list[int]) -> Rendered:
-    """Render each delivery's path (kept across retries); failures are recorded with a reason."""
+def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
+    """Give each claimed delivery of the page its path (kept across retries), every destination
+    in one transaction; the page's blocks are read together. A missing or invalid block, or an
+    unsafe value, fails only its own deliveries, with the reason."""
     store = open_store()
-    try:  # the run's pool loads the block once for render and upload (in this process)
-        destination = sessions.pools.get(claimant, destination_ref, load_destination).destination
-    except Exception as exc:  # a missing or invalid block fails its deliveries, nothing else
-        reason = f"destination block {destination_ref!r} cannot be loaded ({type(exc).__name__})"
-        failed = ledger.fail_claimed(store, claimant, delivery_ids, reason)
-        get_run_logger().error("%s; %d deliveries failed", reason, failed)
-        return Rendered(RenderResult(failed=Counter({reason: failed})))
-    result = ledger.render_paths(store, claimant, delivery_ids, destination.render_path)
-    for reason, count in result.failed.items():
-        get_run_logger().warning("%s: %d deliveries failed: %s", destination_ref, count, reason)
-    return Rendered(result, destination.max_connections)
+    destinations = sessions.pools.load(claimant, claimed)
+    pages: dict[str, Rendered] = {}
+    templates = {}
+    for ref, destination in destinations.items():
+        if isinstance(destination, Exception):
+            reason = f"destination block {ref!r} cannot be loaded ({type(destination).__name__})"
+            failed = ledger.fail_claimed(store, claimant, claimed[ref], reason)
+            get_run_logger().error("%s; %d deliveries failed", reason, failed)
+            pages[ref] = Rendered(RenderResult(failed=Counter({reason: failed})))
+        else:
+            templates[ref] = (claimed[ref], destination.render_path)
+    for ref, result in ledger.render_many(store, claimant, templates).items():
+        for reason, count in result.failed.items():
+            get_run_logger().warning("%s: %d deliveries failed: %s", ref, count, reason)
+        pages[ref] = Rendered(result, destinations[ref].max_connections)  # type: ignore[union-attr]
+    return pages
 
 
 @task(name="upload")
 def upload(
-    destination_ref: str, claimant: str, lanes: list[list[int]], batch_size: int = 100
-) -> BatchReport:
-    """Send a wave of lanes to one destination (`sending.send_wave`)."""
-    return sending.send_wave(destination_ref, claimant, lanes, batch_size)
+    claimant: str, lanes: list[sending.Lane], batch_size: int = 100, connections: int = 32
+) -> list[BatchReport]:
+    """Send a wave of lanes, to one destination or many (`sending.send_wave`)."""
+    return sending.send_wave(claimant, lanes, batch_size, connections)
 
 
 @task(name="record")
@@ -107,13 +114,16 @@ async def deliver_updates(
     batch_size: int = 100,
     max_documents: int | None = None,
     page_size: int = PAGE_SIZE,
+    connection_budget: int = 32,
 ) -> RunSummary | State:
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
     Filters narrow the run to a project, destinations (block `type/name`), patients or data
     types; `max_documents` caps how many are sent in this run (the rest wait for the next);
     `page_size` is how many deliveries are claimed at a time (smaller pages share a backlog
-    more evenly between runs working at once).
+    more evenly between runs working at once); `connection_budget` is the most connections
+    the run has open at once over every destination (each destination's `max_connections`
+    bounds its own share).
     """
     work = WorkFilter(
         project_id=project_id,
@@ -121,27 +131,35 @@ async def deliver_updates(
         patient_ids=tuple(patient_ids or ()),
         data_types=tuple(data_types or ()),
     )
-    return await runtime.in_thread_with_one_client(
-        lambda: _deliver(work, batch_size, max_documents, page_size)
-    )
+    sizes = Sizes(batch_size, page_size, connection_budget)
+    return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))
 
 
-def _deliver(
-    work: WorkFilter, batch_size: int, max_documents: int | None, page_size: int
-) -> RunSummary | State:
+@dataclass(frozen=True)
+class Sizes:
+    """How a run cuts its work: documents per ledger batch, deliveries claimed per page, and
+    connections open at once."""
+
+    batch: int
+    page: int
+    connections: int
+
+
+def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSummary | State:
     runtime.freeze_startup_heap()
     claimant = str(flow_run.id or uuid.uuid4())
+    sessions.pools.budget(claimant, sizes.connections)
     summary = RunSummary(flow_run_id=claimant)
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
     left = max_documents if max_documents is not None else float("inf")
     try:
         while left > 0:
-            limit = int(min(max(1, page_size), left))
+            limit = int(min(max(1, sizes.page), left))
             claimed = gather(claimant, work, limit)
             count = sum(len(ids) for ids in claimed.values())
             if count:
-                _deliver_page(claimant, claimed, batch_size, summary, progress)
+                _deliver_page(claimant, claimed, sizes, summary, progress)
             left = left - count if count == limit else 0  # a short page: nothing more is owed
     finally:
         sessions.pools.close_run(claimant)
@@ -155,32 +173,43 @@ def _deliver(
 def _deliver_page(
     claimant: str,
     claimed: dict[str, list[int]],
-    batch_size: int,
+    sizes: Sizes,
     summary: RunSummary,
     progress: Progress,
 ) -> None:
-    """Render a claimed page per destination, then upload it in waves."""
+    """Render a claimed page, then upload it in waves, each wave's lanes interleaved across
+    its destinations."""
     started = time.perf_counter()
     runner = runtime.current_task_runner()
-    if runtime.uploads_run_here(runner):  # open the sessions the uploads will use meanwhile
-        for ref, ids in claimed.items():
-            sessions.pools.warm(claimant, ref, load_destination, sessions=len(ids))
-    rendered = {ref: render.submit(ref, claimant, ids) for ref, ids in claimed.items()}
-    uploads = []
-    for ref, future in rendered.items():
-        page = future.result()
+    if runtime.uploads_run_here(runner):  # open the first lanes' sessions while paths render
+        _warm_first_lanes(claimant, claimed, sizes.connections)
+    pages = render(claimant, claimed)
+    for ref, page in pages.items():
         summary.add(BatchReport(ref, failed=page.result.failed.total(), reasons=page.result.failed))
-        per_task = runtime.lanes_per_task(runner, page.max_connections)
-        waves = sending.plan_waves(page.result.ready, page.max_connections, batch_size, per_task)
-        uploads += [upload.submit(ref, claimant, wave, batch_size) for wave in waves]
+    ready = {ref: (page.result.ready, page.max_connections) for ref, page in pages.items()}
+    uploads = [
+        upload.submit(claimant, lanes, sizes.batch, sizes.connections)
+        for wave in sending.plan_waves(ready, sizes.batch)
+        for lanes in runtime.split_wave(runner, wave)
+    ]
     for future in uploads:
-        summary.add(future.result())
+        for report in future.result():
+            summary.add(report)
         progress.update(summary.delivered + summary.failed)
     get_run_logger().info(
         "page of %d deliveries to %d destination(s) in %.2f s: %d delivered, %d failed so far",
         sum(map(len, claimed.values())), len(claimed), time.perf_counter() - started,
         summary.delivered, summary.failed,
     )  # fmt: skip
+
+
+def _warm_first_lanes(claimant: str, claimed: dict[str, list[int]], connections: int) -> None:
+    """Load the page's blocks together and open, in the background, the sessions of the first
+    `connections` destinations (as many per destination as its documents can use), so the
+    first uploads find them ready; the rest open as lanes reach them."""
+    sessions.pools.load(claimant, claimed)
+    for ref, ids in list(claimed.items())[:connections]:
+        sessions.pools.warm(claimant, ref, load_destination, sessions=len(ids))
 
 
 def _release_finished_runs(store: Store, claimant: str) -> None:

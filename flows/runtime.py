@@ -75,11 +75,19 @@ def uploads_run_here(runner: TaskRunner | None) -> bool:  # type: ignore[type-ar
     return isinstance(runner, ThreadPoolTaskRunner)
 
 
-def lanes_per_task(runner: TaskRunner | None, connections: int) -> int:  # type: ignore[type-arg]
-    """How many lanes one upload task carries: a whole wave's (one per connection) on the
-    flow's own threads, where another task run only costs Prefect's server and this process
-    work; one on Dask, so that lanes spread over its workers."""
-    return max(1, connections) if uploads_run_here(runner) else 1
+DASK_TASKS_PER_WAVE = 16
+"""Most upload tasks a wave becomes on Dask: enough to spread its lanes over the workers, few
+enough that Prefect's work does not grow with the number of destinations."""
+
+
+def split_wave(runner: TaskRunner | None, lanes: list[T]) -> list[list[T]]:  # type: ignore[type-arg]
+    """A wave's lanes as upload tasks: one task on the flow's own threads (another task run
+    would only cost Prefect's server and this process work), up to `DASK_TASKS_PER_WAVE` on
+    Dask, the lanes dealt out in turn so each task serves several destinations."""
+    if uploads_run_here(runner) or len(lanes) <= 1:
+        return [lanes] if lanes else []
+    tasks = min(DASK_TASKS_PER_WAVE, len(lanes))
+    return [lanes[start::tasks] for start in range(tasks)]
 
 
 async def in_thread_with_one_client(work: Callable[[], T]) -> T:

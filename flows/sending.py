@@ -37,39 +37,55 @@ from flows.reporting import BatchReport
 from flows.sessions import Lease, SessionPool
 from patient_delivery import ledger
 from patient_delivery.ledger import Outcome, UploadItem
+from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
 
 ATTEMPTS = 4
 """Most sends of one document in one run: a first try and three retries. The next run tries
 again from the start."""
 
-LANES_PER_PROCESS = 32
-"""Lanes sending at once in one process, over every destination and task."""
-
-_lane_slots = threading.BoundedSemaphore(LANES_PER_PROCESS)
+_lane_slots = threading.BoundedSemaphore(get_settings().connection_budget)
+"""Lanes sending at once in one process, over every destination, task and run: as many as the
+process's connection budget."""
 
 Document = tuple[UploadItem, bytes]
 
 
+Lane = tuple[str, list[int]]
+"""One connection's share of a wave: a destination's block reference and delivery IDs."""
+
+
 def send_wave(
-    destination_ref: str, claimant: str, lanes: list[list[int]], batch_size: int
-) -> BatchReport:
-    """Send a wave of claimed deliveries to one destination, a lane per connection, recording
-    each batch's outcomes in the ledger as it ends. Counts and reasons, never content."""
+    claimant: str, lanes: list[Lane], batch_size: int, connections: int
+) -> list[BatchReport]:
+    """Send a wave of lanes, of one destination or many, at most `connections` at once, in the
+    order given (the plan interleaves destinations, so none waits behind another's backlog).
+    Each batch's outcomes go to the ledger as it ends. A report per destination: counts and
+    reasons, never content."""
     store = open_store()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    shares = Shares([i for lane in lanes for i in lane], len(lanes), batch_size)
-    report = BatchReport(destination_ref, worker=worker)
+    sessions.pools.budget(claimant, connections)  # on a Dask worker, the first word of it
+    by_destination: dict[str, list[int]] = {}
+    for ref, ids in lanes:
+        by_destination.setdefault(ref, []).extend(ids)
+    shares = {
+        ref: Shares(ids, sum(1 for r, _ in lanes if r == ref), batch_size)
+        for ref, ids in by_destination.items()
+    }
+    reports = {ref: BatchReport(ref, worker=worker) for ref in by_destination}
 
-    def lane(_: object) -> BatchReport:
-        return _send_lane(store, destination_ref, claimant, shares, worker)
+    def lane(planned: Lane) -> BatchReport:
+        ref = planned[0]
+        return _send_lane(store, ref, claimant, shares[ref], worker)
 
     if len(lanes) == 1:
-        return lane(None)
-    with ThreadPoolExecutor(len(lanes), thread_name_prefix="upload-lane") as pool:
+        reports[lanes[0][0]].absorb(lane(lanes[0]))
+        return list(reports.values())
+    threads = max(1, min(connections, len(lanes)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="upload-lane") as pool:
         for lane_report in pool.map(lane, lanes):  # a lane's exception is raised once all end
-            report.absorb(lane_report)
-    return report
+            reports[lane_report.destination].absorb(lane_report)
+    return list(reports.values())
 
 
 class Shares:
@@ -214,10 +230,8 @@ class Round:
     def send(self, lease: Lease) -> Iterator[Outcome]:
         try:
             session = lease.session()
-        except DeliveryError as exc:  # connecting counts as a try of the first document owed
-            for document in self.owed():
-                self.owed_next.append(self.failure(document, exc))
-                break
+        except DeliveryError as exc:  # no connection: a try of every document the round owes
+            self.owed_next += [self.failure(document, exc) for document in self.owed()]
         else:
             self.remove_leftovers(session)
             uploads = ((document, self.upload(session, document)) for document in self.owed())
@@ -291,13 +305,24 @@ BATCHES_PER_LANE = 5
 """Most ledger batches a lane sends in one wave: progress moves at least this often."""
 
 
-def plan_waves(
-    ready: list[int], connections: int, batch_size: int, lanes_per_task: int
-) -> list[list[list[int]]]:
-    """A page's deliveries to one destination as upload tasks' waves: lanes of `lane_size`,
-    `lanes_per_task` of them to a task."""
-    lanes = chunks(ready, lane_size(len(ready), connections, batch_size))
-    return chunks(lanes, lanes_per_task)
+def plan_waves(ready: dict[str, tuple[list[int], int]], batch_size: int) -> list[list[Lane]]:
+    """A page's deliveries as waves of lanes. `ready` maps each destination to its deliveries
+    and its `max_connections`. A destination's lanes are all of one size (`lane_size`), at most
+    one per connection in a wave; a wave holds every destination's lanes for that wave,
+    interleaved, so that a destination with few documents never waits behind one with many."""
+    own_waves: list[list[list[Lane]]] = []  # per destination, its waves of lanes
+    for ref, (ids, connections) in ready.items():
+        if ids:
+            lanes = chunks(ids, lane_size(len(ids), connections, batch_size))
+            own_waves.append(chunks([(ref, lane) for lane in lanes], max(1, connections)))
+    count = max((len(waves) for waves in own_waves), default=0)
+    return [interleave([waves[k] for waves in own_waves if k < len(waves)]) for k in range(count)]
+
+
+def interleave(groups: list[list[Lane]]) -> list[Lane]:
+    """The first of each group, then the second of each, and so on."""
+    longest = max((len(group) for group in groups), default=0)
+    return [group[i] for i in range(longest) for group in groups if i < len(group)]
 
 
 def lane_size(count: int, connections: int, batch_size: int) -> int:

@@ -6,18 +6,23 @@ its upload batches in turn. The same bound is the per-destination concurrency li
 waits for a free session. A session that failed is dropped and reopened on next use. Once two
 documents in a row have used up their retries on temporary errors, the destination counts as
 down for the rest of the run: its other deliveries fail at once and wait for the next run.
+
+Over every destination and run, a process keeps at most `connection_budget` sessions open
+(`ConnectionBudget`): a session waiting idle in its pool keeps its place until another needs
+it, and is then closed to make room.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 
+from blocks import load_destinations
 from blocks.base import Destination, DestinationSession
-
-Opened = tuple[AbstractContextManager[DestinationSession], DestinationSession]
+from flows.budget import Closing, ConnectionBudget, Opened
+from patient_delivery.settings import get_settings
 
 
 class Lease:
@@ -27,16 +32,21 @@ class Lease:
         self._pool = pool
         self._opened = opened
 
-    def session(self) -> DestinationSession:
+    def session(self, wait_for_budget: bool = True) -> DestinationSession:
         if self._opened is None:
-            context = self._pool.destination.open_session()
-            self._opened = (context, context.__enter__())
+            self._pool.budget.acquire(wait=wait_for_budget)
+            try:
+                context = self._pool.destination.open_session()
+                self._opened = (context, context.__enter__())
+            except BaseException:
+                self._pool.budget.release()
+                raise
         return self._opened[1]
 
     def reset(self) -> None:
         opened, self._opened = self._opened, None
         if opened is not None:
-            _close(opened)
+            Closing(opened, self._pool.budget).close()
 
     def gave_up(self, reason: str) -> None:
         """A document used up its retries on a temporary error; drop the session."""
@@ -47,12 +57,6 @@ class Lease:
         self._pool.delivered()
 
 
-def _close(opened: Opened) -> None:
-    # A broken connection may fail to close; it is dropped either way.
-    with suppress(Exception):
-        opened[0].__exit__(None, None, None)
-
-
 DOWN_AFTER = 2
 """Documents in a row that used up their retries before the destination counts as down."""
 
@@ -60,8 +64,9 @@ DOWN_AFTER = 2
 class SessionPool:
     """At most `destination.max_connections` sessions of one destination, reused across batches."""
 
-    def __init__(self, destination: Destination) -> None:
+    def __init__(self, destination: Destination, budget: ConnectionBudget | None = None) -> None:
         self.destination = destination
+        self.budget = budget if budget is not None else process_budget
         self._limit = destination.max_connections
         self._idle: list[Opened] = []
         self._lent = 0
@@ -109,7 +114,7 @@ class SessionPool:
             self._lent -= 1
             self._available.notify()
         if returned is not None:  # a lease that outlived its pool (a slow warm-up)
-            _close(returned)
+            Closing(returned, self.budget).close()
 
     def open_one(self) -> bool:
         """Open one more session, where the pool's bound leaves room, and keep it idle for the
@@ -121,7 +126,7 @@ class SessionPool:
             self._lent += 1
         lease = Lease(self, None)
         try:
-            lease.session()
+            lease.session(wait_for_budget=False)
         except Exception:
             return False
         finally:
@@ -141,6 +146,11 @@ class SessionPool:
         for thread in others:
             thread.join()
 
+    def take_idle(self) -> Closing | None:
+        """Hand over one idle session (the longest idle), to be closed by the caller."""
+        with self._available:
+            return Closing(self._idle.pop(0), self.budget) if self._idle else None
+
     def idle(self) -> bool:
         """No session is lent out right now."""
         with self._available:
@@ -151,7 +161,7 @@ class SessionPool:
             idle, self._idle = self._idle, []
             self._closed = True
         for opened in idle:
-            _close(opened)
+            Closing(opened, self.budget).close()
 
 
 IDLE_SECONDS = 120.0
@@ -169,6 +179,20 @@ class PoolRegistry:
         self._lock = threading.Lock()
         self._warming: dict[tuple[str, str], threading.Thread] = {}
         """Each run's warm-up per destination: one, however many pages the run claims."""
+        self._budgets: dict[str, ConnectionBudget] = {}
+
+    def budget(self, run: str, limit: int | None = None) -> ConnectionBudget:
+        """The run's connection budget (within the process's), made on first use with `limit`
+        (default: the process's own)."""
+        with self._lock:
+            made = self._budgets.get(run)
+            if made is None:
+                made = self._budgets[run] = ConnectionBudget(
+                    limit or process_budget.limit,
+                    idle=lambda: self.take_idle(run),
+                    parent=process_budget,
+                )
+            return made
 
     def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
         now = time.monotonic()
@@ -179,12 +203,48 @@ class PoolRegistry:
             for key in stale:
                 del self._used[key]
             pool = self._pools.get((run, reference))
-            if pool is None:
-                pool = self._pools[(run, reference)] = SessionPool(load(reference))
+        if pool is None:
+            made = SessionPool(load(reference), self.budget(run))
+            with self._lock:
+                pool = self._pools.setdefault((run, reference), made)
+        with self._lock:
             self._used[(run, reference)] = now
         for old in closing:
             old.close()
         return pool
+
+    def load(self, run: str, references: Iterable[str]) -> dict[str, Destination | Exception]:
+        """Each destination of a run, its pool made on first use; those not yet loaded in
+        this run are read together (`blocks.load_destinations`: a few API calls however many
+        there are). A block that cannot be loaded is returned as its exception, and tried
+        again by the next page."""
+        found: dict[str, Destination | Exception] = {}
+        with self._lock:
+            for reference in references:
+                pool = self._pools.get((run, reference))
+                if pool is not None:
+                    found[reference] = pool.destination
+        missing = [r for r in references if r not in found]
+        loaded = load_destinations(missing) if missing else {}
+        budget, now = self.budget(run), time.monotonic()
+        with self._lock:
+            for reference, destination in loaded.items():
+                found[reference] = destination
+                if isinstance(destination, Destination):
+                    self._pools.setdefault((run, reference), SessionPool(destination, budget))
+                    self._used[(run, reference)] = now
+        return found
+
+    def take_idle(self, run: str | None = None) -> Closing | None:
+        """An idle session of the run's pools (of any pool, without `run`), handed over to be
+        closed to make room in a budget."""
+        with self._lock:
+            candidates = [p for (r, _), p in self._pools.items() if run is None or r == run]
+        for pool in candidates:
+            idle = pool.take_idle()
+            if idle is not None:
+                return idle
+        return None
 
     def warm(
         self, run: str, reference: str, load: Callable[[str], Destination], sessions: int = 1
@@ -216,9 +276,13 @@ class PoolRegistry:
             pools = [p for (r, _), p in self._pools.items() if r == run]
             self._pools = {k: v for k, v in self._pools.items() if k[0] != run}
             self._used = {k: v for k, v in self._used.items() if k[0] != run}
+            self._budgets.pop(run, None)
         for pool in pools:
             pool.close()
 
+
+process_budget = ConnectionBudget(get_settings().connection_budget, idle=lambda: pools.take_idle())
+"""The sessions this process may have open at once, over every destination and run."""
 
 pools = PoolRegistry()
 """The sessions of the runs in this process (the flow's, or a Dask worker's), shared by their

@@ -247,7 +247,18 @@ def render_paths(
 
     A value that cannot be rendered safely fails that delivery alone, with the reason.
     """
-    result = RenderResult()
+    return render_many(store, claimant, {"": (delivery_ids, renderer)})[""]
+
+
+def render_many(
+    store: Store,
+    claimant: str,
+    destinations: Mapping[str, tuple[Sequence[int], PathRenderer]],
+) -> dict[str, RenderResult]:
+    """`render_paths` for many destinations at once (each with its deliveries and its
+    template), in one transaction: a page's cost does not grow with its destinations."""
+    results = {key: RenderResult() for key in destinations}
+    owner = {id_: key for key, (ids, _) in destinations.items() for id_ in ids}
     now = _now()
     rendered: list[dict[str, object]] = []
     failed: list[dict[str, object]] = []
@@ -263,9 +274,11 @@ def render_paths(
                     Share.project_id == Delivery.project_id, Share.patient_id == Delivery.patient_id
                 ),
             )
-            .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == claimant)
+            .where(Delivery.id.in_(owner), Delivery.claimed_by == claimant)
         ).all()  # fmt: skip
         for id_, path, rendered_at, org_id, project_id, patient_id, data_type, external_id in rows:
+            key = owner[id_]
+            result = results[key]
             if path:
                 result.ready.append(id_)
                 continue
@@ -279,8 +292,8 @@ def render_paths(
                 "timestamp": format_timestamp(moment),
             }
             try:
-                rendered.append({"b_id": id_, "b_path": renderer(values, data_type),
-                                 "b_rendered_at": moment})  # fmt: skip
+                path = destinations[key][1](values, data_type)
+                rendered.append({"b_id": id_, "b_path": path, "b_rendered_at": moment})
                 result.ready.append(id_)
             except PathValueError as exc:
                 reason = f"cannot render path: {exc}"
@@ -303,7 +316,9 @@ def render_paths(
                 .values(last_error=bindparam("b_error"), **_failed(claimant, now)),
                 failed,
             )
-    return result
+    for result in results.values():
+        result.ready.sort()
+    return results
 
 
 def _failed(claimant: str, now: datetime) -> dict[str, object]:

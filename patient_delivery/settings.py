@@ -42,6 +42,15 @@ class Settings(BaseSettings):
             "the flow's own process."
         ),
     )
+    connection_budget: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "Most destination sessions (SSH connections, S3 clients' lanes) one process keeps "
+            "open at once, over every destination and run; each destination's own "
+            "`max_connections` bounds its share."
+        ),
+    )
     emit_events: bool | None = Field(
         default=None,
         description=(

@@ -74,6 +74,10 @@ class FaultProxy:
         self.resets = resets
         self.refuse_first = refuse_first
         self.connections = 0
+        self.open = 0
+        self.peak = 0
+        """Most connections open through the proxy at once (as the server sees them)."""
+        self._open_clients: dict[socket.socket, threading.Event] = {}
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -105,10 +109,20 @@ class FaultProxy:
                 continue
             server.settimeout(None)
             cut = self.reset_after if self.resets is None or number <= self.resets else None
+            ended = threading.Event()
+            with self._lock:
+                self._count_ended()
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                self._open_clients[client] = ended
             for source, sink, limit in ((client, server, cut), (server, client, None)):
-                threading.Thread(target=self._pipe, args=(source, sink, limit), daemon=True).start()
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, limit, ended), daemon=True
+                ).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+    def _pipe(
+        self, source: socket.socket, sink: socket.socket, limit: int | None, ended: threading.Event
+    ) -> None:
         sent = 0
         chunk = 65536 if not self.bandwidth else max(1024, min(65536, self.bandwidth // 50))
         try:
@@ -127,6 +141,30 @@ class FaultProxy:
             pass
         finally:
             _reset(source, sink)
+            with self._lock:
+                if not ended.is_set():  # the first of the connection's two pipes to end
+                    ended.set()
+                    self.open -= 1
+                self._open_clients = {
+                    c: e for c, e in self._open_clients.items() if c is not source
+                }
+
+    def _count_ended(self) -> None:
+        """Count as ended the connections whose client has already closed: a client that closes
+        one connection and opens the next sends the close first, but this proxy's threads may
+        see the new connection before the old one's pipe wakes up."""
+        for client, ended in list(self._open_clients.items()):
+            if ended.is_set():
+                continue
+            try:
+                peeked = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # nothing to read: still open
+            except OSError:
+                peeked = b""
+            if peeked == b"":  # the client has closed it
+                ended.set()
+                self.open -= 1
 
     def shaped(self) -> None:
         """Count the latency and bandwidth faults of this proxy's connections as injected."""

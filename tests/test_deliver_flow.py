@@ -474,14 +474,18 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
     assert len([p for p in root.rglob("*") if p.is_file()]) == 60
 
 
-def test_lanes_share_a_task_on_threads_and_not_on_dask() -> None:
+def test_a_wave_is_one_task_on_threads_and_a_bounded_few_on_dask() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.runtime import lanes_per_task
+    from flows.runtime import DASK_TASKS_PER_WAVE, split_wave
 
-    assert lanes_per_task(ThreadPoolTaskRunner(max_workers=4), 8) == 8  # all of the wave's
-    assert lanes_per_task(DaskTaskRunner(address="tcp://127.0.0.1:1"), 8) == 1
+    lanes = list(range(1000))  # a thousand destinations' lanes in one wave
+    assert split_wave(ThreadPoolTaskRunner(max_workers=4), lanes) == [lanes]
+    on_dask = split_wave(DaskTaskRunner(address="tcp://127.0.0.1:1"), lanes)
+    assert len(on_dask) == DASK_TASKS_PER_WAVE
+    assert sorted(lane for task in on_dask for lane in task) == lanes  # each lane once
+    assert split_wave(DaskTaskRunner(address="tcp://127.0.0.1:1"), [7, 8]) == [[7], [8]]
 
 
 def test_documents_left_when_another_lane_marks_the_destination_down_are_each_answered(

@@ -234,3 +234,46 @@ def test_a_session_returned_after_its_pool_closed_is_closed_not_kept() -> None:
         pool.close()
         assert door.closed == []
     assert door.closed == door.opened and pool._idle == []
+
+
+def test_a_runs_budget_closes_idle_sessions_of_other_destinations_to_make_room(
+    tmp_path: Path,
+) -> None:
+    registry = PoolRegistry()
+    budget = registry.budget("run", limit=2)
+    load = lambda reference: LocalDestination(root=tmp_path / reference, max_connections=4)  # noqa: E731
+    first, second, third = (registry.get("run", name, load) for name in ("a", "b", "c"))
+    for pool in (first, second):
+        with pool.lease() as lease:
+            lease.session()
+    assert (budget.open, first.idle(), len(first._idle)) == (2, True, 1)
+    with third.lease() as lease:  # no place left: an idle session is closed for this one
+        lease.session()
+    assert budget.open == 2 and budget.peak == 2
+    assert len(first._idle) + len(second._idle) == 1
+    registry.close_run("run")
+    assert budget.open == 0
+
+
+def test_sessions_in_use_are_never_closed_for_another_which_waits_instead(
+    tmp_path: Path,
+) -> None:
+    registry = PoolRegistry()
+    budget = registry.budget("run", limit=1)
+    load = lambda reference: LocalDestination(root=tmp_path / reference)  # noqa: E731
+    busy, waiting = registry.get("run", "a", load), registry.get("run", "b", load)
+    opened = threading.Event()
+
+    def second() -> None:
+        with waiting.lease() as lease:
+            lease.session()
+            opened.set()
+
+    with busy.lease() as lease:
+        lease.session()
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not opened.wait(0.3)  # the budget is spent by a session in use
+    thread.join(timeout=5)  # once it is idle, it is closed for the waiting one
+    assert opened.is_set() and budget.peak == 1
+    registry.close_run("run")

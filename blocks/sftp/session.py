@@ -195,8 +195,12 @@ class SftpSession(DestinationSession):
             raise _sftp_error(exc) from None
 
     def close(self) -> None:
-        with suppress(Exception):
-            self.sftp.close()
+        """End the connection at once: the socket is shut down before paramiko closes it, so
+        the server sees it end now (a close alone waits for paramiko's reader thread to wake
+        from its read, and a polite channel close would queue ahead of the end), and a budget
+        that then opens another connection never has both open at the server."""
+        with suppress(OSError):
+            self.transport.sock.shutdown(socket.SHUT_RDWR)
         self.transport.close()
 
 

@@ -1,0 +1,112 @@
+"""Many organizations in one run: each destination gets its documents exactly once, the run's
+Prefect work does not grow with the number of destinations, one unreachable server costs only
+its own documents, and the connection budget holds, counted at the server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from blocks.local import LocalDestination
+from flows.deliver import deliver
+from loopback.servers import SshServer, free_port
+from patient_delivery import ingest
+from patient_delivery.seed import seed_project
+from patient_delivery.store import Store
+from tests.faults import FaultProxy, check_invariant
+from tests.test_deliver_flow import task_run_names
+from tests.test_local_destination import FolderRemote
+from tests.test_sftp_destination import sftp_block
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def organization(store: Store, reference: str, patients: int = 1) -> str:
+    """A new organization with one project subscribed to `reference`, and `patients` synthetic
+    patients (a C-CDA document and a FHIR bundle each)."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    ingest.add_organization(store, org, org)
+    project = ingest.add_project(store, org, "Study", f"{org}-study")
+    ingest.subscribe(store, project, reference)
+    seed_project(store, project, patients, size_scale=0.02)
+    return project
+
+
+def local_destination(root: Path) -> str:
+    name = f"many-{uuid.uuid4().hex[:10]}"
+    LocalDestination(root=root, max_connections=2).save(name)
+    return f"local-destination/{name}"
+
+
+@pytest.mark.both_stores
+def test_forty_destinations_each_get_their_documents_once_in_a_run_of_four_task_runs(
+    store: Store, tmp_path: Path
+) -> None:
+    remotes = {}
+    for number in range(40):
+        root = tmp_path / f"org-{number}"
+        reference = local_destination(root)
+        organization(store, reference)
+        remotes[reference] = FolderRemote(root)
+
+    summary = deliver()
+
+    assert (summary.delivered, summary.failed) == (80, 0)
+    assert all(len(remote.names()) == 2 for remote in remotes.values())
+    figures = check_invariant(store, remotes)
+    assert (figures.delivered, figures.lost, figures.duplicated) == (80, 0, 0)
+    # gather, render and record once, and one upload task for the page's single wave
+    assert task_run_names(summary.flow_run_id) == ["gather", "record", "render", "upload"]
+    assert deliver().delivered == 0
+
+
+def test_an_unreachable_server_among_many_fails_only_its_own_documents(
+    store: Store, sshd: SshServer, tmp_path: Path
+) -> None:
+    remotes = {}
+    for number in range(20):
+        root = tmp_path / f"org-{number}"
+        reference = local_destination(root)
+        organization(store, reference)
+        remotes[reference] = FolderRemote(root)
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    sftp_block(sshd, tmp_path / "never", port=free_port(), connect_timeout=2).save(name)
+    organization(store, f"sftp-destination/{name}")
+
+    started = time.perf_counter()
+    summary = deliver()
+    elapsed = time.perf_counter() - started
+
+    assert (summary.delivered, summary.failed) == (40, 2)
+    assert summary.destinations[f"sftp-destination/{name}"].failed == 2
+    assert all(len(remote.names()) == 2 for remote in remotes.values())
+    # Four tries of a refused connection with backoff between them, not one per document.
+    assert elapsed < 30
+
+
+def test_the_connection_budget_is_never_exceeded_at_the_server(
+    store: Store, sshd: SshServer, tmp_path: Path
+) -> None:
+    proxy = FaultProxy(sshd.port)
+    try:
+        remotes = {}
+        for number in range(8):
+            folder = sshd.make_folder(f"budget-{uuid.uuid4().hex[:8]}")
+            name = f"budget-{number}-{uuid.uuid4().hex[:6]}"
+            sftp_block(sshd, folder, port=proxy.port, max_connections=4).save(name)
+            reference = f"sftp-destination/{name}"
+            organization(store, reference, patients=6)
+            remotes[reference] = FolderRemote(folder)
+
+        summary = deliver(connection_budget=3)
+
+        assert (summary.delivered, summary.failed) == (96, 0)
+        assert proxy.connections >= 8  # every destination had its own connection
+        assert 1 <= proxy.peak <= 3
+        figures = check_invariant(store, remotes)
+        assert (figures.delivered, figures.lost, figures.duplicated) == (96, 0, 0)
+    finally:
+        proxy.stop()
