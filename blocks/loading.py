@@ -60,20 +60,20 @@ def load_destinations(references: Iterable[str]) -> dict[str, Destination | Exce
         return loaded
     with get_client(sync_client=True) as client:
         for slug, names in wanted.items():
-            kind = DESTINATION_TYPES[slug]
-            offset = 0
-            while names - {r.partition("/")[2] for r in loaded if r.startswith(slug + "/")}:
+            kind, left, offset = DESTINATION_TYPES[slug], set(names), 0
+            while left:
                 documents = client.read_block_documents_by_type(
                     slug, offset=offset, limit=PAGE, include_secrets=True
                 )
                 for document in documents:
-                    if document.name in names and not document.is_anonymous:
+                    if document.name in left and not document.is_anonymous:
+                        left.discard(document.name)
                         loaded[f"{slug}/{document.name}"] = _build(kind, document.data)
                 if len(documents) < PAGE:
                     break
                 offset += PAGE
-            for name in names:
-                loaded.setdefault(f"{slug}/{name}", MissingBlock(f"no block {slug}/{name}"))
+            for name in left:
+                loaded[f"{slug}/{name}"] = MissingBlock(f"no block {slug}/{name}")
     return loaded
 
 

@@ -25,6 +25,7 @@ import random
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -66,12 +67,11 @@ def send_wave(
     worker = f"{socket.gethostname()}:{os.getpid()}"
     sessions.pools.budget(claimant, connections)  # on a Dask worker, the first word of it
     by_destination: dict[str, list[int]] = {}
+    lane_counts: Counter[str] = Counter()
     for ref, ids in lanes:
         by_destination.setdefault(ref, []).extend(ids)
-    shares = {
-        ref: Shares(ids, sum(1 for r, _ in lanes if r == ref), batch_size)
-        for ref, ids in by_destination.items()
-    }
+        lane_counts[ref] += 1
+    shares = {ref: Shares(ids, lane_counts[ref], batch_size) for ref, ids in by_destination.items()}
     reports = {ref: BatchReport(ref, worker=worker) for ref in by_destination}
 
     def lane(planned: Lane) -> BatchReport:

@@ -35,22 +35,24 @@ def organization(store: Store, reference: str, patients: int = 1) -> str:
     return project
 
 
-def local_destination(root: Path) -> str:
-    name = f"many-{uuid.uuid4().hex[:10]}"
-    LocalDestination(root=root, max_connections=2).save(name)
-    return f"local-destination/{name}"
+def local_organizations(store: Store, tmp_path: Path, count: int) -> dict[str, FolderRemote]:
+    """`count` organizations, each with its own local-folder destination; a reader of each
+    folder, by destination reference."""
+    remotes = {}
+    for number in range(count):
+        root = tmp_path / f"org-{number}"
+        name = f"many-{uuid.uuid4().hex[:10]}"
+        LocalDestination(root=root, max_connections=2).save(name)
+        organization(store, f"local-destination/{name}")
+        remotes[f"local-destination/{name}"] = FolderRemote(root)
+    return remotes
 
 
 @pytest.mark.both_stores
 def test_forty_destinations_each_get_their_documents_once_in_a_run_of_four_task_runs(
     store: Store, tmp_path: Path
 ) -> None:
-    remotes = {}
-    for number in range(40):
-        root = tmp_path / f"org-{number}"
-        reference = local_destination(root)
-        organization(store, reference)
-        remotes[reference] = FolderRemote(root)
+    remotes = local_organizations(store, tmp_path, 40)
 
     summary = deliver()
 
@@ -66,12 +68,7 @@ def test_forty_destinations_each_get_their_documents_once_in_a_run_of_four_task_
 def test_an_unreachable_server_among_many_fails_only_its_own_documents(
     store: Store, sshd: SshServer, tmp_path: Path
 ) -> None:
-    remotes = {}
-    for number in range(20):
-        root = tmp_path / f"org-{number}"
-        reference = local_destination(root)
-        organization(store, reference)
-        remotes[reference] = FolderRemote(root)
+    remotes = local_organizations(store, tmp_path, 20)
     name = f"gone-{uuid.uuid4().hex[:8]}"
     sftp_block(sshd, tmp_path / "never", port=free_port(), connect_timeout=2).save(name)
     organization(store, f"sftp-destination/{name}")
