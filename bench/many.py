@@ -3,12 +3,16 @@
     uv run python bench/many.py                          # N = 1, 10, 100, 1000; 2 documents each
     uv run python bench/many.py --sizes 1,10,100 --documents 4
 
-For each N: a fresh SQLite store with N organizations, each with one project, its own local-folder
-destination and K documents (K/2 synthetic patients, a C-CDA document and a FHIR bundle each);
-then one delivery run of everything, in a child process of its own, against a real `prefect
-server start` on loopback. Next to it, the same number of documents to one destination. Prints
-documents per second, the run's task runs and Prefect API calls, and peak RSS, with each row's
-rate as a share of the one-destination rate.
+    uv run python bench/many.py --remote 0.05           # 5% SFTP and 5% S3 destinations
+
+For each N: a fresh SQLite store with N organizations, each with one project, its own destination
+and K documents (K/2 synthetic patients, a C-CDA document and a FHIR bundle each). Most
+destinations are local folders; a share of them (`--remote`, each) are SFTP folders on a
+loopback OpenSSH and S3 buckets on a loopback moto (STS and S3, a role assumed per destination).
+Then one delivery run of everything, in a child process of its own, against a real `prefect
+server start` on loopback. Next to it, the same number of documents to one local destination.
+Prints documents per second, the run's task runs and Prefect API calls, and peak RSS, with each
+row's rate as a share of the one-destination rate.
 """
 
 from __future__ import annotations
@@ -70,8 +74,56 @@ def task_runs(flow_run_id: str) -> int:
     return len(runs)
 
 
-def prepare(work: Path, organizations: int, patients: int, tag: str) -> str:
-    """A store with `organizations` organizations, each with its own destination; its URL."""
+class Remotes:
+    """The loopback SFTP and S3 servers that a share of the organizations deliver to."""
+
+    def __init__(self) -> None:
+        from loopback.servers import MotoServer, SshServer
+
+        self.sshd = SshServer()
+        self.moto = MotoServer()
+        self.bucket = "bench-many"
+        self.moto.client("s3").create_bucket(Bucket=self.bucket)
+        self.role = self.moto.create_role("bench-many", "bench-many-id", ["s3:PutObject"],
+                                          self.bucket)  # fmt: skip
+
+    def sftp(self, org: str) -> tuple[str, object]:
+        from blocks.sftp import SftpDestination
+        from loopback.servers import SFTP_PASSWORD, SFTP_USER
+
+        block = SftpDestination(
+            host="127.0.0.1", port=self.sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
+            host_keys=[self.sshd.host_key_line()], root=str(self.sshd.make_folder(org)),
+            max_connections=4,
+        )  # fmt: skip
+        return "sftp-destination", block
+
+    def s3(self, org: str) -> tuple[str, object]:
+        from prefect_aws import AwsCredentials
+
+        from blocks.s3 import S3Destination
+
+        keys = self.moto.deliverer_keys
+        block = S3Destination(
+            bucket_name=self.bucket, role_arn=self.role, external_id="bench-many-id",
+            endpoint_url=self.moto.url, sts_endpoint_url=self.moto.url,
+            aws_credentials=AwsCredentials(aws_access_key_id=keys[0],
+                                           aws_secret_access_key=keys[1]),
+            server_side_encryption=None, max_connections=4,
+        )  # fmt: skip
+        return "s3-destination", block
+
+    def stop(self) -> None:
+        self.moto.stop()
+        self.sshd.stop()
+
+
+def prepare(
+    work: Path, organizations: int, patients: int, tag: str, remote: int = 0,
+    remotes: Remotes | None = None,
+) -> str:  # fmt: skip
+    """A store with `organizations` organizations, each with its own destination (`remote` of
+    them SFTP, and as many S3); its URL."""
     from blocks.local import LocalDestination
     from patient_delivery import ingest
     from patient_delivery.seed import seed_project
@@ -83,8 +135,12 @@ def prepare(work: Path, organizations: int, patients: int, tag: str) -> str:
         org = f"{tag}-{number}"
         ingest.add_organization(store, org, org)
         project = ingest.add_project(store, org, "Study", f"{org}-study")
-        LocalDestination(root=work / "out" / org, max_connections=4).save(org, overwrite=True)
-        ingest.subscribe(store, project, f"local-destination/{org}")
+        kind, block = "local-destination", LocalDestination(root=work / "out" / org,
+                                                             max_connections=4)  # fmt: skip
+        if remotes is not None and number < 2 * remote:
+            kind, block = remotes.sftp(org) if number % 2 else remotes.s3(org)
+        block.save(org, overwrite=True)  # type: ignore[attr-defined]
+        ingest.subscribe(store, project, f"{kind}/{org}")
         seed_project(store, project, patients, size_scale=0.02, seed=number)
     close_stores()
     return url
@@ -110,6 +166,12 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="1,10,100,1000", help="numbers of destinations")
     parser.add_argument("--documents", type=int, default=2, help="per destination (even)")
+    parser.add_argument(
+        "--remote",
+        type=float,
+        default=0.02,
+        help="share of destinations that are SFTP, and as many S3 (default 0.02)",
+    )
     args = parser.parse_args()
 
     from loopback.servers import PrefectServer
@@ -119,22 +181,32 @@ def main() -> None:
     os.environ.update(server.client_env())
     patients = max(1, args.documents // 2)
     rows = []
+    remotes = Remotes() if args.remote > 0 else None
     try:
         for n in (int(size) for size in args.sizes.split(",")):
             results = {}
+            remote = int(n * args.remote)
             for kind, organizations, each in (("one", 1, patients * n), ("many", n, patients)):
                 work = Path(tempfile.mkdtemp(prefix=f"bench-many-{kind}-"))
                 print(
                     f"N={n} {kind}: preparing {organizations} destination(s) ...", file=sys.stderr
                 )
-                url = prepare(work, organizations, each, f"{kind}{n}-{uuid.uuid4().hex[:6]}")
+                tag = f"{kind}{n}-{uuid.uuid4().hex[:6]}"
+                if kind == "many":
+                    url = prepare(work, organizations, each, tag, remote, remotes)
+                else:
+                    url = prepare(work, organizations, each, tag)
                 results[kind] = run(url, env)
+                results[kind]["remote"] = 2 * remote if kind == "many" else 0
                 shutil.rmtree(work, ignore_errors=True)
             rows.append((n, results["one"], results["many"]))
     finally:
         server.stop()
+        if remotes is not None:
+            remotes.stop()
     print(
-        "\n| destinations | documents | seconds | documents/s | vs one destination | task runs "
+        "\n| destinations (SFTP + S3) | documents | seconds | documents/s | vs one destination "
+        "| task runs "
         "| API calls | peak RSS MB | one destination: seconds, documents/s, task runs, "
         "API calls |"
     )
@@ -142,7 +214,7 @@ def main() -> None:
     for n, one, many in rows:
         rate, base = many["delivered"] / many["seconds"], one["delivered"] / one["seconds"]
         print(
-            f"| {n} | {many['delivered']} | {many['seconds']:.1f} | {rate:.0f} "
+            f"| {n} ({many['remote']}) | {many['delivered']} | {many['seconds']:.1f} | {rate:.0f} "
             f"| {rate / base:.2f}x | {many['task_runs']} | {many['api_calls']} "
             f"| {many['rss_mb']:.0f} | {one['seconds']:.1f}, {base:.0f}, {one['task_runs']}, "
             f"{one['api_calls']} |"

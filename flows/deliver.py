@@ -13,6 +13,7 @@ upload task, one document at a time, and never becomes a parameter, result, log 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import Counter
@@ -24,7 +25,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
 from blocks import load_destination
-from flows import reporting, runtime, sending, sessions
+from flows import reporting, runtime, sending, sessions, waves
 from flows.reporting import BatchReport, Progress, RunSummary
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
@@ -78,7 +79,7 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
 
 @task(name="upload")
 def upload(
-    claimant: str, lanes: list[sending.Lane], batch_size: int = 100, connections: int = 32
+    claimant: str, lanes: list[waves.Lane], batch_size: int = 100, connections: int = 32
 ) -> list[BatchReport]:
     """Send a wave of lanes, to one destination or many (`sending.send_wave`)."""
     return sending.send_wave(claimant, lanes, batch_size, connections)
@@ -189,7 +190,7 @@ def _deliver_page(
     ready = {ref: (page.result.ready, page.max_connections) for ref, page in pages.items()}
     uploads = [
         upload.submit(claimant, lanes, sizes.batch, sizes.connections)
-        for wave in sending.plan_waves(ready, sizes.batch)
+        for wave in waves.plan_waves(ready, sizes.batch)
         for lanes in runtime.split_wave(runner, wave)
     ]
     for future in uploads:
@@ -205,11 +206,12 @@ def _deliver_page(
 
 def _warm_first_lanes(claimant: str, claimed: dict[str, list[int]], connections: int) -> None:
     """Load the page's blocks together and open, in the background, the sessions of the first
-    `connections` destinations (as many per destination as its documents can use), so the
+    `connections` destinations (as many per destination as its lanes can use), so the
     first uploads find them ready; the rest open as lanes reach them."""
     sessions.pools.load(claimant, claimed)
     for ref, ids in list(claimed.items())[:connections]:
-        sessions.pools.warm(claimant, ref, load_destination, sessions=len(ids))
+        lanes = math.ceil(len(ids) / waves.MIN_LANE)
+        sessions.pools.warm(claimant, ref, load_destination, sessions=lanes)
 
 
 def _release_finished_runs(store: Store, claimant: str) -> None:

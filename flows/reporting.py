@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prefect.events import emit_event
 
 from flows import runtime
+from patient_delivery.ledger import Outcome
 
 
 @dataclass
@@ -28,6 +29,16 @@ class BatchReport:
     bytes: int = 0
     seconds: float = 0.0
     reasons: Counter[str] = field(default_factory=Counter)
+
+    def count(self, outcomes: Iterable[Outcome]) -> None:
+        """Add the outcomes of sends to this destination."""
+        for outcome in outcomes:
+            if outcome.delivered:
+                self.delivered += 1
+                self.bytes += outcome.size or 0
+            else:
+                self.failed += 1
+                self.reasons[outcome.error or "unknown"] += 1
 
     def absorb(self, other: BatchReport) -> None:
         """Add another report's counts to this one (seconds add up as lane-seconds)."""

@@ -19,6 +19,7 @@ next run, instead of each spending the whole backoff.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import random
@@ -33,9 +34,10 @@ from dataclasses import dataclass, field
 
 from blocks import DeliveryError, Receipt, load_destination
 from blocks.base import DestinationSession, Upload
-from flows import sessions
+from flows import sessions, waves
 from flows.reporting import BatchReport
 from flows.sessions import Lease, SessionPool
+from flows.waves import Lane
 from patient_delivery import ledger
 from patient_delivery.ledger import Outcome, UploadItem
 from patient_delivery.settings import get_settings
@@ -52,16 +54,13 @@ process's connection budget."""
 Document = tuple[UploadItem, bytes]
 
 
-Lane = tuple[str, list[int]]
-"""One connection's share of a wave: a destination's block reference and delivery IDs."""
-
-
 def send_wave(
     claimant: str, lanes: list[Lane], batch_size: int, connections: int
 ) -> list[BatchReport]:
     """Send a wave of lanes, of one destination or many, at most `connections` at once, in the
     order given (the plan interleaves destinations, so none waits behind another's backlog).
-    Each batch's outcomes go to the ledger as it ends. A report per destination: counts and
+    Destinations with few documents share ledger batches (`waves.shared_batches`). Each
+    batch's outcomes go to the ledger as it ends. A report per destination: counts and
     reasons, never content."""
     store = open_store()
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -74,17 +73,22 @@ def send_wave(
     shares = {ref: Shares(ids, lane_counts[ref], batch_size) for ref, ids in by_destination.items()}
     reports = {ref: BatchReport(ref, worker=worker) for ref in by_destination}
 
-    def lane(planned: Lane) -> BatchReport:
-        ref = planned[0]
-        return _send_lane(store, ref, claimant, shares[ref], worker)
+    def send(unit: list[Lane]) -> list[BatchReport]:
+        with _lane_slots:
+            if len(unit) > 1:
+                return _send_batch(store, claimant, unit, worker)
+            ref = unit[0][0]
+            return [_send_lane(store, ref, claimant, shares[ref], worker)]
 
-    if len(lanes) == 1:
-        reports[lanes[0][0]].absorb(lane(lanes[0]))
-        return list(reports.values())
-    threads = max(1, min(connections, len(lanes)))
+    units = waves.shared_batches(lanes, batch_size, connections)
+    threads = max(1, min(connections, len(units)))
+    # Each unit runs in the task's context: on a Dask worker, Prefect's settings (which API,
+    # which server) live there, not in the process.
+    contexts = [contextvars.copy_context() for _ in units]
     with ThreadPoolExecutor(threads, thread_name_prefix="upload-lane") as pool:
-        for lane_report in pool.map(lane, lanes):  # a lane's exception is raised once all end
-            reports[lane_report.destination].absorb(lane_report)
+        for unit_reports in pool.map(contextvars.Context.run, contexts, [send] * len(units), units):
+            for report in unit_reports:
+                reports[report.destination].absorb(report)
     return list(reports.values())
 
 
@@ -96,7 +100,7 @@ class Shares:
     so that no lane starts a long last batch while the others run dry.
     """
 
-    SMALLEST = 8
+    SMALLEST = waves.MIN_LANE
     """Documents in the last batches: enough to keep several files in flight per connection
     (fewer when the wave has fewer per lane, so that every lane gets some)."""
 
@@ -124,29 +128,46 @@ class Shares:
 def _send_lane(
     store: Store, destination_ref: str, claimant: str, shares: Shares, worker: str
 ) -> BatchReport:
-    """One connection's batches, one after another, once one of the process's lane slots is
-    free."""
+    """One connection's batches of one destination, one after another."""
     report = BatchReport(destination_ref, worker=worker)
-    with _lane_slots:
-        started = time.perf_counter()
-        for batch in shares.batches():
-            _send_batch(store, destination_ref, claimant, batch, report)
-        report.seconds = time.perf_counter() - started
+    for batch in shares.batches():
+        for part in _send_batch(store, claimant, [(destination_ref, batch)], worker):
+            report.absorb(part)
     return report
 
 
-def _send_batch(
-    store: Store, destination_ref: str, claimant: str, delivery_ids: list[int], report: BatchReport
-) -> None:
-    """Send one batch and record every outcome in one ledger transaction (also when sending
-    broke off: what was not answered fails with the reason, and the next run sends it)."""
-    items = ledger.start_batch(store, claimant, delivery_ids)
-    report.skipped += len(delivery_ids) - len(items)
+def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> list[BatchReport]:
+    """Send one ledger batch, of one destination or of several small ones (one after another,
+    each over a session of its own), and record every outcome in one transaction (also when
+    sending broke off: what was not answered fails with the reason, and the next run sends it)."""
+    started = ledger.start_batch(store, claimant, [i for _, ids in batch for i in ids])
+    items = {item.delivery_id: item for item in started}
+    outcomes: list[Outcome] = []
+    reports = []
+    with ledger.reading(store) as read:
+        for ref, ids in batch:
+            report = BatchReport(ref, worker=worker)
+            ours = [items[i] for i in ids if i in items]
+            report.skipped = len(ids) - len(ours)
+            began = time.perf_counter()
+            sent = _send_to(ref, claimant, ours, read) if ours else []
+            report.seconds = time.perf_counter() - began
+            report.count(sent)
+            outcomes += sent
+            reports.append(report)
+    ledger.record_outcomes(store, claimant, outcomes)
+    return reports
+
+
+def _send_to(
+    destination_ref: str, claimant: str, items: list[UploadItem], read: ledger.Reader
+) -> list[Outcome]:
+    """Send items to one destination over one session; an outcome for each, whatever breaks."""
     outcomes: list[Outcome] = []
     try:
         pool = sessions.pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
-            for outcome in send_documents(lease, pool, ledger.stream_contents(store, items)):
+            for outcome in send_documents(lease, pool, read(items)):
                 outcomes.append(outcome)  # one by one: kept if a later document raises
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
@@ -154,14 +175,7 @@ def _send_batch(
         outcomes += [
             Outcome(i.delivery_id, 1, error=reason) for i in items if i.delivery_id not in done
         ]
-    ledger.record_outcomes(store, claimant, outcomes)
-    for outcome in outcomes:
-        if outcome.delivered:
-            report.delivered += 1
-            report.bytes += outcome.size or 0
-        else:
-            report.failed += 1
-            report.reasons[outcome.error or "unknown"] += 1
+    return outcomes
 
 
 @dataclass
@@ -299,41 +313,3 @@ def _not_sent(retries: list[Retry], documents: Iterator[Document], down: str) ->
 def _back_off(attempt: int) -> None:
     """Exponential backoff with jitter before try `attempt + 1`."""
     time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
-
-
-BATCHES_PER_LANE = 5
-"""Most ledger batches a lane sends in one wave: progress moves at least this often."""
-
-
-def plan_waves(ready: dict[str, tuple[list[int], int]], batch_size: int) -> list[list[Lane]]:
-    """A page's deliveries as waves of lanes. `ready` maps each destination to its deliveries
-    and its `max_connections`. A destination's lanes are all of one size (`lane_size`), at most
-    one per connection in a wave; a wave holds every destination's lanes for that wave,
-    interleaved, so that a destination with few documents never waits behind one with many."""
-    own_waves: list[list[list[Lane]]] = []  # per destination, its waves of lanes
-    for ref, (ids, connections) in ready.items():
-        if ids:
-            lanes = chunks(ids, lane_size(len(ids), connections, batch_size))
-            own_waves.append(chunks([(ref, lane) for lane in lanes], max(1, connections)))
-    count = max((len(waves) for waves in own_waves), default=0)
-    return [interleave([waves[k] for waves in own_waves if k < len(waves)]) for k in range(count)]
-
-
-def interleave(groups: list[list[Lane]]) -> list[Lane]:
-    """The first of each group, then the second of each, and so on."""
-    longest = max((len(group) for group in groups), default=0)
-    return [group[i] for i in range(longest) for group in groups if i < len(group)]
-
-
-def lane_size(count: int, connections: int, batch_size: int) -> int:
-    """Documents per lane (one connection's share of a wave) for `count` to send over
-    `connections`: as few as keep every connection busy, all of one size so the connections
-    finish together, none over `BATCHES_PER_LANE` batches."""
-    lanes = max(1, connections)
-    waves = math.ceil(count / (lanes * batch_size * BATCHES_PER_LANE))
-    return max(1, math.ceil(count / (lanes * max(1, waves))))
-
-
-def chunks(items: list, size: int) -> list[list]:  # type: ignore[type-arg]
-    """`items` cut into lists of `size` (the last may be shorter)."""
-    return [items[start : start + size] for start in range(0, len(items), size)]

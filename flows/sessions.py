@@ -64,9 +64,17 @@ DOWN_AFTER = 2
 class SessionPool:
     """At most `destination.max_connections` sessions of one destination, reused across batches."""
 
-    def __init__(self, destination: Destination, budget: ConnectionBudget | None = None) -> None:
+    def __init__(
+        self,
+        destination: Destination,
+        budget: ConnectionBudget | None = None,
+        on_idle: Callable[[SessionPool], None] | None = None,
+    ) -> None:
         self.destination = destination
         self.budget = budget if budget is not None else process_budget
+        self._on_idle = on_idle
+        """Told when a session starts waiting idle here (the registry's list of pools to take
+        idle sessions from)."""
         self._limit = destination.max_connections
         self._idle: list[Opened] = []
         self._lent = 0
@@ -108,13 +116,16 @@ class SessionPool:
         """End a lease: its session, if it has one, waits idle for the next."""
         with self._available:
             returned, lease._opened = lease._opened, None
-            if returned is not None and not self._closed:
-                self._idle.append(returned)
+            idle = returned is not None and not self._closed
+            if idle:
+                self._idle.append(returned)  # type: ignore[arg-type]
                 returned = None
             self._lent -= 1
             self._available.notify()
         if returned is not None:  # a lease that outlived its pool (a slow warm-up)
             Closing(returned, self.budget).close()
+        elif idle and self._on_idle is not None:
+            self._on_idle(self)
 
     def open_one(self) -> bool:
         """Open one more session, where the pool's bound leaves room, and keep it idle for the
@@ -146,10 +157,12 @@ class SessionPool:
         for thread in others:
             thread.join()
 
-    def take_idle(self) -> Closing | None:
-        """Hand over one idle session (the longest idle), to be closed by the caller."""
+    def take_idle(self) -> tuple[Closing | None, bool]:
+        """Hand over one idle session (the longest idle), to be closed by the caller; and
+        whether others are still idle."""
         with self._available:
-            return Closing(self._idle.pop(0), self.budget) if self._idle else None
+            taken = Closing(self._idle.pop(0), self.budget) if self._idle else None
+            return taken, bool(self._idle)
 
     def idle(self) -> bool:
         """No session is lent out right now."""
@@ -180,6 +193,10 @@ class PoolRegistry:
         self._warming: dict[tuple[str, str], threading.Thread] = {}
         """Each run's warm-up per destination: one, however many pages the run claims."""
         self._budgets: dict[str, ConnectionBudget] = {}
+        self._swept = time.monotonic()
+        self._with_idle: dict[SessionPool, str] = {}
+        """The pools that may have an idle session, with their run, in the order they had one:
+        where a budget takes a session to close, without looking through every pool."""
 
     def budget(self, run: str, limit: int | None = None) -> ConnectionBudget:
         """The run's connection budget (within the process's), made on first use with `limit`
@@ -197,14 +214,10 @@ class PoolRegistry:
     def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
         now = time.monotonic()
         with self._lock:
-            stale = [key for key, used in self._used.items()
-                     if now - used > IDLE_SECONDS and self._pools[key].idle()]  # fmt: skip
-            closing = [self._pools.pop(key) for key in stale]
-            for key in stale:
-                del self._used[key]
+            closing = self._sweep(now)
             pool = self._pools.get((run, reference))
         if pool is None:
-            made = SessionPool(load(reference), self.budget(run))
+            made = self._pool(run, load(reference))
             with self._lock:
                 pool = self._pools.setdefault((run, reference), made)
         with self._lock:
@@ -212,6 +225,21 @@ class PoolRegistry:
         for old in closing:
             old.close()
         return pool
+
+    def _sweep(self, now: float) -> list[SessionPool]:
+        """Take out the pools unused for `IDLE_SECONDS` (looked for at most every tenth of
+        that, so that a run with many destinations does not scan them all on every batch)."""
+        if now - self._swept < IDLE_SECONDS / 10:
+            return []
+        self._swept = now
+        stale = [key for key, used in self._used.items()
+                 if now - used > IDLE_SECONDS and self._pools[key].idle()]  # fmt: skip
+        for key in stale:
+            del self._used[key]
+        closing = [self._pools.pop(key) for key in stale]
+        for pool in closing:
+            self._with_idle.pop(pool, None)
+        return closing
 
     def load(self, run: str, references: Iterable[str]) -> dict[str, Destination | Exception]:
         """Each destination of a run, its pool made on first use; those not yet loaded in
@@ -231,20 +259,34 @@ class PoolRegistry:
             for reference, destination in loaded.items():
                 found[reference] = destination
                 if isinstance(destination, Destination):
-                    self._pools.setdefault((run, reference), SessionPool(destination, budget))
+                    self._pools.setdefault((run, reference), self._pool(run, destination, budget))
                     self._used[(run, reference)] = now
         return found
 
+    def _pool(
+        self, run: str, destination: Destination, budget: ConnectionBudget | None = None
+    ) -> SessionPool:
+        def had_idle(pool: SessionPool) -> None:
+            with self._lock:
+                self._with_idle[pool] = run
+
+        return SessionPool(destination, budget or self.budget(run), on_idle=had_idle)
+
     def take_idle(self, run: str | None = None) -> Closing | None:
-        """An idle session of the run's pools (of any pool, without `run`), handed over to be
-        closed to make room in a budget."""
-        with self._lock:
-            candidates = [p for (r, _), p in self._pools.items() if run is None or r == run]
-        for pool in candidates:
-            idle = pool.take_idle()
+        """An idle session of the run's pools (of any pool, without `run`), the pool that had
+        one first, handed over to be closed to make room in a budget."""
+        while True:
+            with self._lock:
+                pool = next((p for p, r in self._with_idle.items() if run in (None, r)), None)
+                if pool is None:
+                    return None
+                owner = self._with_idle.pop(pool)
+            idle, more = pool.take_idle()
+            if more:
+                with self._lock:
+                    self._with_idle.setdefault(pool, owner)
             if idle is not None:
                 return idle
-        return None
 
     def warm(
         self, run: str, reference: str, load: Callable[[str], Destination], sessions: int = 1
@@ -277,6 +319,7 @@ class PoolRegistry:
             self._pools = {k: v for k, v in self._pools.items() if k[0] != run}
             self._used = {k: v for k, v in self._used.items() if k[0] != run}
             self._budgets.pop(run, None)
+            self._with_idle = {p: r for p, r in self._with_idle.items() if r != run}
         for pool in pools:
             pool.close()
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from patient_delivery.paths import PathValueError, format_timestamp
@@ -423,25 +424,32 @@ def start_batch(
     ]
 
 
-def stream_contents(
-    store: Store, items: Sequence[UploadItem]
-) -> Iterator[tuple[UploadItem, bytes]]:
-    """Each item with its document's bytes, read one at a time in one read transaction.
+Reader = Callable[[Sequence["UploadItem"]], Iterator[tuple["UploadItem", bytes]]]
+"""Each item with its document's bytes, one at a time (`reading`)."""
 
-    One query per batch instead of one per document; only the current document is in memory.
-    """
+
+@contextmanager
+def reading(store: Store) -> Iterator[Reader]:
+    """A reader of document contents over one connection, for a batch's sends: one query per
+    destination of the batch; only the current document is in memory."""
+    with store.engine.connect() as connection:
+        yield lambda items: _contents(connection, items)
+
+
+def _contents(
+    connection: Connection, items: Sequence[UploadItem]
+) -> Iterator[tuple[UploadItem, bytes]]:
     by_version: dict[int, list[UploadItem]] = {}
     for item in items:
         by_version.setdefault(item.version_id, []).append(item)
-    with store.engine.connect() as connection:
-        rows = connection.execution_options(yield_per=1).execute(
-            select(DocumentContent.version_id, DocumentContent.content).where(
-                DocumentContent.version_id.in_(by_version)
-            )
+    rows = connection.execution_options(yield_per=1).execute(
+        select(DocumentContent.version_id, DocumentContent.content).where(
+            DocumentContent.version_id.in_(by_version)
         )
-        for version_id, content in rows:
-            for item in by_version.pop(version_id, []):
-                yield item, content
+    )
+    for version_id, content in rows:
+        for item in by_version.pop(version_id, []):
+            yield item, content
     if by_version:
         raise LookupError(f"document version(s) {sorted(by_version)} have no stored content")
 

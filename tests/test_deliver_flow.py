@@ -404,7 +404,8 @@ def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
     [
         (2000, 8, 100, [250] * 8),  # one task per connection, all of one size
         (5000, 8, 100, [313] * 15 + [305]),  # over 5 batches each: two rounds of 8
-        (3, 8, 100, [1, 1, 1]),  # fewer documents than connections
+        (3, 8, 100, [3]),  # a few documents: one connection, several files in flight
+        (20, 8, 100, [7, 7, 6]),  # a connection for every MIN_LANE documents
         (10, 1, 2, [10]),  # one connection: 5 batches per task
         (11, 1, 2, [6, 5]),
     ],
@@ -412,11 +413,27 @@ def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
 def test_upload_tasks_keep_every_connection_busy_and_finish_together(
     count: int, connections: int, batch_size: int, sizes: list[int]
 ) -> None:
-    from flows.sending import BATCHES_PER_LANE, chunks, lane_size
+    from flows.waves import BATCHES_PER_LANE, chunks, lane_size
 
     size = lane_size(count, connections, batch_size)
     assert [len(b) for b in chunks(list(range(count)), size)] == sizes
     assert size <= batch_size * BATCHES_PER_LANE
+
+
+def test_destinations_with_few_documents_share_ledger_batches_spread_over_connections() -> None:
+    from flows.waves import shared_batches
+
+    few = [(f"d{n}", [2 * n, 2 * n + 1]) for n in range(100)]  # 100 destinations, 2 each
+    units = shared_batches(few, batch_size=100, connections=8)
+    assert len(units) == 8 and [len(unit) for unit in units] == [13] * 7 + [9]
+    assert [lane for unit in units for lane in unit] == few  # each once, in order
+    units = shared_batches(few, batch_size=10, connections=8)
+    assert all(sum(len(ids) for _, ids in unit) <= 10 for unit in units)
+    many = [("big", list(range(1000, 1100))), ("big", list(range(1100, 1200)))]
+    wide = [("wide", list(range(2000, 2040)))]
+    units = shared_batches([many[0], few[0], *wide, many[1], few[1]], 40, connections=1)
+    assert units == [[many[0]], wide, [many[1]], [few[0], few[1]]]  # lanes of its own, or a
+    # full batch: a unit alone
 
 
 def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:

@@ -9,16 +9,23 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from patient_delivery.settings import get_settings
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def create_store_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout for concurrent runs."""
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout for concurrent runs.
+
+    The pool has room for every upload lane the process may run at once (its connection
+    budget), each reading the documents it sends over a connection of its own, beside the
+    connections that start and record batches."""
     parsed = make_url(url)
+    pooling = {"pool_size": 5, "max_overflow": get_settings().connection_budget + 5}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **pooling)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -30,7 +37,7 @@ def create_store_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pooling)
 
 
 def alembic_config(engine: Engine) -> Config:
