@@ -19,6 +19,7 @@ from blocks.base import (
     check_content,
 )
 from blocks.naming import contained, is_temporary_of, temporary_name
+from patient_delivery import private
 
 _TERMINAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
@@ -52,8 +53,8 @@ class LocalSession(DestinationSession):
         check_content(content, sha256)
         temporary = target.with_name(temporary_name(target.name))
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as handle:
+            private.make_folder(target.parent)
+            with os.fdopen(private.open_new(temporary), "wb") as handle:
                 handle.write(content)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -112,7 +113,10 @@ class LocalDestination(Destination):
 
     root: Path = Field(
         title="Root folder",
-        description="Folder that receives the deliveries; created when missing.",
+        description=(
+            "Folder that receives the deliveries; created when missing. Folders are created "
+            "owner-only (0700) and files written owner-only (0600)."
+        ),
     )
 
     def describe(self) -> str:
@@ -122,7 +126,7 @@ class LocalDestination(Destination):
     def open_session(self) -> Iterator[LocalSession]:
         root = Path(self.root).expanduser().resolve()
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            private.make_folder(root)
         except OSError as exc:
             raise _os_error(exc, "create the root folder") from None
         yield LocalSession(root)

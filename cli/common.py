@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from patient_delivery.settings import get_settings
 
@@ -23,6 +25,18 @@ app = typer.Typer(
 
 console = Console()
 errors = Console(stderr=True)
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""What a terminal would act on instead of showing: C0/C1 controls (ESC, newline, ...), line
+separators and bidirectional overrides."""
+
+
+def printable(value: object) -> Text:
+    """A value for a table cell: control characters shown as escapes (`\\x1b`, `\\n`),
+    never acted on by the terminal, and no Rich markup read into it. Stored values may hold
+    text from servers and callers; none of it can forge a row or recolour the screen."""
+    text = "" if value is None or value != value else str(value)
+    return Text(_CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), text))
 
 
 def current_store() -> Store:

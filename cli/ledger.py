@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from cli.common import app, console, current_store, parse_when
+from cli.common import app, console, current_store, parse_when, printable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,7 +74,7 @@ def _print_frame(frame: pd.DataFrame, title: str) -> None:
     for column in frame.columns:
         table.add_column(str(column), overflow="fold")
     for row in frame.itertuples(index=False):
-        table.add_row(*("" if v is None or v != v else str(v) for v in row))
+        table.add_row(*(printable(v) for v in row))
     console.print(table)
 
 

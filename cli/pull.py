@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, console, current_store, errors, fail, refusals
+from cli.common import app, console, current_store, errors, fail, printable, refusals
 
 api_key_app = typer.Typer(help="API keys of organizations for the pull API.", no_args_is_help=True)
 app.add_typer(api_key_app, name="api-key")
@@ -33,7 +33,7 @@ def api_key_list() -> None:
 
     table = Table("id", "organization", "label", "created", "revoked")
     for key_id, org, label, created, revoked in list_keys(current_store()):
-        table.add_row(str(key_id), org, label, f"{created:%Y-%m-%d %H:%M}",
+        table.add_row(str(key_id), printable(org), printable(label), f"{created:%Y-%m-%d %H:%M}",
                       f"{revoked:%Y-%m-%d %H:%M}" if revoked else "")  # fmt: skip
     console.print(table)
 
@@ -80,7 +80,6 @@ def mcp(
     from patient_delivery.pull.records import Records
 
     store = current_store()
-    caller = authenticate(store, key)
-    if caller is None:
+    if key is None or authenticate(store, key) is None:
         raise fail("a valid API key is required (--key or PATIENT_DELIVERY_API_KEY)", code=2)
-    build_mcp(Records(store), caller=caller).run("stdio")
+    build_mcp(Records(store), key=key).run("stdio")

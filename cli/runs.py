@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from cli.common import app, console, errors, fail, parse_when, prefect, refusals
+from cli.common import app, console, errors, fail, parse_when, prefect, printable, refusals
 
 if TYPE_CHECKING:
     from flows.reporting import RunSummary
@@ -102,12 +102,12 @@ def print_summary(summary: RunSummary) -> None:
         table.add_column(column, overflow="fold")
     for row in summary.rows():
         table.add_row(
-            str(row["destination"]),
+            printable(row["destination"]),
             str(row["delivered"]),
             str(row["failed"]),
             str(row["skipped"]),
             f"{int(row['bytes']) / 1e6:.1f}",  # type: ignore[call-overload]
-            str(row["failure reasons"]),
+            printable(row["failure reasons"]),
         )
     if not summary.rows():
         table.add_row("(nothing owed)", "0", "0", "0", "0.0", "")
@@ -220,7 +220,7 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
     table.add_column("what")
     table.add_column("count", justify="right")
     for what, count in sorted(counts.items()):
-        table.add_row(what, str(count))
+        table.add_row(printable(what), str(count))
     if not counts:
         table.add_row("(nothing matches)", "0")
     console.print(table)

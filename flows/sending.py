@@ -244,8 +244,13 @@ class Round:
     def send(self, lease: Lease) -> Iterator[Outcome]:
         try:
             session = lease.session()
-        except DeliveryError as exc:  # no connection: a try of every document the round owes
-            self.owed_next += [self.failure(document, exc) for document in self.owed()]
+        except DeliveryError as exc:
+            if exc.retryable:  # no connection: a try of every document the round owes
+                self.owed_next += [self.failure(document, exc) for document in self.owed()]
+            else:  # refused (login, host key, root folder): no try in this run can do better
+                for item, _ in self.owed():
+                    yield Outcome(item.delivery_id, self.tries(item), error=f"{exc} (not retried)")
+                lease.refused(str(exc))
         else:
             self.remove_leftovers(session)
             uploads = ((document, self.upload(session, document)) for document in self.owed())

@@ -56,6 +56,12 @@ class Lease:
     def delivered(self) -> None:
         self._pool.delivered()
 
+    def refused(self, reason: str) -> None:
+        """The destination refused the session for good (not a temporary failure): it counts
+        as down for the rest of the run."""
+        self.reset()
+        self._pool.down = reason
+
 
 DOWN_AFTER = 2
 """Documents in a row that used up their retries before the destination counts as down."""

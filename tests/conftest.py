@@ -105,11 +105,15 @@ def seaweed():  # type: ignore[no-untyped-def]
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count the bad-input cases that passed (each was refused as it should be)."""
+    """Count the bad-input cases that passed (each was refused as it should be), and the
+    security cases tried and refused (an attack that got through fails its test)."""
     from tests.faults import REPORT
 
     if report.when == "call" and report.passed and "bad_input" in report.keywords:
         REPORT.bad_inputs_refused += 1
+    if report.when == "call" and "security" in report.keywords:
+        REPORT.security_tried += 1
+        REPORT.security_refused += report.passed
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

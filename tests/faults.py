@@ -389,6 +389,8 @@ class FaultReport:
     faults: Counter[str] = field(default_factory=Counter)
     scenarios: list[tuple[str, Figures]] = field(default_factory=list)
     bad_inputs_refused: int = 0
+    security_tried: int = 0
+    security_refused: int = 0
     canary_places: int = 0
     canary_hits: int = 0
 
@@ -397,7 +399,8 @@ class FaultReport:
         self.faults.update(injected)
 
     def lines(self) -> list[str]:
-        if not (self.scenarios or self.bad_inputs_refused or self.canary_places):
+        if not (self.scenarios or self.bad_inputs_refused or self.security_tried
+                or self.canary_places):  # fmt: skip
             return []
         total = Figures()
         for _, figures in self.scenarios:
@@ -419,6 +422,7 @@ class FaultReport:
             f"partial files at final paths: {total.partial}",
             f"temporary files left behind:  {total.leftovers} (never at a final path)",
             f"bad inputs tried and refused: {self.bad_inputs_refused}",
+            f"security cases tried / refused: {self.security_tried} / {self.security_refused}",
             f"canary hits:                  {self.canary_hits} "
             f"(searched {self.canary_places} places)",
         ]

@@ -189,3 +189,30 @@ def test_backfill_and_redeliver_from_the_command_line(store: Store, tmp_path: Pa
     assert "delivered" in run("redeliver", "--project", "study", "--destination",
                               "local-destination/cli-backfill", "--full")  # fmt: skip
     assert "needs a project and a destination" in run("redeliver", "--full", code=2)
+
+
+@pytest.mark.security
+def test_ledger_views_show_control_characters_as_escapes_never_act_on_them(store: Store) -> None:
+    """A stored value with ESC, a newline or Rich markup cannot clear the operator's screen,
+    forge a row or recolour the table."""
+    from sqlalchemy import select
+
+    from patient_delivery.store.models import Disclosure, DocumentVersion, utcnow
+
+    hostile = "Acme\x1b[2J\n| forged | row |[red]x[/red]\u202e"
+    run("org", "add", hostile, "--id", "acme")
+    run("project", "add", "acme", "Study", "--id", "study")
+    patient = run("patient", "add", "study", "--external-id", "MRN-1").strip()
+    run("document", "put", patient, "ccda", "-", input=CCDA)
+    with store.session() as session:
+        version = session.scalars(select(DocumentVersion)).one()
+        session.add(Disclosure(
+            patient_id=patient, organization_id="acme", project_id="study", destination="mcp",
+            version_id=version.id, data_type="ccda", path=hostile, sha256=version.sha256,
+            size=version.size, purpose="pull", disclosed_at=utcnow(), accessor="api-key:1",
+        ))  # fmt: skip
+    shown = run("disclosures", "--patient", patient)
+    assert "\x1b" not in shown and "\u202e" not in shown  # nothing for the terminal to act on
+    assert "\\x1b" in shown and "\\u202e" in shown  # shown as escapes instead
+    assert "[red]" in shown  # markup shown as text, not read
+    assert not any(line.lstrip().startswith("| forged") for line in shown.splitlines())

@@ -16,12 +16,12 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from loopback.servers import free_port
 from patient_delivery import ingest
 from patient_delivery.importers import fhir_bundle, import_ccda, import_fhir_bulk
-from patient_delivery.pull.keys import create_key, revoke_key
+from patient_delivery.pull.keys import authenticate, create_key, revoke_key
 from patient_delivery.pull.server import create_app
 from patient_delivery.store import Store
 from patient_delivery.store.models import Disclosure, Patient, Share
@@ -281,6 +281,38 @@ def test_mcp_client_lists_tools_and_reads_the_organizations_records(world: World
         assert sorted(reads) == ["get_document fhir", "search_resources Condition"]
 
 
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "resource_type", ["Condition\x1b[2J\nforged row", "X" * 2_000_000, "", "Patient"]
+)
+def test_mcp_search_refuses_resource_types_it_does_not_serve_and_records_nothing(
+    world: World, resource_type: str
+) -> None:
+    """The disclosure ledger records facts: caller text never reaches it."""
+    patient_id = next(iter(world.patients()))
+    _, refused = _mcp_call(world.api.url, world.key, ("search_resources", {
+        "patient_id": patient_id, "resource_type": resource_type}))  # fmt: skip
+    assert refused.is_error and "resource_type must be a FHIR resource type" in _text(refused)
+    assert resource_type[:20] not in _text(refused) or not resource_type
+    with world.store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Disclosure)) == 0
+
+
+def test_a_disclosure_says_what_was_asked_in_a_closed_vocabulary(world: World) -> None:
+    from patient_delivery.pull.records import ASKED, Records
+
+    records = Records(world.store)
+    caller = authenticate(world.store, world.key)
+    assert caller is not None
+    [(patient, version)] = [
+        (p, records.fhir(caller, p.patient_id).version)  # type: ignore[union-attr]
+        for p in records.patients(caller, None, limit=1, offset=0)[0]
+    ]
+    with pytest.raises(ValueError, match="ASKED"):
+        records.disclose(caller, patient, version, "Condition\nforged", "mcp")
+    assert "search_resources Condition" in ASKED and "Condition?patient" in ASKED
+
+
 @pytest.mark.bad_input
 def test_mcp_over_http_refuses_missing_and_wrong_keys(world: World) -> None:
     for key in (None, "pdk_wrong"):
@@ -304,13 +336,27 @@ def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
         command=cli, args=["mcp"], env={**os.environ, "PATIENT_DELIVERY_API_KEY": world.other_key}
     )
 
-    async def run() -> Any:
+    caller = authenticate(store, world.other_key)
+    assert caller is not None
+
+    async def run() -> tuple[Any, Any, Any]:
         async with stdio_client(parameters) as (read, write), ClientSession(read, write) as s:
             await s.initialize()
-            return await s.call_tool("list_patients", {})
+            listed = await s.call_tool("list_patients", {})
+            patient = json.loads(_text(listed))["patients"][0]["healthexPatientId"]
+            revoke_key(store, caller.key_id)  # while the server runs
+            after = await s.call_tool("list_patients", {})
+            read_after = await s.call_tool("get_document", {"patient_id": patient,
+                                                            "data_type": "fhir"})  # fmt: skip
+            return listed, after, read_after
 
-    listed = json.loads(_text(anyio.run(run)))
+    listed, after, read_after = anyio.run(run)
+    listed = json.loads(_text(listed))
     assert listed["total"] == 1 and listed["patients"][0]["externalId"] == "T-1"
+    for refused in (after, read_after):  # the next call after revocation, and every one after
+        assert refused.is_error and "not valid (revoked or unknown)" in _text(refused)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Disclosure)) == 0
 
 
 def _stranger(world: World) -> str:

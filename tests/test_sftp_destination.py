@@ -117,6 +117,39 @@ def test_unreachable_server_is_a_transient_error(sshd: SshServer, folder: Path) 
         pass
 
 
+@pytest.mark.bad_input
+def test_a_root_that_does_not_exist_is_named_never_created_and_not_retried(
+    sshd: SshServer, folder: Path
+) -> None:
+    from flows.sending import ATTEMPTS, send_documents
+    from flows.sessions import SessionPool
+    from patient_delivery.ledger import UploadItem
+
+    missing = folder / "nosuch"
+    block = sftp_block(sshd, missing)
+    expected = f"folder {missing} does not exist on the server"
+    with pytest.raises(TerminalDeliveryError, match=expected), block.open_session():
+        pass
+    report = block.test_connection()
+    assert not report.ok and report.checks[-1].step == "connect"
+    assert expected in report.checks[-1].detail
+    pool = SessionPool(block)
+    documents = iter([(UploadItem(n, n, f"p/{n}.xml", sha(BODY), len(BODY), 0), BODY)
+                      for n in range(3)])  # fmt: skip
+    with pool.lease() as lease:
+        outcomes = list(send_documents(lease, pool, documents))
+    assert ATTEMPTS > 1 and [o.attempts for o in outcomes] == [1, 1, 1]  # not retried
+    assert all(expected in (o.error or "") and "not retried" in (o.error or "") for o in outcomes)
+    assert pool.down is not None and expected in pool.down  # the run's other batches stop too
+    assert not missing.exists()  # the root is never created
+
+    locked = folder / "locked"
+    locked.mkdir(mode=0o700)  # owned by root: the SFTP user may not look inside
+    refused = pytest.raises(TerminalDeliveryError, match=f"permission denied on folder {locked}")
+    with refused, sftp_block(sshd, locked / "in").open_session():
+        pass
+
+
 def test_folder_without_write_permission_fails_clearly(sshd: SshServer, folder: Path) -> None:
     locked = folder / "locked"
     locked.mkdir()  # owned by root, 0755: the SFTP user may not write in it

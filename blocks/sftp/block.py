@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import io
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import paramiko
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
+from blocks.base import (
+    DeliveryError,
+    Destination,
+    TerminalDeliveryError,
+    TransientDeliveryError,
+)
 from blocks.sftp import pipeline
 from blocks.sftp.host_keys import HostKeyPin, fingerprint
 from blocks.sftp.session import SftpSession
@@ -64,7 +70,10 @@ class SftpDestination(Destination):
     root: str = Field(
         default=".",
         title="Remote folder",
-        description="Folder on the server that paths are relative to (absolute or from login).",
+        description=(
+            "Folder on the server that paths are relative to (absolute or from login). It must "
+            "exist: folders under it are created, the root itself never is."
+        ),
     )
     connect_timeout: float = Field(
         default=15.0, gt=0, title="Connect timeout (s)", description="TCP, SSH handshake, login."
@@ -172,8 +181,11 @@ class SftpDestination(Destination):
             channel = sftp.get_channel()
             assert channel is not None
             channel.settimeout(self.operation_timeout)
-            root = sftp.normalize(self.root)
+            root = _existing_root(sftp, self.root)
             limits = pipeline.server_limits(sftp)
+        except DeliveryError:
+            transport.close()
+            raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport.close()
             raise TransientDeliveryError(
@@ -184,6 +196,29 @@ class SftpDestination(Destination):
             yield session
         finally:
             session.close()
+
+
+def _existing_root(sftp: paramiko.SFTPClient, folder: str) -> str:
+    """The root as the server resolves it. It must be a folder that exists: it is never
+    created (a typo would otherwise scatter files), while folders under it are."""
+    root = folder
+    try:
+        root = sftp.normalize(folder)
+        mode = sftp.stat(root).st_mode or 0
+    except FileNotFoundError:
+        raise TerminalDeliveryError(
+            f"folder {root} does not exist on the server (the destination's root is never "
+            "created; create it, or correct the root)"
+        ) from None
+    except PermissionError:
+        raise TerminalDeliveryError(f"permission denied on folder {root} on the server") from None
+    except OSError as exc:
+        if "unsupported" not in str(exc).lower():
+            raise
+        return root  # a server that cannot say: its writes will
+    if not stat.S_ISDIR(mode):
+        raise TerminalDeliveryError(f"{root} on the server is not a folder")
+    return root
 
 
 def _load_private_key(key: SecretStr, passphrase: SecretStr | None) -> paramiko.PKey:

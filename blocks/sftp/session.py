@@ -45,7 +45,7 @@ class SftpSession(DestinationSession):
         self.files_in_flight = files_in_flight
         self.limits = limits
         """How much each write may carry on this server (asked once per connection)."""
-        self.folders_known: set[str] = {posixpath.normpath(root)}  # exists: normalize() found it
+        self.folders_known: set[str] = {posixpath.normpath(root)}  # the block checked it exists
 
     def remote(self, path: str) -> str:
         """Where `path` goes on the server (refused when it would leave the root)."""

@@ -24,21 +24,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patient_delivery.pull.keys import Caller, authenticate
-from patient_delivery.pull.records import FhirRecord, Records
+from patient_delivery.pull.records import RESOURCE_TYPES, FhirRecord, Records
 
 FHIR_JSON = "application/fhir+json"
 CHANNEL = "fhir-api"
 MAX_COUNT = 500
-
-# The R4 resource types of the Patient compartment that stored bundles carry.
-RESOURCE_TYPES = sorted({
-    "AllergyIntolerance", "CarePlan", "CareTeam", "Claim", "Condition", "Coverage", "Device",
-    "DiagnosticReport", "DocumentReference", "Encounter", "ExplanationOfBenefit", "Goal",
-    "ImagingStudy", "Immunization", "Location", "Medication", "MedicationAdministration",
-    "MedicationDispense", "MedicationRequest", "MedicationStatement", "Observation",
-    "Organization", "Practitioner", "PractitionerRole", "Procedure", "Provenance",
-    "ServiceRequest", "SupplyDelivery",
-})  # fmt: skip
 
 
 class FhirResponse(JSONResponse):

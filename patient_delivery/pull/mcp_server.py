@@ -2,7 +2,8 @@
 
 Tools: `list_patients`, `get_document`, `search_resources`. Over streamable HTTP the caller is
 the organization whose API key is the bearer token (checked by the SDK's bearer middleware with
-our `KeyVerifier`); over stdio, a local agent runs the server with one organization's key.
+our `KeyVerifier` on every request); over stdio, a local agent runs the server with one
+organization's key, checked again on every tool call, so a revoked key stops at its next call.
 Every read of a patient's data is a disclosure, as through the FHIR API.
 """
 
@@ -20,7 +21,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from patient_delivery.pull.keys import Caller, authenticate
-from patient_delivery.pull.records import Records
+from patient_delivery.pull.records import RESOURCE_TYPES, Records
 
 CHANNEL = "mcp"
 SCOPE = "patient-read"
@@ -44,11 +45,12 @@ class KeyVerifier:
         )
 
 
-def build_mcp(records: Records, caller: Caller | None = None, base_url: str = "") -> MCPServer:
-    """The MCP server. With `caller` (stdio) every call is that organization's; without, each
-    HTTP request's bearer token decides, and `base_url` is where the server is reached."""
+def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> MCPServer:
+    """The MCP server. With `key` (stdio) every call is the organization's whose key it is,
+    while the key is valid; without, each HTTP request's bearer token decides, and `base_url`
+    is where the server is reached."""
     options: dict[str, Any] = {}
-    if caller is None:
+    if key is None:
         options["token_verifier"] = KeyVerifier(records)
         options["auth"] = AuthSettings(
             issuer_url=base_url or "http://127.0.0.1",
@@ -66,7 +68,10 @@ def build_mcp(records: Records, caller: Caller | None = None, base_url: str = ""
     )
 
     def who() -> Caller:
-        if caller is not None:
+        if key is not None:
+            caller = authenticate(records.store, key)
+            if caller is None:
+                raise ToolError("the API key is not valid (revoked or unknown)")
             return caller
         token = get_access_token()
         if token is None:
@@ -111,6 +116,9 @@ def build_mcp(records: Records, caller: Caller | None = None, base_url: str = ""
     ) -> dict[str, Any]:  # fmt: skip
         """A patient's FHIR resources of one type (Condition, Observation, ...), those changed
         at or after `since` (ISO 8601) when given, a page at a time."""
+        if resource_type not in RESOURCE_TYPES:
+            raise ToolError("resource_type must be a FHIR resource type this server serves "
+                            "(see the FHIR API's CapabilityStatement)")  # fmt: skip
         caller_now = who()
         record = records.fhir(caller_now, patient_id)
         if record is None:

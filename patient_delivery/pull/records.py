@@ -34,6 +34,25 @@ from patient_delivery.store.models import (
     utcnow,
 )
 
+RESOURCE_TYPES = sorted({
+    "AllergyIntolerance", "CarePlan", "CareTeam", "Claim", "Condition", "Coverage", "Device",
+    "DiagnosticReport", "DocumentReference", "Encounter", "ExplanationOfBenefit", "Goal",
+    "ImagingStudy", "Immunization", "Location", "Medication", "MedicationAdministration",
+    "MedicationDispense", "MedicationRequest", "MedicationStatement", "Observation",
+    "Organization", "Practitioner", "PractitionerRole", "Procedure", "Provenance",
+    "ServiceRequest", "SupplyDelivery",
+})  # fmt: skip
+"""The R4 resource types of the Patient compartment that stored bundles carry: the only ones
+the FHIR API and the MCP tools search."""
+
+ASKED = frozenset({
+    "Patient?identifier", "Patient/{id}", "Patient/{id}/$everything",
+    "get_document ccda", "get_document fhir",
+    *(f"{name}?patient" for name in RESOURCE_TYPES),
+    *(f"search_resources {name}" for name in RESOURCE_TYPES),
+})  # fmt: skip
+"""What a disclosure may say was asked: an operation and a resource type, never caller text."""
+
 
 @dataclass(frozen=True)
 class SharedPatient:
@@ -187,7 +206,10 @@ class Records:
         """Append the read to the disclosures ledger. `what` names the request, never values.
 
         `patient` comes from `shared`/`patients`: a share with one of the caller's projects, so
-        the recipient organization is the caller's."""
+        the recipient organization is the caller's. `what` is one of `ASKED`: the ledger
+        records facts, never text a caller chose."""
+        if what not in ASKED:
+            raise ValueError("a disclosure names one of the operations in ASKED")
         with self.store.session() as session:
             session.add(
                 Disclosure(

@@ -9,6 +9,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from patient_delivery import private
 from patient_delivery.settings import get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -24,8 +25,12 @@ def create_store_engine(url: str) -> Engine:
     pooling = {"pool_size": 5, "max_overflow": get_settings().connection_budget + 5}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30}, **pooling)
+            database = Path(parsed.database)
+            if not private.warn_if_shared(database, "the store"):
+                private.warn_if_shared(database.parent, "the store's folder")
+            private.make_file(database)
+        in_memory = parsed.database in (None, "", ":memory:")  # one connection per thread
+        engine = create_engine(url, connect_args={"timeout": 30}, **({} if in_memory else pooling))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
