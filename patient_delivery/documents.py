@@ -8,10 +8,10 @@ document: its content is patient data.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from lxml import etree
 
 DataType = Literal["ccda", "fhir"]
@@ -26,6 +26,24 @@ per-patient FHIR bundle about 1 MB; the limit is there so one upload cannot exha
 
 class InvalidDocument(ValueError):
     """The document was refused; nothing was stored. The message says why, never what it held."""
+
+
+MAX_JSON_DEPTH = 1024
+"""Deepest nesting of arrays and objects in FHIR JSON (orjson's own limit: what the read path
+can read, ingest accepts)."""
+
+
+def parse_json(content: bytes | str, what: str, first_line: int = 1) -> Any:
+    """JSON as FHIR JSON allows it, with the parser the read path uses (orjson): no `NaN` or
+    `Infinity`, no number beyond a double, no lone surrogate, nesting at most `MAX_JSON_DEPTH`.
+    A refusal names line (counted from `first_line`) and column, never the text."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        line = first_line + exc.lineno - 1
+        raise InvalidDocument(
+            f"{what} is not valid JSON at line {line}, column {exc.colno}: {exc.msg}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -117,13 +135,10 @@ def _xml_reason(exc: etree.XMLSyntaxError) -> str:
 def check_fhir_bundle(content: bytes) -> str:
     """A FHIR R4 `Bundle` (JSON) whose resources all belong to one patient; returns its id."""
     try:
-        bundle = json.loads(content.decode("utf-8"))
+        text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidDocument(f"fhir is not UTF-8 at byte {exc.start}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidDocument(
-            f"fhir is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+    bundle = parse_json(text, "fhir")
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidDocument("fhir document is not a FHIR Bundle (resourceType must be 'Bundle')")
     entries = bundle.get("entry", [])

@@ -22,7 +22,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from patient_delivery.documents import InvalidDocument, check_document, patient_references
+from patient_delivery.documents import (
+    InvalidDocument,
+    check_document,
+    parse_json,
+    patient_references,
+)
 from patient_delivery.ingest import (
     IngestError,
     announce,
@@ -55,12 +60,7 @@ def _ndjson(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                resource = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidDocument(
-                    f"{path.name} line {number}, column {exc.colno}: not valid JSON ({exc.msg})"
-                ) from None
+            resource = parse_json(line, path.name, first_line=number)
             if not isinstance(resource, dict) or "resourceType" not in resource:
                 raise InvalidDocument(f"{path.name} line {number}: not a FHIR resource")
             yield number, resource
@@ -79,7 +79,7 @@ def fhir_bundle(patient: dict[str, Any], resources: Iterable[dict[str, Any]]) ->
     """One patient's resources as a FHIR `collection` Bundle, serialized deterministically."""
     entries = [{"resource": patient}, *({"resource": r} for r in resources)]
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
-    return json.dumps(bundle, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(bundle, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def import_fhir_bulk(
@@ -89,7 +89,10 @@ def import_fhir_bulk(
 
     Each patient's externalId is its `Patient.id`, or with `external_id_system` the value of
     its identifier in that system. The whole export is grouped in memory (bulk exports are
-    per-project and files are read line by line).
+    per-project and files are read line by line). All or nothing for the export's JSON: a line
+    that is not valid FHIR JSON (`documents.parse_json`) refuses the whole export, naming its
+    file, line and column, before anything is stored; a line that is not a resource of this
+    export's patients is refused alone and reported.
     """
     folder = Path(folder)
     patient_files = sorted(folder.glob("Patient*.ndjson"))

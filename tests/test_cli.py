@@ -33,6 +33,12 @@ def test_ingest_commands_and_refusals(store: Store, tmp_path: Path) -> None:
     refused = run("document", "put", patient, "ccda", "-", input=b"<broken", code=2)
     assert "not well-formed XML at line 1" in refused
     assert "no patient" in run("document", "put", "hx_nobody", "ccda", str(doc), code=2)
+    deep = b'{"resourceType":"Bundle","entry":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    refused = run("document", "put", patient, "fhir", "-", input=deep, code=2)
+    assert "not valid JSON at line 1, column" in refused and len(refused.splitlines()) == 1
+    bundle = b'{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"p",'
+    refused = run("document", "put", patient, "fhir", "-", input=bundle + b'"x":NaN}}]}', code=2)
+    assert "not valid JSON at line 1, column 86" in refused  # at the N
     assert "already has a patient" in run(
         "patient", "add", "study", "--external-id", "MRN-1", code=2
     )

@@ -122,6 +122,42 @@ def test_malformed_fhir_is_refused(content: bytes, expected: str) -> None:
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("value", "past"),
+    [
+        (b"NaN", 0),
+        (b"Infinity", 0),
+        (b"-Infinity", 1),  # named after the sign
+        (b"1e400", 0),
+        (b'"\\ud800"', 1),  # a lone surrogate, escaped: named at the string's first character
+    ],
+)
+def test_json_the_read_path_cannot_read_is_refused_at_ingest(value: bytes, past: int) -> None:
+    """Ingest and the read path (orjson) agree: what one refuses, the other never stores."""
+    import orjson
+
+    content = _bundle("p1").replace(b'"id":"p1"', b'"id":"p1","x":' + value, 1)
+    column = content.index(b'"x":') + len(b'"x":') + 1 + past
+    with pytest.raises(InvalidDocument) as error:
+        check_document("fhir", content)
+    assert f"not valid JSON at line 1, column {column}:" in str(error.value)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(content)
+
+
+@pytest.mark.bad_input
+def test_json_nested_deeper_than_the_stated_limit_is_refused_without_a_crash() -> None:
+    from patient_delivery.documents import MAX_JSON_DEPTH
+
+    deep = b'{"resourceType":"Bundle","entry":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(InvalidDocument, match=r"not valid JSON at line 1, column .*depth"):
+        check_document("fhir", deep)
+    nested = b"[" * (MAX_JSON_DEPTH - 10) + b"]" * (MAX_JSON_DEPTH - 10)
+    with pytest.raises(InvalidDocument, match="not a FHIR Bundle"):  # parsed: within the limit
+        check_document("fhir", nested)
+
+
+@pytest.mark.bad_input
 def test_fhir_bundle_with_another_patients_resource_is_refused() -> None:
     foreign = {"resourceType": "Condition", "subject": {"reference": "Patient/someone-else"}}
     with pytest.raises(InvalidDocument, match=r"entry\[1\] refers to a different patient"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,23 @@ def test_import_refusals_name_the_file_and_store_nothing_for_it(
 
 
 @pytest.mark.bad_input
+@pytest.mark.bad_input
+def test_a_bulk_export_with_a_line_that_is_not_json_is_refused_whole_naming_it(
+    store: Store, project: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """All or nothing: one bad line (here NaN) refuses the export before anything is stored."""
+    export = tmp_path / "export"
+    shutil.copytree(fixtures_dir / "fhir-bulk-10", export)
+    [conditions] = sorted(export.glob("Condition*.ndjson"))
+    lines = conditions.read_bytes().splitlines()
+    lines[2] = lines[2].replace(b'"resourceType"', b'"x":NaN,"resourceType"', 1)
+    conditions.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InvalidDocument, match=f"{conditions.name} is not valid JSON at line 3, "):
+        import_fhir_bulk(store, export, project)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(DocumentVersion)) == 0
+
+
 def test_fhir_bundle_for_a_different_patient_than_before_is_refused(
     store: Store, project: str
 ) -> None:

@@ -304,10 +304,12 @@ def test_a_disclosure_says_what_was_asked_in_a_closed_vocabulary(world: World) -
     records = Records(world.store)
     caller = authenticate(world.store, world.key)
     assert caller is not None
-    [(patient, version)] = [
-        (p, records.fhir(caller, p.patient_id).version)  # type: ignore[union-attr]
-        for p in records.patients(caller, None, limit=1, offset=0)[0]
-    ]
+    patient, record = next(
+        (p, found)
+        for p in records.patients(caller, None, limit=100, offset=0)[0]
+        if (found := records.fhir(caller, p.patient_id)) is not None
+    )
+    version = record.version
     with pytest.raises(ValueError, match="ASKED"):
         records.disclose(caller, patient, version, "Condition\nforged", "mcp")
     assert "search_resources Condition" in ASKED and "Condition?patient" in ASKED
