@@ -175,12 +175,8 @@ def test_another_organizations_patient_is_not_found_like_one_that_does_not_exist
     for response in (theirs, nobody, searched):
         assert response.status_code == 404
         assert response.json()["resourceType"] == "OperationOutcome"
-    assert theirs.json() == {
-        **nobody.json(),
-        "issue": [
-            {**nobody.json()["issue"][0], "diagnostics": f"Patient/{patient_id} is not known"}
-        ],
-    }
+    assert theirs.json() == nobody.json()  # the same answer: nothing tells them apart
+    assert patient_id not in theirs.text  # and nothing of the request is echoed
     # The other organization sees its own patient and only that one.
     listed = world.get("Patient", key="other").json()
     assert listed["total"] == 1 and listed["entry"][0]["resource"]["id"] != patient_id
@@ -384,3 +380,72 @@ def test_api_keys_from_the_command_line_are_shown_once_and_revocable(store: Stor
     assert authenticate(store, key) is None
     refused = runner.invoke(app, ["api-key", "create", "nobody"])
     assert refused.exit_code == 2 and "no organization 'nobody'" in refused.output
+
+
+@pytest.mark.security
+def test_out_of_range_offsets_are_a_400_on_fhir_and_an_error_on_mcp(world: World) -> None:
+    patient_id, _ = world.fullest()
+    for path, params in (("Patient", {}), ("Condition", {"patient": patient_id}),
+                         (f"Patient/{patient_id}/$everything", {})):  # fmt: skip
+        response = world.get(path, _offset=str(2**63), **params)
+        assert response.status_code == 400, path
+        assert response.json()["issue"][0]["diagnostics"] == "invalid parameter(s): _offset"
+    _, listed, searched = _mcp_call(
+        world.api.url, world.key, ("list_patients", {"offset": 2**63}),
+        ("search_resources", {"patient_id": patient_id, "resource_type": "Condition",
+                              "offset": 2**63}),
+    )  # fmt: skip
+    for refused in (listed, searched):
+        assert refused.is_error and "offset must be between 0 and" in _text(refused)
+
+
+@pytest.mark.security
+def test_patient_search_applies_id_refuses_what_it_does_not_support_and_links_what_it_applied(
+    world: World,
+) -> None:
+    patient_id, _ = sorted(world.patients().items())[0]
+    one = world.get("Patient", _id=patient_id).json()
+    assert one["total"] == 1 and one["entry"][0]["resource"]["id"] == patient_id
+    theirs = world.get("Patient", key="other", _id=patient_id).json()
+    assert theirs["total"] == 0 and theirs.get("entry", []) == []  # not theirs: not found
+    for params in ({"identifier": ""}, {"_id": ""}, {"identifier": "system|"}):
+        empty = world.get("Patient", **params)
+        assert empty.status_code == 400 and empty.json()["issue"][0]["code"] == "required"
+    unknown = world.get("Patient", name="Smith", **{"x" * 5000: "1"})
+    assert unknown.status_code == 400
+    text = unknown.json()["issue"][0]["diagnostics"]
+    assert text == "unsupported search parameter(s): name, (not a FHIR name)"
+    lenient = httpx.get(f"{world.api.url}/fhir/Patient", params={"name": "Smith", "_count": 1},
+                        headers={"Authorization": f"Bearer {world.key}",
+                                 "Prefer": "handling=lenient"})  # fmt: skip
+    assert lenient.status_code == 200 and lenient.json()["total"] == 13 + 2
+    [own] = [link["url"] for link in lenient.json()["link"] if link["relation"] == "self"]
+    assert "name" not in own and own == f"{world.api.url}/fhir/Patient?_count=1&_offset=0"
+
+
+@pytest.mark.security
+def test_urls_come_from_the_public_url_and_answers_are_private_and_echo_nothing(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    patient_id, _ = world.fullest()
+    forged = {"Authorization": f"Bearer {world.key}", "Host": "evil.example"}
+    bundle = httpx.get(f"{world.api.url}/fhir/Condition", params={"patient": patient_id},
+                       headers=forged).json()  # fmt: skip
+    metadata = httpx.get(f"{world.api.url}/fhir/metadata", headers=forged).json()
+    urls = [link["url"] for link in bundle["link"]] + [e["fullUrl"] for e in bundle["entry"]]
+    urls.append(metadata["implementation"]["url"])
+    assert urls and all(url.startswith(f"{world.api.url}/fhir") for url in urls)
+    read = world.get(f"Patient/{patient_id}")
+    assert read.headers["cache-control"] == "no-store"
+    assert read.headers["x-content-type-options"] == "nosniff"
+    long_id = "hx_" + "9" * 20_000
+    caplog.set_level("WARNING", logger="patient_delivery.access")
+    missing = world.get(f"Patient/{long_id}")
+    assert missing.status_code == 404 and "999" not in missing.text
+    assert missing.headers["cache-control"] == "no-store"
+    assert world.get(f"Patient/{patient_id}", key="pdk_wrong").status_code == 401
+    refused = [r.getMessage() for r in caplog.records if r.name == "patient_delivery.access"]
+    key_id = authenticate(world.store, world.key).key_id  # type: ignore[union-attr]
+    assert f"refused 404 GET /fhir/Patient/{{patient_id}} key=api-key:{key_id}" in refused
+    assert "refused 401 GET /fhir/Patient/{patient_id} key=-" in refused
+    assert not any(patient_id in line or "999" in line for line in refused)

@@ -14,8 +14,10 @@ token; a patient the organization may not see is "not found", like one that does
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -24,11 +26,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patient_delivery.pull.keys import Caller, authenticate
-from patient_delivery.pull.records import RESOURCE_TYPES, FhirRecord, Records
+from patient_delivery.pull.records import MAX_OFFSET, RESOURCE_TYPES, FhirRecord, Records
 
 FHIR_JSON = "application/fhir+json"
 CHANNEL = "fhir-api"
 MAX_COUNT = 500
+PAGING = frozenset({"_count", "_offset"})
+FHIR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,40}")
 
 
 class FhirResponse(JSONResponse):
@@ -104,36 +108,69 @@ def current_caller(request: Request) -> Caller:
     found = authenticate(store, key.strip()) if scheme.lower() == "bearer" else None
     if found is None:
         raise FhirError(401, "login", "a valid API key is required (Authorization: Bearer)")
+    request.state.key_id = found.key_id  # for the access log
     return found
 
 
 Who = Annotated[Caller, Depends(current_caller)]
 Count = Annotated[int, Query(alias="_count", ge=0, le=MAX_COUNT)]
-Offset = Annotated[int, Query(alias="_offset", ge=0)]
+Offset = Annotated[int, Query(alias="_offset", ge=0, le=MAX_OFFSET)]
 Since = Annotated[datetime | None, Query(alias="_since")]
 
 
-def create_fhir_router(records: Records) -> APIRouter:
-    """The /fhir routes; the app must carry the same `records` as `app.state.records`."""
+def applied(request: Request, supported: frozenset[str]) -> list[tuple[str, str]]:
+    """The request's parameters the route applies. One it does not support is refused (400,
+    named when it is a FHIR-like name), unless the client sent `Prefer: handling=lenient`:
+    then it is ignored, and left out of the links, which show only what was applied."""
+    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
+    unknown = sorted({name for name in request.query_params if name not in supported})
+    if unknown and not lenient:
+        names = [n if FHIR_NAME.fullmatch(n) else "(not a FHIR name)" for n in unknown]
+        text = "unsupported search parameter(s): " + ", ".join(names)
+        raise FhirError(400, "not-supported", text)
+    return [(k, v) for k, v in request.query_params.multi_items() if k in supported - PAGING]
+
+
+def create_fhir_router(records: Records, base_url: str) -> APIRouter:
+    """The /fhir routes; the app must carry the same `records` as `app.state.records`. Every
+    absolute URL it writes starts with `base_url` (the configured public URL), never with
+    what a request's Host header says."""
     router = APIRouter(prefix="/fhir")
+    public = base_url.rstrip("/") + "/fhir"
 
     def record_or_404(who: Caller, patient_id: str) -> FhirRecord:
         record = records.fhir(who, patient_id)
         if record is None:
-            raise FhirError(404, "not-found", f"Patient/{patient_id} is not known")
+            raise FhirError(404, "not-found", "no such patient is shared with your organization")
         return record
 
+    def searchset(request: Request, params: list[tuple[str, str]], resources: list[dict[str, Any]],
+                  total: int, count: int, offset: int) -> FhirResponse:  # fmt: skip
+        url = public + request.url.path.removeprefix("/fhir")
+        return FhirResponse(_searchset(public, url, params, resources, total, count, offset))
+
     @router.get("/metadata")
-    def metadata(request: Request) -> FhirResponse:
-        return FhirResponse(capability_statement(str(request.base_url) + "fhir"))
+    def metadata() -> FhirResponse:
+        return FhirResponse(capability_statement(public))
 
     @router.get("/Patient")
     def search_patients(
-        request: Request, who: Who, identifier: str | None = None, count: Count = 50,
+        request: Request, who: Who, identifier: str | None = None,
+        id_: Annotated[str | None, Query(alias="_id")] = None, count: Count = 50,
         offset: Offset = 0,
     ) -> FhirResponse:  # fmt: skip
+        params = applied(request, frozenset({"identifier", "_id"}) | PAGING)
+        if identifier is not None and not identifier.split("|")[-1]:
+            raise FhirError(400, "required", "identifier needs a value ([system|]value)")
+        if id_ is not None and not id_:
+            raise FhirError(400, "required", "_id needs a value")
         external_id = identifier.split("|")[-1] if identifier else None
-        page, total = records.patients(who, external_id, limit=count, offset=offset)
+        if id_ is not None:
+            one = records.shared(who, id_)
+            matches = one is not None and external_id in (None, one.external_id)
+            page, total = ([one] if matches and offset == 0 else []), int(matches)
+        else:
+            page, total = records.patients(who, external_id, limit=count, offset=offset)
         resources = []
         for patient in page:
             record = records.record(patient)  # listed for this caller: shared already
@@ -142,10 +179,11 @@ def create_fhir_router(records: Records) -> APIRouter:
                 continue
             resources += record.of_type("Patient")
             records.disclose(who, patient, record.version, "Patient?identifier", CHANNEL)
-        return FhirResponse(_searchset(request, resources, total, count, offset))
+        return searchset(request, params, resources, total, count, offset)
 
     @router.get("/Patient/{patient_id}")
-    def read_patient(patient_id: str, who: Who) -> FhirResponse:
+    def read_patient(request: Request, patient_id: str, who: Who) -> FhirResponse:
+        applied(request, frozenset())
         record = record_or_404(who, patient_id)
         records.disclose(who, record.patient, record.version, "Patient/{id}", CHANNEL)
         [patient] = record.of_type("Patient") or [{"resourceType": "Patient", "id": patient_id}]
@@ -156,11 +194,12 @@ def create_fhir_router(records: Records) -> APIRouter:
         request: Request, patient_id: str, who: Who, count: Count = 50, offset: Offset = 0,
         since: Since = None,
     ) -> FhirResponse:  # fmt: skip
+        params = applied(request, frozenset({"_since"}) | PAGING)
         record = record_or_404(who, patient_id)
         found = record.everything(_aware(since))
         records.disclose(who, record.patient, record.version, "Patient/{id}/$everything", CHANNEL)
         page = found[offset : offset + count]
-        return FhirResponse(_searchset(request, page, len(found), count, offset))
+        return searchset(request, params, page, len(found), count, offset)
 
     @router.get("/{resource_type}")
     def search(
@@ -168,7 +207,8 @@ def create_fhir_router(records: Records) -> APIRouter:
         subject: str | None = None, count: Count = 50, offset: Offset = 0, since: Since = None,
     ) -> FhirResponse:  # fmt: skip
         if resource_type not in RESOURCE_TYPES:
-            raise FhirError(404, "not-supported", f"resource type {resource_type!r} is not served")
+            raise FhirError(404, "not-supported", "that resource type is not served (see metadata)")
+        params = applied(request, frozenset({"patient", "subject", "_since"}) | PAGING)
         wanted = patient or subject
         if not wanted:
             raise FhirError(400, "required", "search needs ?patient={healthexPatientId}")
@@ -177,7 +217,7 @@ def create_fhir_router(records: Records) -> APIRouter:
         found = record.of_type(resource_type, _aware(since))
         records.disclose(who, record.patient, record.version, f"{resource_type}?patient", CHANNEL)
         page = found[offset : offset + count]
-        return FhirResponse(_searchset(request, page, len(found), count, offset))
+        return searchset(request, params, page, len(found), count, offset)
 
     return router
 
@@ -189,14 +229,15 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 def _searchset(
-    request: Request, resources: list[dict[str, Any]], total: int, count: int, offset: int
-) -> dict[str, Any]:
-    """A searchset Bundle of one page, with self/next/previous links that keep the query."""
-    base = str(request.base_url).rstrip("/") + "/fhir"
+    base: str, url: str, params: list[tuple[str, str]], resources: list[dict[str, Any]],
+    total: int, count: int, offset: int,
+) -> dict[str, Any]:  # fmt: skip
+    """A searchset Bundle of one page, with self/next/previous links at `url` that keep the
+    applied parameters."""
 
     def link(relation: str, at: int) -> dict[str, str]:
-        return {"relation": relation,
-                "url": str(request.url.include_query_params(_offset=at, _count=count))}  # fmt: skip
+        query = urlencode([*params, ("_count", str(count)), ("_offset", str(at))])
+        return {"relation": relation, "url": f"{url}?{query}"}
 
     links = [link("self", offset)]
     if offset + count < total:

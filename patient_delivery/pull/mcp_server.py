@@ -21,7 +21,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from patient_delivery.pull.keys import Caller, authenticate
-from patient_delivery.pull.records import RESOURCE_TYPES, Records
+from patient_delivery.pull.records import MAX_OFFSET, RESOURCE_TYPES, Records
 
 CHANNEL = "mcp"
 SCOPE = "patient-read"
@@ -84,8 +84,9 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
     ) -> dict[str, Any]:
         """The organization's patients (healthexPatientId, project, externalId), a page at a
         time; give `external_id` to find the patient a project knows by that ID."""
+        _check_offset(offset)
         page, total = records.patients(who(), external_id, limit=min(max(limit, 1), 1000),
-                                       offset=max(offset, 0))  # fmt: skip
+                                       offset=offset)  # fmt: skip
         return {
             "total": total,
             "patients": [
@@ -116,6 +117,7 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
     ) -> dict[str, Any]:  # fmt: skip
         """A patient's FHIR resources of one type (Condition, Observation, ...), those changed
         at or after `since` (ISO 8601) when given, a page at a time."""
+        _check_offset(offset)
         if resource_type not in RESOURCE_TYPES:
             raise ToolError("resource_type must be a FHIR resource type this server serves "
                             "(see the FHIR API's CapabilityStatement)")  # fmt: skip
@@ -134,7 +136,12 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
         found = record.of_type(resource_type, moment)
         records.disclose(caller_now, record.patient, record.version,
                          f"search_resources {resource_type}", CHANNEL)  # fmt: skip
-        page = found[max(offset, 0) : max(offset, 0) + min(max(limit, 1), 1000)]
+        page = found[offset : offset + min(max(limit, 1), 1000)]
         return {"total": len(found), "resources": json.loads(json.dumps(page))}
 
     return server
+
+
+def _check_offset(offset: int) -> None:
+    if not 0 <= offset <= MAX_OFFSET:
+        raise ToolError(f"offset must be between 0 and {MAX_OFFSET}")

@@ -45,6 +45,10 @@ RESOURCE_TYPES = sorted({
 """The R4 resource types of the Patient compartment that stored bundles carry: the only ones
 the FHIR API and the MCP tools search."""
 
+MAX_OFFSET = 10_000_000
+"""Largest offset a page of patients or resources may start at (past every real record): a
+larger one is refused, never handed to the database."""
+
 ASKED = frozenset({
     "Patient?identifier", "Patient/{id}", "Patient/{id}/$everything",
     "get_document ccda", "get_document fhir",

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from patient_delivery.pull.fhir_api import create_fhir_router, install_error_handlers
 from patient_delivery.pull.mcp_server import build_mcp
 from patient_delivery.pull.records import Records
 from patient_delivery.store import Store
+
+access = logging.getLogger("patient_delivery.access")
+"""Refused requests to the pull API (status, route template, key ID)."""
 
 
 def create_app(store: Store, base_url: str, host: str = "127.0.0.1") -> FastAPI:
@@ -36,7 +41,24 @@ def create_app(store: Store, base_url: str, host: str = "127.0.0.1") -> FastAPI:
         openapi_url=None,
     )
     app.state.records = records
-    app.include_router(create_fhir_router(records))
+    app.include_router(create_fhir_router(records, base_url))
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def private_answers(request: Request, call_next: Any) -> Response:
+        """Every answer may hold patient data: no cache keeps it, no browser guesses its type.
+        A refused request leaves a line in the access log: status, method, route template and
+        key ID (never the key, a path value or a parameter)."""
+        response: Response = await call_next(request)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if response.status_code >= 400:
+            route = getattr(request.scope.get("route"), "path", None)
+            template = route or ("/mcp" if request.url.path.startswith("/mcp") else "(no route)")
+            key = getattr(request.state, "key_id", None)
+            access.warning("refused %d %s %s key=%s", response.status_code, request.method,
+                           template, f"api-key:{key}" if key else "-")  # fmt: skip
+        return response
+
     app.mount("/", mcp_app)  # after the FHIR routes: it answers /mcp and its auth metadata
     return app
