@@ -51,6 +51,14 @@ class Settings(BaseSettings):
             "`max_connections` bounds its share."
         ),
     )
+    mcp_sessions_per_organization: int = Field(
+        default=50,
+        ge=1,
+        description=(
+            "Most MCP sessions one organization may have open at once on `serve` (the server "
+            "holds at most 10,000 for everyone): one organization cannot lock the others out."
+        ),
+    )
     emit_events: bool | None = Field(
         default=None,
         description=(

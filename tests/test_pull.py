@@ -32,11 +32,12 @@ FHIR_JSON = "application/fhir+json"
 class ApiServer:
     """`create_app` under uvicorn on a free loopback port, in a thread."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, mcp_sessions: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(store, self.url), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")  # fmt: skip
+        app = create_app(store, self.url, mcp_sessions=mcp_sessions)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -449,3 +450,36 @@ def test_urls_come_from_the_public_url_and_answers_are_private_and_echo_nothing(
     assert f"refused 404 GET /fhir/Patient/{{patient_id}} key=api-key:{key_id}" in refused
     assert "refused 401 GET /fhir/Patient/{patient_id} key=-" in refused
     assert not any(patient_id in line or "999" in line for line in refused)
+
+
+@pytest.mark.security
+def test_one_organization_cannot_fill_the_mcp_session_table(world: World) -> None:
+    capped = ApiServer(world.store, mcp_sessions=2)
+
+    def initialize(key: str) -> httpx.Response:
+        message = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "tests", "version": "1"}}}  # fmt: skip
+        return httpx.post(
+            f"{capped.url}/mcp",
+            json=message,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Accept": "application/json, text/event-stream",
+            },
+        )
+
+    try:
+        first, second = initialize(world.key), initialize(world.key)
+        assert (first.status_code, second.status_code) == (200, 200)
+        third = initialize(world.key)
+        assert third.status_code == 429
+        assert "2 open MCP sessions, the most it may have" in third.json()["error"]["message"]
+        assert initialize(world.other_key).status_code == 200  # the others are not locked out
+        ended = httpx.delete(f"{capped.url}/mcp", headers={
+            "Authorization": f"Bearer {world.key}", "mcp-session-id": first.headers[
+                "mcp-session-id"], "Accept": "application/json, text/event-stream"})  # fmt: skip
+        assert ended.status_code < 300
+        assert initialize(world.key).status_code == 200  # a place again
+    finally:
+        capped.stop()

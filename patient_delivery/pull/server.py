@@ -11,21 +11,34 @@ from fastapi import FastAPI, Request, Response
 
 from patient_delivery.pull.fhir_api import create_fhir_router, install_error_handlers
 from patient_delivery.pull.mcp_server import build_mcp
+from patient_delivery.pull.mcp_sessions import SessionCap
 from patient_delivery.pull.records import Records
+from patient_delivery.settings import get_settings
 from patient_delivery.store import Store
+
+MCP_IDLE_SECONDS = 30 * 60
+"""An MCP session with no request for this long is closed (the SDK's default, stated here so
+the per-organization count forgets it at the same time)."""
 
 access = logging.getLogger("patient_delivery.access")
 """Refused requests to the pull API (status, route template, key ID)."""
 
 
-def create_app(store: Store, base_url: str, host: str = "127.0.0.1") -> FastAPI:
-    """The app, for `base_url` (how clients reach it, e.g. http://127.0.0.1:8080)."""
+def create_app(
+    store: Store, base_url: str, host: str = "127.0.0.1", mcp_sessions: int | None = None
+) -> FastAPI:
+    """The app, for `base_url` (how clients reach it, e.g. http://127.0.0.1:8080); at most
+    `mcp_sessions` open MCP sessions per organization (default: the setting)."""
     records = Records(store)
     # Plain JSON responses, not SSE: a patient's bundle can pass 1 MB, the SSE event limit of
     # the SDK's own client.
+    settings = get_settings()
     mcp_app = build_mcp(records, base_url=base_url.rstrip("/")).streamable_http_app(
-        streamable_http_path="/mcp", host=host, json_response=True
-    )
+        streamable_http_path="/mcp", host=host, json_response=True,
+        session_idle_timeout=MCP_IDLE_SECONDS,
+    )  # fmt: skip
+    capped = SessionCap(mcp_app, store, mcp_sessions or settings.mcp_sessions_per_organization,
+                        MCP_IDLE_SECONDS)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,5 +73,5 @@ def create_app(store: Store, base_url: str, host: str = "127.0.0.1") -> FastAPI:
                            template, f"api-key:{key}" if key else "-")  # fmt: skip
         return response
 
-    app.mount("/", mcp_app)  # after the FHIR routes: it answers /mcp and its auth metadata
+    app.mount("/", capped)  # after the FHIR routes: it answers /mcp and its auth metadata
     return app
