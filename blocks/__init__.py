@@ -9,13 +9,22 @@ from blocks.base import (
     TerminalDeliveryError,
     TransientDeliveryError,
 )
-from blocks.loading import DESTINATION_TYPES, MissingBlock, load_destination, load_destinations
+from blocks.loading import (
+    DESTINATION_TYPES,
+    BlockProblem,
+    MissingBlock,
+    check_destination,
+    load_destination,
+    load_destinations,
+    problem,
+)
 from blocks.local import LocalDestination
 from blocks.s3 import S3Destination
 from blocks.sftp import SftpDestination
 
 __all__ = [
     "DESTINATION_TYPES",
+    "BlockProblem",
     "ConnectionReport",
     "DeliveryError",
     "Destination",
@@ -27,6 +36,8 @@ __all__ = [
     "SftpDestination",
     "TerminalDeliveryError",
     "TransientDeliveryError",
+    "check_destination",
     "load_destination",
     "load_destinations",
+    "problem",
 ]

@@ -2,16 +2,17 @@
 
 Our own block types load through their class: `Block.load` first imports every installed Prefect
 collection to find the class (prefect-dask pulls in Dask's `distributed`). A run that delivers
-to many destinations reads each block type's documents in pages of `PAGE` instead of one call
+to many destinations reads the blocks it needs by name, `PAGE` to a call, instead of one call
 per block, so its start costs the same for ten destinations or a thousand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prefect.blocks.core import Block
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 
 from blocks.base import Destination
 from blocks.local import LocalDestination
@@ -24,15 +25,53 @@ DESTINATION_TYPES: dict[str, type[Destination]] = {
 """Our destination block types by slug (`sftp-destination`, ...), to load without a lookup."""
 
 PAGE = 200
-"""Block documents read per API call when loading many."""
+"""Block documents read per API call when loading many (the server's most per call)."""
 
 
 class MissingBlock(LookupError):
     """No destination block is saved under that reference."""
 
 
+class BlockProblem(ValueError):
+    """A destination reference that cannot be used: not `type/name`, an unknown type, no such
+    block, or a saved block that breaks its rules. The message is one line and names fields,
+    never their values (they may be secrets)."""
+
+
+def check_destination(reference: str) -> Destination:
+    """The destination block saved as `reference`, or `BlockProblem` saying why not."""
+    slug, _, name = reference.partition("/")
+    if not slug or not name:
+        raise BlockProblem(
+            f"{reference!r} is not a block reference: write TYPE/NAME, e.g. local-destination/"
+            f"{name or slug or 'acme'}"
+        )
+    if slug not in DESTINATION_TYPES:
+        known = ", ".join(DESTINATION_TYPES)
+        raise BlockProblem(f"unknown destination type {slug!r} (one of {known})")
+    [(_, found)] = load_destinations([reference]).items()
+    if isinstance(found, Exception):
+        raise BlockProblem(problem(reference, found)) from None
+    return found
+
+
+def problem(reference: str, error: Exception) -> str:
+    """Why a destination block could not be loaded, in one line with no field values."""
+    if isinstance(error, MissingBlock):
+        return f"no destination block {reference} (see `patient-delivery destination list`)"
+    errors = getattr(error, "errors", None)
+    if callable(errors):  # pydantic's ValidationError: which fields, and what is wrong
+        found = [
+            f"{'.'.join(map(str, e['loc'])) or 'block'}: {e['msg']}"
+            for e in errors(include_input=False, include_url=False)
+        ]
+        return f"block {reference} is invalid: " + "; ".join(found)
+    return f"block {reference} cannot be loaded ({type(error).__name__})"
+
+
 def load_destination(reference: str) -> Destination:
-    """The destination block saved as `block-type/name`."""
+    """The destination block saved as `block-type/name` (see `check_destination` for one that
+    says what is wrong in words a person can act on)."""
     slug, _, name = reference.partition("/")
     kind = DESTINATION_TYPES.get(slug)
     destination = kind.load(name) if kind is not None and name else Block.load(reference)
@@ -44,8 +83,8 @@ def load_destination(reference: str) -> Destination:
 def load_destinations(references: Iterable[str]) -> dict[str, Destination | Exception]:
     """Each referenced destination block, or the exception that loading it raised.
 
-    Blocks of our own types are read a page of documents at a time per type; any other type
-    is loaded one by one. A missing or invalid block fails alone (`MissingBlock`, or its
+    Blocks of our own types are read by name, a page of names per call; any other type is
+    loaded one by one. A missing or invalid block fails alone (`MissingBlock`, or its
     validation error), never the others.
     """
     wanted: dict[str, set[str]] = {}
@@ -60,21 +99,35 @@ def load_destinations(references: Iterable[str]) -> dict[str, Destination | Exce
         return loaded
     with get_client(sync_client=True) as client:
         for slug, names in wanted.items():
-            kind, left, offset = DESTINATION_TYPES[slug], set(names), 0
-            while left:
-                documents = client.read_block_documents_by_type(
-                    slug, offset=offset, limit=PAGE, include_secrets=True
-                )
-                for document in documents:
-                    if document.name in left and not document.is_anonymous:
-                        left.discard(document.name)
-                        loaded[f"{slug}/{document.name}"] = _build(kind, document.data)
-                if len(documents) < PAGE:
-                    break
-                offset += PAGE
-            for name in left:
+            kind, left = DESTINATION_TYPES[slug], sorted(names)
+            for start in range(0, len(left), PAGE):
+                for name, data in _read_named(client, slug, left[start : start + PAGE]):
+                    if name in names:
+                        names.discard(name)
+                        loaded[f"{slug}/{name}"] = _build(kind, data)
+            for name in names:
                 loaded[f"{slug}/{name}"] = MissingBlock(f"no block {slug}/{name}")
     return loaded
+
+
+def _read_named(
+    client: SyncPrefectClient, slug: str, names: list[str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The named block documents of one type, secrets included, in one call of Prefect's REST
+    API (`POST /block_documents/filter`): a run reads only the blocks it needs, however many
+    others the server holds."""
+    response = client.request(
+        "POST",
+        "/block_documents/filter",
+        json={
+            "block_documents": {"name": {"any_": names}, "is_anonymous": {"eq_": False}},
+            "block_types": {"slug": {"any_": [slug]}},
+            "include_secrets": True,
+            "limit": len(names),
+        },
+    )
+    response.raise_for_status()
+    return [(document["name"], document["data"]) for document in response.json()]
 
 
 def _build(kind: type[Destination], data: dict[str, object]) -> Destination | Exception:

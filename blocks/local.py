@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from blocks.base import (
     Destination,
@@ -114,10 +114,19 @@ class LocalDestination(Destination):
     root: Path = Field(
         title="Root folder",
         description=(
-            "Folder that receives the deliveries; created when missing. Folders are created "
-            "owner-only (0700) and files written owner-only (0600)."
+            "Absolute folder (or ~/...) that receives the deliveries; created when missing. "
+            "Folders are created owner-only (0700) and files written owner-only (0600)."
         ),
+        json_schema_extra={"pattern": "^[/~]"},  # the UI's form refuses a relative folder
     )
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, value: Path) -> Path:
+        if not value.expanduser().is_absolute():
+            raise ValueError("must be an absolute folder (or start with ~): a relative one would "
+                             "depend on where the worker runs")  # fmt: skip
+        return value
 
     def describe(self) -> str:
         return Path(self.root).expanduser().resolve().as_uri()

@@ -13,6 +13,7 @@ from rich.text import Text
 from patient_delivery.settings import get_settings
 
 if TYPE_CHECKING:
+    import pandas as pd
     from pydantic import ValidationError
 
     from patient_delivery.store import Store
@@ -22,6 +23,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"patient-delivery {version('patient-delivery')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Deliver patients' health records to the organizations they shared them with."""
+
 
 console = Console()
 errors = Console(stderr=True)
@@ -39,6 +58,36 @@ def printable(value: object) -> Text:
     return Text(_CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), text))
 
 
+def print_json(document: object) -> None:
+    """One JSON document on stdout, for scripts: stable field names, times in ISO 8601."""
+    import json
+    import sys
+
+    def fallback(value: object) -> object:
+        return value.isoformat() if isinstance(value, datetime) else str(value)
+
+    sys.stdout.write(json.dumps(document, default=fallback, indent=2) + "\n")
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, object]]:
+    """A table's rows as JSON-ready records: missing values as null."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def print_frame(frame: pd.DataFrame, title: str) -> None:
+    """A table on the terminal; every cell through `printable`; IDs and times never cut or
+    wrapped (other columns fold to make room)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in frame.columns:
+        whole = str(column).endswith(("_id", "_at"))  # IDs and times stay on one line
+        table.add_column(str(column), overflow="fold", no_wrap=whole)
+    for row in frame.itertuples(index=False):
+        table.add_row(*(printable(v) for v in row))
+    console.print(table)
+
+
 def current_store() -> Store:
     """The store the settings name (the embedded SQLite file by default)."""
     from patient_delivery.store import open_store
@@ -48,7 +97,7 @@ def current_store() -> Store:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one error line on stderr; the exit to raise (2: refused input)."""
-    errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    errors.print(Text("error: ", style="red") + Text(message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -81,9 +130,22 @@ def invalid(error: ValidationError) -> typer.Exit:
     return fail("; ".join(problems), code=2)
 
 
-def parse_when(value: str | None) -> datetime | None:
-    """An ISO date or time from the command line, UTC unless it says otherwise."""
+def parse_when(value: str | None, option: str) -> datetime | None:
+    """An ISO date or time from the command line, UTC unless it says otherwise; a refusal
+    naming `option` when it is not one."""
     if value is None:
         return None
-    moment = datetime.fromisoformat(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(
+            f"{option}: not an ISO date or time (e.g. 2026-12-01 or 2026-12-01T08:00Z)", code=2
+        ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def in_scope(org_id: str | None = None, project_id: str | None = None) -> None:
+    """Refuse (exit 2) an organization or project the store does not have, before a run."""
+    from patient_delivery.ingest import check_scope
+
+    refusals(lambda: check_scope(current_store(), org_id, project_id))

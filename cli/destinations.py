@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import app, console, errors, fail, invalid, prefect
+from cli.common import app, console, errors, fail, invalid, prefect, print_json, printable
 
 destination_app = typer.Typer(help="Destination blocks (Prefect).", no_args_is_help=True)
 app.add_typer(destination_app, name="destination")
@@ -169,31 +169,57 @@ def destination_s3(
 
 
 @destination_app.command("list")
-def destination_list() -> None:
-    """Every destination block, where it writes (no secrets)."""
+def destination_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+) -> None:
+    """Every destination block and where it writes (no secrets); a block that cannot be used
+    (saved invalid, e.g. from the Prefect UI) shows as INVALID with the reason."""
     prefect()
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from blocks import LocalDestination, S3Destination, SftpDestination, load_destination
+    from blocks import DESTINATION_TYPES, load_destinations, problem
 
-    table = Table(title="destinations")
-    table.add_column("reference", overflow="fold")
-    table.add_column("writes to", overflow="fold")
+    references = []
     with get_client(sync_client=True) as client:
-        for kind in (LocalDestination, S3Destination, SftpDestination):
-            slug = kind.get_block_type_slug()
+        for slug in DESTINATION_TYPES:
             try:
                 documents = client.read_block_documents_by_type(slug, include_secrets=False)
             except PrefectHTTPStatusError as exc:
                 if exc.response.status_code == 404:  # type never registered: none of that kind
                     continue
                 raise
-            for document in documents:
-                if document.name and not document.is_anonymous:
-                    reference = f"{slug}/{document.name}"
-                    table.add_row(reference, load_destination(reference).describe())
+            references += [f"{slug}/{d.name}" for d in documents if d.name and not d.is_anonymous]
+    loaded = load_destinations(references)
+    rows = []
+    for reference in references:
+        found = loaded[reference]
+        if isinstance(found, Exception):
+            rows.append(
+                {"reference": reference, "writes_to": None, "problem": problem(reference, found)}
+            )
+        else:
+            rows.append({"reference": reference, "writes_to": found.describe(), "problem": None})
+    if as_json:
+        print_json({"destinations": rows})
+        return
+    table = Table(title="destinations")
+    table.add_column("reference", overflow="fold")
+    table.add_column("writes to", overflow="fold")
+    for row in rows:
+        where = row["writes_to"] or f"INVALID: {row['problem']}"
+        table.add_row(printable(row["reference"]), printable(where))
     console.print(table)
+
+
+def _checked(reference: str):  # type: ignore[no-untyped-def]
+    """The destination block, or a one-line refusal (exit 2) saying what is wrong."""
+    from blocks import BlockProblem, check_destination
+
+    try:
+        return check_destination(reference)
+    except BlockProblem as exc:
+        raise fail(str(exc), code=2) from None
 
 
 @destination_app.command("show")
@@ -202,9 +228,7 @@ def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-de
     prefect()
     from pydantic import BaseModel, SecretStr
 
-    from blocks import load_destination
-
-    block = load_destination(reference)
+    block = _checked(reference)
     table = Table(title=f"{reference}: {block.describe()}")
     table.add_column("setting")
     table.add_column("value", overflow="fold")
@@ -216,7 +240,7 @@ def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-de
             shown = type(value).__name__
         else:
             shown = str(value)
-        table.add_row(field_name, shown)
+        table.add_row(field_name, printable(shown))
     console.print(table)
 
 
@@ -245,9 +269,7 @@ def destination_host_key(
 def destination_test(reference: Annotated[str, typer.Argument(help="e.g. local-destination/x")]):
     """Connect, write a probe file and remove it, reporting each step."""
     prefect()
-    from blocks import load_destination
-
-    report = load_destination(reference).test_connection()
+    report = _checked(reference).test_connection()
     console.print(f"testing {report.destination}")
     for check in report.checks:
         mark = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"

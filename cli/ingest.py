@@ -8,7 +8,18 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, console, current_store, errors, refusals
+from cli.common import (
+    app,
+    console,
+    current_store,
+    errors,
+    fail,
+    prefect,
+    print_frame,
+    print_json,
+    records,
+    refusals,
+)
 
 org_app = typer.Typer(help="Organizations.", no_args_is_help=True)
 project_app = typer.Typer(help="Projects of an organization.", no_args_is_help=True)
@@ -33,6 +44,35 @@ def org_add(
     from patient_delivery import ingest
 
     console.print(refusals(lambda: ingest.add_organization(current_store(), name, org_id)))
+
+
+@org_app.command("list")
+def org_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+) -> None:
+    """Every organization, with how many projects it has."""
+    from patient_delivery.reports import organizations_frame
+
+    _show(organizations_frame(current_store()), "organizations", as_json)
+
+
+@project_app.command("list")
+def project_list(
+    org_id: Annotated[str | None, typer.Argument(help="Only this organization's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+) -> None:
+    """Projects, with how many patients share with each and how many destinations each
+    delivers to."""
+    from patient_delivery.reports import projects_frame
+
+    _show(projects_frame(current_store(), org_id), "projects", as_json)
+
+
+def _show(frame, title: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    if as_json:
+        print_json({title: records(frame)})
+    else:
+        print_frame(frame, title)
 
 
 @project_app.command("add")
@@ -155,15 +195,47 @@ def subscribe(
         "Patient-directed sharing"
     ),
 ) -> None:
-    """Deliver a project's documents to a destination; what it already has is queued now."""
+    """Deliver a project's documents to a destination; what it already has is queued now. The
+    destination block must exist and be valid (nothing is queued otherwise)."""
     from patient_delivery import ingest
 
+    store = current_store()
+    refusals(lambda: ingest.check_subscription(store, project_id, destination))
+    prefect()
+    from blocks import BlockProblem, check_destination
+
+    try:
+        check_destination(destination)
+    except BlockProblem as exc:
+        raise fail(str(exc), code=2) from None
     queued = refusals(
-        lambda: ingest.subscribe(
-            current_store(), project_id, destination, types.split(","), purpose
-        )
+        lambda: ingest.subscribe(store, project_id, destination, types.split(","), purpose)
     )
     console.print(f"subscribed; {queued} deliveries queued")
+
+
+@app.command()
+def unsubscribe(
+    project_id: str,
+    destination: Annotated[str, typer.Argument(help="Destination block, e.g. local-destination/x")],
+) -> None:
+    """Stop delivering a project's documents to a destination; what is still queued for it (or
+    failed and waiting to be retried) is withdrawn. What was delivered stays in the ledger."""
+    from patient_delivery import ingest
+
+    withdrawn = refusals(lambda: ingest.unsubscribe(current_store(), project_id, destination))
+    console.print(f"unsubscribed; {withdrawn} deliveries withdrawn")
+
+
+@app.command()
+def subscriptions(
+    project: Annotated[str | None, typer.Option(help="Only this project's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+) -> None:
+    """What each project delivers where, and where its deliveries stand there."""
+    from patient_delivery.reports import subscriptions_frame
+
+    _show(subscriptions_frame(current_store(), project), "subscriptions", as_json)
 
 
 @app.command()

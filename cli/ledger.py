@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from cli.common import app, console, current_store, parse_when, printable
+from cli.common import (
+    app,
+    console,
+    current_store,
+    errors,
+    fail,
+    parse_when,
+    print_frame,
+    print_json,
+    records,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+STATUSES = ("queued", "pending", "delivered", "failed", "superseded", "replaced")
+
+Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout, for scripts")]
+Csv = Annotated[
+    str | None, typer.Option(help="Write every matching row as CSV to this file, or - for stdout")
+]
+Limit = Annotated[
+    int | None, typer.Option(min=1, help="Most rows (default: 50 on the terminal, all otherwise)")
+]
+When = Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")]
 
 
 @app.command()
@@ -20,48 +42,46 @@ def deliveries(
     patient: Annotated[str | None, typer.Option(help="healthexPatientId")] = None,
     project: Annotated[str | None, typer.Option()] = None,
     destination: Annotated[str | None, typer.Option()] = None,
-    status: Annotated[
-        str | None, typer.Option(help="queued, pending, delivered, failed, superseded, replaced")
-    ] = None,
-    since: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
-    until: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
-    limit: Annotated[int | None, typer.Option(help="Most rows to show")] = 50,
-    csv: Annotated[Path | None, typer.Option(help="Write all matching rows as CSV")] = None,
+    status: Annotated[str | None, typer.Option(help=", ".join(STATUSES))] = None,
+    since: When = None,
+    until: When = None,
+    limit: Limit = None,
+    csv: Csv = None,
     parquet: Annotated[Path | None, typer.Option(help="Write all matching rows as Parquet")] = None,
     wide: Annotated[bool, typer.Option(help="Show every column")] = False,
+    as_json: Json = False,
 ) -> None:
     """The ledger: what was sent, to whom, where, when, why and by which run."""
     from patient_delivery.reports import LedgerQuery, deliveries_frame
 
+    if status is not None and status not in STATUSES:
+        raise fail(f"--status: not a delivery status (one of {', '.join(STATUSES)})", code=2)
+    on_terminal = not (csv or parquet or as_json)
     query = LedgerQuery(
         patient_id=patient,
         project_id=project,
         destination=destination,
         status=status,
-        since=parse_when(since),
-        until=parse_when(until),
-        limit=None if (csv or parquet) else limit,
+        since=parse_when(since, "--since"),
+        until=parse_when(until, "--until"),
+        limit=limit or (50 if on_terminal else None),
     )
     frame = deliveries_frame(current_store(), query)
-    if csv:
-        frame.to_csv(csv, index=False)
-        console.print(f"{len(frame)} rows written to {csv}")
     if parquet:
         frame.to_parquet(parquet, index=False)
-        console.print(f"{len(frame)} rows written to {parquet}")
-    if not (csv or parquet):
-        if not wide:
-            frame = frame.assign(
-                delivered_at=frame["delivered_at"].map(_short_time),
-                flow_run_id=frame["flow_run_id"].str[:8],
-                sha256=frame["sha256"].str[:12],
-            )[NARROW_COLUMNS]
-        _print_frame(frame, "deliveries")
+        errors.print(f"{len(frame)} rows written to {parquet}", highlight=False)
+    if _written(frame, "deliveries", csv, as_json) or parquet:
+        return
+    if not wide:
+        frame = frame.assign(
+            delivered_at=frame["delivered_at"].map(_short_time), sha256=frame["sha256"].str[:12]
+        )[NARROW_COLUMNS]
+    print_frame(frame, "deliveries")
 
 
 NARROW_COLUMNS = [
     "delivered_at", "status", "patient_id", "organization", "destination", "data_type",
-    "version", "path", "purpose", "flow_run_id", "last_error",
+    "version", "path", "flow_run_id", "last_error",
 ]  # fmt: skip
 
 
@@ -69,48 +89,62 @@ def _short_time(value: object) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%SZ") if isinstance(value, datetime) else ""
 
 
-def _print_frame(frame: pd.DataFrame, title: str) -> None:
-    table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(str(column), overflow="fold")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(printable(v) for v in row))
-    console.print(table)
+def _written(frame: pd.DataFrame, title: str, csv: str | None, as_json: bool) -> bool:
+    """Write the rows as CSV (a file, or stdout for -) or as one JSON document; whether done."""
+    if csv == "-":
+        frame.to_csv(sys.stdout, index=False)
+    elif csv:
+        frame.to_csv(csv, index=False)
+        errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
+    if as_json:
+        print_json({title: records(frame)})
+    return bool(csv or as_json)
 
 
 @app.command()
 def disclosures(
     patient: Annotated[str | None, typer.Option(help="healthexPatientId")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO date/time, UTC unless given")] = None,
-    csv: Annotated[Path | None, typer.Option(help="Write the rows as CSV")] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    since: When = None,
+    until: When = None,
+    limit: Limit = None,
+    csv: Csv = None,
+    as_json: Json = False,
 ) -> None:
     """Every send of a patient's records (re-sends included) and every read through the pull
     API: the accounting of disclosures."""
-    from patient_delivery.reports import disclosures_frame
+    from patient_delivery.reports import LedgerQuery, disclosures_frame
 
-    frame = disclosures_frame(current_store(), patient, parse_when(since))
-    if csv:
-        frame.to_csv(csv, index=False)
-        console.print(f"{len(frame)} rows written to {csv}")
+    on_terminal = not (csv or as_json)
+    query = LedgerQuery(
+        patient_id=patient,
+        project_id=project,
+        since=parse_when(since, "--since"),
+        until=parse_when(until, "--until"),
+        limit=limit or (50 if on_terminal else None),
+    )
+    frame = disclosures_frame(current_store(), query)
+    if _written(frame, "disclosures", csv, as_json):
         return
     frame = frame.assign(
-        disclosed_at=frame["disclosed_at"].map(_short_time),
-        sha256=frame["sha256"].str[:12],
-        flow_run_id=frame["flow_run_id"].str[:8],
+        disclosed_at=frame["disclosed_at"].map(_short_time), sha256=frame["sha256"].str[:12]
     )
-    _print_frame(frame, "disclosures")
+    print_frame(frame, "disclosures")
 
 
 @app.command()
-def status() -> None:
+def status(as_json: Json = False) -> None:
     """Deliveries per destination and status, and the latest runs (from the ledger)."""
     from patient_delivery.reports import recent_runs, status_counts
 
     store = current_store()
-    _print_frame(status_counts(store), "deliveries by destination and status")
-    runs = recent_runs(store)
+    counts, runs = status_counts(store), recent_runs(store)
+    if as_json:
+        print_json({"destinations": records(counts), "recent_runs": records(runs)})
+        return
+    print_frame(counts, "deliveries by destination and status")
     runs["last_activity"] = runs["last_activity"].map(_short_time)
-    _print_frame(runs, "recent runs (by the ledger rows they last touched)")
+    print_frame(runs, "recent runs (by the ledger rows they last touched)")
 
 
 @app.command("upgrade-store")

@@ -8,8 +8,19 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from cli.common import app, console, errors, fail, parse_when, prefect, printable, refusals
+from cli.common import (
+    app,
+    console,
+    errors,
+    fail,
+    in_scope,
+    parse_when,
+    prefect,
+    printable,
+    refusals,
+)
 
 if TYPE_CHECKING:
     from flows.reporting import RunSummary
@@ -40,8 +51,14 @@ def deliver(
     deployment: Annotated[
         bool, typer.Option(help="Start the deployment on the Prefect server instead")
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
+    ] = False,
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
+    in_scope(project_id=project)
+    _check_types(data_type)
     prefect()
     parameters = {
         "project_id": project,
@@ -54,7 +71,7 @@ def deliver(
         "connection_budget": connection_budget,
     }
     if deployment:
-        start_deployment("deliver-updates/deliver-updates", parameters)
+        start_deployment("deliver-updates/deliver-updates", parameters, watch)
         return
     from flows.deliver import deliver as run_delivery
     from flows.runtime import task_runner
@@ -86,32 +103,57 @@ def progress_bar(label: str) -> Iterator[None]:
             progress_hooks.remove(hook)
 
 
-def start_deployment(name: str, parameters: dict[str, object]) -> None:
-    """Start a deployment's run on the Prefect server instead of running here."""
+def start_deployment(name: str, parameters: dict[str, object], watch: bool = False) -> None:
+    """Start a deployment's run on the Prefect server instead of running here; print its UI
+    address, and with `watch` wait for its end (exit 1 unless it completed)."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.urls import url_for
 
-    flow_run = run_deployment(
-        name, parameters={k: v for k, v in parameters.items() if v is not None}, timeout=0
-    )
-    console.print(f"started {name}: flow run {flow_run.name} ({flow_run.id})", highlight=False)
+    try:
+        flow_run = run_deployment(
+            name,
+            parameters={k: v for k, v in parameters.items() if v is not None},
+            timeout=None if watch else 0,
+        )
+    except ObjectNotFound:
+        raise fail(
+            f"no deployment {name} on the Prefect server (`prefect deploy --all`)", 2
+        ) from None
+    started = f"started {name}: flow run {flow_run.name} ({flow_run.id})"
+    console.print(printable(started), highlight=False, soft_wrap=True)
+    address = url_for(flow_run)
+    if address:
+        console.print(address, highlight=False, soft_wrap=True)
+    if watch:
+        state = flow_run.state
+        ended = f"{state.name if state else 'unknown'}: {state.message if state else ''}"
+        console.print(printable(ended), soft_wrap=True)
+        if state is None or not state.is_completed():
+            raise typer.Exit(1)
 
 
 def print_summary(summary: RunSummary) -> None:
     table = Table(title=f"delivery run {summary.flow_run_id}")
-    for column in ("destination", "delivered", "failed", "skipped", "MB", "failure reasons"):
+    for column in ("destination", "delivered", "failed", "parked", "skipped", "MB", "reasons"):
         table.add_column(column, overflow="fold")
     for row in summary.rows():
         table.add_row(
             printable(row["destination"]),
             str(row["delivered"]),
             str(row["failed"]),
+            str(row["parked"]),
             str(row["skipped"]),
-            f"{int(row['bytes']) / 1e6:.1f}",  # type: ignore[call-overload]
+            f"{row['MB']:.1f}",
             printable(row["failure reasons"]),
         )
     if not summary.rows():
-        table.add_row("(nothing owed)", "0", "0", "0", "0.0", "")
+        table.add_row("(nothing owed)", "0", "0", "0", "0", "0.0", "")
     console.print(table)
+    if summary.parked:
+        note = summary.parked_note().removeprefix("; ")
+        shown = printable(f"{note}; `patient-delivery destination list` shows what is wrong")
+        errors.print(Text("parked: ", style="yellow") + shown, highlight=False)
 
 
 @app.command()
@@ -165,22 +207,28 @@ def backfill_command(
     deployment: Annotated[
         bool, typer.Option(help="Start the deployment on the Prefect server instead")
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
+    ] = False,
 ) -> None:
     """Queue the newest matching documents where they are missing, then deliver them."""
+    in_scope(org, project)
+    _check_types(data_type)
     prefect()
     parameters = {
         "organization_id": org,
         "project_id": project,
         "patient_ids": patient,
-        "created_from": parse_when(created_from),
-        "created_to": parse_when(created_to),
+        "created_from": parse_when(created_from, "--from"),
+        "created_to": parse_when(created_to, "--to"),
         "data_types": data_type,
         "destinations": destination,
         "dry_run": dry_run,
         "force": force,
     }
     if deployment:
-        start_deployment("backfill/backfill", parameters)
+        start_deployment("backfill/backfill", parameters, watch)
         return
     from flows.backfill import backfill
 
@@ -200,19 +248,30 @@ def redeliver_command(
     deployment: Annotated[
         bool, typer.Option(help="Start the deployment on the Prefect server instead")
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
+    ] = False,
 ) -> None:
     """Send again what failed or was left pending (or, with --full, everything)."""
+    in_scope(project_id=project)
     prefect()
     parameters = {"project_id": project, "destination": destination, "full": full,
                   "dry_run": dry_run}  # fmt: skip
     if deployment:
-        start_deployment("redeliver/redeliver", parameters)
+        start_deployment("redeliver/redeliver", parameters, watch)
         return
     from flows.backfill import redeliver
 
     with progress_bar("redeliver"):
         counts = refusals(lambda: redeliver(**parameters), refused=(ValueError,))
     _print_counts("redeliver (dry run: nothing sent)" if dry_run else "redeliver", counts)
+
+
+def _check_types(data_types: list[str] | None) -> None:
+    from patient_delivery.documents import check_data_type
+
+    refusals(lambda: [check_data_type(t) for t in data_types or []])
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:

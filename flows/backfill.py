@@ -8,6 +8,8 @@ redeliver  -> what failed or was left pending; with `full`, a project's newest d
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from datetime import datetime
 
 from prefect import flow, get_run_logger, task
@@ -18,36 +20,55 @@ from flows.deliver import deliver
 from flows.reporting import RunSummary
 from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
+from patient_delivery.ingest import check_scope
 from patient_delivery.store import open_store
 
-PLAN_ROWS_SHOWN = 1000
-"""Rows of a dry run's plan shown in its artifact; the counts cover everything."""
+PLAN_ROWS_PER_PAGE = 1000
+"""Rows of a dry run's plan per table artifact (`backfill-plan-rows-1`, `-2`, ...)."""
 
 
 @task(name="plan")
 def plan(request: backfills.BackfillRequest, dry_run: bool) -> dict[str, int]:
-    """Count (and on a dry run, publish) what the backfill would do."""
+    """Count (and on a dry run, publish) what the backfill would do.
+
+    The plan goes to Prefect as tables: counts per destination, data type and action
+    (`backfill-plan`), then every planned delivery, a page of rows per artifact. Rows carry
+    healthexPatientIds (ours, opaque), never paths: a path may hold an externalId, which may be
+    a medical record number."""
     planned = backfills.plan(open_store(), request)
     counts = dict(planned.counts)
     if dry_run:
+        summary = Counter((i.destination, i.data_type, i.action) for i in planned.items)
         rows = [
-            {
-                "patient": item.patient_id,
-                "project": item.project_id,
-                "destination": item.destination,
-                "data type": item.data_type,
-                "version": item.version,
-                "action": item.action,
-                "path": item.path or "(rendered when sent)",
-            }
-            for item in planned.items[:PLAN_ROWS_SHOWN]
+            {"destination": destination, "data type": data_type, "action": action, "count": n}
+            for (destination, data_type, action), n in sorted(summary.items())
         ]
         create_table_artifact(
             table=rows or [{"action": "(nothing matches)"}],
             key="backfill-plan",
             description="Dry run, nothing sent: " + _describe(counts),
         )
+        items = planned.items
+        pages = math.ceil(len(items) / PLAN_ROWS_PER_PAGE)
+        for page in range(pages):
+            shown = items[page * PLAN_ROWS_PER_PAGE : (page + 1) * PLAN_ROWS_PER_PAGE]
+            create_table_artifact(
+                table=[_plan_row(item) for item in shown],
+                key=f"backfill-plan-rows-{page + 1}",
+                description=f"Dry run plan, rows page {page + 1} of {pages}",
+            )
     return counts
+
+
+def _plan_row(item: backfills.PlannedDelivery) -> dict[str, object]:
+    return {
+        "patient": item.patient_id,
+        "project": item.project_id,
+        "destination": item.destination,
+        "data type": item.data_type,
+        "version": item.version,
+        "action": item.action,
+    }
 
 
 @task(name="queue")
@@ -80,8 +101,21 @@ def backfill(
     force: bool = False,
 ) -> dict[str, int]:
     """Deliver the newest matching documents again where they are missing (or everywhere, with
-    `force`). A dry run (the default) only reports the plan."""
+    `force`). A dry run (the default) only reports the plan.
+
+    Args:
+        organization_id: Only this organization's projects (its orgId).
+        project_id: Only this project (its projectId).
+        patient_ids: Only these patients (healthexPatientIds).
+        created_from: Only document versions stored at or after this time (UTC if no zone).
+        created_to: Only document versions stored before this time.
+        data_types: Only these data types: ccda, fhir.
+        destinations: Only these destinations, as block references (`sftp-destination/acme`).
+        dry_run: Only publish the plan (what would be sent where); send nothing.
+        force: Also send again what the destination already received.
+    """
     logger = get_run_logger()
+    check_scope(open_store(), organization_id, project_id)  # refused before anything runs
     request = backfills.BackfillRequest(
         organization_id=organization_id,
         project_id=project_id,
@@ -117,7 +151,15 @@ def redeliver(
     dry_run: bool = False,
 ) -> dict[str, int]:
     """Send again what failed or was left pending; with `full`, every newest document of the
-    project to that destination, at the paths it had (an organization that lost its files)."""
+    project to that destination, at the paths it had (an organization that lost its files).
+
+    Args:
+        project_id: Only this project (its projectId); needed with `full`.
+        destination: Only this destination, as a block reference; needed with `full`.
+        full: Send every newest document of the project to the destination again.
+        dry_run: Only report what would be sent.
+    """
+    check_scope(open_store(), project_id=project_id)
     if full:
         if not (project_id and destination):
             raise ValueError("a full re-delivery needs a project and a destination")

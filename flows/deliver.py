@@ -20,21 +20,41 @@ from collections import Counter
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
-from blocks import load_destination
+from blocks import load_destination, problem
 from flows import reporting, runtime, sending, sessions, waves
 from flows.reporting import BatchReport, Progress, RunSummary
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
+from patient_delivery.ingest import check_scope
 from patient_delivery.ledger import RenderResult, WorkFilter
 from patient_delivery.store import Store, open_store
+
+FOLLOW_UPS = 3
+"""Times a run goes on for updates that arrived while it was sending its last page: a burst
+goes in the run it started, and a steady stream still lets runs end (and the next start)."""
 
 PAGE_SIZE = 5_000
 """Deliveries claimed per gather by default: the flow holds this many IDs at most, whatever the
 backlog. Runs that share a backlog (several workers) take turns a page at a time."""
+
+
+def _upload_name() -> str:
+    """`upload sftp-destination/acme x 4 lanes`, or how many destinations the wave serves."""
+    lanes = task_run.parameters.get("lanes") or []
+    destinations = {ref for ref, _ in lanes}
+    what = (
+        next(iter(destinations)) if len(destinations) == 1 else f"{len(destinations)} destinations"
+    )
+    return f"upload {what} x {len(lanes)} lane{'s' * (len(lanes) != 1)}"
+
+
+def _render_name() -> str:
+    claimed = task_run.parameters.get("claimed") or {}
+    return f"render {next(iter(claimed)) if len(claimed) == 1 else f'{len(claimed)} destinations'}"
 
 
 @task(name="gather")
@@ -51,9 +71,11 @@ class Rendered:
 
     result: RenderResult
     max_connections: int = 1
+    parked: tuple[str, int] | None = None
+    """Why this destination's block cannot be used, and how many deliveries wait for it."""
 
 
-@task(name="render")
+@task(name="render", task_run_name=_render_name)
 def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
     """Give each claimed delivery of the page its path (kept across retries), every destination
     in one transaction; the page's blocks are read together. A missing or invalid block, or an
@@ -63,11 +85,11 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
     pages: dict[str, Rendered] = {}
     templates = {}
     for ref, destination in destinations.items():
-        if isinstance(destination, Exception):
-            reason = f"destination block {ref!r} cannot be loaded ({type(destination).__name__})"
-            failed = ledger.fail_claimed(store, claimant, claimed[ref], reason)
-            get_run_logger().error("%s; %d deliveries failed", reason, failed)
-            pages[ref] = Rendered(RenderResult(failed=Counter({reason: failed})))
+        if isinstance(destination, Exception):  # parked: the next run tries again
+            reason = problem(ref, destination)
+            parked = ledger.park_claimed(store, claimant, claimed[ref], reason)
+            get_run_logger().error("%s; %d deliveries parked", reason, parked)
+            pages[ref] = Rendered(RenderResult(), parked=(reason, parked))
         else:
             templates[ref] = (claimed[ref], destination.render_path)
     for ref, result in ledger.render_many(store, claimant, templates).items():
@@ -77,7 +99,7 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
     return pages
 
 
-@task(name="upload")
+@task(name="upload", task_run_name=_upload_name)
 def upload(
     claimant: str, lanes: list[waves.Lane], batch_size: int = 100, connections: int = 32
 ) -> list[BatchReport]:
@@ -87,13 +109,14 @@ def upload(
 
 @task(name="record")
 def record(summary: RunSummary) -> None:
-    """Publish the run's summary; announce each destination with failures (counts only)."""
+    """Publish the run's summary; announce each destination with failures or an unusable block
+    (counts only)."""
     reporting.publish(summary)
-    if summary.failed:
+    if summary.failed or summary.parked:
         reporting.announce_failing_destinations(summary)
     get_run_logger().info(
-        "run finished: %d delivered, %d failed, to %d destination(s)",
-        summary.delivered, summary.failed, len(summary.destinations),
+        "run finished: %d delivered, %d failed, to %d destination(s)%s",
+        summary.delivered, summary.failed, len(summary.destinations), summary.parked_note(),
     )  # fmt: skip
 
 
@@ -119,12 +142,17 @@ async def deliver_updates(
 ) -> RunSummary | State:
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
-    Filters narrow the run to a project, destinations (block `type/name`), patients or data
-    types; `max_documents` caps how many are sent in this run (the rest wait for the next);
-    `page_size` is how many deliveries are claimed at a time (smaller pages share a backlog
-    more evenly between runs working at once); `connection_budget` is the most connections
-    the run has open at once over every destination (each destination's `max_connections`
-    bounds its own share).
+    Args:
+        project_id: Only this project's deliveries (its projectId); empty for every project.
+        destinations: Only these destinations, as block references (`sftp-destination/acme`).
+        patient_ids: Only these patients (healthexPatientIds).
+        data_types: Only these data types: ccda, fhir.
+        batch_size: Documents whose outcomes are written to the ledger in one transaction.
+        max_documents: Most documents to send in this run; the rest wait for the next run.
+        page_size: Deliveries claimed at a time. Smaller pages share a backlog more evenly
+            between runs working at once.
+        connection_budget: Most connections open at once over every destination; each
+            destination's own `max_connections` bounds its share.
     """
     work = WorkFilter(
         project_id=project_id,
@@ -148,12 +176,14 @@ class Sizes:
 
 def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSummary | State:
     runtime.freeze_startup_heap()
+    check_scope(open_store(), project_id=work.project_id)  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
     sessions.pools.budget(claimant, sizes.connections)
     summary = RunSummary(flow_run_id=claimant)
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
     left = max_documents if max_documents is not None else float("inf")
+    follow_ups = FOLLOW_UPS
     try:
         while left > 0:
             limit = int(min(max(1, sizes.page), left))
@@ -161,10 +191,16 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
             count = sum(len(ids) for ids in claimed.values())
             if count:
                 _deliver_page(claimant, claimed, sizes, summary, progress)
-            left = left - count if count == limit else 0  # a short page: nothing more is owed
+            left -= count
+            if count < limit:  # a short page: nothing more was owed when it was claimed
+                arrived = ledger.count_owed(open_store(), claimant, work) if count else 0
+                if not arrived or not follow_ups:
+                    break
+                follow_ups -= 1  # updates that arrived while the page was sent go with this run
+                progress.grow(arrived)
     finally:
         sessions.pools.close_run(claimant)
-    progress.update(summary.delivered + summary.failed, final=True)
+    progress.update(summary.done, final=True)
     record(summary)
     if summary.failed:  # a red run in the UI, and the trigger for alerts
         return Failed(message=summary.headline(), data=summary)
@@ -187,6 +223,9 @@ def _deliver_page(
     pages = render(claimant, claimed)
     for ref, page in pages.items():
         summary.add(BatchReport(ref, failed=page.result.failed.total(), reasons=page.result.failed))
+        if page.parked:
+            reason, count = page.parked
+            summary.add(BatchReport(ref, parked=count, reasons=Counter({reason: count})))
     ready = {ref: (page.result.ready, page.max_connections) for ref, page in pages.items()}
     uploads = [
         upload.submit(claimant, lanes, sizes.batch, sizes.connections)
@@ -196,7 +235,7 @@ def _deliver_page(
     for future in uploads:
         for report in future.result():
             summary.add(report)
-        progress.update(summary.delivered + summary.failed)
+        progress.update(summary.done)
     get_run_logger().info(
         "page of %d deliveries to %d destination(s) in %.2f s: %d delivered, %d failed so far",
         sum(map(len, claimed.values())), len(claimed), time.perf_counter() - started,

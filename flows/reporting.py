@@ -25,9 +25,14 @@ class BatchReport:
     """host:pid of the process that sent the documents (the flow's own, or a Dask worker)."""
     delivered: int = 0
     failed: int = 0
+    parked: int = 0
+    """Deliveries left for a later run because the destination's block cannot be used (missing
+    or invalid): a problem of that destination's setup, alerted on its own, not a failed send."""
     skipped: int = 0
     bytes: int = 0
-    seconds: float = 0.0
+    began: float | None = None
+    ended: float | None = None
+    """When its first send started and its last ended (wall clock, epoch seconds)."""
     reasons: Counter[str] = field(default_factory=Counter)
 
     def count(self, outcomes: Iterable[Outcome]) -> None:
@@ -40,13 +45,22 @@ class BatchReport:
                 self.failed += 1
                 self.reasons[outcome.error or "unknown"] += 1
 
+    @property
+    def seconds(self) -> float:
+        """Wall-clock time from its first send to its last, over every lane."""
+        return (self.ended - self.began) if self.began and self.ended else 0.0
+
     def absorb(self, other: BatchReport) -> None:
-        """Add another report's counts to this one (seconds add up as lane-seconds)."""
+        """Add another report's counts and time span to this one."""
         self.delivered += other.delivered
         self.failed += other.failed
+        self.parked += other.parked
         self.skipped += other.skipped
         self.bytes += other.bytes
-        self.seconds += other.seconds
+        if other.began is not None:
+            self.began = min(self.began or other.began, other.began)
+        if other.ended is not None:
+            self.ended = max(self.ended or other.ended, other.ended)
         self.reasons.update(other.reasons)
 
 
@@ -69,10 +83,18 @@ class RunSummary:
     def headline(self) -> str:
         """One line for the run's state message: counts, never content."""
         failing = [r.destination for r in self.destinations.values() if r.failed]
-        return (
+        line = (
             f"{self.failed} of {self.failed + self.delivered} deliveries failed "
             f"(to {', '.join(failing)}); see `patient-delivery deliveries --status failed`"
         )
+        return line + self.parked_note() if self.parked else line
+
+    def parked_note(self) -> str:
+        """What waits for a destination block to be fixed, as a clause (empty when nothing)."""
+        blocked = [r.destination for r in self.destinations.values() if r.parked]
+        if not blocked:
+            return ""
+        return f"; {self.parked} parked until their block is fixed ({', '.join(blocked)})"
 
     @property
     def delivered(self) -> int:
@@ -82,14 +104,24 @@ class RunSummary:
     def failed(self) -> int:
         return sum(r.failed for r in self.destinations.values())
 
+    @property
+    def parked(self) -> int:
+        return sum(r.parked for r in self.destinations.values())
+
+    @property
+    def done(self) -> int:
+        """Deliveries this run has answered for: delivered, failed or parked."""
+        return self.delivered + self.failed + self.parked
+
     def rows(self) -> list[dict[str, object]]:
         return [
             {
                 "destination": r.destination,
                 "delivered": r.delivered,
                 "failed": r.failed,
+                "parked": r.parked,
                 "skipped": r.skipped,
-                "bytes": r.bytes,
+                "MB": round(r.bytes / 1e6, 2),
                 "upload seconds": round(r.seconds, 2),
                 "failure reasons": "; ".join(f"{n} x {why}" for why, n in r.reasons.most_common()),
             }
@@ -99,6 +131,9 @@ class RunSummary:
 
 progress_hooks: list[Callable[[int, int], None]] = []
 """Callables told (done, total) as batches finish, in this process: the CLI's progress bar."""
+
+
+PROGRESS_KEY = "delivery-progress"
 
 
 class Progress:
@@ -113,8 +148,18 @@ class Progress:
         self.updated = time.monotonic()
         self.shown = 0.0
         self.artifact_id = (
-            runtime.create_progress(0.0, f"{total} deliveries owed at start") if total else None
+            runtime.create_progress(0.0, PROGRESS_KEY, f"{total} deliveries owed at start")
+            if total
+            else None
         )
+
+    def grow(self, more: int) -> None:
+        """More deliveries joined the run (updates that arrived while it was sending)."""
+        self.total += more
+        if self.artifact_id is None and self.total:
+            self.artifact_id = runtime.create_progress(
+                0.0, PROGRESS_KEY, f"{self.total} deliveries owed"
+            )
 
     def update(self, done: int, final: bool = False) -> None:
         if not final:
@@ -137,15 +182,22 @@ def publish(summary: RunSummary) -> None:
 
 
 def announce_failing_destinations(summary: RunSummary) -> None:
-    """One event per destination with failures, for the "keeps failing" alert (counts only)."""
+    """One event per destination with failures, for the "keeps failing" alert, and one per
+    destination whose block cannot be used, for its own alert (counts and reasons only)."""
     for report in summary.destinations.values():
+        if report.parked:
+            _announce(report, "unusable", {"parked": report.parked})
         if report.failed:
-            reason = report.reasons.most_common(1)[0][0] if report.reasons else "unknown"
-            emit_event(
-                event="patient-delivery.destination.failed",
-                resource={
-                    "prefect.resource.id": f"patient-delivery.destination.{report.destination}",
-                    "prefect.resource.name": report.destination,
-                },
-                payload={"failed": report.failed, "delivered": report.delivered, "reason": reason},
-            )
+            _announce(report, "failed", {"failed": report.failed, "delivered": report.delivered})
+
+
+def _announce(report: BatchReport, what: str, counts: dict[str, int]) -> None:
+    reason = report.reasons.most_common(1)[0][0] if report.reasons else "unknown"
+    emit_event(
+        event=f"patient-delivery.destination.{what}",
+        resource={
+            "prefect.resource.id": f"patient-delivery.destination.{report.destination}",
+            "prefect.resource.name": report.destination,
+        },
+        payload={**counts, "reason": reason},
+    )

@@ -113,8 +113,8 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def create_progress(progress: float, description: str) -> UUID:
-    return create_progress_artifact(progress, description=description, _sync=True)  # type: ignore[call-arg]
+def create_progress(progress: float, key: str, description: str) -> UUID:
+    return create_progress_artifact(progress, key=key, description=description, _sync=True)  # type: ignore[call-arg]
 
 
 def update_progress(artifact_id: UUID, progress: float) -> None:

@@ -149,9 +149,9 @@ def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> 
             report = BatchReport(ref, worker=worker)
             ours = [items[i] for i in ids if i in items]
             report.skipped = len(ids) - len(ours)
-            began = time.perf_counter()
+            report.began = time.time()
             sent = _send_to(ref, claimant, ours, read) if ours else []
-            report.seconds = time.perf_counter() - began
+            report.ended = time.time()
             report.count(sent)
             outcomes += sent
             reports.append(report)

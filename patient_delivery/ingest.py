@@ -234,6 +234,44 @@ def put_checked(session: Session, patient_id: str, document: CheckedDocument) ->
     )  # fmt: skip
 
 
+def check_scope(store: Store, org_id: str | None = None, project_id: str | None = None) -> None:
+    """Refuse (`IngestError`) an organization or project that does not exist: a run or a
+    backfill for it would find nothing and say so as if all were well."""
+    with store.session() as session:
+        if org_id is not None and session.get(Organization, org_id) is None:
+            raise IngestError(f"no organization {org_id!r} (see `patient-delivery org list`)")
+        if project_id is not None and session.get(Project, project_id) is None:
+            raise IngestError(f"no project {project_id!r} (see `patient-delivery project list`)")
+
+
+def check_subscription(store: Store, project_id: str, destination: str) -> None:
+    """Refuse (`IngestError`) a subscription that cannot be made: not a block reference, no
+    such project, or one that already exists. Whether the block itself exists and is valid is
+    the blocks layer's to check (`blocks.check_destination`)."""
+    _check_reference(destination)
+    with store.session() as session:
+        _existing_subscription(session, project_id, destination)
+
+
+def _check_reference(destination: str) -> None:
+    if "/" not in destination:
+        raise IngestError(
+            "destination must be a block reference 'block-type/name', e.g. local-destination/demo"
+        )
+
+
+def _existing_subscription(session: Session, project_id: str, destination: str) -> None:
+    if session.get(Project, project_id) is None:
+        raise IngestError(f"no project {project_id!r} (see `patient-delivery project list`)")
+    existing = session.scalars(
+        select(Subscription).where(
+            Subscription.project_id == project_id, Subscription.destination == destination
+        )
+    ).first()
+    if existing:
+        raise IngestError(f"project {project_id!r} already delivers to {destination!r}")
+
+
 def subscribe(
     store: Store,
     project_id: str,
@@ -248,20 +286,9 @@ def subscribe(
     types = sorted({check_data_type(t) for t in data_types})
     if not types:
         raise IngestError("subscribe to at least one data type")
-    if "/" not in destination:
-        raise IngestError(
-            "destination must be a block reference 'block-type/name', e.g. local-destination/demo"
-        )
+    _check_reference(destination)
     with store.session() as session:
-        if session.get(Project, project_id) is None:
-            raise IngestError(f"no project {project_id!r}")
-        existing = session.scalars(
-            select(Subscription).where(
-                Subscription.project_id == project_id, Subscription.destination == destination
-            )
-        ).first()
-        if existing:
-            raise IngestError(f"project {project_id!r} already delivers to {destination!r}")
+        _existing_subscription(session, project_id, destination)
         subscription = Subscription(
             project_id=project_id,
             destination=destination,

@@ -336,6 +336,20 @@ def _failed(claimant: str, now: datetime) -> dict[str, object]:
     }
 
 
+def park_claimed(store: Store, claimant: str, delivery_ids: Sequence[int], reason: str) -> int:
+    """Leave every listed delivery this run holds for a later run, with the reason (its
+    destination's block cannot be used): failed, attributed to the run, not counted as a try."""
+    table = Delivery.__table__
+    values = {**_failed(claimant, _now()), "attempts": table.c.attempts, "last_error": reason}
+    with store.session() as session:
+        result = session.connection().execute(
+            update(table)
+            .where(table.c.id.in_(delivery_ids), table.c.claimed_by == claimant)
+            .values(**values)
+        )
+        return int(result.rowcount or 0)
+
+
 def fail_claimed(store: Store, claimant: str, delivery_ids: Sequence[int], reason: str) -> int:
     """Fail every listed delivery still claimed by `claimant` with one reason (e.g. bad block)."""
     table = Delivery.__table__

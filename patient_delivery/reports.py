@@ -19,6 +19,9 @@ from patient_delivery.store.models import (
     Disclosure,
     DocumentVersion,
     Organization,
+    Project,
+    Share,
+    Subscription,
 )
 
 DISCLOSURE_COLUMNS = [
@@ -132,10 +135,9 @@ DISCLOSURE_LOG_COLUMNS = [
 ]  # fmt: skip
 
 
-def disclosures_frame(
-    store: Store, patient_id: str | None = None, since: datetime | None = None
-) -> pd.DataFrame:
-    """Every send, newest first: the accounting of disclosures (date, recipient, what, why)."""
+def disclosures_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.DataFrame:
+    """Every send and pull read matching `query` (its destination and status aside), newest
+    first: the accounting of disclosures (date, recipient, what, why)."""
     statement = (
         select(
             Disclosure.disclosed_at,
@@ -156,10 +158,82 @@ def disclosures_frame(
         .join(DocumentVersion, DocumentVersion.id == Disclosure.version_id)
         .order_by(Disclosure.disclosed_at.desc(), Disclosure.id.desc())
     )
-    if patient_id:
-        statement = statement.where(Disclosure.patient_id == patient_id)
-    if since:
-        statement = statement.where(Disclosure.disclosed_at >= since)
+    if query.patient_id:
+        statement = statement.where(Disclosure.patient_id == query.patient_id)
+    if query.project_id:
+        statement = statement.where(Disclosure.project_id == query.project_id)
+    if query.since:
+        statement = statement.where(Disclosure.disclosed_at >= query.since)
+    if query.until:
+        statement = statement.where(Disclosure.disclosed_at < query.until)
+    if query.limit:
+        statement = statement.limit(query.limit)
     with store.session() as session:
         rows = session.execute(statement).all()
     return pd.DataFrame(rows, columns=DISCLOSURE_LOG_COLUMNS)
+
+
+def organizations_frame(store: Store) -> pd.DataFrame:
+    """Every organization, with how many projects it has."""
+    projects = func.count(Project.id)
+    statement = (
+        select(Organization.id, Organization.name, projects, Organization.created_at)
+        .outerjoin(Project, Project.organization_id == Organization.id)
+        .group_by(Organization.id, Organization.name, Organization.created_at)
+        .order_by(Organization.id)
+    )
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    return pd.DataFrame(rows, columns=["org_id", "name", "projects", "created_at"])
+
+
+def projects_frame(store: Store, org_id: str | None = None) -> pd.DataFrame:
+    """Projects (of one organization, or all), with how many patients share with each and how
+    many destinations each delivers to."""
+    shares = select(func.count()).where(Share.project_id == Project.id).scalar_subquery()
+    subscribed = select(func.count()).where(Subscription.project_id == Project.id).scalar_subquery()
+    statement = select(
+        Project.id, Project.organization_id, Project.name, shares, subscribed, Project.created_at
+    ).order_by(Project.organization_id, Project.id)
+    if org_id:
+        statement = statement.where(Project.organization_id == org_id)
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    columns = ["project_id", "org_id", "name", "patients", "destinations", "created_at"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+SUBSCRIPTION_COLUMNS = [
+    "project_id", "destination", "data_types", "purpose", "since", "queued", "failed", "delivered",
+]  # fmt: skip
+
+
+def subscriptions_frame(store: Store, project_id: str | None = None) -> pd.DataFrame:
+    """What each project delivers where, and where its deliveries stand there."""
+
+    def counted(*statuses: DeliveryStatus):  # type: ignore[no-untyped-def]
+        return (
+            select(func.count())
+            .where(
+                Delivery.project_id == Subscription.project_id,
+                Delivery.destination == Subscription.destination,
+                Delivery.status.in_(statuses),
+            )
+            .scalar_subquery()
+        )
+
+    statement = select(
+        Subscription.project_id,
+        Subscription.destination,
+        Subscription.data_types,
+        Subscription.purpose,
+        Subscription.created_at,
+        counted(DeliveryStatus.QUEUED, DeliveryStatus.PENDING),
+        counted(DeliveryStatus.FAILED),
+        counted(DeliveryStatus.DELIVERED),
+    ).order_by(Subscription.project_id, Subscription.destination)
+    if project_id:
+        statement = statement.where(Subscription.project_id == project_id)
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    return pd.DataFrame(rows, columns=SUBSCRIPTION_COLUMNS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,6 +57,23 @@ def test_a_dry_run_sends_nothing_and_publishes_the_plan(store: Store, delivered:
     assert all(row.status == "delivered" for row in rows(store))
     artifact = Artifact.get("backfill-plan")
     assert artifact is not None and "nothing sent: 3 resend" in (artifact.description or "")
+    assert json.loads(str(artifact.data)) == [
+        {"destination": delivered.destination, "data type": "ccda", "action": "resend", "count": 3}
+    ]
+
+
+def test_a_dry_runs_plan_is_published_whole_in_pages_with_no_paths(
+    store: Store, delivered: Delivered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import backfill as backfill_flow
+
+    monkeypatch.setattr(backfill_flow, "PLAN_ROWS_PER_PAGE", 2)
+    assert backfill(project_id="study", force=True, dry_run=True) == {"resend": 3}
+    pages = [Artifact.get(f"backfill-plan-rows-{n}") for n in (1, 2)]
+    rows_shown = [row for page in pages for row in json.loads(str(page.data))]  # type: ignore[union-attr]
+    assert sorted(row["patient"] for row in rows_shown) == sorted(delivered.patients)
+    assert all("path" not in row for row in rows_shown)
+    assert pages[1].description == "Dry run plan, rows page 2 of 2"  # type: ignore[union-attr]
 
 
 def test_without_force_delivered_documents_are_skipped(store: Store, delivered: Delivered) -> None:

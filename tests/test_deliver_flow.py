@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from blocks.local import LocalDestination
-from flows.deliver import deliver
+from flows.deliver import deliver, deliver_state
 from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
@@ -91,6 +91,34 @@ def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
     again = deliver()
     assert (again.delivered, again.failed) == (0, 0)
     assert files_under(root) == arrived
+
+
+def test_updates_that_arrive_while_a_run_sends_go_with_that_run(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    from flows.reporting import progress_hooks
+
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root))
+    patients = [ingest.add_patient(store, project) for _ in range(3)]
+    ingest.put_document(store, patients[0], "ccda", CCDA)
+    late: list[int] = []
+
+    def arrives_mid_run(done: int, total: int) -> None:
+        if len(late) < 2:  # an update lands while each of the first two pages is being sent
+            late.append(total)
+            ingest.put_document(store, patients[len(late)], "ccda", CCDA_V2)
+
+    progress_hooks.append(arrives_mid_run)
+    try:
+        summary = deliver()
+    finally:
+        progress_hooks.remove(arrives_mid_run)
+
+    assert late == [1, 2]  # the run's total grew by what arrived
+    assert (summary.delivered, summary.failed) == (3, 0)
+    assert len(files_under(root)) == 3
+    assert deliver().delivered == 0
 
 
 def test_a_changed_document_is_delivered_again_alone(
@@ -210,21 +238,54 @@ def test_a_live_lease_is_not_taken_over(store: Store, project: str, tmp_path: Pa
 
 
 @pytest.mark.bad_input
-def test_a_missing_destination_block_fails_only_its_deliveries(
-    store: Store, project: str, tmp_path: Path
+def save_as_the_ui_would(reference: str, data: dict[str, object]) -> None:
+    """Overwrite a saved block's fields through Prefect's REST API, as the UI's form does: no
+    validation of ours runs."""
+    from prefect.client.orchestration import get_client
+
+    slug, name = reference.split("/")
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(name, slug)
+        response = client.request(
+            "PATCH",
+            "/block_documents/{id}",
+            path_params={"id": document.id},
+            json={"data": data, "merge_existing_data": False},
+        )
+        response.raise_for_status()
+
+
+@pytest.mark.parametrize("block", ["missing", "invalid"])
+def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_stays_green(
+    store: Store, project: str, tmp_path: Path, block: str
 ) -> None:
     root = tmp_path / "org-folder"
     ingest.subscribe(store, project, save_local(root))
-    ingest.subscribe(store, project, "local-destination/never-created")
+    unusable = "local-destination/never-created"
+    if block == "invalid":
+        unusable = save_local(tmp_path / "other")
+        save_as_the_ui_would(unusable, {"root": "relative/x", "path_template": "/{orgId}/{bogus}"})
+    ingest.subscribe(store, project, unusable)
     patient = ingest.add_patient(store, project)
     ingest.put_document(store, patient, "ccda", CCDA)
 
-    summary = deliver()
+    state = deliver_state()
+    summary = state.result()
 
-    assert (summary.delivered, summary.failed) == (1, 1)
-    [failed] = rows(store, status="failed")
-    assert failed.destination == "local-destination/never-created"
-    assert "cannot be loaded" in (failed.last_error or "")
+    assert state.is_completed()
+    assert (summary.delivered, summary.failed, summary.parked) == (1, 0, 1)
+    [parked] = rows(store, status="failed")
+    assert parked.destination == unusable and parked.attempts == 0
+    if block == "missing":
+        assert (
+            parked.last_error
+            == f"no destination block {unusable} (see `patient-delivery destination list`)"
+        )
+    else:
+        assert parked.last_error.startswith(f"block {unusable} is invalid: path_template: ")
+        assert "relative/x" not in parked.last_error  # fields named, values never
+    assert deliver().parked == 1  # it waits, run after run, until the block is fixed
+    assert rows(store, status="failed")[0].attempts == 0
 
 
 def test_filters_and_batches_deliver_exactly_what_was_asked(
@@ -457,8 +518,9 @@ def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:
     assert len(few) >= 8 and sum(few) == 17  # a small wave still gives every lane some
 
 
-def task_run_names(flow_run_id: str) -> list[str]:
-    """The task runs of a flow run by name without the suffix (gather, render, upload, record)."""
+def task_run_names(flow_run_id: str, full: bool = False) -> list[str]:
+    """The task runs of a flow run by kind (gather, render, upload, record), or, with `full`,
+    by the names the UI shows."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -466,7 +528,9 @@ def task_run_names(flow_run_id: str) -> list[str]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)]))
         )
-    return sorted(run.name.rsplit("-", 1)[0] for run in runs)
+    if full:
+        return sorted(run.name for run in runs)
+    return sorted(run.name.split(" ")[0].rsplit("-", 1)[0] for run in runs)
 
 
 @pytest.mark.parametrize(("batch_size", "uploads"), [(5, 1), (2, 2)])
@@ -487,6 +551,12 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
     assert (summary.delivered, summary.failed) == (60, 0)
     assert (
         task_run_names(summary.flow_run_id) == ["gather", "record", "render"] + ["upload"] * uploads
+    )
+    named = [n for n in task_run_names(summary.flow_run_id, full=True) if " " in n]
+    assert (
+        named
+        == [f"render local-destination/{name}"]
+        + [f"upload local-destination/{name} x 4 lanes"] * uploads
     )
     assert len([p for p in root.rglob("*") if p.is_file()]) == 60
 

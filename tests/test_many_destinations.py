@@ -62,6 +62,8 @@ def test_forty_destinations_each_get_their_documents_once_in_a_run_of_four_task_
     assert (figures.delivered, figures.lost, figures.duplicated) == (80, 0, 0)
     # gather, render and record once, and one upload task for the page's single wave
     assert task_run_names(summary.flow_run_id) == ["gather", "record", "render", "upload"]
+    named = [n for n in task_run_names(summary.flow_run_id, full=True) if " " in n]
+    assert named == ["render 40 destinations", "upload 40 destinations x 40 lanes"]
     assert deliver().delivered == 0
 
 

@@ -6,6 +6,7 @@ of the test's own (separate from the in-process test harness of the other tests)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,26 +110,41 @@ def wait_for_run(server: PrefectServer, run_id: str, seconds: float = 120) -> st
     return state
 
 
-def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
-    server: PrefectServer, env: dict[str, str], tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def deployed(server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> PrefectServer:
+    """The work pool and every deployment of prefect.yaml, as an operator creates them."""
+    env = {**server.client_env(), "PATIENT_DELIVERY_CHECKOUT": str(ROOT),
+           "PATIENT_DELIVERY_HOME": str(tmp_path_factory.mktemp("deploy-home"))}  # fmt: skip
     prefect(env, "work-pool", "create", "patient-delivery", "--type", "process")
     prefect(env, "--no-prompt", "deploy", "--all")
-    found = deployments(server)
+    return server
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "patient-delivery"],
+        env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    time.sleep(3)  # the worker registers with the pool
+    return worker
+
+
+def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
+    deployed: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    found = deployments(deployed)
     assert set(found) >= {"deliver-updates", "redeliver", "backfill"}
     crons = [s["schedule"].get("cron") for s in found["deliver-updates"]["schedules"]]
     assert crons == ["*/5 * * * *"]
+    assert found["deliver-updates"]["global_concurrency_limit"]["limit"] == 1
+    assert found["deliver-updates"]["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
     root = tmp_path / "org-folder"
     patient = project_with_folder(env, "service-folder", root)
 
-    worker_log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "patient-delivery"],
-        env=env, cwd=ROOT, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    worker = start_worker(env, tmp_path / "worker.log")
     try:
-        time.sleep(3)  # the worker registers with the pool
         cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
         sent = time.monotonic()
         deadline = sent + 120
@@ -142,17 +158,60 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         print(f"\nevent to file through a process worker: {latency:.1f} s")
 
         started = cli(env, "backfill", "--project", "study", "--force", "--dry-run", "--deployment")
-        assert started.startswith("started backfill/backfill: flow run")
-        run_id = started.strip().rsplit("(", 1)[1].rstrip(")")
-        state = wait_for_run(server, run_id)
+        first, address = started.splitlines()
+        assert first.startswith("started backfill/backfill: flow run")
+        run_id = first.rsplit("(", 1)[1].rstrip(")")
+        assert address.endswith(f"/runs/flow-run/{run_id}")
+        state = wait_for_run(deployed, run_id)
         assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
-        artifacts = httpx.post(f"{server.url}/artifacts/filter", timeout=30, json={
+        artifacts = httpx.post(f"{deployed.url}/artifacts/filter", timeout=30, json={
             "artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["backfill-plan"]}}
         }).json()  # fmt: skip
         assert "nothing sent: 1 resend" in artifacts[0]["description"]
         assert len(delivered) == len(list(root.rglob("*.xml")))  # a dry run sent nothing
+
+        watched = cli(env, "deliver", "--deployment", "--watch")
+        assert watched.splitlines()[-1].startswith("Completed")
     finally:
         stop_group(worker)
+
+
+def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_once(
+    deployed: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    root = tmp_path / "org-folder"
+    project_with_folder(env, "burst-folder", root)
+    files = []
+    for i in range(50):  # one import: 50 patients' updates, 50 events within a second or two
+        files.append(tmp_path / f"burst-{i}.xml")
+        files[-1].write_bytes(CCDA.replace(b"service", f"burst {i}".encode()))
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        started = time.time()
+        cli(env, "import", "ccda", *map(str, files), "--project", "study")
+        deadline = time.monotonic() + 240
+        while len(list(root.rglob("*.xml"))) < 50 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(15)  # past the trigger's window: any run it would still start has started
+        runs = httpx.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+            "deployments": {"id": {"any_": [deployments(deployed)["deliver-updates"]["id"]]}},
+            "flow_runs": {"expected_start_time": {"after_": _iso(started)}},
+        }).json()  # fmt: skip
+    finally:
+        stop_group(worker)
+    triggered = [run for run in runs if not run["auto_scheduled"]]
+    assert 1 <= len(triggered) <= 2, [(r["name"], r["state"]["type"]) for r in triggered]
+    delivered = sorted(p.read_bytes() for p in root.rglob("*") if p.is_file())
+    assert delivered == sorted(f.read_bytes() for f in files)  # each once, nothing else
+    ledger = json.loads(cli(env, "deliveries", "--json"))["deliveries"]
+    assert sorted(row["status"] for row in ledger) == ["delivered"] * 50
+    print(f"\n50 updates in one import: {len(triggered)} triggered run(s)")
+
+
+def _iso(moment: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(moment, UTC).isoformat()
 
 
 def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
@@ -225,7 +284,12 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
             "'body': '{{body}}'}).save('ops-hook', overwrite=True)"
         ))  # fmt: skip
         installed = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
-        assert installed.count("created automation") == 2
+        assert installed.count("created automation") == 4
+        again = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
+        assert again.count("updated automation") == 4 and "created" not in again
+        assert len(alert_names(server)) == len(set(alert_names(server))) == 4  # one of each
+        listed = json.loads(cli(env, "alerts", "list", "--json"))["alerts"]
+        assert [(a["installed"], a["enabled"]) for a in listed] == [(True, True)] * 4
 
         patient = project_with_folder(env, "alert-folder", tmp_path / "org", "../escape",
                                       "--template", "{projectId}/{externalId}")  # fmt: skip
@@ -241,8 +305,23 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
         alert = json.dumps(received[0])
         assert "failed" in alert and "1 of 1 deliveries failed" in alert
         assert "service" not in alert and "escape" not in alert  # no content, no externalId
+        assert "removed 4 automation(s)" in cli(env, "alerts", "remove")
+        assert alert_names(server) == []
+        assert "no" in cli(env, "alerts", "list")
+        missing = subprocess.run(
+            [str(BIN / "patient-delivery"), "alerts", "install", "--notify", "slack-webhook/none"],
+            env=env, cwd=ROOT, capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1, missing.stderr
+        assert b"no notification block slack-webhook/none" in missing.stderr
     finally:
         hook.shutdown()
+
+
+def alert_names(server: PrefectServer) -> list[str]:
+    """The names of our alert automations on the server (not the deployments' triggers)."""
+    automations = httpx.post(f"{server.url}/automations/filter", json={}, timeout=30).json()
+    return [a["name"] for a in automations if a["name"].startswith("patient delivery ")]
 
 
 def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(

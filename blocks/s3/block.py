@@ -112,8 +112,18 @@ class S3Destination(Destination):
         description="Documents sent in parallel, each lane with `files_in_flight` puts on their "
         "way (the CRT client opens up to lanes x puts connections).",
     )
-    connect_timeout: float = Field(default=10.0, gt=0, title="Connect timeout (s)")
-    read_timeout: float = Field(default=60.0, gt=0, title="Read timeout (s)")
+    connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        title="Connect timeout (s)",
+        description="Opening a connection to S3 or STS; past it the try fails and is retried.",
+    )
+    read_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        title="Read timeout (s)",
+        description="Waiting for S3's or STS's answer to one request, once it is sent.",
+    )
     files_in_flight: int = Field(
         default=2,
         ge=1,
