@@ -1,9 +1,10 @@
 """Delivery throughput: the Prefect flow against bare clients and rclone, same servers, one run.
 
-    uv run --group dev python bench/delivery.py                      # 1,000 patients = 2,000 documents, ~300 MB
+    uv run --group dev python bench/delivery.py  # 1,000 patients = 2,000 documents, ~300 MB
     uv run --group dev python bench/delivery.py --patients 200 --only sftp
     uv run --group dev python bench/delivery.py gather --store-patients 1000000 --changed 1000
-    uv run --group dev python bench/delivery.py memory --sizes 1000,10000,100000   # peak RSS as N grows
+    uv run --group dev python bench/delivery.py memory --sizes 1000,10000,100000
+        # peak RSS as N grows
 
 Starts OpenSSH sshd, SeaweedFS (S3) and moto (STS) on loopback the way the tests do, and a real
 `prefect server start`. Seeds synthetic patients with the project's own generator, exports the

@@ -1,9 +1,9 @@
 """Many destinations in one run: what a run costs as the number of organizations grows.
 
-    uv run --group dev python bench/many.py                          # N = 1, 10, 100, 1000; 2 documents each
+    uv run --group dev python bench/many.py  # N = 1, 10, 100, 1000; 2 documents each
     uv run --group dev python bench/many.py --sizes 1,10,100 --documents 4
 
-    uv run --group dev python bench/many.py --remote 0.05           # 5% SFTP and 5% S3 destinations
+    uv run --group dev python bench/many.py --remote 0.05  # 5% SFTP and 5% S3 destinations
 
 For each N: a fresh SQLite store with N organizations, each with one project, its own destination
 and K documents (K/2 synthetic patients, a C-CDA document and a FHIR bundle each). Most

@@ -1,6 +1,6 @@
 """Reads per second from the pull API, loaded from a second process.
 
-    uv run --group dev python bench/pull.py                     # 200 synthetic patients, 8 clients, 5 s each
+    uv run --group dev python bench/pull.py  # 200 synthetic patients, 8 clients, 5 s each
     uv run --group dev python bench/pull.py --patients 1000 --clients 16 --seconds 10
 
 Seeds a SQLite store with synthetic patients (the project's generator), creates an API key,

@@ -1,6 +1,6 @@
 """Past one process: the same backlog delivered by one process, a Dask cluster, and Prefect workers.
 
-    uv run --group dev python bench/scale.py                    # 400 patients (800 documents) per setup
+    uv run --group dev python bench/scale.py  # 400 patients (800 documents) per setup
     uv run --group dev python bench/scale.py --patients 1000 --workers 2 --runs 4
 
 Starts on loopback, the way the tests do: PostgreSQL (for the store and for Prefect's own

@@ -80,7 +80,8 @@ def _run(*command: str, input: str | None = None) -> subprocess.CompletedProcess
 
 
 def apt_install(package: str) -> None:
-    """Install a Debian package the tests need, so that `uv run --group dev pytest` works on a new machine."""
+    """Install a Debian package the tests need, so that `uv run --group dev pytest` works on a
+    new machine."""
     if shutil.which("apt-get") is None:
         raise ServerError(f"{package} not found: install Debian/Ubuntu's {package} package")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
