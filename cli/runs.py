@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -55,6 +56,9 @@ def deliver(
         bool,
         typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
     ] = False,
+    name: Annotated[
+        str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
+    ] = None,
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
     in_scope(project_id=project)
@@ -71,7 +75,7 @@ def deliver(
         "connection_budget": connection_budget,
     }
     if deployment:
-        start_deployment("deliver-updates/deliver-updates", parameters, watch)
+        start_deployment("deliver-updates/deliver-updates", parameters, watch, name)
         return
     from flows.deliver import deliver as run_delivery
     from flows.runtime import task_runner
@@ -90,7 +94,7 @@ def progress_bar(label: str) -> Iterator[None]:
 
     from flows.reporting import progress_hooks
 
-    with Progress(console=errors, transient=True) as progress:
+    with Progress(console=errors, transient=True) as progress, _logs_above(progress.console):
         bar = progress.add_task(label, total=None)
 
         def hook(done: int, total: int) -> None:
@@ -103,7 +107,36 @@ def progress_bar(label: str) -> Iterator[None]:
             progress_hooks.remove(hook)
 
 
-def start_deployment(name: str, parameters: dict[str, object], watch: bool = False) -> None:
+@contextmanager
+def _logs_above(console: Console) -> Iterator[None]:
+    """Prefect's log lines printed through the progress bar's console, above the bar, instead
+    of into it (each Prefect console handler prints to a console of its own)."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # the handlers exist before the run, not only once it has started
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(n) for n in logging.root.manager.loggerDict),
+    ]
+    handlers = {
+        h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)
+    }
+    own = {handler: handler.console for handler in handlers}
+    for handler in handlers:
+        handler.console = console
+    try:
+        yield
+    finally:
+        for handler, before in own.items():
+            handler.console = before
+
+
+def start_deployment(
+    name: str, parameters: dict[str, object], watch: bool = False, run_name: str | None = None
+) -> None:
     """Start a deployment's run on the Prefect server instead of running here; print its UI
     address, and with `watch` wait for its end (exit 1 unless it completed)."""
     from prefect.deployments import run_deployment
@@ -115,6 +148,7 @@ def start_deployment(name: str, parameters: dict[str, object], watch: bool = Fal
             name,
             parameters={k: v for k, v in parameters.items() if v is not None},
             timeout=None if watch else 0,
+            flow_run_name=run_name,
         )
     except ObjectNotFound:
         raise fail(
@@ -211,6 +245,9 @@ def backfill_command(
         bool,
         typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
     ] = False,
+    name: Annotated[
+        str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
+    ] = None,
 ) -> None:
     """Queue the newest matching documents where they are missing, then deliver them."""
     in_scope(org, project)
@@ -228,7 +265,7 @@ def backfill_command(
         "force": force,
     }
     if deployment:
-        start_deployment("backfill/backfill", parameters, watch)
+        start_deployment("backfill/backfill", parameters, watch, name)
         return
     from flows.backfill import backfill
 
@@ -252,6 +289,9 @@ def redeliver_command(
         bool,
         typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
     ] = False,
+    name: Annotated[
+        str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
+    ] = None,
 ) -> None:
     """Send again what failed or was left pending (or, with --full, everything)."""
     in_scope(project_id=project)
@@ -259,7 +299,7 @@ def redeliver_command(
     parameters = {"project_id": project, "destination": destination, "full": full,
                   "dry_run": dry_run}  # fmt: skip
     if deployment:
-        start_deployment("redeliver/redeliver", parameters, watch)
+        start_deployment("redeliver/redeliver", parameters, watch, name)
         return
     from flows.backfill import redeliver
 

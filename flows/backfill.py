@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.deliver import deliver
-from flows.reporting import RunSummary
+from flows.reporting import RunSummary, run_name
 from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
 from patient_delivery.ingest import check_scope
@@ -77,6 +77,10 @@ def queue(request: backfills.BackfillRequest) -> dict[str, int]:
 
 
 def _run_name(kind: str) -> str:
+    return run_name(lambda: _describe_run(kind))
+
+
+def _describe_run(kind: str) -> str:
     parameters = flow_run.parameters or {}
     name = f"{kind} {parameters.get('project_id') or 'all-projects'}"
     if parameters.get("destinations") or parameters.get("destination"):

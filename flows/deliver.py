@@ -121,6 +121,10 @@ def record(summary: RunSummary) -> None:
 
 
 def _run_name() -> str:
+    return reporting.run_name(_describe_run)
+
+
+def _describe_run() -> str:
     parameters = flow_run.parameters or {}
     scope = parameters.get("project_id") or "all-projects"
     if parameters.get("destinations"):

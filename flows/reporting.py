@@ -5,12 +5,14 @@ Everything here carries IDs, destination names, counts and reasons; never docume
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 
 from flows import runtime
 from patient_delivery.ledger import Outcome
@@ -134,6 +136,16 @@ progress_hooks: list[Callable[[int, int], None]] = []
 
 
 PROGRESS_KEY = "delivery-progress"
+
+_GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+$")
+"""Prefect's own names for runs (`crafty-lemur`): any other name was given by a person."""
+
+
+def run_name(describe: Callable[[], str]) -> str:
+    """A run's name: the one a person gave it (the UI's custom-run form, `--name`), or else
+    `describe()` (`deliver cardio to sftp-destination/acme`)."""
+    given = flow_run.name
+    return given if given and not _GENERATED_NAME.match(given) else describe()
 
 
 class Progress:

@@ -195,3 +195,20 @@ def test_our_blocks_load_in_any_flow_of_the_environment_without_importing_the_pr
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["blocks.local", (tmp_path / "theirs").as_uri()]
+
+
+def test_prefect_log_lines_go_through_the_progress_bars_console_while_it_shows() -> None:
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from cli.common import errors
+    from cli.runs import progress_bar
+
+    def handlers() -> list[PrefectConsoleHandler]:
+        return [h for h in logging.getLogger().handlers
+                if isinstance(h, PrefectConsoleHandler)]  # fmt: skip
+
+    with progress_bar("delivering"):
+        assert handlers() and all(h.console is errors for h in handlers())
+    assert handlers() and not any(h.console is errors for h in handlers())

@@ -170,8 +170,11 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         assert "nothing sent: 1 resend" in artifacts[0]["description"]
         assert len(delivered) == len(list(root.rglob("*.xml")))  # a dry run sent nothing
 
-        watched = cli(env, "deliver", "--deployment", "--watch")
+        watched = cli(env, "deliver", "--deployment", "--watch", "--name", "nightly fix")
         assert watched.splitlines()[-1].startswith("Completed")
+        watched_id = watched.splitlines()[0].rsplit("(", 1)[1].rstrip(")")
+        named = httpx.get(f"{deployed.url}/flow_runs/{watched_id}", timeout=30).json()["name"]
+        assert named == "nightly fix"  # a name given by a person is kept
     finally:
         stop_group(worker)
 
