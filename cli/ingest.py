@@ -119,6 +119,27 @@ def patient_share(
     console.print(f"shared; {queued} deliveries queued")
 
 
+@patient_app.command("unshare")
+def patient_unshare(
+    project_id: str,
+    patient_id: str,
+    reason: Annotated[str | None, typer.Option(help="Why, for the record (500 characters)")] = None,
+) -> None:
+    """The patient stops sharing with the project, from now on: nothing more of theirs is sent
+    to its destinations or served to it through the pull API; what is not yet sent is
+    withdrawn. Recorded with who, when and why."""
+    import getpass
+    import socket
+
+    from patient_delivery import ingest
+
+    by = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    done = refusals(
+        lambda: ingest.unshare_patient(current_store(), project_id, patient_id, reason, by)
+    )
+    console.print(f"share withdrawn; {done.withdrawn_deliveries} deliveries withdrawn")
+
+
 @document_app.command("put")
 def document_put(
     patient_id: str,

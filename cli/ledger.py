@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-STATUSES = ("queued", "pending", "delivered", "failed", "superseded", "replaced")
+STATUSES = ("queued", "pending", "delivered", "failed", "superseded", "replaced", "withdrawn")
 
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout, for scripts")]
 Csv = Annotated[
@@ -113,7 +113,7 @@ def disclosures(
 ) -> None:
     """Every send of a patient's records (re-sends included) and every read through the pull
     API: the accounting of disclosures."""
-    from patient_delivery.reports import LedgerQuery, disclosures_frame
+    from patient_delivery.reports import LedgerQuery, disclosures_frame, withdrawals_frame
 
     on_terminal = not (csv or as_json)
     query = LedgerQuery(
@@ -123,13 +123,21 @@ def disclosures(
         until=parse_when(until, "--until"),
         limit=limit or (50 if on_terminal else None),
     )
-    frame = disclosures_frame(current_store(), query)
-    if _written(frame, "disclosures", csv, as_json):
+    store = current_store()
+    frame = disclosures_frame(store, query)
+    withdrawals = withdrawals_frame(store, query)
+    if as_json:
+        print_json({"disclosures": records(frame), "share_withdrawals": records(withdrawals)})
+        return
+    if _written(frame, "disclosures", csv, as_json=False):
         return
     frame = frame.assign(
         disclosed_at=frame["disclosed_at"].map(_short_time), sha256=frame["sha256"].str[:12]
     )
     print_frame(frame, "disclosures")
+    if not withdrawals.empty:
+        withdrawals["withdrawn_at"] = withdrawals["withdrawn_at"].map(_short_time)
+        print_frame(withdrawals, "shares withdrawn (the patient stopped sharing)")
 
 
 @app.command()

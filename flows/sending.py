@@ -142,16 +142,17 @@ def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> 
     sending broke off: what was not answered fails with the reason, and the next run sends it)."""
     started = ledger.start_batch(store, claimant, [i for _, ids in batch for i in ids])
     items = {item.delivery_id: item for item in started}
+    consent = Consent(store, list(items))
     outcomes: list[Outcome] = []
     reports = []
     with ledger.reading(store) as read:
         for ref, ids in batch:
             report = BatchReport(ref, worker=worker)
             ours = [items[i] for i in ids if i in items]
-            report.skipped = len(ids) - len(ours)
             report.began = time.time()
-            sent = _send_to(ref, claimant, ours, read) if ours else []
+            sent = _send_to(ref, claimant, ours, consent.kept(read(ours))) if ours else []
             report.ended = time.time()
+            report.skipped = len(ids) - len(sent)
             report.count(sent)
             outcomes += sent
             reports.append(report)
@@ -159,15 +160,39 @@ def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> 
     return reports
 
 
+class Consent:
+    """Whether a batch's deliveries are still shared: a patient may stop sharing while a run
+    sends. Re-read from the store at most every `EVERY` seconds, so a withdrawal stops the
+    sends that start after that; what is already on its way finishes."""
+
+    EVERY = 1.0
+
+    def __init__(self, store: Store, delivery_ids: list[int]) -> None:
+        self.store = store
+        self.ids = delivery_ids
+        self.withdrawn: set[int] = set()
+        self.read_at = time.monotonic()
+
+    def kept(self, documents: Iterator[Document]) -> Iterator[Document]:
+        """The documents still shared, each checked as it is about to be sent."""
+        for document in documents:
+            if time.monotonic() - self.read_at >= self.EVERY:
+                self.withdrawn = ledger.withdrawn_among(self.store, self.ids)
+                self.read_at = time.monotonic()
+            if document[0].delivery_id not in self.withdrawn:
+                yield document
+
+
 def _send_to(
-    destination_ref: str, claimant: str, items: list[UploadItem], read: ledger.Reader
+    destination_ref: str, claimant: str, items: list[UploadItem], documents: Iterator[Document]
 ) -> list[Outcome]:
-    """Send items to one destination over one session; an outcome for each, whatever breaks."""
+    """Send items to one destination over one session; an outcome for each sent or failed
+    (none for a withdrawn one), whatever breaks."""
     outcomes: list[Outcome] = []
     try:
         pool = sessions.pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
-            for outcome in send_documents(lease, pool, read(items)):
+            for outcome in send_documents(lease, pool, documents):
                 outcomes.append(outcome)  # one by one: kept if a later document raises
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from patient_delivery.documents import DATA_TYPES, CheckedDocument, check_data_type, check_document
-from patient_delivery.events import emit_data_updated, events_enabled
+from patient_delivery.events import emit_data_updated, emit_share_withdrawn, events_enabled
 from patient_delivery.ledger import enqueue_heads, enqueue_version
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
@@ -28,7 +28,9 @@ from patient_delivery.store.models import (
     Patient,
     Project,
     Share,
+    ShareWithdrawal,
     Subscription,
+    utcnow,
 )
 
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -136,6 +138,65 @@ def share_patient(
                 select(Subscription).where(Subscription.project_id == project_id)
             )
         )
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """What ending a share did: deliveries withdrawn (queued, pending or failed)."""
+
+    project_id: str
+    patient_id: str
+    organization_id: str
+    withdrawn_deliveries: int
+
+
+def unshare_patient(
+    store: Store,
+    project_id: str,
+    patient_id: str,
+    reason: str | None = None,
+    recorded_by: str = "api",
+) -> Withdrawal:
+    """The patient stops sharing with `project_id`, from now on: the share is removed (no new
+    deliveries, no pull reads through that project), every delivery of theirs to it not yet
+    sent becomes `withdrawn` (a run holding one re-checks before sending it), and the withdrawal
+    is recorded (who, when, why). Sharing again later queues the newest documents anew."""
+    if reason is not None and len(reason) > 500:
+        raise IngestError("reason: at most 500 characters")
+    with store.session() as session:
+        share = session.get(Share, (project_id, patient_id))
+        if share is None:
+            raise IngestError(f"patient {patient_id!r} does not share with project {project_id!r}")
+        project = session.get(Project, project_id)
+        assert project is not None
+        withdrawn = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.project_id == project_id,
+                Delivery.patient_id == patient_id,
+                Delivery.status.in_(
+                    [DeliveryStatus.QUEUED, DeliveryStatus.PENDING, DeliveryStatus.FAILED]
+                ),
+            )
+            .values(  # a run's claim stays: what it sent meanwhile is still recorded as sent
+                status=DeliveryStatus.WITHDRAWN, last_error="consent withdrawn", updated_at=utcnow()
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.delete(share)
+        session.add(
+            ShareWithdrawal(
+                patient_id=patient_id,
+                project_id=project_id,
+                organization_id=project.organization_id,
+                reason=reason,
+                recorded_by=recorded_by,
+                withdrawn_deliveries=int(withdrawn or 0),
+            )
+        )
+        result = Withdrawal(project_id, patient_id, project.organization_id, int(withdrawn or 0))
+    emit_share_withdrawn(patient_id, project_id, result.organization_id)
+    return result
 
 
 @dataclass(frozen=True)

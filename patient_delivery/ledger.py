@@ -16,7 +16,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from patient_delivery.paths import PathValueError, format_timestamp
@@ -100,17 +111,39 @@ def enqueue_heads(
         )
         .group_by(DocumentVersion.patient_id, DocumentVersion.data_type)
     )
-    owed = select(Delivery.version_id).where(
+    owed = select(Delivery.version_id).where(  # withdrawn ones are owed again on a new share
         Delivery.project_id == subscription.project_id,
         Delivery.destination == subscription.destination,
+        Delivery.status != DeliveryStatus.WITHDRAWN,
     )
     if patient_id is not None:
         newest = newest.where(DocumentVersion.patient_id == patient_id)
         owed = owed.where(Delivery.patient_id == patient_id)
     already = set(session.scalars(owed))
+    withdrawn = {
+        row.version_id: row
+        for row in session.scalars(
+            select(Delivery).where(
+                Delivery.project_id == subscription.project_id,
+                Delivery.destination == subscription.destination,
+                Delivery.status == DeliveryStatus.WITHDRAWN,
+                Delivery.version_id.in_(newest),
+            )
+        )
+    }
     queued = 0
     for version in session.scalars(select(DocumentVersion).where(DocumentVersion.id.in_(newest))):
-        if version.id not in already:
+        if version.id in withdrawn:  # shared again: owed again, its path rendered anew
+            row = withdrawn[version.id]
+            row.status, row.last_error, row.path, row.rendered_at = (
+                DeliveryStatus.QUEUED,
+                None,
+                None,
+                None,
+            )
+            row.claimed_by, row.lease_expires_at, row.flow_run_id = None, None, None
+            queued += 1
+        elif version.id not in already:
             queue_delivery(
                 session, version, subscription.project_id, project.organization_id, subscription
             )
@@ -494,6 +527,21 @@ class Outcome:
         return self.error is None
 
 
+WITHDRAWN_WHILE_SENT = "sent while consent was being withdrawn"
+
+
+def withdrawn_among(store: Store, delivery_ids: Sequence[int]) -> set[int]:
+    """Which of these deliveries were withdrawn (the patient stopped sharing) since claimed."""
+    with store.session() as session:
+        return set(
+            session.scalars(
+                select(Delivery.id).where(
+                    Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.WITHDRAWN
+                )
+            )
+        )
+
+
 def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) -> int:
     """Write a batch's outcomes in one transaction; returns how many rows were still ours.
 
@@ -503,13 +551,25 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
         return 0
     now = _now()
     table = Delivery.__table__
+    withdrawn_unsent = and_(
+        table.c.status == DeliveryStatus.WITHDRAWN,
+        bindparam("b_status") != DeliveryStatus.DELIVERED.value,
+    )
     statement = (
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.claimed_by == claimant)
         .values(
-            status=bindparam("b_status"),
+            # A withdrawn delivery stays withdrawn, unless it was sent while consent was being
+            # withdrawn: then it is recorded as sent (and disclosed), as it was.
+            status=case(
+                (withdrawn_unsent, DeliveryStatus.WITHDRAWN.value), else_=bindparam("b_status")
+            ),
             attempts=table.c.attempts + bindparam("b_attempts"),
-            last_error=bindparam("b_error"),
+            last_error=case(
+                (withdrawn_unsent, "consent withdrawn"),
+                (table.c.status == DeliveryStatus.WITHDRAWN, WITHDRAWN_WHILE_SENT),
+                else_=bindparam("b_error"),
+            ),
             sha256=bindparam("b_sha256"),
             size=bindparam("b_size"),
             delivered_at=bindparam("b_delivered_at"),

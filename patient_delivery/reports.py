@@ -21,6 +21,7 @@ from patient_delivery.store.models import (
     Organization,
     Project,
     Share,
+    ShareWithdrawal,
     Subscription,
 )
 
@@ -171,6 +172,40 @@ def disclosures_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Da
     with store.session() as session:
         rows = session.execute(statement).all()
     return pd.DataFrame(rows, columns=DISCLOSURE_LOG_COLUMNS)
+
+
+WITHDRAWAL_COLUMNS = [
+    "withdrawn_at", "patient_id", "organization", "project_id", "withdrawn_deliveries", "reason",
+    "recorded_by",
+]  # fmt: skip
+
+
+def withdrawals_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.DataFrame:
+    """Shares ended by their patient, newest first: who recorded it, when and why."""
+    statement = (
+        select(
+            ShareWithdrawal.withdrawn_at,
+            ShareWithdrawal.patient_id,
+            Organization.name,
+            ShareWithdrawal.project_id,
+            ShareWithdrawal.withdrawn_deliveries,
+            ShareWithdrawal.reason,
+            ShareWithdrawal.recorded_by,
+        )
+        .join(Organization, Organization.id == ShareWithdrawal.organization_id)
+        .order_by(ShareWithdrawal.withdrawn_at.desc(), ShareWithdrawal.id.desc())
+    )
+    if query.patient_id:
+        statement = statement.where(ShareWithdrawal.patient_id == query.patient_id)
+    if query.project_id:
+        statement = statement.where(ShareWithdrawal.project_id == query.project_id)
+    if query.since:
+        statement = statement.where(ShareWithdrawal.withdrawn_at >= query.since)
+    if query.until:
+        statement = statement.where(ShareWithdrawal.withdrawn_at < query.until)
+    with store.session() as session:
+        rows = session.execute(statement).all()
+    return pd.DataFrame(rows, columns=WITHDRAWAL_COLUMNS)
 
 
 def organizations_frame(store: Store) -> pd.DataFrame:

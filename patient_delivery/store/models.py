@@ -140,6 +140,7 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "failed"  # the next run tries again (at the same path, if one was rendered)
     SUPERSEDED = "superseded"  # a newer version replaced it before it was sent
     REPLACED = "replaced"  # was delivered; a newer version was since delivered to the same path
+    WITHDRAWN = "withdrawn"  # the patient stopped sharing with the project before it was sent
 
 
 class Delivery(Base):
@@ -175,6 +176,23 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     rendered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+
+
+class ShareWithdrawal(Base):
+    """A patient stopped sharing with a project: append-only (who recorded it, when, why). The
+    share itself is removed, so nothing of theirs is queued, sent or served to it again."""
+
+    __tablename__ = "share_withdrawals"
+    __table_args__ = (Index("ix_share_withdrawals_patient", "patient_id", "withdrawn_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    reason: Mapped[str | None] = mapped_column(String(500))
+    recorded_by: Mapped[str] = mapped_column(String(200))
+    withdrawn_deliveries: Mapped[int] = mapped_column(Integer)
+    withdrawn_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Disclosure(Base):
