@@ -29,12 +29,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from string import Formatter
 from typing import NamedTuple, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
-from patient_delivery.paths import DEFAULT_TEMPLATE, PathTemplate, PathTemplateError
+from patient_delivery.paths import (
+    DEFAULT_TEMPLATE,
+    PathTemplate,
+    PathTemplateError,
+    format_timestamp,
+)
 
 
 class DeliveryError(Exception):
@@ -147,6 +153,18 @@ class DestinationSession(ABC):
         """Release the connection."""
 
 
+DEFAULT_MANIFEST_TEMPLATE = "{orgId}/{projectId}/_manifests/{timestamp}-{runId}.json"
+MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}
+
+
+def manifest_path(template: str, org_id: str, project_id: str, timestamp: str, run_id: str) -> str:
+    """A manifest template filled in, and refused if it would leave the destination's root."""
+    from blocks.naming import contained  # naming builds on this module's errors
+
+    path = template.format(orgId=org_id, projectId=project_id, timestamp=timestamp, runId=run_id)
+    return contained(path)
+
+
 class Destination(Block, ABC):
     """Base of every destination block: the path template and the bounds shared by all."""
 
@@ -166,6 +184,43 @@ class Destination(Block, ABC):
         title="Max connections",
         description="Most uploads to run at once to this destination (one connection each).",
     )
+
+    manifest_template: str = Field(
+        default=DEFAULT_MANIFEST_TEMPLATE,
+        title="Manifest path template",
+        description=(
+            "Where each run writes its manifest for a project (a JSON list of the files it "
+            "delivered, with their SHA-256), after every file it lists has landed. Variables: "
+            "{orgId}, {projectId}, {timestamp}, {runId}. Empty: no manifests."
+        ),
+    )
+
+    @field_validator("manifest_template")
+    @classmethod
+    def _check_manifest_template(cls, value: str) -> str:
+        if not value:
+            return value
+        fields = {name for _, name, _, _ in Formatter().parse(value) if name is not None}
+        if unknown := fields - MANIFEST_VARIABLES:
+            raise ValueError(
+                f"unknown variable(s) {sorted(unknown)}; use {sorted(MANIFEST_VARIABLES)}"
+            )
+        if "runId" not in fields or not value.endswith(".json"):
+            raise ValueError("must hold {runId} (one manifest per run) and end with .json")
+        try:
+            manifest_path(value, "org", "project", "20260101T000000Z", "run")
+        except DeliveryError:
+            raise ValueError("must stay under the destination's root (relative, no ..)") from None
+        return value
+
+    def render_manifest_path(
+        self, org_id: str, project_id: str, moment: datetime, run_id: str
+    ) -> str:
+        """Where a run's manifest for a project goes ('' when manifests are off)."""
+        if not self.manifest_template:
+            return ""
+        timestamp = format_timestamp(moment)
+        return manifest_path(self.manifest_template, org_id, project_id, timestamp, run_id)
 
     @field_validator("path_template")
     @classmethod

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from blocks.base import (
     Destination,
@@ -104,12 +104,9 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-class LocalDestination(Destination):
-    """Deliver into a folder on this machine: files appear whole (temporary name, fsync, rename)."""
-
-    _block_type_name = "Local Destination"
-    _block_type_slug = "local-destination"
-    _description = "Deliver patient documents into a folder on this machine or a mounted share."
+class _LocalRoot(BaseModel):
+    """The local destination's own field, declared apart so that it comes first in the
+    Prefect UI's form (fields show in declaration order, base classes' first)."""
 
     root: Path = Field(
         title="Root folder",
@@ -127,6 +124,14 @@ class LocalDestination(Destination):
             raise ValueError("must be an absolute folder (or start with ~): a relative one would "
                              "depend on where the worker runs")  # fmt: skip
         return value
+
+
+class LocalDestination(Destination, _LocalRoot):
+    """Deliver into a folder on this machine: files appear whole (temporary name, fsync, rename)."""
+
+    _block_type_name = "Local Destination"
+    _block_type_slug = "local-destination"
+    _description = "Deliver patient documents into a folder on this machine or a mounted share."
 
     def describe(self) -> str:
         return Path(self.root).expanduser().resolve().as_uri()

@@ -83,7 +83,7 @@ def deliver(
     with progress_bar("delivering"):
         summary = run_delivery(task_runner(dask) if dask else None, **parameters)
     print_summary(summary)
-    if summary.failed:
+    if summary.failed or summary.manifests_failed:
         raise typer.Exit(1)
 
 
@@ -184,6 +184,8 @@ def print_summary(summary: RunSummary) -> None:
     if not summary.rows():
         table.add_row("(nothing owed)", "0", "0", "0", "0", "0.0", "")
     console.print(table)
+    for destination, why in summary.manifests_failed.items():
+        errors.print(Text("manifest: ", style="red") + printable(f"{destination}: {why}"))
     if summary.parked:
         note = summary.parked_note().removeprefix("; ")
         shown = printable(f"{note}; `patient-delivery destination list` shows what is wrong")

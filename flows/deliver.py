@@ -25,7 +25,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
 from blocks import load_destination, problem
-from flows import reporting, runtime, sending, sessions, waves
+from flows import manifests, reporting, runtime, sending, sessions, waves
 from flows.reporting import BatchReport, Progress, RunSummary
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
@@ -105,6 +105,16 @@ def upload(
 ) -> list[BatchReport]:
     """Send a wave of lanes, to one destination or many (`sending.send_wave`)."""
     return sending.send_wave(claimant, lanes, batch_size, connections)
+
+
+@task(name="manifests")
+def write_manifests(claimant: str) -> dict[str, str]:
+    """Write a manifest to each destination the run delivered to, once every upload has
+    ended (`flows.manifests`); the destinations whose manifest could not be written."""
+    failed = manifests.write_all(claimant)
+    for destination, why in failed.items():
+        get_run_logger().error("%s: %s", destination, why)
+    return failed
 
 
 @task(name="record")
@@ -202,11 +212,13 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
                     break
                 follow_ups -= 1  # updates that arrived while the page was sent go with this run
                 progress.grow(arrived)
+        if summary.delivered:  # last: every file a manifest lists has landed
+            summary.manifests_failed = write_manifests(claimant)
     finally:
         sessions.pools.close_run(claimant)
     progress.update(summary.done, final=True)
     record(summary)
-    if summary.failed:  # a red run in the UI, and the trigger for alerts
+    if summary.failed or summary.manifests_failed:  # a red run in the UI, and alerts
         return Failed(message=summary.headline(), data=summary)
     return summary
 

@@ -74,6 +74,8 @@ class RunSummary:
     destinations: dict[str, BatchReport] = field(default_factory=dict)
     workers: Counter[str] = field(default_factory=Counter)
     """Documents sent per process (host:pid)."""
+    manifests_failed: dict[str, str] = field(default_factory=dict)
+    """Destinations whose manifest could not be written, with the reason."""
 
     def add(self, report: BatchReport) -> None:
         if report.worker:
@@ -89,6 +91,8 @@ class RunSummary:
             f"{self.failed} of {self.failed + self.delivered} deliveries failed "
             f"(to {', '.join(failing)}); see `patient-delivery deliveries --status failed`"
         )
+        if self.manifests_failed:
+            line += f"; manifest not written to {', '.join(self.manifests_failed)}"
         return line + self.parked_note() if self.parked else line
 
     def parked_note(self) -> str:

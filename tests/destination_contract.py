@@ -10,12 +10,15 @@ A subclass whose destination never writes a temporary file (S3: objects appear w
 from __future__ import annotations
 
 import hashlib
+import json
+import uuid
 from typing import Protocol
 
 import pytest
 
 from blocks.base import DeliveryError, Destination, Receipt, TerminalDeliveryError, Upload
 from blocks.naming import temporary_name
+from patient_delivery.store import Store
 
 BODY = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"x" * 200_000 + b"</ClinicalDocument>"
 
@@ -53,6 +56,42 @@ ESCAPING_PATHS = [
 
 class DestinationContract:
     writes_temporary_files = True
+
+    @pytest.mark.usefixtures("prefect_api")
+    def test_a_run_writes_one_manifest_last_listing_every_file_it_sent_with_its_hash(
+        self, destination: Destination, remote: Remote, store: Store
+    ) -> None:
+        from flows.deliver import deliver
+        from patient_delivery import ingest
+
+        tag = f"m{uuid.uuid4().hex[:8]}"
+        destination.save(tag)
+        ingest.add_organization(store, tag, tag)
+        project = ingest.add_project(store, tag, "Study", f"{tag}-study")
+        ingest.subscribe(store, project, f"{destination.get_block_type_slug()}/{tag}")
+        for number in range(3):
+            patient = ingest.add_patient(store, project, f"MRN-{number}")
+            document = (
+                b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>%d</title></ClinicalDocument>'
+            )
+            ingest.put_document(store, patient, "ccda", document % number)
+
+        summary = deliver()
+
+        [manifest] = [n for n in remote.names() if n.startswith(f"{tag}/{project}/_manifests/")]
+        assert manifest.endswith(f"-{summary.flow_run_id}.json")
+        listed = json.loads(remote.read(manifest) or b"")
+        assert (listed["runId"], listed["organization"], listed["project"]) == (
+            summary.flow_run_id, tag, project
+        )  # fmt: skip
+        assert listed["failed"] == 0 and len(listed["output"]) == summary.delivered == 3
+        for entry in listed["output"]:
+            content = remote.read(entry["url"])
+            assert content is not None and sha(content) == entry["sha256"]
+            assert len(content) == entry["size"] and entry["type"] == "ccda"
+            assert entry["externalId"].startswith("MRN-") and entry["version"] == 1
+        assert deliver().delivered == 0  # a run that sends nothing writes no manifest
+        assert len([n for n in remote.names() if "/_manifests/" in n and tag in n]) == 1
 
     @pytest.mark.bad_input
     @pytest.mark.parametrize("path", ESCAPING_PATHS)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import json
 import os
 import signal
 import socket
@@ -315,6 +316,15 @@ class Figures:
     leftovers: int = 0
 
 
+MANIFESTS = "/_manifests/"
+"""Where runs write their manifests (the default manifest template)."""
+
+
+def documents(names: list[str]) -> list[str]:
+    """The delivered documents among a destination's file names (not the runs' manifests)."""
+    return [name for name in names if MANIFESTS not in name]
+
+
 def check_invariant(store: Store, remotes: Mapping[str, Remote]) -> Figures:
     """Check every (document version, destination) of `remotes` against the server's files.
 
@@ -371,7 +381,13 @@ def check_invariant(store: Store, remotes: Mapping[str, Remote]) -> Figures:
             figures.lost += 1
     for reference, remote in remotes.items():
         for name in remote.names():
-            if name.rsplit("/", 1)[-1].endswith(".partial"):
+            if MANIFESTS in name and name.endswith(".json"):  # must list only whole files
+                listed = json.loads(remote.read(name) or b"{}").get("output", [])
+                figures.partial += sum(  # a file a later version replaced holds that version
+                    hashlib.sha256(remote.read(entry["url"]) or b"").hexdigest() not in contents
+                    for entry in listed
+                )
+            elif name.rsplit("/", 1)[-1].endswith(".partial"):
                 figures.leftovers += 1
             elif name not in paths[reference]:
                 body = remote.read(name) or b""

@@ -61,7 +61,12 @@ def stall(
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """The documents delivered under `root` (not the runs' manifests)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and "_manifests" not in p.parts
+    }
 
 
 def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
@@ -119,6 +124,32 @@ def test_updates_that_arrive_while_a_run_sends_go_with_that_run(
     assert (summary.delivered, summary.failed) == (3, 0)
     assert len(files_under(root)) == 3
     assert deliver().delivered == 0
+
+
+def test_each_manifest_written_is_kept_in_the_ledger_and_a_destination_can_turn_them_off(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    from patient_delivery.store.models import Manifest
+
+    with_manifests, without = tmp_path / "with", tmp_path / "without"
+    ingest.subscribe(store, project, save_local(with_manifests))
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    LocalDestination(root=without, manifest_template="").save(name)
+    ingest.subscribe(store, project, f"local-destination/{name}")
+    patient = ingest.add_patient(store, project)
+    ingest.put_document(store, patient, "ccda", CCDA)
+
+    summary = deliver()
+
+    assert summary.delivered == 2
+    assert [p.name for p in without.rglob("*") if p.is_file()] != []
+    assert not [p for p in without.rglob("*") if "_manifests" in str(p)]
+    [written] = [p for p in with_manifests.rglob("*.json")]
+    with store.session() as session:
+        [kept] = session.scalars(select(Manifest)).all()
+    assert (kept.flow_run_id, kept.documents, kept.failed) == (summary.flow_run_id, 1, 0)
+    assert kept.sha256 == hashlib.sha256(written.read_bytes()).hexdigest()
+    assert str(written.relative_to(with_manifests)) == kept.path
 
 
 def test_a_changed_document_is_delivered_again_alone(
@@ -282,7 +313,8 @@ def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_sta
             == f"no destination block {unusable} (see `patient-delivery destination list`)"
         )
     else:
-        assert parked.last_error.startswith(f"block {unusable} is invalid: path_template: ")
+        assert parked.last_error.startswith(f"block {unusable} is invalid: root: ")
+        assert "; path_template: " in parked.last_error
         assert "relative/x" not in parked.last_error  # fields named, values never
     assert deliver().parked == 1  # it waits, run after run, until the block is fixed
     assert rows(store, status="failed")[0].attempts == 0
@@ -550,7 +582,8 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
 
     assert (summary.delivered, summary.failed) == (60, 0)
     assert (
-        task_run_names(summary.flow_run_id) == ["gather", "record", "render"] + ["upload"] * uploads
+        task_run_names(summary.flow_run_id)
+        == ["gather", "manifests", "record", "render"] + ["upload"] * uploads
     )
     named = [n for n in task_run_names(summary.flow_run_id, full=True) if " " in n]
     assert (
@@ -558,7 +591,7 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
         == [f"render local-destination/{name}"]
         + [f"upload local-destination/{name} x 4 lanes"] * uploads
     )
-    assert len([p for p in root.rglob("*") if p.is_file()]) == 60
+    assert len(files_under(root)) == 60
 
 
 def test_a_wave_is_one_task_on_threads_and_a_bounded_few_on_dask() -> None:

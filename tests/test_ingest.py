@@ -228,7 +228,7 @@ def test_schema_is_versioned_and_matches_the_models(store: Store) -> None:
 
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0005"
+        assert context.get_current_revision() == "0006"
         assert compare_metadata(context, Base.metadata) == []
     upgrade(store.engine)  # upgrading an up-to-date store is a no-op
     assert "deliveries" in inspect(store.engine).get_table_names()

@@ -55,7 +55,7 @@ def test_a_subscription_to_a_block_that_cannot_be_used_is_refused_and_queues_not
     assert "no project 'nosuch'" in refused("subscribe", "nosuch", save_local(tmp_path / "a"))
     invalid = save_local(tmp_path / "b")
     save_as_the_ui_would(invalid, {"root": "relative", "path_template": "/{orgId}/{bogus}/../x"})
-    assert f"block {invalid} is invalid: path_template" in refused("subscribe", study, invalid)
+    assert f"block {invalid} is invalid: root: " in refused("subscribe", study, invalid)
     assert as_json("subscriptions")["subscriptions"] == []
     assert as_json("deliveries")["deliveries"] == []
 
@@ -96,7 +96,8 @@ def test_destination_list_shows_a_block_saved_invalid_and_still_lists_the_others
     assert listed[good]["writes_to"] == (tmp_path / "good").as_uri()
     assert listed[good]["problem"] is None
     assert listed[bad]["writes_to"] is None
-    assert listed[bad]["problem"].startswith(f"block {bad} is invalid: path_template: ")
+    assert listed[bad]["problem"].startswith(f"block {bad} is invalid: root: ")
+    assert "; path_template: " in listed[bad]["problem"]
     table = run("destination", "list")
     assert f"INVALID: block {bad} is invalid" in table and (tmp_path / "good").as_uri() in table
 
@@ -212,3 +213,16 @@ def test_prefect_log_lines_go_through_the_progress_bars_console_while_it_shows()
     with progress_bar("delivering"):
         assert handlers() and all(h.console is errors for h in handlers())
     assert handlers() and not any(h.console is errors for h in handlers())
+
+
+@pytest.mark.bad_input
+def test_the_ui_form_shows_a_local_destinations_folder_first_and_refuses_a_relative_one() -> None:
+    from pydantic import ValidationError
+
+    from blocks.local import LocalDestination
+
+    fields = LocalDestination.model_json_schema()["properties"]
+    assert min(fields, key=lambda name: fields[name]["position"]) == "root"
+    assert fields["root"]["pattern"] == "^[/~]"  # the form's own check
+    with pytest.raises(ValidationError, match="must be an absolute folder"):
+        LocalDestination(root="relative/folder")

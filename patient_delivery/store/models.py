@@ -195,6 +195,24 @@ class ShareWithdrawal(Base):
     withdrawn_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
+class Manifest(Base):
+    """A manifest a run wrote to a destination for one project: the drop it lists is complete."""
+
+    __tablename__ = "manifests"
+    __table_args__ = (Index("ix_manifests_run", "flow_run_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    flow_run_id: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(255))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    documents: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    written_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
 class Disclosure(Base):
     """One send of a document to a recipient: the append-only accounting of disclosures.
 
