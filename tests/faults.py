@@ -201,6 +201,7 @@ class S3FaultProxy:
         self.script: deque[int] = deque()
         self.always: int | None = None
         self.puts: Counter[str] = Counter()
+        """PUT requests per object key: the documents' and the runs' manifests."""
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()
         proxy = self
@@ -257,6 +258,10 @@ class S3FaultProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
+
+    def document_puts(self) -> Counter[str]:
+        """PUT requests per document (the runs' manifests left out)."""
+        return Counter({key: n for key, n in self.puts.items() if MANIFESTS not in key})
 
     def _planned(self, method: str, path: str) -> int | None:
         if method != "PUT":

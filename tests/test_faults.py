@@ -226,7 +226,7 @@ def test_s3_throttling_and_server_errors_are_retried_with_backoff(
         ingest.subscribe(store, project, reference)
         first = deliver()
         assert (first.delivered, first.failed) == (DOCUMENTS, 0)
-        assert sum(proxy.puts.values()) == DOCUMENTS + 5  # each error cost one more request
+        assert sum(proxy.document_puts().values()) == DOCUMENTS + 5  # one more per error
         settle(store, "s3: 503 SlowDown and 500 InternalError x5", {reference: endpoint.remote},
                proxy.injected)  # fmt: skip
     finally:
@@ -271,7 +271,7 @@ def test_s3_permanent_errors_are_not_retried_and_say_so(
         ingest.subscribe(store, project, reference)
         first = deliver()
         assert (first.delivered, first.failed) == (0, DOCUMENTS)
-        assert sorted(proxy.puts.values()) == [1] * DOCUMENTS  # one request each, no retry
+        assert sorted(proxy.document_puts().values()) == [1] * DOCUMENTS  # one each, no retry
         [reason] = reasons(store, reference)
         assert reason.endswith("(not retried)")
         proxy.always = None  # the organization fixed its side
