@@ -68,9 +68,11 @@ def run_demo(home: Path, patients: int, update: int) -> None:
         console.print(f"changed the FHIR bundle of {changed} patient(s) in {PROJECTS[0]}")
     summary = deliver()
     print_summary(summary)
-    files = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    found = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    manifests = sum(1 for p in found if "_manifests" in p.parts)
     console.print(
-        f"delivered {summary.delivered} document(s) this run; {files} file(s) in {folder} "
+        f"delivered {summary.delivered} document(s) this run; in {folder}: "
+        f"{len(found) - manifests} document(s) and {manifests} manifest(s) "
         f"({time.perf_counter() - started:.1f} s)"
     )
     if summary.delivered == 0:

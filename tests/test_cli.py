@@ -98,6 +98,7 @@ def test_destination_deliver_and_ledger_from_the_command_line(store: Store, tmp_
 def test_demo_delivers_then_nothing_then_only_the_change(store: Store) -> None:
     first = run("demo", "--patients", "3")
     assert "delivered 12 document(s) this run" in first
+    assert "12 document(s) and 2 manifest(s)" in first.replace("\n", " ")  # one per project
     assert "delivered 0 document(s) this run" in run("demo")
     assert "delivered 1 document(s) this run" in run("demo", "--update", "1")
 
