@@ -27,6 +27,18 @@ if TYPE_CHECKING:
     from flows.reporting import RunSummary
 
 
+OnDeployment = Annotated[
+    bool, typer.Option(help="Start the deployment on the Prefect server instead")
+]
+Watch = Annotated[
+    bool,
+    typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
+]
+RunName = Annotated[
+    str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
+]
+
+
 @app.command()
 def deliver(
     project: Annotated[str | None, typer.Option(help="Only this project")] = None,
@@ -49,16 +61,9 @@ def deliver(
         str | None,
         typer.Option(help="Upload on a Dask cluster: tcp://scheduler:8786, or `local`"),
     ] = None,
-    deployment: Annotated[
-        bool, typer.Option(help="Start the deployment on the Prefect server instead")
-    ] = False,
-    watch: Annotated[
-        bool,
-        typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
-    ] = False,
-    name: Annotated[
-        str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
-    ] = None,
+    deployment: OnDeployment = False,
+    watch: Watch = False,
+    name: RunName = None,
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
     in_scope(project_id=project)
@@ -240,16 +245,9 @@ def backfill_command(
     destination: Annotated[list[str] | None, typer.Option(help="Only these destinations")] = None,
     force: Annotated[bool, typer.Option(help="Also re-send what was delivered")] = False,
     dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
-    deployment: Annotated[
-        bool, typer.Option(help="Start the deployment on the Prefect server instead")
-    ] = False,
-    watch: Annotated[
-        bool,
-        typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
-    ] = False,
-    name: Annotated[
-        str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
-    ] = None,
+    deployment: OnDeployment = False,
+    watch: Watch = False,
+    name: RunName = None,
 ) -> None:
     """Queue the newest matching documents where they are missing, then deliver them."""
     in_scope(org, project)
@@ -284,16 +282,9 @@ def redeliver_command(
         bool, typer.Option(help="Every newest document of the project to the destination")
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
-    deployment: Annotated[
-        bool, typer.Option(help="Start the deployment on the Prefect server instead")
-    ] = False,
-    watch: Annotated[
-        bool,
-        typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
-    ] = False,
-    name: Annotated[
-        str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
-    ] = None,
+    deployment: OnDeployment = False,
+    watch: Watch = False,
+    name: RunName = None,
 ) -> None:
     """Send again what failed or was left pending (or, with --full, everything)."""
     in_scope(project_id=project)

@@ -17,6 +17,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
@@ -45,16 +46,17 @@ backlog. Runs that share a backlog (several workers) take turns a page at a time
 def _upload_name() -> str:
     """`upload sftp-destination/acme x 4 lanes`, or how many destinations the wave serves."""
     lanes = task_run.parameters.get("lanes") or []
-    destinations = {ref for ref, _ in lanes}
-    what = (
-        next(iter(destinations)) if len(destinations) == 1 else f"{len(destinations)} destinations"
-    )
+    what = _destinations({ref for ref, _ in lanes})
     return f"upload {what} x {len(lanes)} lane{'s' * (len(lanes) != 1)}"
 
 
 def _render_name() -> str:
-    claimed = task_run.parameters.get("claimed") or {}
-    return f"render {next(iter(claimed)) if len(claimed) == 1 else f'{len(claimed)} destinations'}"
+    return f"render {_destinations(task_run.parameters.get('claimed') or {})}"
+
+
+def _destinations(references: Collection[str]) -> str:
+    """The one destination's reference, or how many there are."""
+    return next(iter(references)) if len(references) == 1 else f"{len(references)} destinations"
 
 
 @task(name="gather")

@@ -383,18 +383,6 @@ def park_claimed(store: Store, claimant: str, delivery_ids: Sequence[int], reaso
         return int(result.rowcount or 0)
 
 
-def fail_claimed(store: Store, claimant: str, delivery_ids: Sequence[int], reason: str) -> int:
-    """Fail every listed delivery still claimed by `claimant` with one reason (e.g. bad block)."""
-    table = Delivery.__table__
-    with store.session() as session:
-        result = session.connection().execute(
-            update(table)
-            .where(table.c.id.in_(delivery_ids), table.c.claimed_by == claimant)
-            .values(last_error=reason, **_failed(claimant, _now()))
-        )
-        return int(result.rowcount or 0)
-
-
 @dataclass(frozen=True)
 class UploadItem:
     """A claimed delivery ready to send: where it goes and what to expect, never its content."""

@@ -55,6 +55,22 @@ class LedgerQuery:
     limit: int | None = None
 
 
+def _narrowed(statement, query: LedgerQuery, table, when, limited: bool = True):  # type: ignore[no-untyped-def]
+    """`statement` narrowed to the query's patient, project and period (on `when`), and to its
+    row limit unless `limited` is off."""
+    if query.patient_id:
+        statement = statement.where(table.patient_id == query.patient_id)
+    if query.project_id:
+        statement = statement.where(table.project_id == query.project_id)
+    if query.since:
+        statement = statement.where(when >= query.since)
+    if query.until:
+        statement = statement.where(when < query.until)
+    if limited and query.limit:
+        statement = statement.limit(query.limit)
+    return statement
+
+
 def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.DataFrame:
     """Ledger rows matching `query`, newest first, with the accounting-of-disclosures fields:
     when, to whom (organization, destination), what (data type, version, sha256, path), why
@@ -81,20 +97,11 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
         .join(Organization, Organization.id == Delivery.organization_id)
         .order_by(Delivery.updated_at.desc(), Delivery.id.desc())
     )
-    if query.patient_id:
-        statement = statement.where(Delivery.patient_id == query.patient_id)
-    if query.project_id:
-        statement = statement.where(Delivery.project_id == query.project_id)
+    statement = _narrowed(statement, query, Delivery, Delivery.updated_at)
     if query.destination:
         statement = statement.where(Delivery.destination == query.destination)
     if query.status:
         statement = statement.where(Delivery.status == query.status)
-    if query.since:
-        statement = statement.where(Delivery.updated_at >= query.since)
-    if query.until:
-        statement = statement.where(Delivery.updated_at < query.until)
-    if query.limit:
-        statement = statement.limit(query.limit)
     with store.session() as session:
         rows = session.execute(statement).all()
     return pd.DataFrame(rows, columns=DISCLOSURE_COLUMNS)
@@ -159,16 +166,7 @@ def disclosures_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Da
         .join(DocumentVersion, DocumentVersion.id == Disclosure.version_id)
         .order_by(Disclosure.disclosed_at.desc(), Disclosure.id.desc())
     )
-    if query.patient_id:
-        statement = statement.where(Disclosure.patient_id == query.patient_id)
-    if query.project_id:
-        statement = statement.where(Disclosure.project_id == query.project_id)
-    if query.since:
-        statement = statement.where(Disclosure.disclosed_at >= query.since)
-    if query.until:
-        statement = statement.where(Disclosure.disclosed_at < query.until)
-    if query.limit:
-        statement = statement.limit(query.limit)
+    statement = _narrowed(statement, query, Disclosure, Disclosure.disclosed_at)
     with store.session() as session:
         rows = session.execute(statement).all()
     return pd.DataFrame(rows, columns=DISCLOSURE_LOG_COLUMNS)
@@ -195,14 +193,8 @@ def withdrawals_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Da
         .join(Organization, Organization.id == ShareWithdrawal.organization_id)
         .order_by(ShareWithdrawal.withdrawn_at.desc(), ShareWithdrawal.id.desc())
     )
-    if query.patient_id:
-        statement = statement.where(ShareWithdrawal.patient_id == query.patient_id)
-    if query.project_id:
-        statement = statement.where(ShareWithdrawal.project_id == query.project_id)
-    if query.since:
-        statement = statement.where(ShareWithdrawal.withdrawn_at >= query.since)
-    if query.until:
-        statement = statement.where(ShareWithdrawal.withdrawn_at < query.until)
+    statement = _narrowed(statement, query, ShareWithdrawal, ShareWithdrawal.withdrawn_at,
+                          limited=False)  # fmt: skip
     with store.session() as session:
         rows = session.execute(statement).all()
     return pd.DataFrame(rows, columns=WITHDRAWAL_COLUMNS)
