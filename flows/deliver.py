@@ -1,11 +1,15 @@
-"""The delivery run: gather what is owed, render where it goes, upload it, record what happened.
+"""The delivery run: gather what is owed, render where it goes, upload it, write the manifests,
+record what happened.
 
-    gather  -> claim owed deliveries from the ledger (IDs only), a page at a time
-    render  -> per destination: give each delivery its path, once; a bad value fails only it
-    upload  -> per destination, a lane per connection (`flows.sending`); each batch writes its
-               outcomes to the ledger as it ends, so a crash loses nothing
-    record  -> the run's summary: a table artifact, an event per failing destination, a red
-               run when anything failed
+    gather    -> claim owed deliveries from the ledger (IDs only), a page at a time; the run
+                 goes on for updates that arrived while it sent (up to `FOLLOW_UPS` pages)
+    render    -> per destination: give each delivery its path, once; a bad value fails only
+                 it; a destination whose block cannot be used has its deliveries parked
+    upload    -> per destination, a lane per connection (`flows.sending`); each batch writes its
+                 outcomes to the ledger as it ends, so a crash loses nothing
+    manifests -> last, one per destination and project delivered to (`flows.manifests`)
+    record    -> the run's summary: a table artifact, an event per failing destination, a red
+                 run when anything failed
 
 Tasks carry delivery IDs, destination names and counts. Document content is read inside the
 upload task, one document at a time, and never becomes a parameter, result, log or artifact.
