@@ -387,6 +387,21 @@ def throughput(args: argparse.Namespace) -> None:
                 path_template=f"{name}/{{healthexPatientId}}/{{dataType}}",
             ).save(name, overwrite=True)  # fmt: skip
             ingest.subscribe(store, "bench", f"s3-destination/{name}")
+        encrypted = args.encrypted and "sftp" in args.only
+        if encrypted:
+            import pysequoia  # the receiver's key pair, made here; we hold its public half
+
+            pair = pysequoia.Tsk.generate("Bench receiver <bench@receiver.example>")
+            receiver = str(pair.extract_certificate())
+            for r in rounds:
+                name = f"bench-sftp-pgp-r{r}"
+                SftpDestination(
+                    host="127.0.0.1", port=sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
+                    host_keys=[sshd.host_key_line()], root=str(sshd.make_folder(name)),
+                    max_connections=args.connections, files_in_flight=args.in_flight,
+                    encryption_key=receiver,
+                ).save(name, overwrite=True)  # fmt: skip
+                ingest.subscribe(store, "bench", f"sftp-destination/{name}")
         dask = start_dask(args.dask) if args.dask and "sftp" in args.only else None
         if dask:
             servers.append(dask)
@@ -429,6 +444,15 @@ def throughput(args: argparse.Namespace) -> None:
                     bare=True),
                 *flow_jobs("sftp", variants, "connections x {} files", config, env),
             ]  # fmt: skip
+            if encrypted:
+                plain = jobs[-len(variants)].label  # the first flow row: the same settings
+                jobs.append(Job(
+                    "sftp", f"{plain}, encrypted (OpenPGP)",
+                    lambda r: run_child(
+                        "flow", {**config, "destination": f"sftp-destination/bench-sftp-pgp-r{r}"},
+                        env),
+                    costs_more_than=plain,
+                ))  # fmt: skip
             if dask:
                 label = (f"delivery flow, Dask: {args.dask} worker processes "
                          f"({args.connections} connections each)")  # fmt: skip
@@ -494,6 +518,9 @@ class Job:
     label: str
     run: Callable[[int], dict]
     bare: bool = False
+    costs_more_than: str | None = None
+    """The label of the row this one adds work to (encryption): the table prints the extra
+    wall-clock and CPU time per document against it."""
     results: list[dict] = field(default_factory=list)
 
 
@@ -547,13 +574,22 @@ def print_table(jobs: list[Job], args: argparse.Namespace) -> None:
             f"{per_file(job, 'prefect_cpu')} | {per_file(job, 'machine_cpu')} | "
             f"{median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |"
         )
-        if job.label.startswith("delivery flow") and bare:
+        if job.label.startswith("delivery flow") and bare and not job.costs_more_than:
             extra = median(
                 (f["seconds"] - b["seconds"]) / max(1, f["files"]) * 1000
                 for f, b in zip(job.results, bare.results, strict=True)
             )
             print(f"| {job.server} | orchestration overhead: {extra:.2f} ms per document "
                   f"(against {bare.label}) | | | | | | | | | | | |")  # fmt: skip
+        if job.costs_more_than:
+            base = next(j for j in jobs if j.label == job.costs_more_than)
+            pairs = list(zip(job.results, base.results, strict=True))
+            wall, cpu = (
+                median((j[key] / j["files"] - b[key] / b["files"]) * 1000 for j, b in pairs)
+                for key in ("seconds", "cpu")
+            )
+            print(f"| {job.server} | cost: {wall:+.2f} ms wall-clock, {cpu:+.2f} ms client CPU "
+                  f"per document (against {base.label}) | | | | | | | | | | | |")  # fmt: skip
 
 
 def rate(result: dict) -> float:
@@ -710,6 +746,12 @@ def main() -> None:
     parser.add_argument("--s3-in-flight", type=int, default=2, help="puts on their way per lane")
     parser.add_argument("--s3-variants", default="", help="more S3 flow rows: 4x4 (lanes x puts)")
     parser.add_argument("--only", default="sftp,s3")
+    parser.add_argument(
+        "--encrypted",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the SFTP flow with files encrypted to an OpenPGP key",
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="times each row runs, in alternating order"
     )

@@ -19,6 +19,9 @@ Rules every destination keeps:
   `TerminalDeliveryError` (retrying cannot help: denied, misconfigured, invalid). Their
   messages say what to fix and never contain document content, secrets or path values.
 - **`str(destination)`** describes where it writes without any secret.
+- **Encryption** is the base's, not each destination's: with the receiver's OpenPGP key set,
+  `delivery_session()` wraps the session so every file is encrypted before it is sent, and the paths
+  end in `.pgp` (`blocks.openpgp`).
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from string import Formatter
 from typing import NamedTuple, TypeVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from patient_delivery.paths import (
     DEFAULT_TEMPLATE,
@@ -153,6 +156,9 @@ class DestinationSession(ABC):
         """Release the connection."""
 
 
+ENCRYPTED_SUFFIX = ".pgp"
+"""Ends the name of every file sent encrypted (a binary OpenPGP message)."""
+
 DEFAULT_MANIFEST_TEMPLATE = "{orgId}/{projectId}/_manifests/{timestamp}-{runId}.json"
 MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}
 
@@ -195,6 +201,69 @@ class Destination(Block, ABC):
         ),
     )
 
+    encryption_key: str | None = Field(
+        default=None,
+        title="Receiver's OpenPGP public key",
+        description=(
+            "The organization's OpenPGP public key, ASCII-armored (-----BEGIN PGP PUBLIC KEY "
+            "BLOCK-----). When set, every file (manifests too) is encrypted to it before it "
+            "is sent and its name gets .pgp at the end. Refused if revoked, expired or unable "
+            "to encrypt."
+        ),
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        title="Our OpenPGP signing key",
+        description=(
+            "Optional, with a receiver's key: our OpenPGP secret key, ASCII-armored, to sign "
+            "every encrypted file with, so the organization can check it came from us."
+        ),
+    )
+    signing_key_passphrase: SecretStr | None = Field(
+        default=None,
+        title="Signing key passphrase",
+        description="The passphrase of our signing key, if it has one.",
+    )
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _check_encryption_key(cls, value: str | None) -> str | None:
+        from blocks import openpgp
+
+        if value:
+            openpgp.recipient(value)
+        return value or None
+
+    @model_validator(mode="after")
+    def _check_signing_key(self) -> Destination:
+        from blocks import openpgp
+
+        if self.signing_key is None:
+            return self
+        if not self.encryption_key:
+            raise ValueError("signing_key: needs encryption_key (we sign what we encrypt)")
+        passphrase = self.signing_key_passphrase
+        try:
+            openpgp.signing_key(
+                self.signing_key.get_secret_value(),
+                passphrase.get_secret_value() if passphrase else None,
+            )
+        except openpgp.KeyProblem as exc:
+            raise ValueError(f"signing_key: {exc}") from None
+        return self
+
+    @property
+    def encrypts(self) -> bool:
+        """Whether files are encrypted to the receiver's key before they are sent."""
+        return bool(self.encryption_key)
+
+    def delivery_session(self) -> AbstractContextManager[DestinationSession]:
+        """`open_session()`, encrypting every file sent over it when the block holds the
+        receiver's key. How the flows connect."""
+        if not self.encrypts:
+            return self.open_session()
+        return _sealed(self)
+
     @field_validator("manifest_template")
     @classmethod
     def _check_manifest_template(cls, value: str) -> str:
@@ -220,7 +289,8 @@ class Destination(Block, ABC):
         if not self.manifest_template:
             return ""
         timestamp = format_timestamp(moment)
-        return manifest_path(self.manifest_template, org_id, project_id, timestamp, run_id)
+        path = manifest_path(self.manifest_template, org_id, project_id, timestamp, run_id)
+        return self._sent_name(path)
 
     @field_validator("path_template")
     @classmethod
@@ -233,7 +303,11 @@ class Destination(Block, ABC):
 
     def render_path(self, values: Mapping[str, str], data_type: str) -> str:
         """The relative path for one document; raises `PathValueError` for an unsafe value."""
-        return PathTemplate.parse_cached(self.path_template).render(values, data_type)
+        path = PathTemplate.parse_cached(self.path_template).render(values, data_type)
+        return self._sent_name(path)
+
+    def _sent_name(self, path: str) -> str:
+        return f"{path}{ENCRYPTED_SUFFIX}" if self.encrypts else path
 
     @abstractmethod
     def open_session(self) -> AbstractContextManager[DestinationSession]:
@@ -256,11 +330,30 @@ class Destination(Block, ABC):
         prefix = PathTemplate.parse(self.path_template).fixed_prefix
         probe = f"{prefix}.patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
         content = b"patient-delivery connection test; safe to delete\n"
+        if self.encrypts:
+            from blocks import openpgp
+
+            key = openpgp.info(self.encryption_key or "")
+            report.checks.append(ConnectionCheck("encryption key", True, f"encrypts to {key}"))
         for check in _probe_steps(self, probe, content):
             report.checks.append(check)
             if not check.ok:
                 break
         return report
+
+
+@contextmanager
+def _sealed(destination: Destination) -> Iterator[DestinationSession]:
+    from blocks.openpgp import SealedSession, Sealer
+
+    secret, passphrase = destination.signing_key, destination.signing_key_passphrase
+    sealer = Sealer(
+        destination.encryption_key or "",
+        secret.get_secret_value() if secret else None,
+        passphrase.get_secret_value() if passphrase else None,
+    )
+    with destination.open_session() as session:
+        yield SealedSession(session, sealer)
 
 
 def _probe_steps(destination: Destination, probe: str, content: bytes) -> Iterator[ConnectionCheck]:

@@ -14,6 +14,43 @@ from cli.common import app, console, errors, fail, invalid, prefect, print_json,
 destination_app = typer.Typer(help="Destination blocks (Prefect).", no_args_is_help=True)
 app.add_typer(destination_app, name="destination")
 
+EncryptTo = Annotated[
+    Path | None,
+    typer.Option(
+        help="The organization's OpenPGP public key (armored file): every file is encrypted "
+        "to it and named with .pgp"
+    ),
+]
+SigningKey = Annotated[
+    Path | None,
+    typer.Option(help="Our OpenPGP secret key (armored file), to sign what is encrypted"),
+]
+SigningPassphraseEnv = Annotated[
+    str | None,
+    typer.Option(help="Environment variable holding the signing key's passphrase"),
+]
+
+
+def _encryption(
+    encrypt_to: Path | None, signing_key: Path | None, passphrase_env: str | None
+) -> dict[str, object]:
+    """The OpenPGP fields of a destination block, read from the files given."""
+    return {
+        "encryption_key": _read_file(encrypt_to, "--encrypt-to"),
+        "signing_key": _read_file(signing_key, "--signing-key"),
+        "signing_key_passphrase": _read_secret(False, passphrase_env, "signing passphrase"),
+    }
+
+
+def _read_file(path: Path | None, option: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise fail(f"{option}: cannot read {path}: {reason}", code=2) from None
+
 
 @destination_app.command("local")
 def destination_local(
@@ -21,6 +58,9 @@ def destination_local(
     root: Annotated[Path, typer.Option(help="Folder that receives the deliveries")],
     template: Annotated[str | None, typer.Option(help="Path template")] = None,
     max_connections: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    encrypt_to: EncryptTo = None,
+    signing_key: SigningKey = None,
+    signing_passphrase_env: SigningPassphraseEnv = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a block of that name")] = False,
 ) -> None:
     """Create (or replace) a local-folder destination block; prints its reference."""
@@ -30,7 +70,11 @@ def destination_local(
     from blocks.local import LocalDestination
 
     try:
-        fields = {"root": root.resolve(), "max_connections": max_connections}
+        fields = {
+            "root": root.resolve(),
+            "max_connections": max_connections,
+            **_encryption(encrypt_to, signing_key, signing_passphrase_env),
+        }
         if template is not None:
             fields["path_template"] = template
         block = LocalDestination(**fields)
@@ -92,6 +136,9 @@ def destination_sftp(
     files_in_flight: Annotated[
         int, typer.Option(min=1, max=32, help="Files on their way at once per connection")
     ] = 4,
+    encrypt_to: EncryptTo = None,
+    signing_key: SigningKey = None,
+    signing_passphrase_env: SigningPassphraseEnv = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a block of that name")] = False,
 ) -> None:
     """Create an SFTP destination block; the password never appears on the command line."""
@@ -110,6 +157,7 @@ def destination_sftp(
         "path_template": template,
         "max_connections": max_connections,
         "files_in_flight": files_in_flight,
+        **_encryption(encrypt_to, signing_key, signing_passphrase_env),
     }
     _save_block(SftpDestination, name, overwrite, fields)
 
@@ -140,6 +188,9 @@ def destination_s3(
     transfer_client: Annotated[
         str, typer.Option(help="crt (AWS Common Runtime, the fast one) or boto3 (via a proxy)")
     ] = "crt",
+    encrypt_to: EncryptTo = None,
+    signing_key: SigningKey = None,
+    signing_passphrase_env: SigningPassphraseEnv = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a block of that name")] = False,
 ) -> None:
     """Create an S3 destination block (an IAM role of the organization's, assumed by us)."""
@@ -164,6 +215,7 @@ def destination_s3(
         "max_connections": max_connections,
         "files_in_flight": files_in_flight,
         "transfer_client": transfer_client,
+        **_encryption(encrypt_to, signing_key, signing_passphrase_env),
     }
     _save_block(S3Destination, name, overwrite, fields)
 
@@ -224,17 +276,24 @@ def _checked(reference: str):  # type: ignore[no-untyped-def]
 
 @destination_app.command("show")
 def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-destination/x")]):
-    """A destination's settings; secrets show as ********."""
+    """A destination's settings; secrets show as ********, OpenPGP keys as their fingerprint."""
     prefect()
     from pydantic import BaseModel, SecretStr
+
+    from blocks import openpgp
 
     block = _checked(reference)
     table = Table(title=f"{reference}: {block.describe()}")
     table.add_column("setting")
     table.add_column("value", overflow="fold")
+    keys = {"encryption_key", "signing_key"}
     for field_name in type(block).model_fields:
         value = getattr(block, field_name)
-        if isinstance(value, SecretStr):
+        if field_name in keys and value:
+            secret = isinstance(value, SecretStr)
+            armored = value.get_secret_value() if secret else value
+            shown = ("******** " if secret else "") + str(openpgp.info(armored))
+        elif isinstance(value, SecretStr):
             shown = "********"
         elif isinstance(value, BaseModel):
             shown = type(value).__name__

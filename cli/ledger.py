@@ -132,7 +132,9 @@ def disclosures(
     if _written(frame, "disclosures", csv, as_json=False):
         return
     frame = frame.assign(
-        disclosed_at=frame["disclosed_at"].map(_short_time), sha256=frame["sha256"].str[:12]
+        disclosed_at=frame["disclosed_at"].map(_short_time),
+        sha256=frame["sha256"].str[:12],
+        document_sha256=frame["document_sha256"].str[:12],
     )
     print_frame(frame, "disclosures")
     if not withdrawals.empty:

@@ -45,9 +45,9 @@ def _write(run_id: str, drop: Drop, moment: datetime) -> Written | str | None:
             return None
         content = manifests.document(drop, run_id, moment)
         with pool.lease() as lease:
-            lease.session().upload(path, content, manifests.sha256(content))
+            sent = lease.session().upload(path, content, manifests.sha256(content))
     except DeliveryError as exc:
         return f"manifest not written: {exc}"
     except Exception as exc:
         return f"manifest not written ({type(exc).__name__})"
-    return Written(drop, path, content)
+    return Written(drop, sent.path, sent.sha256, sent.size)

@@ -36,7 +36,7 @@ class Lease:
         if self._opened is None:
             self._pool.budget.acquire(wait=wait_for_budget)
             try:
-                context = self._pool.destination.open_session()
+                context = self._pool.destination.delivery_session()
                 self._opened = (context, context.__enter__())
             except BaseException:
                 self._pool.budget.release()

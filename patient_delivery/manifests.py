@@ -4,6 +4,8 @@ A receiver's pipeline (an Airflow sensor, a Snowpipe) takes the manifest as the 
 drop is complete: the run writes it last, after every file it lists has landed and been
 verified. Its shape follows the FHIR bulk data export manifest (`transactionTime`, `request`,
 `output`), with our IDs, versions and hashes in each entry. Failures appear as a count only.
+Each entry's `sha256` and `size` are of the file as it was sent; where that is not the stored
+document itself (encrypted to the receiver's key), `plaintextSha256` is the document's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             DocumentVersion.version,
             Delivery.sha256,
             Delivery.size,
+            DocumentVersion.sha256,
         )
         .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
         .outerjoin(
@@ -78,12 +81,16 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             version,
             sha,
             size,
+            plaintext,
         ) in session.execute(delivered):
             drop = found.setdefault((destination, project), Drop(destination, org, project))
-            drop.output.append({
+            entry: dict[str, object] = {
                 "type": data_type, "url": path, "healthexPatientId": patient,
                 "externalId": external, "version": version, "sha256": sha, "size": size,
-            })  # fmt: skip
+            }  # fmt: skip
+            if plaintext != sha:
+                entry["plaintextSha256"] = plaintext
+            drop.output.append(entry)
         for destination, project, count in session.execute(failed):
             if (destination, project) in found:
                 found[(destination, project)].failed = int(count)
@@ -114,11 +121,13 @@ def sha256(content: bytes) -> str:
 
 @dataclass(frozen=True)
 class Written:
-    """A manifest that landed on its destination."""
+    """A manifest that landed on its destination: where, and the SHA-256 and size of what
+    was sent."""
 
     drop: Drop
     path: str
-    content: bytes
+    sha256: str
+    size: int
 
 
 def record(store: Store, run_id: str, written: list[Written]) -> None:
@@ -132,8 +141,8 @@ def record(store: Store, run_id: str, written: list[Written]) -> None:
                 destination=w.drop.destination,
                 project_id=w.drop.project_id,
                 path=w.path,
-                sha256=sha256(w.content),
-                size=len(w.content),
+                sha256=w.sha256,
+                size=w.size,
                 documents=len(w.drop.output),
                 failed=w.drop.failed,
             )

@@ -35,6 +35,7 @@ DISCLOSURE_COLUMNS = [
     "data_type",
     "version",
     "sha256",
+    "document_sha256",
     "size",
     "path",
     "purpose",
@@ -73,8 +74,9 @@ def _narrowed(statement, query: LedgerQuery, table, when, limited: bool = True):
 
 def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.DataFrame:
     """Ledger rows matching `query`, newest first, with the accounting-of-disclosures fields:
-    when, to whom (organization, destination), what (data type, version, sha256, path), why
-    (purpose) and by which run."""
+    when, to whom (organization, destination), what (data type, version, path; `sha256` and
+    `size` of the file as sent, `document_sha256` of the stored document, which differ when it
+    was encrypted), why (purpose) and by which run."""
     statement = (
         select(
             Delivery.delivered_at,
@@ -86,6 +88,7 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
             Delivery.data_type,
             DocumentVersion.version,
             Delivery.sha256,
+            DocumentVersion.sha256,
             Delivery.size,
             Delivery.path,
             Delivery.purpose,
@@ -139,7 +142,7 @@ def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:
 
 DISCLOSURE_LOG_COLUMNS = [
     "disclosed_at", "patient_id", "organization", "project_id", "destination", "data_type",
-    "version", "sha256", "size", "path", "purpose", "flow_run_id", "accessor",
+    "version", "sha256", "document_sha256", "size", "path", "purpose", "flow_run_id", "accessor",
 ]  # fmt: skip
 
 
@@ -156,6 +159,7 @@ def disclosures_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Da
             Disclosure.data_type,
             DocumentVersion.version,
             Disclosure.sha256,
+            DocumentVersion.sha256,
             Disclosure.size,
             Disclosure.path,
             Disclosure.purpose,

@@ -104,6 +104,18 @@ def seaweed():  # type: ignore[no-untyped-def]
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def pgp_keys():  # type: ignore[no-untyped-def]
+    """OpenPGP keys made by GnuPG's `gpg`: the receiving organization's (whose keyring decrypts
+    what arrived), ours to sign with, and keys that must be refused."""
+    from tests.gnupg import make_keys
+
+    keys, keyrings = make_keys()
+    yield keys
+    for keyring in keyrings:
+        keyring.close()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Count the bad-input cases that passed (each was refused as it should be), and the
     security cases tried and refused (an attack that got through fails its test)."""

@@ -15,10 +15,12 @@ import uuid
 from typing import Protocol
 
 import pytest
+from pydantic import SecretStr
 
 from blocks.base import DeliveryError, Destination, Receipt, TerminalDeliveryError, Upload
 from blocks.naming import temporary_name
 from patient_delivery.store import Store
+from tests.gnupg import PASSPHRASE, Keys
 
 BODY = b"<ClinicalDocument xmlns='urn:hl7-org:v3'>" + b"x" * 200_000 + b"</ClinicalDocument>"
 
@@ -54,6 +56,25 @@ ESCAPING_PATHS = [
 ]
 
 
+def _subscribed(destination: Destination, store: Store) -> tuple[str, str, list[bytes]]:
+    """A new organization and project subscribed to `destination` (saved under a new name),
+    with three patients of one C-CDA document each: (org ID, project ID, the documents)."""
+    from patient_delivery import ingest
+
+    tag = f"m{uuid.uuid4().hex[:8]}"
+    destination.save(tag)
+    ingest.add_organization(store, tag, tag)
+    project = ingest.add_project(store, tag, "Study", f"{tag}-study")
+    ingest.subscribe(store, project, f"{destination.get_block_type_slug()}/{tag}")
+    documents = []
+    for number in range(3):
+        patient = ingest.add_patient(store, project, f"MRN-{number}")
+        document = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>%d</title></ClinicalDocument>'
+        documents.append(document % number)
+        ingest.put_document(store, patient, "ccda", documents[-1])
+    return tag, project, documents
+
+
 class DestinationContract:
     writes_temporary_files = True
 
@@ -62,20 +83,8 @@ class DestinationContract:
         self, destination: Destination, remote: Remote, store: Store
     ) -> None:
         from flows.deliver import deliver
-        from patient_delivery import ingest
 
-        tag = f"m{uuid.uuid4().hex[:8]}"
-        destination.save(tag)
-        ingest.add_organization(store, tag, tag)
-        project = ingest.add_project(store, tag, "Study", f"{tag}-study")
-        ingest.subscribe(store, project, f"{destination.get_block_type_slug()}/{tag}")
-        for number in range(3):
-            patient = ingest.add_patient(store, project, f"MRN-{number}")
-            document = (
-                b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>%d</title></ClinicalDocument>'
-            )
-            ingest.put_document(store, patient, "ccda", document % number)
-
+        tag, project, _ = _subscribed(destination, store)
         summary = deliver()
 
         [manifest] = [n for n in remote.names() if n.startswith(f"{tag}/{project}/_manifests/")]
@@ -90,8 +99,59 @@ class DestinationContract:
             assert content is not None and sha(content) == entry["sha256"]
             assert len(content) == entry["size"] and entry["type"] == "ccda"
             assert entry["externalId"].startswith("MRN-") and entry["version"] == 1
+            assert "plaintextSha256" not in entry  # sent as stored
         assert deliver().delivered == 0  # a run that sends nothing writes no manifest
         assert len([n for n in remote.names() if "/_manifests/" in n and tag in n]) == 1
+
+    @pytest.mark.usefixtures("prefect_api")
+    def test_an_encrypted_run_sends_files_that_gpg_decrypts_to_the_stored_documents(
+        self, destination: Destination, remote: Remote, store: Store, pgp_keys: Keys
+    ) -> None:
+        """Encrypted to the receiver's key and signed with ours: what arrived is what `gpg`
+        decrypts, as the organization would, to the stored documents byte for byte; the
+        manifest (itself encrypted) lists the hashes of what was sent and of the documents,
+        and so does the ledger."""
+        from flows.deliver import deliver
+        from patient_delivery.reports import LedgerQuery, deliveries_frame
+
+        encrypted = destination.model_copy(
+            update={
+                "encryption_key": pgp_keys.receiver_public,
+                "signing_key": SecretStr(pgp_keys.ours_secret),
+                "signing_key_passphrase": SecretStr(PASSPHRASE),
+            }
+        )
+        tag, project, documents = _subscribed(encrypted, store)
+        summary = deliver()
+        assert summary.delivered == 3 and summary.failed == 0
+
+        arrived = {n: remote.read(n) or b"" for n in remote.names() if n.startswith(f"{tag}/")}
+        [manifest] = [n for n in arrived if "/_manifests/" in n]
+        assert manifest.endswith(f"-{summary.flow_run_id}.json.pgp")
+        files = {n: c for n, c in arrived.items() if n != manifest}
+        assert len(files) == 3 and all(n.endswith(".xml.pgp") for n in files)
+        plaintexts = {}
+        for name, content in files.items():
+            assert b"ClinicalDocument" not in content
+            opened = pgp_keys.receiver.decrypt(content)
+            assert opened.signed_by == pgp_keys.ours_fingerprint
+            plaintexts[name] = opened.plaintext
+        assert sorted(plaintexts.values()) == sorted(documents)
+
+        opened = pgp_keys.receiver.decrypt(arrived[manifest])
+        assert opened.signed_by == pgp_keys.ours_fingerprint
+        listed = json.loads(opened.plaintext)
+        assert {entry["url"] for entry in listed["output"]} == set(files)
+        for entry in listed["output"]:
+            assert entry["sha256"] == sha(files[entry["url"]])
+            assert entry["size"] == len(files[entry["url"]])
+            assert entry["plaintextSha256"] == sha(plaintexts[entry["url"]])
+
+        ledger = deliveries_frame(store, LedgerQuery(project_id=project))
+        assert len(ledger) == 3
+        for row in ledger.itertuples():
+            assert row.sha256 == sha(files[row.path]) and row.size == len(files[row.path])
+            assert row.document_sha256 == sha(plaintexts[row.path])
 
     @pytest.mark.bad_input
     @pytest.mark.parametrize("path", ESCAPING_PATHS)

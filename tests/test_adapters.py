@@ -13,6 +13,7 @@ import paramiko
 import prefect
 import pytest
 
+from blocks import openpgp
 from blocks.s3 import botocore_adapter
 from blocks.sftp import paramiko_adapter
 from flows import runtime
@@ -30,6 +31,18 @@ def test_botocore_still_has_what_the_s3_destination_uses() -> None:
     assert gone == [], (
         f"blocks/s3/botocore_adapter.py: botocore {botocore.__version__} no longer has {gone}"
     )
+
+
+def test_pysequoia_still_has_what_openpgp_encryption_uses() -> None:
+    gone = openpgp.missing()
+    assert gone == [], f"blocks/openpgp.py: this PySequoia no longer has {gone}"
+
+
+def test_the_pysequoia_check_sees_a_removed_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pysequoia
+
+    monkeypatch.delattr(pysequoia, "encrypt")
+    assert "pysequoia.encrypt" in openpgp.missing()
 
 
 def test_prefect_still_has_what_the_flows_run_time_uses() -> None:
