@@ -206,7 +206,10 @@ def test_a_server_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
     first = deliver()
     killer.join()
     assert crashed.is_set()
-    assert 3 <= first.delivered < DOCUMENTS and first.failed == DOCUMENTS - first.delivered
+    # Three files were in place when the server died, but a file the crash caught between its
+    # rename and the rename's reply is counted failed (the next run sends it again, and
+    # `settle` checks it is there once): at least one was acknowledged, not all.
+    assert 1 <= first.delivered < DOCUMENTS and first.failed == DOCUMENTS - first.delivered
     # One destination down costs one retry cycle per run, not one per document.
     assert time.perf_counter() - started < 60
     endpoint.server.start()

@@ -7,7 +7,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,9 +322,10 @@ def test_mcp_over_http_refuses_missing_and_wrong_keys(world: World) -> None:
         assert response.status_code == 401
 
 
-def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
-    world: World, store: Store
-) -> None:
+def _over_stdio(key: str, meanwhile: Callable[[str], None]) -> tuple[dict, Any, Any]:
+    """`patient-delivery mcp` over stdio as a local agent runs it: list the patients, do
+    `meanwhile(first patient)` while the server runs, then list again and read that patient's
+    FHIR document. (The first list, parsed; the two calls' results.)"""
     import os
 
     from mcp import ClientSession, StdioServerParameters
@@ -332,28 +333,49 @@ def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
 
     cli = str(Path(sys.executable).parent / "patient-delivery")
     parameters = StdioServerParameters(
-        command=cli, args=["mcp"], env={**os.environ, "PATIENT_DELIVERY_API_KEY": world.other_key}
+        command=cli, args=["mcp"], env={**os.environ, "PATIENT_DELIVERY_API_KEY": key}
     )
-
-    caller = authenticate(store, world.other_key)
-    assert caller is not None
 
     async def run() -> tuple[Any, Any, Any]:
         async with stdio_client(parameters) as (read, write), ClientSession(read, write) as s:
             await s.initialize()
             listed = await s.call_tool("list_patients", {})
             patient = json.loads(_text(listed))["patients"][0]["healthexPatientId"]
-            revoke_key(store, caller.key_id)  # while the server runs
+            meanwhile(patient)
             after = await s.call_tool("list_patients", {})
             read_after = await s.call_tool("get_document", {"patient_id": patient,
                                                             "data_type": "fhir"})  # fmt: skip
             return listed, after, read_after
 
     listed, after, read_after = anyio.run(run)
-    listed = json.loads(_text(listed))
+    return json.loads(_text(listed)), after, read_after
+
+
+def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
+    world: World, store: Store
+) -> None:
+    caller = authenticate(store, world.other_key)
+    assert caller is not None
+
+    listed, after, read_after = _over_stdio(
+        world.other_key, lambda _: revoke_key(store, caller.key_id)
+    )
     assert listed["total"] == 1 and listed["patients"][0]["externalId"] == "T-1"
     for refused in (after, read_after):  # the next call after revocation, and every one after
         assert refused.is_error and "not valid (revoked or unknown)" in _text(refused)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Disclosure)) == 0
+
+
+def test_mcp_over_stdio_stops_serving_a_patient_once_they_stop_sharing(
+    world: World, store: Store
+) -> None:
+    listed, after, read_after = _over_stdio(
+        world.other_key, lambda patient: ingest.unshare_patient(store, "trial", patient)
+    )
+    assert listed["total"] == 1
+    assert json.loads(_text(after))["total"] == 0  # the next request, same server process
+    assert read_after.is_error
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Disclosure)) == 0
 

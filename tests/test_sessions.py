@@ -118,7 +118,8 @@ class Doorman:
         self.refusal = refusal
 
     @contextmanager
-    def open_session(self) -> Iterator[object]:
+    def delivery_session(self) -> Iterator[object]:
+        """What a session pool opens (a destination's `open_session`, sealed when it encrypts)."""
         self.attempts += 1
         self.hold.wait(10)
         if self.refusal is not None:
