@@ -56,6 +56,10 @@ def child() -> None:
     started = time.perf_counter()
     summary = deliver()
     seconds = time.perf_counter() - started
+    if os.environ.get("BENCH_TIMELINE"):  # its task runs' start and end, on stderr
+        from delivery import timeline  # bench/delivery.py, beside this script
+
+        timeline(summary.flow_run_id, started)
     api_calls = calls
     tasks = task_runs(summary.flow_run_id)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -146,14 +150,23 @@ def prepare(
     return url
 
 
-def run(url: str, env: dict[str, str]) -> dict:
+def run(url: str, env: dict[str, str], profile: Path | None = None) -> dict:
+    """One delivery run in a child process; with `profile`, under py-spy (where the process's
+    Python time goes, as collapsed stacks in that file)."""
+    command = [sys.executable, __file__, "_child"]
+    if profile is not None:
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        command = ["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "-r", "1000",
+                   "-o", str(profile), "--", *command]  # fmt: skip
     done = subprocess.run(
-        [sys.executable, __file__, "_child"], env={**env, "PATIENT_DELIVERY_STORE_URL": url},
+        command, env={**env, "PATIENT_DELIVERY_STORE_URL": url},
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"the delivery run failed: {done.stderr[-3000:]}")
+    if os.environ.get("BENCH_TIMELINE"):
+        sys.stderr.write(done.stderr)
     return json.loads(lines[-1])
 
 
@@ -172,6 +185,7 @@ def main() -> None:
         default=0.02,
         help="share of destinations that are SFTP, and as many S3 (default 0.02)",
     )
+    parser.add_argument("--profile", type=Path, help="folder for py-spy profiles, one per run")
     args = parser.parse_args()
 
     from loopback.servers import PrefectServer
@@ -196,7 +210,8 @@ def main() -> None:
                     url = prepare(work, organizations, each, tag, remote, remotes)
                 else:
                     url = prepare(work, organizations, each, tag)
-                results[kind] = run(url, env)
+                profile = args.profile / f"{kind}-{n}.txt" if args.profile else None
+                results[kind] = run(url, env, profile)
                 results[kind]["remote"] = 2 * remote if kind == "many" else 0
                 shutil.rmtree(work, ignore_errors=True)
             rows.append((n, results["one"], results["many"]))

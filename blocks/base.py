@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from string import Formatter
-from typing import NamedTuple, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -173,6 +173,10 @@ def manifest_path(template: str, org_id: str, project_id: str, timestamp: str, r
 
 class Destination(Block, ABC):
     """Base of every destination block: the path template and the bounds shared by all."""
+
+    sends_over_network: ClassVar[bool] = True
+    """Whether a send waits on a peer (a server, a bucket), so that many at once pay off, or
+    on this machine's own disk and CPU, where a few at once are as fast as many."""
 
     path_template: str = Field(
         default=DEFAULT_TEMPLATE,

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -128,6 +129,8 @@ class _LocalRoot(BaseModel):
 
 class LocalDestination(Destination, _LocalRoot):
     """Deliver into a folder on this machine: files appear whole (temporary name, fsync, rename)."""
+
+    sends_over_network: ClassVar[bool] = False
 
     _block_type_name = "Local Destination"
     _block_type_slug = "local-destination"

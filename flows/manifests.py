@@ -44,7 +44,8 @@ def _write(run_id: str, drop: Drop, moment: datetime) -> Written | str | None:
         if not path:
             return None
         content = manifests.document(drop, run_id, moment)
-        with pool.lease() as lease:
+        writing = sessions.pools.writing(run_id, [drop.destination], load_destination)
+        with writing, pool.lease() as lease:
             sent = lease.session().upload(path, content, manifests.sha256(content))
     except DeliveryError as exc:
         return f"manifest not written: {exc}"

@@ -65,6 +65,8 @@ def send_wave(
     store = open_store()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     sessions.pools.budget(claimant, connections)  # on a Dask worker, the first word of it
+    if sessions.pools.on_this_machine(claimant, {ref for ref, _ in lanes}, load_destination):
+        connections = min(connections, sessions.DISK_WRITERS)  # fewer, fuller ledger batches
     by_destination: dict[str, list[int]] = {}
     lane_counts: Counter[str] = Counter()
     for ref, ids in lanes:
@@ -74,7 +76,8 @@ def send_wave(
     reports = {ref: BatchReport(ref, worker=worker) for ref in by_destination}
 
     def send(unit: list[Lane]) -> list[BatchReport]:
-        with _lane_slots:
+        references = [ref for ref, _ in unit]
+        with sessions.pools.writing(claimant, references, load_destination), _lane_slots:
             if len(unit) > 1:
                 return _send_batch(store, claimant, unit, worker)
             ref = unit[0][0]

@@ -9,15 +9,17 @@ down for the rest of the run: its other deliveries fail at once and wait for the
 
 Over every destination and run, a process keeps at most `connection_budget` sessions open
 (`ConnectionBudget`): a session waiting idle in its pool keeps its place until another needs
-it, and is then closed to make room.
+it, and is then closed to make room. Sends to this machine's own folders are bounded apart, by
+`DISK_WRITERS` (`PoolRegistry.writing`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
 from blocks import load_destinations
 from blocks.base import Destination, DestinationSession
@@ -183,6 +185,13 @@ class SessionPool:
             Closing(opened, self.budget).close()
 
 
+DISK_WRITERS = max(4, 2 * (os.cpu_count() or 1))
+"""Sends at once, in one process, to destinations on this machine (local folders): they wait on
+its disk and CPU, not on a peer, so more at once only contend for fsync and the ledger's
+lock. Network destinations are bounded by the connection budget alone."""
+
+_disk_writers = threading.BoundedSemaphore(DISK_WRITERS)
+
 IDLE_SECONDS = 120.0
 """A run's pool unused this long is closed when another is asked for: on Dask workers the flow's
 `close_run` cannot reach the pools, so they close themselves this way."""
@@ -231,6 +240,28 @@ class PoolRegistry:
         for old in closing:
             old.close()
         return pool
+
+    def on_this_machine(
+        self, run: str, references: Iterable[str], load: Callable[[str], Destination]
+    ) -> bool:
+        """Whether every one of these destinations writes on this machine (none sends over a
+        network); False when a block cannot be loaded (its send reports why)."""
+        try:
+            return all(
+                not self.get(run, reference, load).destination.sends_over_network
+                for reference in references
+            )
+        except Exception:
+            return False
+
+    def writing(
+        self, run: str, references: Iterable[str], load: Callable[[str], Destination]
+    ) -> AbstractContextManager[object]:
+        """A place among the process's `DISK_WRITERS` when every one of these destinations
+        writes on this machine; otherwise nothing to wait for. Taken before a lane's slot, so
+        writers waiting for the disk never hold places that network sends could use."""
+        local = self.on_this_machine(run, references, load)
+        return _disk_writers if local else nullcontext()
 
     def _sweep(self, now: float) -> list[SessionPool]:
         """Take out the pools unused for `IDLE_SECONDS` (looked for at most every tenth of

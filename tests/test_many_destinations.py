@@ -4,13 +4,16 @@ its own documents, and the connection budget holds, counted at the server."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
-from blocks.local import LocalDestination
+from blocks.local import LocalDestination, LocalSession
+from flows import sessions
 from flows.deliver import deliver
 from loopback.servers import SshServer, free_port
 from patient_delivery import ingest
@@ -111,3 +114,42 @@ def test_the_connection_budget_is_never_exceeded_at_the_server(
         assert (figures.delivered, figures.lost, figures.duplicated) == (96, 0, 0)
     finally:
         proxy.stop()
+
+
+def test_writes_to_this_machines_folders_are_bounded_apart_from_network_sends(
+    store: Store, tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixty local folders in one run: at most `DISK_WRITERS` files written at once (more only
+    contend for fsync and the ledger's lock), and still several at once. An SFTP destination
+    is not held by that bound."""
+    writing = 0
+    most = 0
+    lock = threading.Lock()
+    upload = LocalSession.upload
+
+    def counted(self: LocalSession, path: str, content: bytes, sha256: str):  # type: ignore[no-untyped-def]
+        nonlocal writing, most
+        with lock:
+            writing += 1
+            most = max(most, writing)
+        try:
+            time.sleep(0.005)  # long enough for the lanes to overlap
+            return upload(self, path, content, sha256)
+        finally:
+            with lock:
+                writing -= 1
+
+    monkeypatch.setattr(LocalSession, "upload", counted)
+    remotes = local_organizations(store, tmp_path, 60)
+
+    summary = deliver(connection_budget=4 * sessions.DISK_WRITERS)
+
+    assert (summary.delivered, summary.failed) == (120, 0)
+    assert 2 <= most <= sessions.DISK_WRITERS
+    assert check_invariant(store, remotes).delivered == 120
+    run = f"run-{uuid.uuid4().hex[:6]}"
+    remote = sftp_block(sshd, tmp_path)
+    assert isinstance(sessions.pools.writing(run, ["sftp/x"], lambda _: remote), nullcontext)
+    local = LocalDestination(root=tmp_path)
+    assert not isinstance(sessions.pools.writing(run, ["local/x"], lambda _: local), nullcontext)
+    sessions.pools.close_run(run)
