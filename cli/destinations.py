@@ -152,7 +152,7 @@ def destination_sftp(
         "host_keys": host_key,
         "root": root,
         "password": _read_secret(password_stdin, password_env, "password"),
-        "private_key": private_key_file.read_text() if private_key_file else None,
+        "private_key": _read_file(private_key_file, "--private-key-file"),
         "private_key_passphrase": _read_secret(False, passphrase_env, "passphrase"),
         "path_template": template,
         "max_connections": max_connections,

@@ -180,6 +180,13 @@ class TestFromTheShell:
         )  # fmt: skip
         assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
         assert "--encrypt-to: cannot read" in result.stderr
+        result = runner.invoke(
+            app,
+            ["destination", "sftp", "x", "--host", "127.0.0.1", "--username", "u",
+             "--host-key", "SHA256:x", "--private-key-file", str(tmp_path / "id_missing")],
+        )  # fmt: skip
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+        assert "--private-key-file: cannot read" in result.stderr
 
     @pytest.mark.bad_input
     def test_a_block_saved_from_the_ui_with_a_revoked_key_is_listed_invalid(
