@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from string import Formatter
-from typing import ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -228,6 +228,21 @@ class Destination(Block, ABC):
         title="Signing key passphrase",
         description="The passphrase of our signing key, if it has one.",
     )
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The schema Prefect's UI builds its form from, which shows fields by `position`:
+        the destination's required fields first, then its other own fields, then the ones every
+        destination shares (which Prefect, following the declaration order, would put first)."""
+        schema = super().model_json_schema(*args, **kwargs)
+        shared = Destination.model_fields
+        own = [name for name in cls.model_fields if name not in shared]
+        own.sort(key=lambda name: not cls.model_fields[name].is_required())  # stable
+        for position, name in enumerate([*own, *shared]):
+            field = schema["properties"].get(cls.model_fields[name].alias or name)
+            if field is not None:
+                field["position"] = position
+        return schema
 
     @field_validator("encryption_key")
     @classmethod

@@ -9,7 +9,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from blocks.base import (
     Destination,
@@ -105,9 +105,14 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-class _LocalRoot(BaseModel):
-    """The local destination's own field, declared apart so that it comes first in the
-    Prefect UI's form (fields show in declaration order, base classes' first)."""
+class LocalDestination(Destination):
+    """Deliver into a folder on this machine: files appear whole (temporary name, fsync, rename)."""
+
+    sends_over_network: ClassVar[bool] = False
+
+    _block_type_name = "Local Destination"
+    _block_type_slug = "local-destination"
+    _description = "Deliver patient documents into a folder on this machine or a mounted share."
 
     root: Path = Field(
         title="Root folder",
@@ -125,16 +130,6 @@ class _LocalRoot(BaseModel):
             raise ValueError("must be an absolute folder (or start with ~): a relative one would "
                              "depend on where the worker runs")  # fmt: skip
         return value
-
-
-class LocalDestination(Destination, _LocalRoot):
-    """Deliver into a folder on this machine: files appear whole (temporary name, fsync, rename)."""
-
-    sends_over_network: ClassVar[bool] = False
-
-    _block_type_name = "Local Destination"
-    _block_type_slug = "local-destination"
-    _description = "Deliver patient documents into a folder on this machine or a mounted share."
 
     def describe(self) -> str:
         return Path(self.root).expanduser().resolve().as_uri()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from pydantic import ValidationError
 
+    from patient_delivery.prefect_setup import LocalApi
     from patient_delivery.store import Store
 
 app = typer.Typer(
@@ -101,11 +102,31 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def prefect() -> None:
-    """Point Prefect at the local defaults (its home under ours) before it is imported."""
+def start_prefect() -> LocalApi | None:
+    """Point Prefect at the local defaults (its home under ours) before it is imported; in the
+    embedded setup, start this command's temporary API (see `ready`)."""
     from patient_delivery.prefect_setup import apply_local_defaults
 
-    apply_local_defaults(get_settings().home)
+    return apply_local_defaults(get_settings().home)
+
+
+def ready(api: LocalApi | None) -> None:
+    """Wait for this command's temporary API, if it has one, importing the flows (and with them
+    the blocks and Prefect) meanwhile: the two take about as long, on different cores."""
+    if api is None:
+        return
+    import flows.deliver  # noqa: F401
+    from patient_delivery.prefect_setup import LocalApiError
+
+    try:
+        api.wait()
+    except LocalApiError as exc:
+        raise fail(str(exc), code=1) from None
+
+
+def prefect() -> None:
+    """Prefect, ready for this command: `start_prefect`, then `ready`."""
+    ready(start_prefect())
 
 
 def refusals(run, refused: tuple[type[Exception], ...] | None = None):  # type: ignore[no-untyped-def]

@@ -7,12 +7,12 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from sqlalchemy import select
 
-from cli.common import app, console, prefect
+from cli.common import app, console, ready, start_prefect
 from cli.runs import print_summary
 from patient_delivery import ingest
 from patient_delivery.ledger import read_content
@@ -20,6 +20,9 @@ from patient_delivery.seed import seed_project
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
 from patient_delivery.store.models import DocumentVersion, Organization, Share
+
+if TYPE_CHECKING:
+    from patient_delivery.prefect_setup import LocalApi
 
 ORG = "demo-org"
 PROJECTS = ("cardiology-study", "diabetes-registry")
@@ -38,12 +41,13 @@ def demo(
 
     Run again, it delivers nothing new; with --update N, only the N changed documents.
     """
-    prefect()
-    run_demo(get_settings().home, patients, update)
+    api = start_prefect()
+    run_demo(get_settings().home, patients, update, api)
 
 
-def run_demo(home: Path, patients: int, update: int) -> None:
-    """Seed the demo organization on first use, deliver what is owed, print the summary."""
+def run_demo(home: Path, patients: int, update: int, api: LocalApi | None = None) -> None:
+    """Seed the demo organization on first use, deliver what is owed, print the summary; the
+    temporary Prefect API (if any) starts meanwhile and is waited for before its first use."""
     from blocks.local import LocalDestination
     from flows.deliver import deliver
 
@@ -58,6 +62,7 @@ def run_demo(home: Path, patients: int, update: int) -> None:
         for project in PROJECTS:
             ingest.add_project(store, ORG, project.replace("-", " ").title(), project)
             seed_project(store, project, patients)
+    ready(api)
     # The block lives in Prefect; (re)save it so the demo also works after Prefect's home is reset.
     LocalDestination(root=folder).save(DESTINATION_NAME, overwrite=True)
     if first_run:

@@ -1,23 +1,121 @@
 """Defaults for running Prefect locally, applied before Prefect is imported.
 
-With no Prefect server configured, Prefect starts a temporary one for each process, which on a
-small, busy machine can take longer than Prefect's default start-up timeout, and it tries to
-send analytics (there may be no network). These defaults keep the embedded setup working; any
-value already set in the environment, or a Prefect profile of the user's, wins. Without a
-Prefect of the user's, Prefect's home is an owner-only folder in ours and the temporary server
-requires a password only this process knows.
+Prefect must not try to send analytics (there may be no network). Any value already set in the
+environment, or a Prefect profile of the user's, wins. Without a Prefect of the user's (no
+`PREFECT_API_URL`, `PREFECT_HOME` or profile), Prefect's home is an owner-only folder in ours
+and the command gets a temporary Prefect API of its own (`LocalApi`): started at once, so it
+starts while the command imports and reads its store, where Prefect's own temporary server would
+only start at the first API call; answering only to a password this process made; stopped when
+the command ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from patient_delivery import private
 
+STARTUP_SECONDS = 120.0
+"""How long a temporary API may take to answer: Prefect's first start creates its database,
+which on a small, busy machine takes far longer than a later start."""
 
-def apply_local_defaults(home: Path) -> None:
+
+class LocalApiError(RuntimeError):
+    """The temporary Prefect API did not start; the message says where its log is."""
+
+
+class LocalApi:
+    """`prefect server start` (API only: no UI, no background services) on a free loopback port,
+    for this process and its children, stopped at exit. Its output goes to an owner-only log in
+    Prefect's home."""
+
+    def __init__(self, prefect_home: Path) -> None:
+        self.log = prefect_home / "local-api.log"
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._start()
+        atexit.register(self.stop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _start(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        output = private.open_new(self.log)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--no-ui", "--no-services", "--analytics-off"],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        finally:
+            os.close(output)
+
+    def wait(self, timeout: float = STARTUP_SECONDS) -> None:
+        """Return once the API answers. If its port was taken meanwhile, start again on another;
+        if it stopped for any other reason, say so and where its log is."""
+        deadline = time.monotonic() + timeout
+        restarts = 3
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                if restarts and _taken(self.port):
+                    restarts -= 1
+                    self._start()
+                    continue
+                raise LocalApiError(
+                    f"Prefect's temporary API stopped while starting (exit "
+                    f"{self.process.returncode}); its log: {self.log}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:  # noqa: S310
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise LocalApiError(
+            f"Prefect's temporary API did not answer within {timeout:.0f} s; its log: {self.log}"
+        )
+
+    def stop(self) -> None:
+        """Stop the server (a kill if it has not stopped within 5 s)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _taken(port: int) -> bool:
+    """Whether another process holds `port` on loopback."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def apply_local_defaults(home: Path) -> LocalApi | None:
+    """Set Prefect's local defaults; in the embedded setup, start this command's temporary API
+    (wait for it with `LocalApi.wait` before the first call to Prefect)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     user_has_prefect = (
@@ -40,3 +138,7 @@ def apply_local_defaults(home: Path) -> None:
         made = f"patient-delivery:{secrets.token_urlsafe(32)}"
         password = os.environ.setdefault("PREFECT_SERVER_API_AUTH_STRING", made)
         os.environ.setdefault("PREFECT_API_AUTH_STRING", password)
+        api = LocalApi(prefect_home)
+        os.environ["PREFECT_API_URL"] = api.url
+        return api
+    return None

@@ -215,14 +215,35 @@ def test_prefect_log_lines_go_through_the_progress_bars_console_while_it_shows()
     assert handlers() and not any(h.console is errors for h in handlers())
 
 
+def test_the_ui_form_shows_each_destinations_required_fields_first_then_its_own_then_shared() -> (
+    None
+):
+    from blocks.base import Destination
+    from blocks.local import LocalDestination
+    from blocks.s3 import S3Destination
+    from blocks.sftp import SftpDestination
+
+    expected_first = {
+        LocalDestination: ["root"],
+        S3Destination: ["bucket_name", "role_arn"],
+        SftpDestination: ["host", "username", "host_keys"],
+    }
+    for kind, first in expected_first.items():
+        fields = kind.model_json_schema()["properties"]
+        order = sorted(fields, key=lambda name: fields[name]["position"])
+        assert order[: len(first)] == first, kind.__name__
+        assert sorted(fields[name]["position"] for name in fields) == list(range(len(fields)))
+        shared = [name for name in order if name in Destination.model_fields]
+        assert order[-len(shared) :] == shared, kind.__name__  # the shared settings come last
+
+
 @pytest.mark.bad_input
-def test_the_ui_form_shows_a_local_destinations_folder_first_and_refuses_a_relative_one() -> None:
+def test_the_ui_form_refuses_a_relative_folder_for_a_local_destination() -> None:
     from pydantic import ValidationError
 
     from blocks.local import LocalDestination
 
     fields = LocalDestination.model_json_schema()["properties"]
-    assert min(fields, key=lambda name: fields[name]["position"]) == "root"
     assert fields["root"]["pattern"] == "^[/~]"  # the form's own check
     with pytest.raises(ValidationError, match="must be an absolute folder"):
         LocalDestination(root="relative/folder")
