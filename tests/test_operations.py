@@ -55,7 +55,9 @@ def test_a_subscription_to_a_block_that_cannot_be_used_is_refused_and_queues_not
     assert "no project 'nosuch'" in refused("subscribe", "nosuch", save_local(tmp_path / "a"))
     invalid = save_local(tmp_path / "b")
     save_as_the_ui_would(invalid, {"root": "relative", "path_template": "/{orgId}/{bogus}/../x"})
-    assert f"block {invalid} is invalid: root: " in refused("subscribe", study, invalid)
+    refusal = refused("subscribe", study, invalid)
+    assert f"block {invalid} is invalid: " in refusal
+    assert "path_template: " in refusal and "; root: " in refusal
     assert as_json("subscriptions")["subscriptions"] == []
     assert as_json("deliveries")["deliveries"] == []
 
@@ -96,8 +98,8 @@ def test_destination_list_shows_a_block_saved_invalid_and_still_lists_the_others
     assert listed[good]["writes_to"] == (tmp_path / "good").as_uri()
     assert listed[good]["problem"] is None
     assert listed[bad]["writes_to"] is None
-    assert listed[bad]["problem"].startswith(f"block {bad} is invalid: root: ")
-    assert "; path_template: " in listed[bad]["problem"]
+    assert listed[bad]["problem"].startswith(f"block {bad} is invalid: ")
+    assert "path_template: " in listed[bad]["problem"] and "; root: " in listed[bad]["problem"]
     table = run("destination", "list")
     assert f"INVALID: block {bad} is invalid" in table and (tmp_path / "good").as_uri() in table
 
