@@ -14,12 +14,14 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from patient_delivery import private
@@ -27,6 +29,10 @@ from patient_delivery import private
 STARTUP_SECONDS = 120.0
 """How long a temporary API may take to answer: Prefect's first start creates its database,
 which on a small, busy machine takes far longer than a later start."""
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal a process gets when the thread that started it ends."""
 
 
 class LocalApiError(RuntimeError):
@@ -59,6 +65,7 @@ class LocalApi:
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                  "--port", str(self.port), "--no-ui", "--no-services", "--analytics-off"],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                preexec_fn=_end_with_parent(os.getpid()) if sys.platform == "linux" else None,
             )  # fmt: skip
         finally:
             os.close(output)
@@ -101,6 +108,20 @@ class LocalApi:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _end_with_parent(parent: int) -> Callable[[], None]:
+    """For the server's process, before Prefect starts: the kernel stops it when the command
+    that started it ends, even killed or terminated (when `stop` never runs). Linux only."""
+
+    def arrange() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the command ended before the kernel could know
+            os._exit(0)
+
+    return arrange
 
 
 def _taken(port: int) -> bool:

@@ -1,5 +1,6 @@
 """The embedded setup's temporary Prefect API: each command that needs Prefect starts its own on
-loopback, waits for it, and stops it when it ends; one that cannot start is one line, exit 1."""
+loopback, waits for it, and stops it when it ends, even killed; one that cannot start is one
+line, exit 1."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,14 +16,40 @@ from pathlib import Path
 CLI = str(Path(sys.executable).parent / "patient-delivery")
 
 
-def embedded(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`patient-delivery ARGS` in the embedded setup: no Prefect of the user's, our home."""
+DRIVER = """
+import os, sys
+from cli.common import prefect
+prefect()
+print(os.environ["PREFECT_API_URL"], flush=True)
+sys.stdin.read()
+"""
+"""A command that holds its API until its stdin closes."""
+
+
+def embedded_env(home: Path) -> dict[str, str]:
+    """The embedded setup: no Prefect of the user's, our home."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "PATIENT_DELIVERY_"))}  # fmt: skip
     env.update({"PATIENT_DELIVERY_HOME": str(home), "HOME": str(home.parent)})
+    return env
+
+
+def embedded(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`patient-delivery ARGS` in the embedded setup."""
     return subprocess.run(
-        [CLI, *args], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+        [CLI, *args], env=embedded_env(home), capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+
+
+def answers(url: str) -> bool:
+    """Whether a Prefect API answers at `url`; False once its port refuses connections."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:  # noqa: S310
+            return response.status == 200
+    except urllib.error.URLError as refused:
+        assert isinstance(refused.reason, ConnectionRefusedError), refused
+        return False
 
 
 def test_a_command_starts_its_own_api_and_stops_it_when_it_ends(tmp_path: Path) -> None:
@@ -32,12 +60,24 @@ def test_a_command_starts_its_own_api_and_stops_it_when_it_ends(tmp_path: Path) 
     log = home / "prefect" / "local-api.log"
     assert oct(log.stat().st_mode & 0o777) == oct(0o600)
     [url] = set(re.findall(r"PREFECT_API_URL=(http://127\.0\.0\.1:\d+/api)", log.read_text()))
+    assert not answers(url), "the temporary API still answers after its command ended"
+
+
+def test_a_command_killed_takes_its_api_with_it(tmp_path: Path) -> None:
+    command = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], env=embedded_env(tmp_path / "home"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
-        urllib.request.urlopen(f"{url}/health", timeout=5)  # noqa: S310 - loopback
-    except urllib.error.URLError as refused:
-        assert isinstance(refused.reason, ConnectionRefusedError)
-    else:
-        raise AssertionError("the temporary API still answers after its command ended")
+        url = command.stdout.readline().strip()  # type: ignore[union-attr]
+        assert answers(url)
+    finally:
+        command.kill()  # no atexit, no `stop`: only the kernel can end the server now
+        command.wait()
+    deadline = time.monotonic() + 30
+    while answers(url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not answers(url), "the temporary API outlived the command that started it"
 
 
 def test_an_api_that_cannot_start_is_one_line_naming_its_log(tmp_path: Path) -> None:
