@@ -71,20 +71,20 @@ class LocalApi:
             os.close(output)
 
     def wait(self, timeout: float = STARTUP_SECONDS) -> None:
-        """Return once the API answers. If its port was taken meanwhile, start again on another;
-        if it stopped for any other reason, say so and where its log is."""
+        """Return once the API answers; `LocalApiError` if it stopped or did not answer in
+        time. (It is not restarted on another port: Prefect, imported meanwhile, has already
+        read this one.)"""
         deadline = time.monotonic() + timeout
-        restarts = 3
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                if restarts and _taken(self.port):
-                    restarts -= 1
-                    self._start()
-                    continue
+                why = (
+                    f"its port {self.port} was taken meanwhile; run again"
+                    if _taken(self.port)
+                    else f"exit {self.process.returncode}"
+                )
                 raise LocalApiError(
-                    f"Prefect's temporary API stopped while starting (exit "
-                    f"{self.process.returncode}); its log: {self.log}"
+                    f"Prefect's temporary API stopped while starting ({why}); its log: {self.log}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:  # noqa: S310

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
+
+from patient_delivery import private
+from patient_delivery.prefect_setup import LocalApi, LocalApiError
 
 CLI = str(Path(sys.executable).parent / "patient-delivery")
 
@@ -94,3 +100,15 @@ def test_an_api_that_cannot_start_is_one_line_naming_its_log(tmp_path: Path) -> 
         line,
     )
     assert "Traceback" not in failed.stderr
+
+
+def test_an_api_whose_port_is_taken_while_it_starts_says_so(tmp_path: Path) -> None:
+    api = LocalApi(private.make_folder(tmp_path / "prefect"))
+    try:
+        with socket.socket() as squatter:  # takes the port before the server binds it
+            squatter.bind(("127.0.0.1", api.port))
+            squatter.listen()
+            with pytest.raises(LocalApiError, match=rf"its port {api.port} was taken meanwhile"):
+                api.wait(timeout=120)
+    finally:
+        api.stop()
