@@ -46,19 +46,9 @@ class LocalApi:
 
     def __init__(self, prefect_home: Path) -> None:
         self.log = prefect_home / "local-api.log"
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self._start()
-        atexit.register(self.stop)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def _start(self) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+            self.port: int = probe.getsockname()[1]
         output = private.open_new(self.log)
         try:
             self.process = subprocess.Popen(
@@ -69,6 +59,11 @@ class LocalApi:
             )  # fmt: skip
         finally:
             os.close(output)
+        atexit.register(self.stop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
 
     def wait(self, timeout: float = STARTUP_SECONDS) -> None:
         """Return once the API answers; `LocalApiError` if it stopped or did not answer in
@@ -76,7 +71,6 @@ class LocalApi:
         read this one.)"""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process is not None
             if self.process.poll() is not None:
                 why = (
                     f"its port {self.port} was taken meanwhile; run again"
@@ -100,7 +94,7 @@ class LocalApi:
 
     def stop(self) -> None:
         """Stop the server (a kill if it has not stopped within 5 s)."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process.poll() is not None:
             return
         self.process.terminate()
         try:
@@ -138,7 +132,10 @@ def apply_local_defaults(home: Path) -> LocalApi | None:
     """Set Prefect's local defaults; in the embedded setup, start this command's temporary API
     (wait for it with `LocalApi.wait` before the first call to Prefect)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect's own temporary server, where a user's profile leaves it to start one:
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", f"{STARTUP_SECONDS:.0f}"
+    )
     user_has_prefect = (
         "PREFECT_API_URL" in os.environ
         or "PREFECT_HOME" in os.environ

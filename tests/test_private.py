@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.test_local_api import embedded_env
+
 CANARY = "canary-secret-7f3b2c"
 
 DRIVER = f"""
@@ -102,12 +104,9 @@ def test_a_second_local_user_reads_no_file_of_the_embedded_default_and_no_secret
         pytest.fail("this test runs as root: it becomes user nobody to try the files")
     tmp_path.chmod(0o755)  # the test's own folder is open: only our modes protect the files
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "PATIENT_DELIVERY_"))}  # fmt: skip
-    env.update({"PATIENT_DELIVERY_HOME": str(home), "HOME": str(tmp_path)})
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, "-c", DRIVER], env=embedded_env(home), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
         api_url = ""
