@@ -7,6 +7,7 @@ retry (or a later run) finds the leftovers of a cut write with `is_temporary_of`
 
 from __future__ import annotations
 
+import re
 import secrets
 import unicodedata
 
@@ -23,10 +24,21 @@ def contained(path: str) -> str:
         or path.startswith("/")
         or "\\" in path
         or any(segment in ("", ".", "..") for segment in segments)
-        or any(unicodedata.category(ch) in ("Cc", "Cf") for ch in path)
+        or _has_control_character(path)
     ):
         raise TerminalDeliveryError("rendered path leaves the destination root; refused")
     return path
+
+
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _has_control_character(path: str) -> bool:
+    """A control or format character (Unicode Cc, Cf): ASCII paths, the usual kind, are checked
+    with one regular expression, others character by character."""
+    if path.isascii():
+        return _ASCII_CONTROL.search(path) is not None
+    return any(unicodedata.category(ch) in ("Cc", "Cf") for ch in path)
 
 
 TOKEN_BYTES = 6

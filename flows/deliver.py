@@ -172,7 +172,7 @@ async def deliver_updates(
         page_size: Deliveries claimed at a time. Smaller pages share a backlog more evenly
             between runs working at once.
         connection_budget: Most connections open at once over every destination; each
-            destination's own `max_connections` bounds its share.
+            destination's own `max_connections` bounds its share. Local folders open none.
     """
     work = WorkFilter(
         project_id=project_id,

@@ -7,8 +7,8 @@ waits for a free session. A session that failed is dropped and reopened on next 
 documents in a row have used up their retries on temporary errors, the destination counts as
 down for the rest of the run: its other deliveries fail at once and wait for the next run.
 
-Over every destination and run, a process keeps at most `connection_budget` sessions open
-(`ConnectionBudget`): a session waiting idle in its pool keeps its place until another needs
+Over every destination and run, a process keeps at most `connection_budget` network sessions
+open (`ConnectionBudget`): a session waiting idle in its pool keeps its place until another needs
 it, and is then closed to make room. Sends to this machine's own folders are bounded apart, by
 `DISK_WRITERS` (`PoolRegistry.writing`).
 """
@@ -16,6 +16,7 @@ it, and is then closed to make room. Sends to this machine's own folders are bou
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -307,6 +308,8 @@ class PoolRegistry:
             with self._lock:
                 self._with_idle[pool] = run
 
+        if not destination.sends_over_network:  # a folder here: no connection to count
+            return SessionPool(destination, FOLDER_SESSIONS)
         return SessionPool(destination, budget or self.budget(run), on_idle=had_idle)
 
     def take_idle(self, run: str | None = None) -> Closing | None:
@@ -360,6 +363,11 @@ class PoolRegistry:
         for pool in pools:
             pool.close()
 
+
+FOLDER_SESSIONS = ConnectionBudget(sys.maxsize, idle=lambda: None)
+"""Sessions of destinations on this machine (local folders) open no connection, so they take no
+place in a connection budget: they stay open for the run's later batches and its manifests,
+and closing one would make no room for a network session. `DISK_WRITERS` bounds their sends."""
 
 process_budget = ConnectionBudget(get_settings().connection_budget, idle=lambda: pools.take_idle())
 """The sessions this process may have open at once, over every destination and run."""

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, insert, select
 
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
@@ -134,17 +134,18 @@ def record(store: Store, run_id: str, written: list[Written]) -> None:
     """Keep a run's written manifests in the ledger, in one transaction."""
     if not written:
         return
-    with store.session() as session:
-        session.add_all(
-            Manifest(
-                flow_run_id=run_id,
-                destination=w.drop.destination,
-                project_id=w.drop.project_id,
-                path=w.path,
-                sha256=w.sha256,
-                size=w.size,
-                documents=len(w.drop.output),
-                failed=w.drop.failed,
-            )
-            for w in written
+    rows = [
+        dict(
+            flow_run_id=run_id,
+            destination=w.drop.destination,
+            project_id=w.drop.project_id,
+            path=w.path,
+            sha256=w.sha256,
+            size=w.size,
+            documents=len(w.drop.output),
+            failed=w.drop.failed,
         )
+        for w in written
+    ]
+    with store.session() as session:
+        session.execute(insert(Manifest), rows)  # one statement for the run's thousands

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         description=(
             "Most destination sessions (SSH connections, S3 clients' lanes) one process keeps "
             "open at once, over every destination and run; each destination's own "
-            "`max_connections` bounds its share."
+            "`max_connections` bounds its share. Local folders take no place in it."
         ),
     )
     mcp_sessions_per_organization: int = Field(

@@ -52,6 +52,10 @@ ESCAPING_PATHS = [
     "./outside.xml",
     "a\\..\\..\\outside.xml",
     "a/outside\x00.xml",
+    "a/\x1b[31moutside.xml",  # ASCII control characters: ESC, DEL
+    "a/outside\x7f.xml",
+    "a/outside\x85.xml",  # beyond ASCII: NEL (a control), RLO (a format character)
+    "a/\u202eoutside.xml",
     "",
 ]
 

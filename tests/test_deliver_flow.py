@@ -148,6 +148,7 @@ def test_each_manifest_written_is_kept_in_the_ledger_and_a_destination_can_turn_
     with store.session() as session:
         [kept] = session.scalars(select(Manifest)).all()
     assert (kept.flow_run_id, kept.documents, kept.failed) == (summary.flow_run_id, 1, 0)
+    assert kept.written_at is not None
     assert kept.sha256 == hashlib.sha256(written.read_bytes()).hexdigest()
     assert str(written.relative_to(with_manifests)) == kept.path
 

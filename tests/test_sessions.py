@@ -108,6 +108,7 @@ class Doorman:
     (`hold`) or refused (`refusal`) while the test wants."""
 
     max_connections = 2
+    sends_over_network = True
 
     def __init__(self, refusal: DeliveryError | None = None) -> None:
         self.attempts = 0
@@ -237,13 +238,11 @@ def test_a_session_returned_after_its_pool_closed_is_closed_not_kept() -> None:
     assert door.closed == door.opened and pool._idle == []
 
 
-def test_a_runs_budget_closes_idle_sessions_of_other_destinations_to_make_room(
-    tmp_path: Path,
-) -> None:
+def test_a_runs_budget_closes_idle_sessions_of_other_destinations_to_make_room() -> None:
     registry = PoolRegistry()
     budget = registry.budget("run", limit=2)
-    load = lambda reference: LocalDestination(root=tmp_path / reference, max_connections=4)  # noqa: E731
-    first, second, third = (registry.get("run", name, load) for name in ("a", "b", "c"))
+    doors = {name: Doorman() for name in ("a", "b", "c")}
+    first, second, third = (registry.get("run", name, doors.get) for name in doors)  # type: ignore[arg-type]
     for pool in (first, second):
         with pool.lease() as lease:
             lease.session()
@@ -256,13 +255,11 @@ def test_a_runs_budget_closes_idle_sessions_of_other_destinations_to_make_room(
     assert budget.open == 0
 
 
-def test_sessions_in_use_are_never_closed_for_another_which_waits_instead(
-    tmp_path: Path,
-) -> None:
+def test_sessions_in_use_are_never_closed_for_another_which_waits_instead() -> None:
     registry = PoolRegistry()
     budget = registry.budget("run", limit=1)
-    load = lambda reference: LocalDestination(root=tmp_path / reference)  # noqa: E731
-    busy, waiting = registry.get("run", "a", load), registry.get("run", "b", load)
+    doors = {name: Doorman() for name in ("a", "b")}
+    busy, waiting = (registry.get("run", name, doors.get) for name in doors)  # type: ignore[arg-type]
     opened = threading.Event()
 
     def second() -> None:
@@ -278,3 +275,38 @@ def test_sessions_in_use_are_never_closed_for_another_which_waits_instead(
     thread.join(timeout=5)  # once it is idle, it is closed for the waiting one
     assert opened.is_set() and budget.peak == 1
     registry.close_run("run")
+
+
+def test_folder_sessions_take_no_place_in_the_budget_and_stay_open_for_the_run(
+    tmp_path: Path,
+) -> None:
+    """A local folder opens no connection: its sessions neither wait for the network budget nor
+    are closed to make room in it, so a run's later batches and manifests reuse them."""
+    registry = PoolRegistry()
+    budget = registry.budget("run", limit=1)
+    door = Doorman()
+    remote = registry.get("run", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    folders = [registry.get("run", name, lambda name: LocalDestination(root=tmp_path / name))
+               for name in ("b", "c", "d")]  # fmt: skip
+    opened: list[object] = []
+
+    def open_folders() -> None:
+        for pool in folders:
+            with pool.lease() as folder:
+                opened.append(folder.session())
+
+    with remote.lease() as lease:
+        lease.session()  # the budget's one place, in use
+        thread = threading.Thread(target=open_folders, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert len(opened) == len(folders), "a folder session waited for the network budget"
+    assert budget.open == 1
+    with remote.lease() as lease:
+        lease.session()  # the idle network session, lent again
+    for pool, session in zip(folders, opened, strict=True):
+        with pool.lease() as folder:
+            assert folder.session() is session  # none closed to make room
+    assert door.attempts == 1
+    registry.close_run("run")
+    assert budget.open == 0 and door.closed == door.opened
