@@ -7,38 +7,27 @@ retry (or a later run) finds the leftovers of a cut write with `is_temporary_of`
 
 from __future__ import annotations
 
-import re
 import secrets
-import unicodedata
 
 from blocks.base import TerminalDeliveryError
+from patient_delivery.paths import has_unsafe_character
 
 
 def contained(path: str) -> str:
     """`path` itself, when it is a relative path that stays under the destination's root: no
-    leading `/`, no `\\`, no empty, `.` or `..` segment, no control character. Otherwise a
-    terminal error (the path's value is never in the message: it carries patient IDs)."""
+    leading `/`, no `\\`, no empty, `.` or `..` segment, no control, formatting or line
+    separator character (`has_unsafe_character`). Otherwise a terminal error (the path's value
+    is never in the message: it carries patient IDs)."""
     segments = path.split("/")
     if (
         not path
         or path.startswith("/")
         or "\\" in path
         or any(segment in ("", ".", "..") for segment in segments)
-        or _has_control_character(path)
+        or has_unsafe_character(path)
     ):
         raise TerminalDeliveryError("rendered path leaves the destination root; refused")
     return path
-
-
-_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _has_control_character(path: str) -> bool:
-    """A control or format character (Unicode Cc, Cf): ASCII paths, the usual kind, are checked
-    with one regular expression, others character by character."""
-    if path.isascii():
-        return _ASCII_CONTROL.search(path) is not None
-    return any(unicodedata.category(ch) in ("Cc", "Cf") for ch in path)
 
 
 TOKEN_BYTES = 6

@@ -105,7 +105,7 @@ class PathTemplate:
                 "it names no patient ({healthexPatientId} or {externalId}), so every patient's"
                 " document would land at the same path"
             )
-        if any(_is_unsafe_char(ch) for ch in _PLACEHOLDER.sub("", text)):
+        if has_unsafe_character(_PLACEHOLDER.sub("", text)):
             problems.append("it contains a control or invisible formatting character")
         if problems:
             raise PathTemplateError(
@@ -143,9 +143,15 @@ class PathTemplate:
         return path
 
 
+def has_unsafe_character(text: str) -> bool:
+    """Whether `text` holds a control character (Cc: NUL, newline, ESC...), invisible formatting
+    (Cf, such as the right-to-left override, which makes a file name display differently from
+    what it is) or a line or paragraph separator (Zl, Zp). Printable ASCII, the usual kind, is
+    answered without looking at each character."""
+    return not (text.isascii() and text.isprintable()) and any(map(_is_unsafe_char, text))
+
+
 def _is_unsafe_char(ch: str) -> bool:
-    # Cc: control characters (NUL, newline, ESC...); Cf: invisible formatting such as the
-    # right-to-left override, which makes a file name display differently from what it is.
     return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
 
 
@@ -161,7 +167,7 @@ def check_value(name: str, value: str | None) -> None:
         raise PathValueError(name, "contains '..' or is '.'")
     # Printable ASCII has none of those characters: checked in C, the common case skips the
     # per-character lookup.
-    if not (value.isascii() and value.isprintable()) and any(map(_is_unsafe_char, value)):
+    if has_unsafe_character(value):
         raise PathValueError(name, "contains a control or invisible formatting character")
     if len(value) > MAX_VALUE_LENGTH:
         raise PathValueError(name, f"is longer than {MAX_VALUE_LENGTH} characters")
