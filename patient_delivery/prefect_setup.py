@@ -5,8 +5,8 @@ environment, or a Prefect profile of the user's, wins. Without a Prefect of the 
 `PREFECT_API_URL`, `PREFECT_HOME` or profile), Prefect's home is an owner-only folder in ours
 and the command gets a temporary Prefect API of its own (`LocalApi`): started at once, so it
 starts while the command imports and reads its store, where Prefect's own temporary server would
-only start at the first API call; answering only to a password this process made; stopped when
-the command ends.
+only start at the first API call; on a port this process holds from the start, so no other user
+can pose as it; answering only to a password this process made; stopped when the command ends.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patient_delivery import private
+from patient_delivery.local_api_server import SOCKET_FD
 
 STARTUP_SECONDS = 120.0
 """How long a temporary API may take to answer: Prefect's first start creates its database,
@@ -40,21 +41,28 @@ class LocalApiError(RuntimeError):
 
 
 class LocalApi:
-    """`prefect server start` (API only: no UI, no background services) on a free loopback port,
-    for this process and its children, stopped at exit. Its output goes to an owner-only log in
-    Prefect's home."""
+    """Prefect's API (no UI, no background services) on a loopback port, for this process and
+    its children, stopped at exit. Its output goes to an owner-only log in Prefect's home.
+
+    This process binds and listens on the port itself and hands the listening socket to the
+    server (`patient_delivery.local_api_server`), keeping its own copy until `stop`: from the
+    moment the port has a number until the command ends, no other process can bind it, so
+    whatever answers there is the server this command started (even after that server died,
+    the port stays ours: requests wait and time out rather than reach someone else)."""
 
     def __init__(self, prefect_home: Path) -> None:
         self.log = prefect_home / "local-api.log"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port: int = self._listener.getsockname()[1]
+        descriptor = self._listener.fileno()
         output = private.open_new(self.log)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--no-ui", "--no-services", "--analytics-off"],
+                [sys.executable, "-m", "patient_delivery.local_api_server"],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                env={**os.environ, SOCKET_FD: str(descriptor)}, pass_fds=(descriptor,),
                 preexec_fn=_end_with_parent(os.getpid()) if sys.platform == "linux" else None,
             )  # fmt: skip
         finally:
@@ -67,18 +75,13 @@ class LocalApi:
 
     def wait(self, timeout: float = STARTUP_SECONDS) -> None:
         """Return once the API answers; `LocalApiError` if it stopped or did not answer in
-        time. (It is not restarted on another port: Prefect, imported meanwhile, has already
-        read this one.)"""
+        time. (It is not restarted: Prefect, imported meanwhile, has already read its URL.)"""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                why = (
-                    f"its port {self.port} was taken meanwhile; run again"
-                    if _taken(self.port)
-                    else f"exit {self.process.returncode}"
-                )
                 raise LocalApiError(
-                    f"Prefect's temporary API stopped while starting ({why}); its log: {self.log}"
+                    f"Prefect's temporary API stopped while starting "
+                    f"(exit {self.process.returncode}); its log: {self.log}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:  # noqa: S310
@@ -93,8 +96,9 @@ class LocalApi:
         )
 
     def stop(self) -> None:
-        """Stop the server (a kill if it has not stopped within 5 s)."""
+        """Stop the server (a kill if it has not stopped within 5 s) and give up the port."""
         if self.process.poll() is not None:
+            self._listener.close()
             return
         self.process.terminate()
         try:
@@ -102,6 +106,7 @@ class LocalApi:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._listener.close()
 
 
 def _end_with_parent(parent: int) -> Callable[[], None]:
@@ -116,16 +121,6 @@ def _end_with_parent(parent: int) -> Callable[[], None]:
             os._exit(0)
 
     return arrange
-
-
-def _taken(port: int) -> bool:
-    """Whether another process holds `port` on loopback."""
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def apply_local_defaults(home: Path) -> LocalApi | None:

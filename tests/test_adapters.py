@@ -17,6 +17,7 @@ from blocks import openpgp
 from blocks.s3 import botocore_adapter
 from blocks.sftp import paramiko_adapter
 from flows import runtime
+from patient_delivery import local_api_server
 
 
 def test_paramiko_still_has_what_the_sftp_pipeline_uses() -> None:
@@ -43,6 +44,13 @@ def test_the_pysequoia_check_sees_a_removed_function(monkeypatch: pytest.MonkeyP
 
     monkeypatch.delattr(pysequoia, "encrypt")
     assert "pysequoia.encrypt" in openpgp.missing()
+
+
+def test_prefect_still_has_the_api_app_the_temporary_server_serves() -> None:
+    gone = local_api_server.missing()
+    assert gone == [], (
+        f"patient_delivery/local_api_server.py: Prefect {prefect.__version__} no longer has {gone}"
+    )
 
 
 def test_prefect_still_has_what_the_flows_run_time_uses() -> None:

@@ -4,6 +4,7 @@ line, exit 1."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from patient_delivery import private
-from patient_delivery.prefect_setup import LocalApi, LocalApiError
+from patient_delivery.prefect_setup import LocalApi
 
 CLI = str(Path(sys.executable).parent / "patient-delivery")
 
@@ -102,13 +103,55 @@ def test_an_api_that_cannot_start_is_one_line_naming_its_log(tmp_path: Path) -> 
     assert "Traceback" not in failed.stderr
 
 
-def test_an_api_whose_port_is_taken_while_it_starts_says_so(tmp_path: Path) -> None:
-    api = LocalApi(private.make_folder(tmp_path / "prefect"))
-    try:
-        with socket.socket() as squatter:  # takes the port before the server binds it
-            squatter.bind(("127.0.0.1", api.port))
+def bind_refused(port: int) -> str:
+    """Try to take `port` on loopback (bind and listen, as a squatter would); the error's name,
+    or "bound" if it worked."""
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", port))
             squatter.listen()
-            with pytest.raises(LocalApiError, match=rf"its port {api.port} was taken meanwhile"):
-                api.wait(timeout=120)
+        except OSError as refused:
+            return type(refused).__name__ if refused.errno != errno.EADDRINUSE else "EADDRINUSE"
+    return "bound"
+
+
+def command_lines() -> list[str]:
+    """Every process's command line, as any local user can read them."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+    return lines
+
+
+@pytest.mark.security
+def test_another_local_user_cannot_take_the_api_port_or_read_it_off_a_command_line(
+    tmp_path: Path,
+) -> None:
+    from tests.test_private import as_nobody
+
+    password = "patient-delivery:sentinel-3c9e1f"
+    os.environ["PREFECT_SERVER_API_AUTH_STRING"] = password
+    try:
+        api = LocalApi(private.make_folder(tmp_path / "prefect"))
+    finally:
+        del os.environ["PREFECT_SERVER_API_AUTH_STRING"]
+    try:
+        # Before the server has even started, and while it runs, the port is this command's.
+        assert as_nobody(lambda: bind_refused(api.port)) == "EADDRINUSE"
+        api.wait(timeout=120)
+        assert as_nobody(lambda: bind_refused(api.port)) == "EADDRINUSE"
+        seen = [line for line in as_nobody(command_lines)
+                if str(api.port) in line or password in line]  # fmt: skip
+        assert seen == []
+        # A server that died leaves the port with the command, not free for the taking.
+        api.process.kill()
+        api.process.wait()
+        assert as_nobody(lambda: bind_refused(api.port)) == "EADDRINUSE"
     finally:
         api.stop()
+    assert bind_refused(api.port) == "bound"  # given up once the command stops it
