@@ -40,6 +40,14 @@ T = TypeVar("T")
 THREADS = 32
 """Task runs at once on the flow's own thread pool."""
 
+LOCAL_CLUSTER: dict[str, Any] = {
+    "processes": True, "threads_per_worker": 8, "host": "127.0.0.1", "dashboard_address": None,
+    "protocol": "tls", "security": True,
+}  # fmt: skip
+"""`--dask local`: worker processes on loopback; `security=True` is Dask's
+`Security.temporary()`, a certificate made per cluster that client, scheduler and workers must
+all present."""
+
 REQUIRED = ("SyncClientContext.get_or_create", "asyncutils.run_coro_as_sync", "_sync=True")
 """Prefect's internals this module relies on, as `missing()` reports them."""
 
@@ -48,9 +56,12 @@ def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[
     """Where upload tasks run: threads in the flow's process, or a Dask cluster.
 
     `dask_address` (default: the `PATIENT_DELIVERY_DASK_ADDRESS` setting) is a scheduler
-    address, or `local` for a cluster of worker processes on this machine, on loopback. Tasks
-    carry delivery IDs and a destination's block name only: each Dask worker loads the block
-    and opens its own sessions, nothing is pickled from the flow.
+    address, or `local` for a cluster of worker processes on this machine, on loopback. A local
+    cluster speaks TLS with a certificate made for it, kept in memory and required of every
+    client and worker, so no other local user can connect to it and run code as ours. A cluster
+    given by address is the operator's to protect (the README says how). Tasks carry delivery
+    IDs and a destination's block name only: each Dask worker loads the block and opens its own
+    sessions, nothing is pickled from the flow.
     """
     address = dask_address or get_settings().dask_address
     if not address:
@@ -58,10 +69,7 @@ def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[
     from prefect_dask import DaskTaskRunner
 
     if address == "local":
-        return DaskTaskRunner(
-            cluster_kwargs={"processes": True, "threads_per_worker": 8, "host": "127.0.0.1",
-                            "dashboard_address": None},
-        )  # fmt: skip
+        return DaskTaskRunner(cluster_kwargs=LOCAL_CLUSTER)
     return DaskTaskRunner(address=address)
 
 

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import func, select
 
 from flows.deliver import deliver
+from flows.runtime import LOCAL_CLUSTER, task_runner
 from loopback.servers import SshServer
 from patient_delivery import ingest, ledger
 from patient_delivery.seed import seed_project
@@ -179,7 +180,8 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
 def test_a_delivery_on_a_local_dask_cluster_arrives_byte_identical(
     store: Store, project: str, sshd: SshServer
 ) -> None:
-    """Upload batches run in Dask worker processes, which open their own SFTP sessions."""
+    """Upload batches run in Dask worker processes, which open their own SFTP sessions, on a
+    cluster set up as `--dask local` sets it up (TLS with a certificate made for it)."""
     from prefect_dask import DaskTaskRunner
 
     folder = sshd.make_folder(f"dask-{uuid.uuid4().hex[:8]}")
@@ -188,8 +190,7 @@ def test_a_delivery_on_a_local_dask_cluster_arrives_byte_identical(
     reference = f"sftp-destination/{name}"
     ingest.subscribe(store, project, reference)
     seed_project(store, project, 60, size_scale=0.2)  # 120 documents
-    cluster = {"n_workers": 2, "threads_per_worker": 4, "processes": True, "host": "127.0.0.1",
-               "dashboard_address": None}  # fmt: skip
+    cluster = {**LOCAL_CLUSTER, "n_workers": 2, "threads_per_worker": 4}
 
     summary = deliver(DaskTaskRunner(cluster_kwargs=cluster), batch_size=10)
 
@@ -206,3 +207,42 @@ def test_a_delivery_on_a_local_dask_cluster_arrives_byte_identical(
         for path in folder.rglob("*") if path.is_file() and "_manifests" not in path.parts
     }  # fmt: skip
     assert arrived == expected  # every stored version, byte-identical, and nothing else
+
+
+def dask_identity(address: str) -> str:
+    """Connect to a Dask scheduler as a stranger would (no certificate of the cluster's) and
+    ask who it is: what it answered, or the name of the error that stopped the attempt."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def ask() -> str:
+        plain = address.replace("tls://", "tcp://")  # a stranger without the certificate
+        comm = await connect(plain, timeout=5)
+        try:
+            await comm.write({"op": "identity"})
+            answer = await comm.read()
+        finally:
+            await comm.close()
+        return str(answer.get("type", answer)) if isinstance(answer, dict) else str(answer)
+
+    try:
+        return asyncio.run(asyncio.wait_for(ask(), 10))
+    except Exception as refused:
+        return f"refused: {type(refused).__name__}"
+
+
+@pytest.mark.security
+def test_another_local_user_cannot_join_the_local_dask_cluster() -> None:
+    """`--dask local`: the scheduler refuses a connection without the cluster's certificate,
+    so user nobody cannot submit work (which would run as us, with our store and Prefect)."""
+    from distributed import LocalCluster
+
+    from tests.test_private import as_nobody
+
+    runner = task_runner("local")
+    with LocalCluster(**{**runner.cluster_kwargs, "n_workers": 1}) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:")
+        answer = as_nobody(lambda: dask_identity(address))
+    assert answer.startswith("refused: "), f"the scheduler answered a stranger: {answer}"
