@@ -153,7 +153,7 @@ def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> 
             report = BatchReport(ref, worker=worker)
             ours = [items[i] for i in ids if i in items]
             report.began = time.time()
-            sent = _send_to(ref, claimant, ours, consent.kept(read(ours))) if ours else []
+            sent = _send_to(ref, claimant, ours, read(ours), consent) if ours else []
             report.ended = time.time()
             report.skipped = len(ids) - len(sent)
             report.count(sent)
@@ -165,29 +165,34 @@ def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> 
 
 class Consent:
     """Whether a batch's deliveries are still shared: a patient may stop sharing while a run
-    sends. Re-read from the store at most every `EVERY` seconds, so a withdrawal stops the
-    sends that start after that; what is already on its way finishes."""
+    sends. Every send asks, first tries and retries alike, just before it starts. The answer is
+    read from the store at most `EVERY` seconds before (the batch's claim is the first read),
+    and afresh for each round of retries, which come after a backoff: so no send starts more
+    than `EVERY` seconds after a withdrawal is committed. What is already on its way finishes."""
 
-    EVERY = 1.0
+    EVERY = 0.05
 
     def __init__(self, store: Store, delivery_ids: list[int]) -> None:
         self.store = store
         self.ids = delivery_ids
-        self.withdrawn: set[int] = set()
+        self.withdrawn: set[int] = set()  # the claim took only deliveries still pending
         self.read_at = time.monotonic()
 
-    def kept(self, documents: Iterator[Document]) -> Iterator[Document]:
-        """The documents still shared, each checked as it is about to be sent."""
-        for document in documents:
-            if time.monotonic() - self.read_at >= self.EVERY:
-                self.withdrawn = ledger.withdrawn_among(self.store, self.ids)
-                self.read_at = time.monotonic()
-            if document[0].delivery_id not in self.withdrawn:
-                yield document
+    def shared(self, delivery_id: int, fresh: bool = False) -> bool:
+        """Whether the delivery may be sent now; `fresh` reads the store whatever the age of
+        the last answer."""
+        if fresh or time.monotonic() - self.read_at >= self.EVERY:
+            self.withdrawn = ledger.withdrawn_among(self.store, self.ids)
+            self.read_at = time.monotonic()
+        return delivery_id not in self.withdrawn
 
 
 def _send_to(
-    destination_ref: str, claimant: str, items: list[UploadItem], documents: Iterator[Document]
+    destination_ref: str,
+    claimant: str,
+    items: list[UploadItem],
+    documents: Iterator[Document],
+    consent: Consent,
 ) -> list[Outcome]:
     """Send items to one destination over one session; an outcome for each sent or failed
     (none for a withdrawn one), whatever breaks."""
@@ -195,7 +200,7 @@ def _send_to(
     try:
         pool = sessions.pools.get(claimant, destination_ref, load_destination)
         with pool.lease() as lease:
-            for outcome in send_documents(lease, pool, documents):
+            for outcome in send_documents(lease, pool, documents, consent):
                 outcomes.append(outcome)  # one by one: kept if a later document raises
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
@@ -222,11 +227,16 @@ class Retry:
 
 
 def send_documents(
-    lease: Lease, pool: SessionPool, documents: Iterator[Document]
+    lease: Lease,
+    pool: SessionPool,
+    documents: Iterator[Document],
+    consent: Consent | None = None,
 ) -> Iterator[Outcome]:
     """Each document's outcome, in rounds: send what is owed (the last round's temporary
     failures first, then documents not tried yet), collect this round's temporary failures,
-    back off, and send those again, until every document has an outcome."""
+    back off, and send those again, until every document has an outcome. A document whose
+    patient stopped sharing (`consent`; None: no check) is not sent, on any try, and has no
+    outcome."""
     retries: list[Retry] = []
     untried: Iterator[Document] = documents
     while True:
@@ -236,7 +246,7 @@ def send_documents(
         if retries:
             lease.reset()
             _back_off(max(r.attempts for r in retries))
-        this_round = Round(pool, retries, untried)
+        this_round = Round(pool, retries, untried, consent)
         yield from this_round.send(lease)
         retries = []
         for retry in this_round.owed_next:
@@ -256,9 +266,14 @@ class Round:
     did not take waits for the next round, with the tries it has used."""
 
     def __init__(
-        self, pool: SessionPool, retries: list[Retry], untried: Iterator[Document]
+        self,
+        pool: SessionPool,
+        retries: list[Retry],
+        untried: Iterator[Document],
+        consent: Consent | None = None,
     ) -> None:
         self.pool = pool
+        self.consent = consent
         self.retries = {retry.delivery_id: retry for retry in retries}
         """Retries this round has not taken yet."""
         self.tried = {retry.delivery_id: retry.attempts for retry in retries}
@@ -307,15 +322,25 @@ class Round:
             self.leftovers[delivery_id] = kept
 
     def owed(self) -> Iterator[Document]:
-        """The documents to send, taken one at a time while the round goes well."""
+        """The documents to send, taken one at a time while the round goes well, each only
+        while its patient still shares (asked afresh before the round's first retry: the
+        backoff may have outlasted a withdrawal)."""
+        fresh = True
         while self.retries and not self.stopped and self.pool.down is None:
-            yield self.retries.pop(next(iter(self.retries))).document
+            retry = self.retries.pop(next(iter(self.retries)))
+            if self.still_shared(retry.delivery_id, fresh):
+                yield retry.document
+            fresh = False
         while not self.stopped and self.pool.down is None:
             document = next(self.untried, None)
             if document is None:
                 self.untried_done = True
                 return
-            yield document
+            if self.still_shared(document[0].delivery_id):
+                yield document
+
+    def still_shared(self, delivery_id: int, fresh: bool = False) -> bool:
+        return self.consent is None or self.consent.shared(delivery_id, fresh)
 
     def upload(self, session: DestinationSession, document: Document) -> Upload:
         item, content = document

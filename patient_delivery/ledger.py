@@ -519,15 +519,16 @@ WITHDRAWN_WHILE_SENT = "sent while consent was being withdrawn"
 
 
 def withdrawn_among(store: Store, delivery_ids: Sequence[int]) -> set[int]:
-    """Which of these deliveries were withdrawn (the patient stopped sharing) since claimed."""
-    with store.session() as session:
-        return set(
-            session.scalars(
-                select(Delivery.id).where(
-                    Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.WITHDRAWN
-                )
-            )
-        )
+    """Which of these deliveries were withdrawn (the patient stopped sharing) since claimed.
+    Asked before every send: one Core statement, no ORM session."""
+    with store.engine.connect() as connection:
+        return set(connection.execute(_WITHDRAWN, {"ids": list(delivery_ids)}).scalars())
+
+
+_WITHDRAWN = select(Delivery.id).where(
+    Delivery.id.in_(bindparam("ids", expanding=True)),
+    Delivery.status == DeliveryStatus.WITHDRAWN,
+)
 
 
 def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) -> int:

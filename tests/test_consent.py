@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from blocks.base import Receipt
+from blocks.base import Receipt, TransientDeliveryError
 from blocks.local import LocalDestination, LocalSession
 from flows.backfill import backfill, redeliver
 from flows.deliver import deliver
@@ -152,6 +152,67 @@ def test_a_withdrawal_while_a_run_sends_stops_its_sends_within_the_window(
     assert sum(status == "withdrawn" for _, status in found) == 40 - sent
     assert len(disclosures_frame(store, LedgerQuery(patient_id=patient))) == sent  # all on record
     assert summary.failed == 0
+
+
+class WithdrawnDuringRetry(LocalDestination):
+    """A local folder whose first upload fails temporarily, and the patient withdraws while
+    that document waits for its retry (as another process would)."""
+
+    _block_type_slug = "consent-retry-folder"
+    _block_type_name = "Consent Retry Folder"
+    store_url: str
+    project_id: str
+    patient_id: str
+
+    @contextmanager
+    def open_session(self):  # type: ignore[no-untyped-def]
+        with super().open_session() as session:
+            yield FailingOnce(session.root, self)
+
+
+class FailingOnce(LocalSession):
+    def __init__(self, root: Path, block: WithdrawnDuringRetry) -> None:
+        super().__init__(root)
+        self.block = block
+
+    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
+        if "/_manifests/" in path:
+            return super().upload(path, content, sha256)
+        STARTS.append(time.monotonic())
+        if len(STARTS) == 1:
+            from patient_delivery.store import open_store
+
+            store = open_store(self.block.store_url)
+            ingest.unshare_patient(store, self.block.project_id, self.block.patient_id, "test")
+            WITHDRAWN_AT.append(time.monotonic())
+            raise TransientDeliveryError("connection reset (a test's)")
+        return super().upload(path, content, sha256)
+
+
+@pytest.mark.security
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.both_stores
+def test_a_document_waiting_for_its_retry_is_not_sent_once_its_patient_withdraws(
+    store: Store, tmp_path: Path
+) -> None:
+    ingest.add_organization(store, "Acme", "acme")
+    project = ingest.add_project(store, "acme", "Study", "study")
+    patient = ingest.add_patient(store, project)
+    name = f"retry-{uuid.uuid4().hex[:8]}"
+    WithdrawnDuringRetry(root=tmp_path / "org", store_url=store.url, project_id=project,
+                         patient_id=patient, max_connections=1).save(name)  # fmt: skip
+    ingest.subscribe(store, project, f"consent-retry-folder/{name}")
+    ingest.put_document(store, patient, "ccda", CCDA % 1)
+    STARTS.clear()
+    WITHDRAWN_AT.clear()
+
+    summary = deliver()
+
+    assert len(WITHDRAWN_AT) == 1 and len(STARTS) == 1, "the retry was sent after the withdrawal"
+    assert [p for p in (tmp_path / "org").rglob("*.xml")] == []
+    assert statuses(store, patient) == [("ccda", "withdrawn")]
+    assert len(disclosures_frame(store, LedgerQuery(patient_id=patient))) == 0
+    assert (summary.delivered, summary.failed) == (0, 0)
 
 
 def test_pull_reads_end_with_the_share_unless_another_project_still_has_one(
