@@ -201,7 +201,8 @@ class Destination(Block, ABC):
         description=(
             "Where each run writes its manifest for a project (a JSON list of the files it "
             "delivered, with their SHA-256), after every file it lists has landed. Variables: "
-            "{orgId}, {projectId}, {timestamp}, {runId}. Empty: no manifests."
+            "{orgId}, {projectId}, {timestamp}, {runId}; {projectId} and {runId} are required. "
+            "Empty: no manifests."
         ),
     )
 
@@ -288,13 +289,21 @@ class Destination(Block, ABC):
     def _check_manifest_template(cls, value: str) -> str:
         if not value:
             return value
-        fields = {name for _, name, _, _ in Formatter().parse(value) if name is not None}
+        placeholders = [(name, spec, conversion) for _, name, spec, conversion
+                        in Formatter().parse(value) if name is not None]  # fmt: skip
+        fields = {name for name, _, _ in placeholders}
         if unknown := fields - MANIFEST_VARIABLES:
             raise ValueError(
                 f"unknown variable(s) {sorted(unknown)}; use {sorted(MANIFEST_VARIABLES)}"
             )
-        if "runId" not in fields or not value.endswith(".json"):
-            raise ValueError("must hold {runId} (one manifest per run) and end with .json")
+        if any(spec or conversion for _, spec, conversion in placeholders):
+            raise ValueError("a variable takes no format spec or conversion: {orgId}, not "
+                             "{orgId:...} or {orgId!r}")  # fmt: skip
+        if not {"runId", "projectId"} <= fields or not value.endswith(".json"):
+            raise ValueError(
+                "must hold {runId} (one manifest per run) and {projectId} (one per project) "
+                "and end with .json"
+            )
         try:
             manifest_path(value, "org", "project", "20260101T000000Z", "run")
         except DeliveryError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -55,8 +56,12 @@ def printable(value: object) -> Text:
     """A value for a table cell: control characters shown as escapes (`\\x1b`, `\\n`),
     never acted on by the terminal, and no Rich markup read into it. Stored values may hold
     text from servers and callers; none of it can forge a row or recolour the screen."""
-    text = "" if value is None or value != value else str(value)
-    return Text(_CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), text))
+    return Text(escaped("" if value is None or value != value else str(value)))
+
+
+def escaped(text: str) -> str:
+    """`text` with control characters as escapes (`\\x1b`, `\\n`): for tables and CSV alike."""
+    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
 
 
 def print_json(document: object) -> None:
@@ -94,6 +99,18 @@ def current_store() -> Store:
     from patient_delivery.store import open_store
 
     return open_store()
+
+
+def read_file(path: Path | None, option: str) -> str | None:
+    """A text file an option names (None without one); a file that cannot be read is a
+    one-line refusal naming the option, exit 2."""
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise fail(f"{option}: cannot read {path}: {reason}", code=2) from None
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

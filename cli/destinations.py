@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import app, console, errors, fail, invalid, prefect, print_json, printable
+from cli.common import (
+    app,
+    console,
+    errors,
+    fail,
+    invalid,
+    prefect,
+    print_json,
+    printable,
+    read_file,
+)
 
 destination_app = typer.Typer(help="Destination blocks (Prefect).", no_args_is_help=True)
 app.add_typer(destination_app, name="destination")
@@ -36,20 +46,10 @@ def _encryption(
 ) -> dict[str, object]:
     """The OpenPGP fields of a destination block, read from the files given."""
     return {
-        "encryption_key": _read_file(encrypt_to, "--encrypt-to"),
-        "signing_key": _read_file(signing_key, "--signing-key"),
+        "encryption_key": read_file(encrypt_to, "--encrypt-to"),
+        "signing_key": read_file(signing_key, "--signing-key"),
         "signing_key_passphrase": _read_secret(False, passphrase_env, "signing passphrase"),
     }
-
-
-def _read_file(path: Path | None, option: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
-        raise fail(f"{option}: cannot read {path}: {reason}", code=2) from None
 
 
 @destination_app.command("local")
@@ -152,7 +152,7 @@ def destination_sftp(
         "host_keys": host_key,
         "root": root,
         "password": _read_secret(password_stdin, password_env, "password"),
-        "private_key": _read_file(private_key_file, "--private-key-file"),
+        "private_key": read_file(private_key_file, "--private-key-file"),
         "private_key_passphrase": _read_secret(False, passphrase_env, "passphrase"),
         "path_template": template,
         "max_connections": max_connections,

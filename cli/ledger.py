@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,12 +18,14 @@ from cli.common import (
     console,
     current_store,
     errors,
+    escaped,
     fail,
     parse_when,
     print_frame,
     print_json,
     records,
 )
+from patient_delivery import private
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,6 +62,10 @@ def deliveries(
 
     if status is not None and status not in STATUSES:
         raise fail(f"--status: not a delivery status (one of {', '.join(STATUSES)})", code=2)
+    if parquet and importlib.util.find_spec("pyarrow") is None:
+        raise fail("--parquet: needs pyarrow; install the `parquet` extra "
+                   "(uv sync --extra parquet, or pip install 'patient-delivery[parquet]')",
+                   code=2)  # fmt: skip
     on_terminal = not (csv or parquet or as_json)
     query = LedgerQuery(
         patient_id=patient,
@@ -68,7 +78,8 @@ def deliveries(
     )
     frame = deliveries_frame(current_store(), query)
     if parquet:
-        frame.to_parquet(parquet, index=False)
+        with _owner_only(parquet, "--parquet", binary=True) as out:
+            frame.to_parquet(out, index=False)
         errors.print(f"{len(frame)} rows written to {parquet}", highlight=False)
     if _written(frame, "deliveries", csv, as_json) or parquet:
         return
@@ -89,13 +100,29 @@ def _short_time(value: object) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%SZ") if isinstance(value, datetime) else ""
 
 
+@contextmanager
+def _owner_only(path: Path, option: str, binary: bool = False) -> Iterator[IO[Any]]:
+    """`path` opened for writing, created (or emptied) owner-only: the ledger names patients.
+    A path that cannot be written is a one-line refusal naming the option, exit 2."""
+    try:
+        descriptor = private.open_new(path)
+    except OSError as exc:
+        raise fail(f"{option}: cannot write {path}: {exc.strerror}", code=2) from None
+    with os.fdopen(descriptor, "wb" if binary else "w", newline=None if binary else "") as out:
+        yield out
+
+
 def _written(frame: pd.DataFrame, title: str, csv: str | None, as_json: bool) -> bool:
-    """Write the rows as CSV (a file, or stdout for -) or as one JSON document; whether done."""
-    if csv == "-":
-        frame.to_csv(sys.stdout, index=False)
-    elif csv:
-        frame.to_csv(csv, index=False)
-        errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
+    """Write the rows as CSV (a file, created owner-only, or stdout for -; control characters
+    escaped in both) or as one JSON document; whether done."""
+    if csv:
+        text = frame.map(lambda value: escaped(value) if isinstance(value, str) else value)
+        if csv == "-":
+            text.to_csv(sys.stdout, index=False)
+        else:
+            with _owner_only(Path(csv), "--csv") as out:
+                text.to_csv(out, index=False)
+            errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
     if as_json:
         print_json({title: records(frame)})
     return bool(csv or as_json)

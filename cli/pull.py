@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import app, console, current_store, errors, fail, printable, refusals
+from cli.common import (
+    app,
+    console,
+    current_store,
+    errors,
+    fail,
+    printable,
+    read_file,
+    refusals,
+)
 
 api_key_app = typer.Typer(help="API keys of organizations for the pull API.", no_args_is_help=True)
 app.add_typer(api_key_app, name="api-key")
@@ -69,17 +79,33 @@ def serve(
 
 @app.command()
 def mcp(
-    key: Annotated[
-        str | None,
-        typer.Option(envvar="PATIENT_DELIVERY_API_KEY", help="The organization's API key"),
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding the organization's API key (else the environment "
+            "variable PATIENT_DELIVERY_API_KEY)"
+        ),
     ] = None,
+    key: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Serve MCP over stdio for a local agent, as the organization whose key is given."""
+    """Serve MCP over stdio for a local agent, as the organization whose key is given (in
+    PATIENT_DELIVERY_API_KEY or --key-file: never on the command line, which every local user
+    can read)."""
+    import os
+
     from patient_delivery.pull.keys import authenticate
     from patient_delivery.pull.mcp_server import build_mcp
     from patient_delivery.pull.records import Records
 
+    if key is not None:
+        raise fail("--key: a key on the command line is readable by every local user; give it "
+                   "in PATIENT_DELIVERY_API_KEY or --key-file", code=2)  # fmt: skip
+    given = (
+        (read_file(key_file, "--key-file") or "").strip()
+        if key_file
+        else os.environ.get("PATIENT_DELIVERY_API_KEY")
+    )
     store = current_store()
-    if key is None or authenticate(store, key) is None:
-        raise fail("a valid API key is required (--key or PATIENT_DELIVERY_API_KEY)", code=2)
-    build_mcp(Records(store), key=key).run("stdio")
+    if given is None or authenticate(store, given) is None:
+        raise fail("a valid API key is required (PATIENT_DELIVERY_API_KEY or --key-file)", code=2)
+    build_mcp(Records(store), key=given).run("stdio")

@@ -8,6 +8,9 @@ document: its content is patient data.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,15 +38,49 @@ can read, ingest accepts)."""
 
 def parse_json(content: bytes | str, what: str, first_line: int = 1) -> Any:
     """JSON as FHIR JSON allows it, with the parser the read path uses (orjson): no `NaN` or
-    `Infinity`, no number beyond a double, no lone surrogate, nesting at most `MAX_JSON_DEPTH`.
-    A refusal names line (counted from `first_line`) and column, never the text."""
+    `Infinity`, no number beyond a double, no lone surrogate, nesting at most `MAX_JSON_DEPTH`;
+    and what every reader reads alike: no key twice in one object (readers differ on which
+    wins), no integer that the read path would turn into a float (beyond 64 bits). A refusal
+    names the line (counted from `first_line`) and column where the parser can, never the
+    text."""
     try:
-        return orjson.loads(content)
+        parsed = orjson.loads(content)
     except orjson.JSONDecodeError as exc:
         line = first_line + exc.lineno - 1
         raise InvalidDocument(
             f"{what} is not valid JSON at line {line}, column {exc.colno}: {exc.msg}"
         ) from None
+    _read_alike(content, what if first_line == 1 else f"{what} line {first_line}")
+    return parsed
+
+
+def _read_alike(content: bytes | str, what: str) -> None:
+    """Refuse JSON that orjson accepts but that readers would read differently (a second pass
+    with the standard library's parser, which reports every object's keys and every integer)."""
+    if sys.getrecursionlimit() < MAX_JSON_DEPTH + 500:  # its C scanner counts nesting there
+        sys.setrecursionlimit(MAX_JSON_DEPTH + 500)
+    try:
+        json.loads(content, object_pairs_hook=_no_key_twice, parse_int=_exact_integer)
+    except _Ambiguous as exc:
+        raise InvalidDocument(f"{what} is not accepted: {exc}") from None
+
+
+class _Ambiguous(ValueError):
+    """JSON that readers would not all read the same way."""
+
+
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _Ambiguous("an object has the same key twice (readers differ on which value wins)")
+    return found
+
+
+def _exact_integer(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise _Ambiguous("an integer beyond 64 bits (it would be read back as a rounded number)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -150,8 +187,8 @@ def check_fhir_bundle(content: bytes) -> str:
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise InvalidDocument(f"fhir Bundle.entry[{index}] has no resource with a resourceType")
         if resource["resourceType"] == "Patient":
-            patient_ids.append(str(resource.get("id", "")))
-    if len(patient_ids) != 1 or not patient_ids[0]:
+            patient_ids.append(fhir_id(resource, f"fhir Bundle.entry[{index}]"))
+    if len(patient_ids) != 1:
         raise InvalidDocument(
             f"fhir Bundle must hold exactly one Patient resource with an id; found "
             f"{len(patient_ids)}"
@@ -164,6 +201,21 @@ def check_fhir_bundle(content: bytes) -> str:
                 "Patient resource; a bundle carries one patient's records only"
             )
     return patient_ids[0]
+
+
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+"""FHIR's `id` datatype: what a resource's id may be."""
+
+
+def fhir_id(resource: dict[str, Any], where: str) -> str:
+    """The resource's `id`, refused (naming `where`, never the value) unless it is a FHIR id."""
+    value = resource.get("id")
+    if not isinstance(value, str) or not FHIR_ID.fullmatch(value):
+        raise InvalidDocument(
+            f"{where}: {resource.get('resourceType')}.id must be a FHIR id (1 to 64 letters, "
+            "digits, '-' or '.')"
+        )
+    return value
 
 
 def patient_references(resource: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from patient_delivery.documents import (
     InvalidDocument,
     check_document,
+    fhir_id,
     parse_json,
     patient_references,
 )
@@ -67,11 +68,16 @@ def _ndjson(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _external_id(patient: dict[str, Any], system: str | None) -> str | None:
+    """The patient's `id`, or its identifier's value in `system` (None: no such string)."""
     if system is None:
-        return patient.get("id")
-    for identifier in patient.get("identifier", []):
-        if identifier.get("system") == system and identifier.get("value"):
-            return str(identifier["value"])
+        return str(patient["id"])
+    identifiers = patient.get("identifier")
+    for identifier in identifiers if isinstance(identifiers, list) else []:
+        if not isinstance(identifier, dict) or identifier.get("system") != system:
+            continue
+        value = identifier.get("value")
+        if isinstance(value, str) and value:
+            return value
     return None
 
 
@@ -100,9 +106,9 @@ def import_fhir_bulk(
         raise IngestError(f"no Patient*.ndjson file in {folder}; is it a FHIR bulk export?")
     patients: dict[str, dict[str, Any]] = {}
     for path in patient_files:
-        for _, resource in _ndjson(path):
-            if resource.get("resourceType") == "Patient" and resource.get("id"):
-                patients[str(resource["id"])] = resource
+        for number, resource in _ndjson(path):
+            if resource.get("resourceType") == "Patient":
+                patients[fhir_id(resource, f"{path.name} line {number}")] = resource
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     report = ImportReport()
     for path in sorted(folder.glob("*.ndjson")):
@@ -121,15 +127,15 @@ def import_fhir_bulk(
                 )
             else:
                 grouped[targets.pop()].append(resource)
-    for fhir_id, patient in patients.items():
+    for source_id, patient in patients.items():
         external_id = _external_id(patient, external_id_system)
         if external_id is None:
             report.refused.append(
-                f"Patient/{fhir_id}: no identifier in system {external_id_system!r}"
+                f"Patient/{source_id}: no identifier in system {external_id_system!r}"
             )
             continue
-        content = fhir_bundle(patient, grouped.get(fhir_id, []))
-        _import_one(store, project_id, external_id, "fhir", content, f"Patient/{fhir_id}", report)
+        content = fhir_bundle(patient, grouped.get(source_id, []))
+        _import_one(store, project_id, external_id, "fhir", content, f"Patient/{source_id}", report)
     return report
 
 

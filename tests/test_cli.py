@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,16 +199,14 @@ def test_backfill_and_redeliver_from_the_command_line(store: Store, tmp_path: Pa
     assert "needs a project and a destination" in run("redeliver", "--full", code=2)
 
 
-@pytest.mark.security
-def test_ledger_views_show_control_characters_as_escapes_never_act_on_them(store: Store) -> None:
-    """A stored value with ESC, a newline or Rich markup cannot clear the operator's screen,
-    forge a row or recolour the table."""
+def with_a_disclosure(store: Store, path: str, organization: str = "Acme") -> str:
+    """A patient of organization `acme` (named `organization`) with one disclosure whose path
+    (text a server or caller chose) is `path`; the patient's ID."""
     from sqlalchemy import select
 
     from patient_delivery.store.models import Disclosure, DocumentVersion, utcnow
 
-    hostile = "Acme\x1b[2J\n| forged | row |[red]x[/red]\u202e"
-    run("org", "add", hostile, "--id", "acme")
+    run("org", "add", organization, "--id", "acme")
     run("project", "add", "acme", "Study", "--id", "study")
     patient = run("patient", "add", "study", "--external-id", "MRN-1").strip()
     run("document", "put", patient, "ccda", "-", input=CCDA)
@@ -215,11 +214,55 @@ def test_ledger_views_show_control_characters_as_escapes_never_act_on_them(store
         version = session.scalars(select(DocumentVersion)).one()
         session.add(Disclosure(
             patient_id=patient, organization_id="acme", project_id="study", destination="mcp",
-            version_id=version.id, data_type="ccda", path=hostile, sha256=version.sha256,
+            version_id=version.id, data_type="ccda", path=path, sha256=version.sha256,
             size=version.size, purpose="pull", disclosed_at=utcnow(), accessor="api-key:1",
         ))  # fmt: skip
+    return patient
+
+
+@pytest.mark.security
+def test_ledger_views_show_control_characters_as_escapes_never_act_on_them(store: Store) -> None:
+    """A stored value with ESC, a newline or Rich markup cannot clear the operator's screen,
+    forge a row or recolour the table."""
+    hostile = "Acme\x1b[2J\n| forged | row |[red]x[/red]\u202e"
+    patient = with_a_disclosure(store, hostile, organization=hostile)
     shown = run("disclosures", "--patient", patient)
     assert "\x1b" not in shown and "\u202e" not in shown  # nothing for the terminal to act on
     assert "\\x1b" in shown and "\\u202e" in shown  # shown as escapes instead
     assert "[red]" in shown  # markup shown as text, not read
     assert not any(line.lstrip().startswith("| forged") for line in shown.splitlines())
+
+
+@pytest.mark.security
+def test_csv_exports_escape_control_characters_and_files_are_owner_only(
+    store: Store, tmp_path: Path
+) -> None:
+    """`--csv -` on a terminal and `--csv FILE` alike: no raw escapes; the file, which names
+    patients, is created owner-only (even where one existed with wider modes)."""
+    hostile = "Acme\x1b[2J\u202e"
+    with_a_disclosure(store, hostile)
+    exported = tmp_path / "ledger.csv"
+    exported.write_text("")
+    exported.chmod(0o644)
+
+    shown = run("disclosures", "--csv", "-")
+    run("disclosures", "--csv", str(exported))
+    run("deliveries", "--parquet", str(tmp_path / "ledger.parquet"))
+
+    for text in (shown, exported.read_text()):
+        assert "\x1b" not in text and "\u202e" not in text
+        assert "Acme\\x1b[2J\\u202e" in text
+    for written in (exported, tmp_path / "ledger.parquet"):
+        assert oct(written.stat().st_mode & 0o777) == oct(0o600), written
+    refused = run("deliveries", "--csv", str(tmp_path / "no" / "such" / "x.csv"), code=2)
+    assert refused.strip().endswith("No such file or directory") and "--csv" in refused
+
+
+@pytest.mark.bad_input
+def test_parquet_without_pyarrow_is_one_line_naming_the_extra(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as an install without the extra
+    refused = run("deliveries", "--parquet", str(tmp_path / "x.parquet"), code=2)
+    assert refused.count("\n") == 1 and "install the `parquet` extra" in refused
+    assert not (tmp_path / "x.parquet").exists()

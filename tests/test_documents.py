@@ -146,6 +146,43 @@ def test_json_the_read_path_cannot_read_is_refused_at_ingest(value: bytes, past:
 
 
 @pytest.mark.bad_input
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (b'"id":"p1","id":"p2"', "the same key twice"),  # first-wins readers see another patient
+        (b'"id":"p1","x":{"a":1,"a":2}', "the same key twice"),
+        (b'"id":"p1","x":18446744073709551616', "an integer beyond 64 bits"),
+        (b'"id":"p1","x":-9223372036854775809', "an integer beyond 64 bits"),
+    ],
+)
+def test_json_that_readers_would_read_differently_is_refused_at_ingest(
+    change: bytes, named: str
+) -> None:
+    content = _bundle("p1").replace(b'"id":"p1"', change, 1)
+    with pytest.raises(InvalidDocument, match=named) as error:
+        check_document("fhir", content)
+    assert "p2" not in str(error.value)  # never the document's text
+
+
+def test_integers_up_to_64_bits_are_kept_exactly() -> None:
+    import orjson
+
+    for value in (2**53 + 1, 2**63 - 1, 2**64 - 1, -(2**63)):
+        content = _bundle("p1").replace(b'"id":"p1"', b'"id":"p1","x":%d' % value, 1)
+        check_document("fhir", content)
+        assert orjson.loads(content)["entry"][0]["resource"]["x"] == value  # as the read path
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("patient_id", [b'{"a":"hx_other"}', b"42", b'""', b'"a/b"', b"null"])
+def test_a_patient_id_that_is_not_a_fhir_id_is_refused(patient_id: bytes) -> None:
+    content = _bundle("p1").replace(b'"id":"p1"', b'"id":' + patient_id, 1)
+    with pytest.raises(InvalidDocument, match=r"Patient\.id must be a FHIR id"):
+        check_document("fhir", content)
+
+
+@pytest.mark.bad_input
 def test_json_nested_deeper_than_the_stated_limit_is_refused_without_a_crash() -> None:
     from patient_delivery.documents import MAX_JSON_DEPTH
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -200,6 +201,33 @@ def test_a_bulk_export_with_a_line_that_is_not_json_is_refused_whole_naming_it(
     conditions.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(InvalidDocument, match=f"{conditions.name} is not valid JSON at line 3, "):
         import_fhir_bulk(store, export, project)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(DocumentVersion)) == 0
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("replacement", "named"),
+    [
+        (b'"id":{"$ne":null}', r"line \d+: Patient\.id must be a FHIR id"),
+        (b'"id":12', r"line \d+: Patient\.id must be a FHIR id"),
+        (b'"id":"x","id":"y"', r"line \d+ is not accepted: an object has the same key twice"),
+    ],
+)
+def test_a_bulk_export_whose_patient_line_is_of_the_wrong_shape_is_refused_in_one_line(
+    store: Store, project: str, fixtures_dir: Path, tmp_path: Path, replacement: bytes,
+    named: str,
+) -> None:  # fmt: skip
+    export = tmp_path / "export"
+    shutil.copytree(fixtures_dir / "fhir-bulk-10", export)
+    [patients] = sorted(export.glob("Patient*.ndjson"))
+    lines = patients.read_bytes().splitlines()
+    lines[1] = re.sub(rb'"id":"[^"]*"', replacement, lines[1], count=1)
+    patients.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InvalidDocument) as refused:
+        import_fhir_bulk(store, export, project)
+    assert re.fullmatch(rf"{patients.name} {named}.*", str(refused.value)), str(refused.value)
+    assert "\n" not in str(refused.value) and "$ne" not in str(refused.value)
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(DocumentVersion)) == 0
 

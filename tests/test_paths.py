@@ -134,3 +134,31 @@ def test_fixed_prefix_is_the_folders_before_the_first_variable() -> None:
     assert PathTemplate.parse("inbox/daily/{externalId}").fixed_prefix == "inbox/daily/"
     assert PathTemplate.parse("in/x-{externalId}/{timestamp}").fixed_prefix == "in/"
     assert PathTemplate.parse(DEFAULT_TEMPLATE).fixed_prefix == ""
+
+
+@pytest.mark.bad_input
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("template", "named"),
+    [
+        ("{orgId}/_manifests/{timestamp}-{runId}.json", "{projectId} (one per project)"),
+        ("{orgId:/<4}/{projectId}/{runId}.json", "no format spec or conversion"),
+        ("{projectId!r}/{runId}.json", "no format spec or conversion"),
+        ("{orgId}/{projectId}/latest.json", "must hold {runId}"),
+        ("{orgId}/{bogus}/{projectId}/{runId}.json", "unknown variable(s) ['bogus']"),
+    ],
+)
+def test_manifest_templates_give_each_project_and_run_its_own_plain_path(
+    template: str, named: str
+) -> None:
+    """A manifest path shared by projects would let one project's manifest list, or replace,
+    another's; a format spec could pad or cut a value into another folder."""
+    from pydantic import ValidationError
+
+    from blocks.local import LocalDestination
+
+    with pytest.raises(ValidationError) as refused:
+        LocalDestination(root="/srv/x", manifest_template=template)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("manifest_template",) and named in error["msg"]
+    LocalDestination(root="/srv/x", manifest_template="{projectId}/{runId}.json")  # accepted

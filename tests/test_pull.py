@@ -166,6 +166,56 @@ def test_since_returns_only_what_changed_after(world: World) -> None:
     assert past.json()["total"] > 0 and future.json()["total"] == 0
 
 
+TRICKY = '"Patient/S1/_history/1"'
+"""A string value that quotes a reference: its escaped quotes broke a regex over raw JSON."""
+
+
+@pytest.mark.security
+def test_any_bundle_ingest_accepts_reads_back_through_every_pull_path(world: World) -> None:
+    """A patient's bundle with strings that look like references and `meta` values that are not
+    instants: every read answers, strings come back as written, real references are rewritten."""
+    patient = ingest.add_patient(world.store, "study", "MRN-TRICKY")
+    resources = [
+        {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/S1"},
+         "note": [{"text": TRICKY}, {"text": "see Patient/S1 and \\\"quotes\\\""}],
+         "meta": {"lastUpdated": "2026-01-01T00:00:00"},  # no time zone
+         "valueInteger": 2**53 + 1},  # beyond what a double holds exactly
+        {"resourceType": "Condition", "id": "c1", "meta": ["not", "an", "object"],
+         "subject": {"reference": "Patient/S1/_history/3"}},
+        {"resourceType": "Condition", "id": "c2", "meta": {"lastUpdated": "yesterday"},
+         "subject": {"reference": "Patient/S1"}},
+    ]  # fmt: skip
+    ingest.put_document(world.store, patient, "fhir", fhir_bundle(
+        {"resourceType": "Patient", "id": "S1", "identifier": [{"value": "MRN-TRICKY"}]},
+        resources,
+    ))  # fmt: skip
+
+    answers = {
+        "Patient": world.get("Patient"),
+        "read": world.get(f"Patient/{patient}"),
+        "everything": world.get(f"Patient/{patient}/$everything"),
+        "identifier": world.get("Patient", identifier="MRN-TRICKY"),
+        "since": world.get("Condition", patient=patient, _since="2000-01-01T00:00:00Z"),
+        "since, observations": world.get(
+            "Observation", patient=patient, _since="2000-01-01T00:00:00Z"
+        ),
+    }
+    assert {name: r.status_code for name, r in answers.items()} == dict.fromkeys(answers, 200)
+    everything = [e["resource"] for e in answers["everything"].json()["entry"]]
+    [observation] = [r for r in everything if r["resourceType"] == "Observation"]
+    assert observation["note"][0]["text"] == TRICKY  # as written
+    assert observation["valueInteger"] == 2**53 + 1
+    assert observation["subject"]["reference"] == f"Patient/{patient}"
+    conditions = {e["resource"]["id"]: e["resource"] for e in answers["since"].json()["entry"]}
+    assert {c["subject"]["reference"] for c in conditions.values()} == {f"Patient/{patient}"}
+    assert set(conditions) == {"c1", "c2"}  # unreadable stamps ignored: the version's time
+    _, found = _mcp_call(world.api.url, world.key, ("search_resources", {
+        "patient_id": patient, "resource_type": "Observation"}))  # fmt: skip
+    assert not found.is_error
+    [served] = json.loads(_text(found))["resources"]
+    assert (served["note"][0]["text"], served["valueInteger"]) == (TRICKY, 2**53 + 1)
+
+
 def test_another_organizations_patient_is_not_found_like_one_that_does_not_exist(
     world: World,
 ) -> None:
@@ -322,7 +372,9 @@ def test_mcp_over_http_refuses_missing_and_wrong_keys(world: World) -> None:
         assert response.status_code == 401
 
 
-def _over_stdio(key: str, meanwhile: Callable[[str], None]) -> tuple[dict, Any, Any]:
+def _over_stdio(
+    key: str, meanwhile: Callable[[str], None], key_file: Path | None = None
+) -> tuple[dict, Any, Any]:
     """`patient-delivery mcp` over stdio as a local agent runs it: list the patients, do
     `meanwhile(first patient)` while the server runs, then list again and read that patient's
     FHIR document. (The first list, parsed; the two calls' results.)"""
@@ -332,9 +384,16 @@ def _over_stdio(key: str, meanwhile: Callable[[str], None]) -> tuple[dict, Any, 
     from mcp.client.stdio import stdio_client
 
     cli = str(Path(sys.executable).parent / "patient-delivery")
-    parameters = StdioServerParameters(
-        command=cli, args=["mcp"], env={**os.environ, "PATIENT_DELIVERY_API_KEY": key}
-    )
+    if key_file is None:
+        parameters = StdioServerParameters(
+            command=cli, args=["mcp"], env={**os.environ, "PATIENT_DELIVERY_API_KEY": key}
+        )
+    else:  # the key in an owner-only file, named on the command line instead of the key
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+        parameters = StdioServerParameters(
+            command=cli, args=["mcp", "--key-file", str(key_file)], env=dict(os.environ)
+        )
 
     async def run() -> tuple[Any, Any, Any]:
         async with stdio_client(parameters) as (read, write), ClientSession(read, write) as s:
@@ -368,16 +427,36 @@ def test_mcp_over_stdio_serves_a_local_agent_as_one_organization(
 
 
 def test_mcp_over_stdio_stops_serving_a_patient_once_they_stop_sharing(
-    world: World, store: Store
+    world: World, store: Store, tmp_path: Path
 ) -> None:
     listed, after, read_after = _over_stdio(
-        world.other_key, lambda patient: ingest.unshare_patient(store, "trial", patient)
+        world.other_key,
+        lambda patient: ingest.unshare_patient(store, "trial", patient),
+        key_file=tmp_path / "key",
     )
     assert listed["total"] == 1
     assert json.loads(_text(after))["total"] == 0  # the next request, same server process
     assert read_after.is_error
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Disclosure)) == 0
+
+
+@pytest.mark.security
+@pytest.mark.bad_input
+def test_mcp_refuses_a_key_on_its_command_line_without_echoing_it(store: Store) -> None:
+    """Every local user can read a process's command line: a key there is refused, one line."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    ingest.add_organization(store, "Acme", "acme")
+    _, key = create_key(store, "acme", "tests")
+    refused = CliRunner().invoke(app, ["mcp", "--key", key], env={"PATIENT_DELIVERY_API_KEY": ""})
+    assert refused.exit_code == 2
+    assert "--key: a key on the command line is readable by every local user" in refused.output
+    assert key not in refused.output
+    missing = CliRunner().invoke(app, ["mcp", "--key-file", "/nonexistent/key"])
+    assert missing.exit_code == 2 and "--key-file: cannot read" in missing.output
 
 
 def _stranger(world: World) -> str:
@@ -503,5 +582,52 @@ def test_one_organization_cannot_fill_the_mcp_session_table(world: World) -> Non
                 "mcp-session-id"], "Accept": "application/json, text/event-stream"})  # fmt: skip
         assert ended.status_code < 300
         assert initialize(world.key).status_code == 200  # a place again
+    finally:
+        capped.stop()
+
+
+def _initialize(url: str, key: str) -> httpx.Response:
+    message = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "tests", "version": "1"}}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
+    return httpx.post(f"{url}/mcp", json=message, timeout=30, headers=headers)
+
+
+def _end(url: str, session: str, key: str | None) -> httpx.Response:
+    headers = {"mcp-session-id": session, "Accept": "application/json, text/event-stream"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.delete(f"{url}/mcp", headers=headers, timeout=30)
+
+
+@pytest.mark.security
+def test_concurrent_initializes_cannot_overshoot_the_mcp_session_cap(world: World) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    capped = ApiServer(world.store, mcp_sessions=3)
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda _: _initialize(capped.url, world.key), range(40)))
+        statuses = sorted(answer.status_code for answer in answers)
+        assert statuses == [200] * 3 + [429] * 37
+    finally:
+        capped.stop()
+
+
+@pytest.mark.security
+def test_only_the_owner_ending_a_session_frees_its_place(world: World) -> None:
+    """A DELETE without a key, or with another organization's, neither ends the session nor
+    frees its place in the count; the owner's DELETE does both."""
+    capped = ApiServer(world.store, mcp_sessions=2)
+    try:
+        sessions = [_initialize(capped.url, world.key).headers["mcp-session-id"] for _ in "ab"]
+        assert _initialize(capped.url, world.key).status_code == 429
+        for stranger in (None, world.other_key, "pdk_not-a-key"):
+            assert _end(capped.url, sessions[0], stranger).status_code >= 400
+            assert _initialize(capped.url, world.key).status_code == 429, stranger
+        assert _end(capped.url, sessions[0], world.key).status_code < 300
+        assert _initialize(capped.url, world.key).status_code == 200
+        assert _initialize(capped.url, world.key).status_code == 429
     finally:
         capped.stop()

@@ -12,7 +12,6 @@ follow references and search by the ID it knows.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -94,13 +93,37 @@ class FhirRecord:
         return [r for r in self.resources if since is None or self._changed_since(r, since)]
 
     def _changed_since(self, resource: dict[str, Any], since: datetime) -> bool:
-        stamp = (resource.get("meta") or {}).get("lastUpdated")
-        if isinstance(stamp, str):
-            try:
-                return datetime.fromisoformat(stamp.replace("Z", "+00:00")) >= since
-            except ValueError:
-                pass
-        return self.version.created_at >= since
+        stamp = _last_updated(resource)
+        return (stamp or self.version.created_at) >= since
+
+
+def _last_updated(resource: dict[str, Any]) -> datetime | None:
+    """A resource's `meta.lastUpdated` as an instant; None where it has none, or where what it
+    has is not an instant with a time zone (as FHIR requires): such a value is ignored."""
+    meta = resource.get("meta")
+    stamp = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if not isinstance(stamp, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _point_at_patient(node: Any, source: str, patient_id: str) -> Any:
+    """`node` with every string that references the bundle's own patient (`Patient/<source>`,
+    with or without `/_history/<version>`) turned into `Patient/<patient_id>`: on parsed JSON,
+    values only, so no content of any string can change how another is read."""
+    if isinstance(node, str):
+        if node == source or node.startswith(source + "/_history/"):
+            return f"Patient/{patient_id}"
+        return node
+    if isinstance(node, dict):
+        return {key: _point_at_patient(value, source, patient_id) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_point_at_patient(value, source, patient_id) for value in node]
+    return node
 
 
 class Records:
@@ -187,14 +210,14 @@ class Records:
                 return cached
         with self.store.session() as session:
             source_id = session.scalar(select(Patient.fhir_id).where(Patient.id == patient_id))
-        content = read_content(self.store, version.id)
-        if source_id:  # on the bytes: a regex in C, not a walk over every node in Python
-            own = re.compile(
-                rb'"Patient/' + re.escape(source_id.encode()) + rb'(?:/_history/[^"]*)?"'
-            )
-            content = own.sub(b'"Patient/' + patient_id.encode() + b'"', content)
-        bundle = orjson.loads(content)
-        resources = [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+        bundle = orjson.loads(read_content(self.store, version.id))
+        entries = bundle.get("entry", []) if isinstance(bundle, dict) else []
+        resources = [
+            entry["resource"] for entry in entries
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
+        ]  # fmt: skip
+        if source_id:
+            resources = _point_at_patient(resources, f"Patient/{source_id}", patient_id)
         for resource in resources:
             if resource.get("resourceType") == "Patient":
                 resource["id"] = patient_id
