@@ -69,8 +69,8 @@ def child(mode: str, config: dict) -> dict:
     export = Path(config["export"])
     files = sorted(p for p in export.rglob("*") if p.is_file())
     if mode == "flow":
-        from flows.deliver import deliver
-        from flows.runtime import task_runner
+        from patient_delivery.flows.deliver import deliver
+        from patient_delivery.flows.runtime import task_runner
 
         runner = task_runner(config["dask"]) if config.get("dask") else None
         meter = Meter()
@@ -168,8 +168,7 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
 def bare_crt(config: dict, files: list[Path], export: Path) -> dict:
     """The flow's own S3 writer (awscrt) alone, from 16 threads: what the flow adds is the rest."""
     from botocore.credentials import Credentials
-
-    from blocks.s3.crt import CrtWriter
+    from patient_delivery.blocks.s3.crt import CrtWriter
 
     writer = CrtWriter(
         client=bench_s3_client(config), bucket=config["bucket"],
@@ -325,8 +324,9 @@ def throughput(args: argparse.Namespace) -> None:
     os.environ["PATIENT_DELIVERY_STORE_URL"] = f"sqlite:///{work / 'store.db'}"
     server = PrefectServer()
     os.environ.update(server.client_env())
-    from blocks.s3 import S3Destination
-    from blocks.sftp import SftpDestination
+    from patient_delivery.blocks.s3 import S3Destination
+    from patient_delivery.blocks.sftp import SftpDestination
+
     from loopback.servers import SFTP_PASSWORD, SFTP_USER, MotoServer, SeaweedServer, SshServer
     from patient_delivery import ingest
     from patient_delivery.ledger import read_content
@@ -490,7 +490,7 @@ class DaskCluster:
         self.cluster = LocalCluster(n_workers=workers, threads_per_worker=8, processes=True,
                                     host="127.0.0.1", dashboard_address=None)  # fmt: skip
         self.client = Client(self.cluster)
-        self.client.run(__import__, "flows.deliver")
+        self.client.run(__import__, "patient_delivery.flows.deliver")
         self.scheduler_address = self.cluster.scheduler_address
         self.pids = list(self.client.run(os.getpid).values())
 
@@ -679,7 +679,8 @@ def memory_benchmark(args: argparse.Namespace) -> None:
 
     server = PrefectServer()
     os.environ.update(server.client_env())
-    from blocks.local import LocalDestination
+    from patient_delivery.blocks.local import LocalDestination
+
     from patient_delivery import ingest
     from patient_delivery.seed import seed_project
     from patient_delivery.store import close_stores, open_store

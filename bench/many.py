@@ -51,7 +51,7 @@ def child() -> None:
 
         client.send = counted  # type: ignore[method-assign]
 
-    from flows.deliver import deliver
+    from patient_delivery.flows.deliver import deliver
 
     started = time.perf_counter()
     summary = deliver()
@@ -92,7 +92,8 @@ class Remotes:
                                           self.bucket)  # fmt: skip
 
     def sftp(self, org: str) -> tuple[str, object]:
-        from blocks.sftp import SftpDestination
+        from patient_delivery.blocks.sftp import SftpDestination
+
         from loopback.servers import SFTP_PASSWORD, SFTP_USER
 
         block = SftpDestination(
@@ -103,9 +104,8 @@ class Remotes:
         return "sftp-destination", block
 
     def s3(self, org: str) -> tuple[str, object]:
+        from patient_delivery.blocks.s3 import S3Destination
         from prefect_aws import AwsCredentials
-
-        from blocks.s3 import S3Destination
 
         keys = self.moto.deliverer_keys
         block = S3Destination(
@@ -128,7 +128,8 @@ def prepare(
 ) -> str:  # fmt: skip
     """A store with `organizations` organizations, each with its own destination (`remote` of
     them SFTP, and as many S3); its URL."""
-    from blocks.local import LocalDestination
+    from patient_delivery.blocks.local import LocalDestination
+
     from patient_delivery import ingest
     from patient_delivery.seed import seed_project
     from patient_delivery.store import close_stores, open_store

@@ -39,8 +39,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 def child(setup: str, project: str, dask_workers: int) -> None:
     """One delivery run in this (child) process; prints its seconds and documents."""
-    from flows.deliver import deliver
-    from flows.runtime import task_runner
+    from patient_delivery.flows.deliver import deliver
+    from patient_delivery.flows.runtime import task_runner
 
     runner = task_runner()
     if setup == "dask":
@@ -72,9 +72,8 @@ def run_child(env: dict[str, str], setup: str, project: str, dask_workers: int =
 def workers_setup(env: dict[str, str], project: str, workers: int, runs: int, logs: Path):
     """Deploy, start `workers` process workers, create `runs` flow runs at once; time them."""
     import httpx
+    from patient_delivery.flows.deliver import deliver_updates
     from prefect.deployments import run_deployment
-
-    from flows.deliver import deliver_updates
 
     subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "bench",
                     "--type", "process"], env=env, check=True, capture_output=True)  # fmt: skip
@@ -141,9 +140,9 @@ def main() -> None:
                "PATIENT_DELIVERY_EMIT_EVENTS": "false",
                "PATIENT_DELIVERY_CHECKOUT": str(ROOT)}  # fmt: skip
         os.environ.update(env)  # before Prefect is imported: it reads its settings once
+        from patient_delivery.blocks.sftp import SftpDestination
         from sqlalchemy import func, select
 
-        from blocks.sftp import SftpDestination
         from patient_delivery import ingest
         from patient_delivery.seed import seed_project
         from patient_delivery.store import open_store

@@ -1,6 +1,6 @@
 """Destination blocks. `prefect block register -m blocks` registers every one of them."""
 
-from blocks.base import (
+from patient_delivery.blocks.base import (
     ConnectionReport,
     DeliveryError,
     Destination,
@@ -9,7 +9,7 @@ from blocks.base import (
     TerminalDeliveryError,
     TransientDeliveryError,
 )
-from blocks.loading import (
+from patient_delivery.blocks.loading import (
     DESTINATION_TYPES,
     BlockProblem,
     MissingBlock,
@@ -18,9 +18,9 @@ from blocks.loading import (
     load_destinations,
     problem,
 )
-from blocks.local import LocalDestination
-from blocks.s3 import S3Destination
-from blocks.sftp import SftpDestination
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.blocks.s3 import S3Destination
+from patient_delivery.blocks.sftp import SftpDestination
 
 __all__ = [
     "DESTINATION_TYPES",

@@ -165,7 +165,7 @@ MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}
 
 def manifest_path(template: str, org_id: str, project_id: str, timestamp: str, run_id: str) -> str:
     """A manifest template filled in, and refused if it would leave the destination's root."""
-    from blocks.naming import contained  # naming builds on this module's errors
+    from patient_delivery.blocks.naming import contained  # naming builds on this module's errors
 
     path = template.format(orgId=org_id, projectId=project_id, timestamp=timestamp, runId=run_id)
     return contained(path)
@@ -248,7 +248,7 @@ class Destination(Block, ABC):
     @field_validator("encryption_key")
     @classmethod
     def _check_encryption_key(cls, value: str | None) -> str | None:
-        from blocks import openpgp
+        from patient_delivery.blocks import openpgp
 
         if value:
             openpgp.recipient(value)
@@ -256,7 +256,7 @@ class Destination(Block, ABC):
 
     @model_validator(mode="after")
     def _check_signing_key(self) -> Destination:
-        from blocks import openpgp
+        from patient_delivery.blocks import openpgp
 
         if self.signing_key is None:
             return self
@@ -359,7 +359,7 @@ class Destination(Block, ABC):
         probe = f"{prefix}.patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
         content = b"patient-delivery connection test; safe to delete\n"
         if self.encrypts:
-            from blocks import openpgp
+            from patient_delivery.blocks import openpgp
 
             key = openpgp.info(self.encryption_key or "")
             report.checks.append(ConnectionCheck("encryption key", True, f"encrypts to {key}"))
@@ -372,7 +372,7 @@ class Destination(Block, ABC):
 
 @contextmanager
 def _sealed(destination: Destination) -> Iterator[DestinationSession]:
-    from blocks.openpgp import SealedSession, Sealer
+    from patient_delivery.blocks.openpgp import SealedSession, Sealer
 
     secret, passphrase = destination.signing_key, destination.signing_key_passphrase
     sealer = Sealer(

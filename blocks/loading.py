@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.blocks.s3 import S3Destination
+from patient_delivery.blocks.sftp import SftpDestination
 from prefect.blocks.core import Block
 from prefect.client.orchestration import SyncPrefectClient, get_client
-
-from blocks.base import Destination
-from blocks.local import LocalDestination
-from blocks.s3 import S3Destination
-from blocks.sftp import SftpDestination
 
 DESTINATION_TYPES: dict[str, type[Destination]] = {
     kind.get_block_type_slug(): kind for kind in (LocalDestination, S3Destination, SftpDestination)

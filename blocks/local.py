@@ -9,9 +9,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, field_validator
-
-from blocks.base import (
+from patient_delivery.blocks.base import (
     Destination,
     DestinationSession,
     Receipt,
@@ -19,7 +17,9 @@ from blocks.base import (
     TransientDeliveryError,
     check_content,
 )
-from blocks.naming import contained, is_temporary_of, temporary_name
+from patient_delivery.blocks.naming import contained, is_temporary_of, temporary_name
+from pydantic import Field, field_validator
+
 from patient_delivery import private
 
 _TERMINAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import secrets
 
-from blocks.base import TerminalDeliveryError
+from patient_delivery.blocks.base import TerminalDeliveryError
+
 from patient_delivery.paths import has_unsafe_character
 
 

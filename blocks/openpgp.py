@@ -18,10 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import pysequoia
-from pysequoia import Cert, Tsk
-from pysequoia.packet import KeyFlags, PacketPile, SignatureType, Tag
-
-from blocks.base import (
+from patient_delivery.blocks.base import (
     DeliveryError,
     DestinationSession,
     Receipt,
@@ -29,6 +26,8 @@ from blocks.base import (
     Upload,
     check_content,
 )
+from pysequoia import Cert, Tsk
+from pysequoia.packet import KeyFlags, PacketPile, SignatureType, Tag
 
 K = TypeVar("K")
 

@@ -4,8 +4,8 @@ Each command group is a module; commands that need Prefect import it when they r
 store-only commands stay fast.
 """
 
-from cli import alerts, demo, destinations, ingest, ledger, pull, runs
-from cli.common import app
+from patient_delivery.cli import alerts, demo, destinations, ingest, ledger, pull, runs
+from patient_delivery.cli.common import app
 
 __all__ = ["alerts", "app", "demo", "destinations", "ingest", "ledger", "main", "pull", "runs"]
 

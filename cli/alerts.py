@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from patient_delivery.cli.common import app, console, fail, prefect, print_json, printable
 from rich.table import Table
-
-from cli.common import app, console, fail, prefect, print_json, printable
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient

@@ -132,7 +132,8 @@ def ready(api: LocalApi | None) -> None:
     the blocks and Prefect) meanwhile: the two take about as long, on different cores."""
     if api is None:
         return
-    import flows.deliver  # noqa: F401
+    import patient_delivery.flows.deliver  # noqa: F401
+
     from patient_delivery.prefect_setup import LocalApiError
 
     try:

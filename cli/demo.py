@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from patient_delivery.cli.common import app, console, ready, start_prefect
+from patient_delivery.cli.runs import print_summary
 from sqlalchemy import select
 
-from cli.common import app, console, ready, start_prefect
-from cli.runs import print_summary
 from patient_delivery import ingest
 from patient_delivery.ledger import read_content
 from patient_delivery.seed import seed_project
@@ -48,8 +48,8 @@ def demo(
 def run_demo(home: Path, patients: int, update: int, api: LocalApi | None = None) -> None:
     """Seed the demo organization on first use, deliver what is owed, print the summary; the
     temporary Prefect API (if any) starts meanwhile and is waited for before its first use."""
-    from blocks.local import LocalDestination
-    from flows.deliver import deliver
+    from patient_delivery.blocks.local import LocalDestination
+    from patient_delivery.flows.deliver import deliver
 
     started = time.perf_counter()
     store = open_store()

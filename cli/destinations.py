@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
-
-from cli.common import (
+from patient_delivery.cli.common import (
     app,
     console,
     errors,
@@ -20,6 +18,7 @@ from cli.common import (
     printable,
     read_file,
 )
+from rich.table import Table
 
 destination_app = typer.Typer(help="Destination blocks (Prefect).", no_args_is_help=True)
 app.add_typer(destination_app, name="destination")
@@ -65,9 +64,8 @@ def destination_local(
 ) -> None:
     """Create (or replace) a local-folder destination block; prints its reference."""
     prefect()
+    from patient_delivery.blocks.local import LocalDestination
     from pydantic import ValidationError
-
-    from blocks.local import LocalDestination
 
     try:
         fields = {
@@ -143,7 +141,7 @@ def destination_sftp(
 ) -> None:
     """Create an SFTP destination block; the password never appears on the command line."""
     prefect()
-    from blocks.sftp import SftpDestination
+    from patient_delivery.blocks.sftp import SftpDestination
 
     fields: dict[str, object] = {
         "host": host,
@@ -195,9 +193,8 @@ def destination_s3(
 ) -> None:
     """Create an S3 destination block (an IAM role of the organization's, assumed by us)."""
     prefect()
+    from patient_delivery.blocks.s3 import S3Destination
     from prefect_aws import AwsCredentials
-
-    from blocks.s3 import S3Destination
 
     fields: dict[str, object] = {
         "bucket_name": bucket,
@@ -227,10 +224,9 @@ def destination_list(
     """Every destination block and where it writes (no secrets); a block that cannot be used
     (saved invalid, e.g. from the Prefect UI) shows as INVALID with the reason."""
     prefect()
+    from patient_delivery.blocks import DESTINATION_TYPES, load_destinations, problem
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
-
-    from blocks import DESTINATION_TYPES, load_destinations, problem
 
     references = []
     with get_client(sync_client=True) as client:
@@ -266,7 +262,7 @@ def destination_list(
 
 def _checked(reference: str):  # type: ignore[no-untyped-def]
     """The destination block, or a one-line refusal (exit 2) saying what is wrong."""
-    from blocks import BlockProblem, check_destination
+    from patient_delivery.blocks import BlockProblem, check_destination
 
     try:
         return check_destination(reference)
@@ -278,9 +274,8 @@ def _checked(reference: str):  # type: ignore[no-untyped-def]
 def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-destination/x")]):
     """A destination's settings; secrets show as ********, OpenPGP keys as their fingerprint."""
     prefect()
+    from patient_delivery.blocks import openpgp
     from pydantic import BaseModel, SecretStr
-
-    from blocks import openpgp
 
     block = _checked(reference)
     table = Table(title=f"{reference}: {block.describe()}")
@@ -308,7 +303,7 @@ def destination_host_key(
     address: Annotated[str, typer.Argument(help="HOST or HOST:PORT of an SFTP server")],
 ) -> None:
     """Show an SFTP server's host key, to check with the organization and then pin."""
-    from blocks.sftp import fetch_host_key, fingerprint, known_hosts_line
+    from patient_delivery.blocks.sftp import fetch_host_key, fingerprint, known_hosts_line
 
     host, _, port_text = address.rpartition(":") if ":" in address else (address, "", "22")
     port = int(port_text)

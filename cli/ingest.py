@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import (
+from patient_delivery.cli.common import (
     app,
     console,
     current_store,
@@ -223,7 +222,7 @@ def subscribe(
     store = current_store()
     refusals(lambda: ingest.check_subscription(store, project_id, destination))
     prefect()
-    from blocks import BlockProblem, check_destination
+    from patient_delivery.blocks import BlockProblem, check_destination
 
     try:
         check_destination(destination)

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
-
-from cli.common import (
+from patient_delivery.cli.common import (
     app,
     console,
     current_store,
@@ -25,6 +24,7 @@ from cli.common import (
     print_json,
     records,
 )
+
 from patient_delivery import private
 
 if TYPE_CHECKING:

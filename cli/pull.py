@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import (
+from patient_delivery.cli.common import (
     app,
     console,
     current_store,

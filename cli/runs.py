@@ -7,11 +7,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from cli.common import (
+from patient_delivery.cli.common import (
     app,
     console,
     errors,
@@ -22,9 +18,12 @@ from cli.common import (
     printable,
     refusals,
 )
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
-    from flows.reporting import RunSummary
+    from patient_delivery.flows.reporting import RunSummary
 
 
 OnDeployment = Annotated[
@@ -82,8 +81,8 @@ def deliver(
     if deployment:
         start_deployment("deliver-updates/deliver-updates", parameters, watch, name)
         return
-    from flows.deliver import deliver as run_delivery
-    from flows.runtime import task_runner
+    from patient_delivery.flows.deliver import deliver as run_delivery
+    from patient_delivery.flows.runtime import task_runner
 
     with progress_bar("delivering"):
         summary = run_delivery(task_runner(dask) if dask else None, **parameters)
@@ -95,9 +94,8 @@ def deliver(
 @contextmanager
 def progress_bar(label: str) -> Iterator[None]:
     """A rich progress bar fed by the delivery flow's progress, for runs in this process."""
+    from patient_delivery.flows.reporting import progress_hooks
     from rich.progress import Progress
-
-    from flows.reporting import progress_hooks
 
     with Progress(console=errors, transient=True) as progress, _logs_above(progress.console):
         bar = progress.add_task(label, total=None)
@@ -211,8 +209,8 @@ def listen(
     if not os.environ.get("PREFECT_API_URL"):
         raise fail("listen follows a Prefect server's events: set PREFECT_API_URL", code=2)
     prefect()
-    from flows.deliver import deliver as run_delivery
-    from flows.listener import UpdateListener
+    from patient_delivery.flows.deliver import deliver as run_delivery
+    from patient_delivery.flows.listener import UpdateListener
 
     def announce(projects: set[str]) -> None:
         names = ", ".join(sorted(p for p in projects if p)) or "all projects"
@@ -267,7 +265,7 @@ def backfill_command(
     if deployment:
         start_deployment("backfill/backfill", parameters, watch, name)
         return
-    from flows.backfill import backfill
+    from patient_delivery.flows.backfill import backfill
 
     with progress_bar("backfill"):
         counts = backfill(**parameters)
@@ -294,7 +292,7 @@ def redeliver_command(
     if deployment:
         start_deployment("redeliver/redeliver", parameters, watch, name)
         return
-    from flows.backfill import redeliver
+    from patient_delivery.flows.backfill import redeliver
 
     with progress_bar("redeliver"):
         counts = refusals(lambda: redeliver(**parameters), refused=(ValueError,))

@@ -24,14 +24,14 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from patient_delivery.blocks import load_destination, problem
+from patient_delivery.flows import manifests, reporting, runtime, sending, sessions, waves
+from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run, task_run
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
-from blocks import load_destination, problem
-from flows import manifests, reporting, runtime, sending, sessions, waves
-from flows.reporting import BatchReport, Progress, RunSummary
 from patient_delivery import ledger
 from patient_delivery.documents import DataType
 from patient_delivery.ingest import check_scope

@@ -32,12 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from blocks import DeliveryError, Receipt, load_destination
-from blocks.base import DestinationSession, Upload
-from flows import sessions, waves
-from flows.reporting import BatchReport
-from flows.sessions import Lease, SessionPool
-from flows.waves import Lane
+from patient_delivery.blocks import DeliveryError, Receipt, load_destination
+from patient_delivery.blocks.base import DestinationSession, Upload
+from patient_delivery.flows import sessions, waves
+from patient_delivery.flows.reporting import BatchReport
+from patient_delivery.flows.sessions import Lease, SessionPool
+from patient_delivery.flows.waves import Lane
+
 from patient_delivery import ledger
 from patient_delivery.ledger import Outcome, UploadItem
 from patient_delivery.settings import get_settings

@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
-from blocks import load_destinations
-from blocks.base import Destination, DestinationSession
-from flows.budget import Closing, ConnectionBudget, Opened
+from patient_delivery.blocks import load_destinations
+from patient_delivery.blocks.base import Destination, DestinationSession
+from patient_delivery.flows.budget import Closing, ConnectionBudget, Opened
+
 from patient_delivery.settings import get_settings
 
 

@@ -15,10 +15,16 @@ import uuid
 from typing import Protocol
 
 import pytest
+from patient_delivery.blocks.base import (
+    DeliveryError,
+    Destination,
+    Receipt,
+    TerminalDeliveryError,
+    Upload,
+)
+from patient_delivery.blocks.naming import temporary_name
 from pydantic import SecretStr
 
-from blocks.base import DeliveryError, Destination, Receipt, TerminalDeliveryError, Upload
-from blocks.naming import temporary_name
 from patient_delivery.store import Store
 from tests.gnupg import PASSPHRASE, Keys
 
@@ -86,7 +92,7 @@ class DestinationContract:
     def test_a_run_writes_one_manifest_last_listing_every_file_it_sent_with_its_hash(
         self, destination: Destination, remote: Remote, store: Store
     ) -> None:
-        from flows.deliver import deliver
+        from patient_delivery.flows.deliver import deliver
 
         tag, project, _ = _subscribed(destination, store)
         summary = deliver()
@@ -115,7 +121,8 @@ class DestinationContract:
         decrypts, as the organization would, to the stored documents byte for byte; the
         manifest (itself encrypted) lists the hashes of what was sent and of the documents,
         and so does the ledger."""
-        from flows.deliver import deliver
+        from patient_delivery.flows.deliver import deliver
+
         from patient_delivery.reports import LedgerQuery, deliveries_frame
 
         encrypted = destination.model_copy(

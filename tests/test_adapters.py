@@ -12,11 +12,11 @@ import botocore
 import paramiko
 import prefect
 import pytest
+from patient_delivery.blocks import openpgp
+from patient_delivery.blocks.s3 import botocore_adapter
+from patient_delivery.blocks.sftp import paramiko_adapter
+from patient_delivery.flows import runtime
 
-from blocks import openpgp
-from blocks.s3 import botocore_adapter
-from blocks.sftp import paramiko_adapter
-from flows import runtime
 from patient_delivery import local_api_server
 
 

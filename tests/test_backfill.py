@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.flows.backfill import backfill, redeliver
+from patient_delivery.flows.deliver import deliver
 from prefect.artifacts import Artifact
 
-from blocks.local import LocalDestination
-from flows.backfill import backfill, redeliver
-from flows.deliver import deliver
 from patient_delivery import ingest
 from patient_delivery.store import Store
 from tests.test_deliver_flow import CCDA, CCDA_V2, files_under, rows
@@ -65,7 +65,7 @@ def test_a_dry_run_sends_nothing_and_publishes_the_plan(store: Store, delivered:
 def test_a_dry_runs_plan_is_published_whole_in_pages_with_no_paths(
     store: Store, delivered: Delivered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows import backfill as backfill_flow
+    from patient_delivery.flows import backfill as backfill_flow
 
     monkeypatch.setattr(backfill_flow, "PLAN_ROWS_PER_PAGE", 2)
     assert backfill(project_id="study", force=True, dry_run=True) == {"resend": 3}

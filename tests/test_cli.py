@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from patient_delivery.cli import app
 from typer.testing import CliRunner
 
-from cli import app
 from patient_delivery.store import Store
 
 runner = CliRunner()
@@ -123,7 +123,7 @@ def test_sftp_destination_from_the_command_line_without_echoing_secrets(
         "--password-env", "ORG_SFTP_PASSWORD", "--files-in-flight", "2",
     )  # fmt: skip
     assert f"sftp-destination/cli-sftp  sftp://{SFTP_USER}@127.0.0.1:{sshd.port}" in created
-    from blocks.sftp import SftpDestination
+    from patient_delivery.blocks.sftp import SftpDestination
 
     saved = SftpDestination.load("cli-sftp")
     assert (saved.files_in_flight, saved.max_connections) == (2, 4)
@@ -176,7 +176,7 @@ def test_s3_destination_from_the_command_line_on_either_transfer_client(
     assert "ok write probe file" in tested and "ok remove probe file" in tested
     shown = run("destination", "show", f"s3-destination/{bucket}")
     assert client in shown
-    from blocks.s3 import S3Destination
+    from patient_delivery.blocks.s3 import S3Destination
 
     assert S3Destination.load(bucket).files_in_flight == 3
     for output in (created, tested, shown):

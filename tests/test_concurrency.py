@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from patient_delivery.flows.deliver import deliver
+from patient_delivery.flows.runtime import LOCAL_CLUSTER, task_runner
 from sqlalchemy import func, select
 
-from flows.deliver import deliver
-from flows.runtime import LOCAL_CLUSTER, task_runner
 from loopback.servers import SshServer
 from patient_delivery import ingest, ledger
 from patient_delivery.seed import seed_project
@@ -104,8 +104,8 @@ def test_claims_made_at_the_same_moment_by_four_processes_never_overlap(
 # without this the first started could finish the backlog before the others had started.
 AFTER_START_SIGNAL = """
 import os, pathlib, sys, time
-from cli import main
-import flows.deliver
+from patient_delivery.cli import main
+import patient_delivery.flows.deliver
 signal = pathlib.Path(sys.argv[1])
 signal.with_name(f"{signal.name}.ready.{os.getpid()}").touch()
 while not signal.exists():

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from patient_delivery.flows.deliver import deliver
 from sqlalchemy import select
 
-from flows.deliver import deliver
 from loopback.servers import MotoServer, SeaweedServer, SshServer
 from patient_delivery import ingest, ledger
 from patient_delivery.importers import import_ccda, import_fhir_bulk
@@ -248,7 +248,7 @@ def test_a_document_costs_at_most_the_runs_attempts_however_long_s3_keeps_failin
     """Retries happen in one place: the run's rounds. The S3 clients retry nothing themselves,
     so a put that keeps failing is sent `ATTEMPTS` times in a run, not that many times each
     client's own tries."""
-    from flows.sending import ATTEMPTS
+    from patient_delivery.flows.sending import ATTEMPTS
 
     proxy = S3FaultProxy(endpoint.port)
     try:
@@ -332,7 +332,7 @@ def test_a_full_remote_disk_fails_those_deliveries_only(
     try:
         full = endpoint.save()
         local = f"local-destination/{_name()}"
-        from blocks.local import LocalDestination
+        from patient_delivery.blocks.local import LocalDestination
 
         LocalDestination(root=tmp_path / "healthy").save(local.split("/")[1])
         ingest.subscribe(store, project, full)
@@ -382,7 +382,7 @@ def _ccda(text: bytes) -> bytes:
 
 
 def _resave_with_current_key(reference: str, sshd: SshServer) -> None:
-    from blocks.sftp import SftpDestination
+    from patient_delivery.blocks.sftp import SftpDestination
 
     name = reference.split("/")[1]
     block = SftpDestination.load(name)

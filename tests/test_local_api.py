@@ -25,7 +25,7 @@ CLI = str(Path(sys.executable).parent / "patient-delivery")
 
 DRIVER = """
 import os, sys
-from cli.common import prefect
+from patient_delivery.cli.common import prefect
 prefect()
 print(os.environ["PREFECT_API_URL"], flush=True)
 sys.stdin.read()

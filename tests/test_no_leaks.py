@@ -8,9 +8,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from patient_delivery.cli import app
 from typer.testing import CliRunner
 
-from cli import app
 from loopback.servers import MotoServer, SshServer
 from patient_delivery import ingest
 from patient_delivery.importers import fhir_bundle
@@ -44,9 +44,8 @@ def test_canaries_stay_out_of_every_side_channel(
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    from patient_delivery.blocks.local import LocalDestination
     from prefect.artifacts import Artifact
-
-    from blocks.local import LocalDestination
 
     suffix = uuid.uuid4().hex[:8]
     LocalDestination(root=tmp_path / "ok").save(f"leak-ok-{suffix}")

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from patient_delivery.cli import app
 from typer.testing import CliRunner
 
-from cli import app
 from patient_delivery.store import Store
 from tests.test_cli import run
 from tests.test_deliver_flow import save_as_the_ui_would, save_local
@@ -168,8 +168,8 @@ def test_ledger_views_as_json_and_csv_on_stdout_with_full_run_ids(
 def test_a_run_for_a_project_that_does_not_exist_is_refused_before_it_starts(
     study: str,
 ) -> None:
-    from flows.backfill import backfill
-    from flows.deliver import deliver_state
+    from patient_delivery.flows.backfill import backfill
+    from patient_delivery.flows.deliver import deliver_state
 
     state = deliver_state(project_id="nosuch")
     assert state.is_failed() and "no project 'nosuch'" in state.message
@@ -187,6 +187,9 @@ def test_our_blocks_load_in_any_flow_of_the_environment_without_importing_the_pr
     from prefect.settings import PREFECT_API_URL
 
     reference = save_local(tmp_path / "theirs")
+    for own in ("flows", "blocks"):  # a Prefect project's own folders, as is common
+        (tmp_path / own).mkdir()
+        (tmp_path / own / "__init__.py").write_text("")
     code = (
         "import sys; from prefect.blocks.core import Block; block = Block.load(sys.argv[1]); "
         "print(type(block).__module__, block.describe())"
@@ -197,16 +200,15 @@ def test_our_blocks_load_in_any_flow_of_the_environment_without_importing_the_pr
         check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["blocks.local", (tmp_path / "theirs").as_uri()]
+    assert done.stdout.split() == ["patient_delivery.blocks.local", (tmp_path / "theirs").as_uri()]
 
 
 def test_prefect_log_lines_go_through_the_progress_bars_console_while_it_shows() -> None:
     import logging
 
+    from patient_delivery.cli.common import errors
+    from patient_delivery.cli.runs import progress_bar
     from prefect.logging.handlers import PrefectConsoleHandler
-
-    from cli.common import errors
-    from cli.runs import progress_bar
 
     def handlers() -> list[PrefectConsoleHandler]:
         return [h for h in logging.getLogger().handlers
@@ -220,10 +222,10 @@ def test_prefect_log_lines_go_through_the_progress_bars_console_while_it_shows()
 def test_the_ui_form_shows_each_destinations_required_fields_first_then_its_own_then_shared() -> (
     None
 ):
-    from blocks.base import Destination
-    from blocks.local import LocalDestination
-    from blocks.s3 import S3Destination
-    from blocks.sftp import SftpDestination
+    from patient_delivery.blocks.base import Destination
+    from patient_delivery.blocks.local import LocalDestination
+    from patient_delivery.blocks.s3 import S3Destination
+    from patient_delivery.blocks.sftp import SftpDestination
 
     expected_first = {
         LocalDestination: ["root"],
@@ -241,9 +243,8 @@ def test_the_ui_form_shows_each_destinations_required_fields_first_then_its_own_
 
 @pytest.mark.bad_input
 def test_the_ui_form_refuses_a_relative_folder_for_a_local_destination() -> None:
+    from patient_delivery.blocks.local import LocalDestination
     from pydantic import ValidationError
-
-    from blocks.local import LocalDestination
 
     fields = LocalDestination.model_json_schema()["properties"]
     assert fields["root"]["pattern"] == "^[/~]"  # the form's own check

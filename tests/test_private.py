@@ -25,9 +25,9 @@ CANARY = "canary-secret-7f3b2c"
 
 DRIVER = f"""
 import sys
-from cli.common import prefect
+from patient_delivery.cli.common import prefect
 prefect()
-from cli.demo import run_demo
+from patient_delivery.cli.demo import run_demo
 from patient_delivery.settings import get_settings
 run_demo(get_settings().home, 1, 0)
 from prefect.blocks.system import Secret

@@ -7,9 +7,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from patient_delivery.flows.deliver import deliver
 from sqlalchemy import select
 
-from flows.deliver import deliver
 from loopback.servers import MotoServer, SshServer
 from patient_delivery import ingest
 from patient_delivery.importers import import_ccda, import_fhir_bulk

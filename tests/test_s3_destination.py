@@ -10,11 +10,16 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
+from patient_delivery.blocks.base import (
+    Receipt,
+    TerminalDeliveryError,
+    TransientDeliveryError,
+    Upload,
+)
+from patient_delivery.blocks.s3 import S3Destination
 from prefect_aws import AwsCredentials
 from pydantic import ValidationError
 
-from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
-from blocks.s3 import S3Destination
 from loopback.servers import MotoServer, SeaweedServer, free_port
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 
@@ -323,8 +328,7 @@ def test_credentials_are_renewed_before_the_role_session_expires(
 
 def test_the_crt_writer_sends_each_put_option_under_the_header_botocore_uses() -> None:
     import botocore.session
-
-    from blocks.s3 import PUT_HEADERS
+    from patient_delivery.blocks.s3 import PUT_HEADERS
 
     members = (
         botocore.session.get_session()
@@ -344,8 +348,7 @@ def test_a_failed_role_renewal_is_the_reason_the_crt_writer_gives(
     the writer raises what renewing the role raised (botocore raises once the credentials are
     within 10 minutes of expiry and the role can no longer be assumed)."""
     import boto3
-
-    from blocks.s3.crt import CrtWriter
+    from patient_delivery.blocks.s3.crt import CrtWriter
 
     class Refused:
         def get_frozen_credentials(self) -> None:

@@ -9,10 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from blocks.base import DeliveryError, TerminalDeliveryError
-from blocks.local import LocalDestination
-from flows.sessions import PoolRegistry, SessionPool
+from patient_delivery.blocks.base import DeliveryError, TerminalDeliveryError
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.flows.sessions import PoolRegistry, SessionPool
 
 
 def test_a_returned_session_is_lent_again(tmp_path: Path) -> None:
@@ -75,14 +74,14 @@ def test_pools_unused_for_a_while_close_themselves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a Dask worker nobody calls close_run: idle pools of finished runs must not linger."""
-    import flows.sessions
+    from patient_delivery.flows import sessions
 
     registry = PoolRegistry()
     old = registry.get("run-1", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
     with old.lease() as lease:
         lease.session()
     busy = registry.get("run-2", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
-    monkeypatch.setattr(flows.sessions, "IDLE_SECONDS", 0.0)
+    monkeypatch.setattr(sessions, "IDLE_SECONDS", 0.0)
     with busy.lease():
         time.sleep(0.01)
         registry.get("run-3", "local-destination/a", lambda _: LocalDestination(root=tmp_path))

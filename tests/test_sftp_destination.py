@@ -12,11 +12,16 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from patient_delivery.blocks.base import (
+    Receipt,
+    TerminalDeliveryError,
+    TransientDeliveryError,
+    Upload,
+)
+from patient_delivery.blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
+from patient_delivery.blocks.sftp.pipeline import EVERY_SERVER
 from pydantic import SecretStr, ValidationError
 
-from blocks.base import Receipt, TerminalDeliveryError, TransientDeliveryError, Upload
-from blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
-from blocks.sftp.pipeline import EVERY_SERVER
 from loopback.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.faults import FaultProxy
@@ -121,8 +126,9 @@ def test_unreachable_server_is_a_transient_error(sshd: SshServer, folder: Path) 
 def test_a_root_that_does_not_exist_is_named_never_created_and_not_retried(
     sshd: SshServer, folder: Path
 ) -> None:
-    from flows.sending import ATTEMPTS, send_documents
-    from flows.sessions import SessionPool
+    from patient_delivery.flows.sending import ATTEMPTS, send_documents
+    from patient_delivery.flows.sessions import SessionPool
+
     from patient_delivery.ledger import UploadItem
 
     missing = folder / "nosuch"
@@ -210,7 +216,7 @@ def test_each_write_fits_one_ssh_packet(sshd: SshServer, folder: Path) -> None:
     """On a server that does not say what it takes (32 KiB writes), a document of 8 full writes
     goes out as 8 data packets, not 16: paramiko splits a write larger than the server's packet
     size less 64 (OpenSSH: 32 KiB) into two encrypted packets."""
-    from blocks.sftp.pipeline import write_size
+    from patient_delivery.blocks.sftp.pipeline import write_size
 
     block = sftp_block(sshd, folder)
     with block.open_session() as session:
@@ -313,7 +319,7 @@ def test_several_files_are_on_their_way_at_once_and_no_more(
 ) -> None:
     uploads = [Upload(f"flight/{i}.xml", BODY, sha(BODY)) for i in range(10)]
     for files_in_flight, flight_bytes, most in ((3, 10**9, 3), (8, 2 * len(BODY) - 1, 2)):
-        monkeypatch.setattr("blocks.sftp.session.FLIGHT_BYTES", flight_bytes)
+        monkeypatch.setattr("patient_delivery.blocks.sftp.session.FLIGHT_BYTES", flight_bytes)
         taken: list[int] = []
         on_their_way: list[int] = []  # files taken and not yet reported, at each report
         block = sftp_block(sshd, folder, files_in_flight=files_in_flight)

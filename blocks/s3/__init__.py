@@ -7,7 +7,7 @@ crt.py               PutObject through the AWS Common Runtime, several on their 
 botocore_adapter.py  every use of botocore's internals
 """
 
-from blocks.s3.block import PUT_HEADERS, S3Destination
-from blocks.s3.session import S3Session
+from patient_delivery.blocks.s3.block import PUT_HEADERS, S3Destination
+from patient_delivery.blocks.s3.session import S3Session
 
 __all__ = ["PUT_HEADERS", "S3Destination", "S3Session"]

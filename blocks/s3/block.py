@@ -15,12 +15,11 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from botocore.exceptions import ClientError
+from patient_delivery.blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
+from patient_delivery.blocks.s3.clients import S3Clients
+from patient_delivery.blocks.s3.session import S3Session
 from prefect_aws import AwsCredentials
 from pydantic import Field, SecretStr, field_validator, model_validator
-
-from blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
-from blocks.s3.clients import S3Clients
-from blocks.s3.session import S3Session
 
 PUT_HEADERS = {
     "ChecksumSHA256": "x-amz-checksum-sha256",

@@ -18,13 +18,12 @@ from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-
-from blocks.base import TerminalDeliveryError, TransientDeliveryError
-from blocks.s3.botocore_adapter import session_on
-from blocks.s3.crt import CrtWriter
+from patient_delivery.blocks.base import TerminalDeliveryError, TransientDeliveryError
+from patient_delivery.blocks.s3.botocore_adapter import session_on
+from patient_delivery.blocks.s3.crt import CrtWriter
 
 if TYPE_CHECKING:
-    from blocks.s3.block import S3Destination
+    from patient_delivery.blocks.s3.block import S3Destination
 
 PUT_ATTEMPTS = 1
 """Tries of one put by the S3 clients themselves: none beyond the first. A failed put is

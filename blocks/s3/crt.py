@@ -28,9 +28,8 @@ from awscrt import auth, http, s3
 from awscrt import io as crt_io
 from awscrt.exceptions import AwsCrtError
 from botocore.exceptions import ClientError
-
-from blocks.base import TerminalDeliveryError, TransientDeliveryError
-from blocks.s3.botocore_adapter import ErrorParser
+from patient_delivery.blocks.base import TerminalDeliveryError, TransientDeliveryError
+from patient_delivery.blocks.s3.botocore_adapter import ErrorParser
 
 PROBE_KEY = "probe"
 SLOWEST_RATE = 128 * 1024

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-
-from blocks.base import (
+from patient_delivery.blocks.base import (
     DeliveryError,
     DestinationSession,
     K,
@@ -23,11 +22,11 @@ from blocks.base import (
     Upload,
     check_content,
 )
-from blocks.naming import contained
-from blocks.s3.crt import CrtWriter, PendingPut
+from patient_delivery.blocks.naming import contained
+from patient_delivery.blocks.s3.crt import CrtWriter, PendingPut
 
 if TYPE_CHECKING:
-    from blocks.s3.block import S3Destination
+    from patient_delivery.blocks.s3.block import S3Destination
 
 
 def receipt(upload: Upload, checksum: str, echoed: str | None) -> Receipt:

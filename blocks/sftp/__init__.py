@@ -7,9 +7,14 @@ pipeline.py          several files' requests on their way over one channel at on
 paramiko_adapter.py  every use of paramiko's internals
 """
 
-from blocks.sftp.block import SftpDestination
-from blocks.sftp.host_keys import HostKeyPin, fetch_host_key, fingerprint, known_hosts_line
-from blocks.sftp.session import SftpSession
+from patient_delivery.blocks.sftp.block import SftpDestination
+from patient_delivery.blocks.sftp.host_keys import (
+    HostKeyPin,
+    fetch_host_key,
+    fingerprint,
+    known_hosts_line,
+)
+from patient_delivery.blocks.sftp.session import SftpSession
 
 __all__ = [
     "HostKeyPin",

@@ -16,17 +16,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import paramiko
-from pydantic import Field, SecretStr, field_validator, model_validator
-
-from blocks.base import (
+from patient_delivery.blocks.base import (
     DeliveryError,
     Destination,
     TerminalDeliveryError,
     TransientDeliveryError,
 )
-from blocks.sftp import pipeline
-from blocks.sftp.host_keys import HostKeyPin, fingerprint
-from blocks.sftp.session import SftpSession
+from patient_delivery.blocks.sftp import pipeline
+from patient_delivery.blocks.sftp.host_keys import HostKeyPin, fingerprint
+from patient_delivery.blocks.sftp.session import SftpSession
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 
 def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import paramiko
 from paramiko.message import Message
-
-from blocks.sftp import paramiko_adapter as sftp_protocol
-from blocks.sftp.paramiko_adapter import Reply
+from patient_delivery.blocks.sftp import paramiko_adapter as sftp_protocol
+from patient_delivery.blocks.sftp.paramiko_adapter import Reply
 
 WRITE_SIZE = 32_768
 """Most bytes per write request on a server that does not say what it takes: the size every SFTP

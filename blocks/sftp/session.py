@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Generic
 
 import paramiko
-
-from blocks.base import (
+from patient_delivery.blocks.base import (
     DeliveryError,
     DestinationSession,
     K,
@@ -25,9 +24,9 @@ from blocks.base import (
     Upload,
     check_content,
 )
-from blocks.naming import contained, is_temporary_of, temporary_name
-from blocks.sftp import paramiko_adapter as sftp_protocol
-from blocks.sftp import pipeline
+from patient_delivery.blocks.naming import contained, is_temporary_of, temporary_name
+from patient_delivery.blocks.sftp import paramiko_adapter as sftp_protocol
+from patient_delivery.blocks.sftp import pipeline
 
 
 class SftpSession(DestinationSession):
