@@ -168,6 +168,7 @@ def bare_s3(config: dict, files: list[Path], export: Path) -> dict:
 def bare_crt(config: dict, files: list[Path], export: Path) -> dict:
     """The flow's own S3 writer (awscrt) alone, from 16 threads: what the flow adds is the rest."""
     from botocore.credentials import Credentials
+
     from patient_delivery.blocks.s3.crt import CrtWriter
 
     writer = CrtWriter(
@@ -324,11 +325,10 @@ def throughput(args: argparse.Namespace) -> None:
     os.environ["PATIENT_DELIVERY_STORE_URL"] = f"sqlite:///{work / 'store.db'}"
     server = PrefectServer()
     os.environ.update(server.client_env())
-    from patient_delivery.blocks.s3 import S3Destination
-    from patient_delivery.blocks.sftp import SftpDestination
-
     from loopback.servers import SFTP_PASSWORD, SFTP_USER, MotoServer, SeaweedServer, SshServer
     from patient_delivery import ingest
+    from patient_delivery.blocks.s3 import S3Destination
+    from patient_delivery.blocks.sftp import SftpDestination
     from patient_delivery.ledger import read_content
     from patient_delivery.seed import seed_project
     from patient_delivery.store import open_store
@@ -679,9 +679,8 @@ def memory_benchmark(args: argparse.Namespace) -> None:
 
     server = PrefectServer()
     os.environ.update(server.client_env())
-    from patient_delivery.blocks.local import LocalDestination
-
     from patient_delivery import ingest
+    from patient_delivery.blocks.local import LocalDestination
     from patient_delivery.seed import seed_project
     from patient_delivery.store import close_stores, open_store
 

@@ -92,9 +92,8 @@ class Remotes:
                                           self.bucket)  # fmt: skip
 
     def sftp(self, org: str) -> tuple[str, object]:
-        from patient_delivery.blocks.sftp import SftpDestination
-
         from loopback.servers import SFTP_PASSWORD, SFTP_USER
+        from patient_delivery.blocks.sftp import SftpDestination
 
         block = SftpDestination(
             host="127.0.0.1", port=self.sshd.port, username=SFTP_USER, password=SFTP_PASSWORD,
@@ -104,8 +103,9 @@ class Remotes:
         return "sftp-destination", block
 
     def s3(self, org: str) -> tuple[str, object]:
-        from patient_delivery.blocks.s3 import S3Destination
         from prefect_aws import AwsCredentials
+
+        from patient_delivery.blocks.s3 import S3Destination
 
         keys = self.moto.deliverer_keys
         block = S3Destination(
@@ -128,9 +128,8 @@ def prepare(
 ) -> str:  # fmt: skip
     """A store with `organizations` organizations, each with its own destination (`remote` of
     them SFTP, and as many S3); its URL."""
-    from patient_delivery.blocks.local import LocalDestination
-
     from patient_delivery import ingest
+    from patient_delivery.blocks.local import LocalDestination
     from patient_delivery.seed import seed_project
     from patient_delivery.store import close_stores, open_store
 

@@ -72,8 +72,9 @@ def run_child(env: dict[str, str], setup: str, project: str, dask_workers: int =
 def workers_setup(env: dict[str, str], project: str, workers: int, runs: int, logs: Path):
     """Deploy, start `workers` process workers, create `runs` flow runs at once; time them."""
     import httpx
-    from patient_delivery.flows.deliver import deliver_updates
     from prefect.deployments import run_deployment
+
+    from patient_delivery.flows.deliver import deliver_updates
 
     subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "bench",
                     "--type", "process"], env=env, check=True, capture_output=True)  # fmt: skip
@@ -140,10 +141,10 @@ def main() -> None:
                "PATIENT_DELIVERY_EMIT_EVENTS": "false",
                "PATIENT_DELIVERY_CHECKOUT": str(ROOT)}  # fmt: skip
         os.environ.update(env)  # before Prefect is imported: it reads its settings once
-        from patient_delivery.blocks.sftp import SftpDestination
         from sqlalchemy import func, select
 
         from patient_delivery import ingest
+        from patient_delivery.blocks.sftp import SftpDestination
         from patient_delivery.seed import seed_project
         from patient_delivery.store import open_store
         from patient_delivery.store.models import Disclosure

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from prefect.blocks.core import Block
+from prefect.client.orchestration import SyncPrefectClient, get_client
+
 from patient_delivery.blocks.base import Destination
 from patient_delivery.blocks.local import LocalDestination
 from patient_delivery.blocks.s3 import S3Destination
 from patient_delivery.blocks.sftp import SftpDestination
-from prefect.blocks.core import Block
-from prefect.client.orchestration import SyncPrefectClient, get_client
 
 DESTINATION_TYPES: dict[str, type[Destination]] = {
     kind.get_block_type_slug(): kind for kind in (LocalDestination, S3Destination, SftpDestination)

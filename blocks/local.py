@@ -9,6 +9,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import Field, field_validator
+
+from patient_delivery import private
 from patient_delivery.blocks.base import (
     Destination,
     DestinationSession,
@@ -18,9 +21,6 @@ from patient_delivery.blocks.base import (
     check_content,
 )
 from patient_delivery.blocks.naming import contained, is_temporary_of, temporary_name
-from pydantic import Field, field_validator
-
-from patient_delivery import private
 
 _TERMINAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 
 from patient_delivery.blocks.base import TerminalDeliveryError
-
 from patient_delivery.paths import has_unsafe_character
 
 

@@ -18,6 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import pysequoia
+from pysequoia import Cert, Tsk
+from pysequoia.packet import KeyFlags, PacketPile, SignatureType, Tag
+
 from patient_delivery.blocks.base import (
     DeliveryError,
     DestinationSession,
@@ -26,8 +29,6 @@ from patient_delivery.blocks.base import (
     Upload,
     check_content,
 )
-from pysequoia import Cert, Tsk
-from pysequoia.packet import KeyFlags, PacketPile, SignatureType, Tag
 
 K = TypeVar("K")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from patient_delivery.cli.common import app, console, fail, prefect, print_json, printable
 from rich.table import Table
+
+from patient_delivery.cli.common import app, console, fail, prefect, print_json, printable
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient

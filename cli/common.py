@@ -133,7 +133,6 @@ def ready(api: LocalApi | None) -> None:
     if api is None:
         return
     import patient_delivery.flows.deliver  # noqa: F401
-
     from patient_delivery.prefect_setup import LocalApiError
 
     try:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from patient_delivery.cli.common import app, console, ready, start_prefect
-from patient_delivery.cli.runs import print_summary
 from sqlalchemy import select
 
 from patient_delivery import ingest
+from patient_delivery.cli.common import app, console, ready, start_prefect
+from patient_delivery.cli.runs import print_summary
 from patient_delivery.ledger import read_content
 from patient_delivery.seed import seed_project
 from patient_delivery.settings import get_settings

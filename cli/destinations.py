@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+
 from patient_delivery.cli.common import (
     app,
     console,
@@ -18,7 +20,6 @@ from patient_delivery.cli.common import (
     printable,
     read_file,
 )
-from rich.table import Table
 
 destination_app = typer.Typer(help="Destination blocks (Prefect).", no_args_is_help=True)
 app.add_typer(destination_app, name="destination")
@@ -64,8 +65,9 @@ def destination_local(
 ) -> None:
     """Create (or replace) a local-folder destination block; prints its reference."""
     prefect()
-    from patient_delivery.blocks.local import LocalDestination
     from pydantic import ValidationError
+
+    from patient_delivery.blocks.local import LocalDestination
 
     try:
         fields = {
@@ -193,8 +195,9 @@ def destination_s3(
 ) -> None:
     """Create an S3 destination block (an IAM role of the organization's, assumed by us)."""
     prefect()
-    from patient_delivery.blocks.s3 import S3Destination
     from prefect_aws import AwsCredentials
+
+    from patient_delivery.blocks.s3 import S3Destination
 
     fields: dict[str, object] = {
         "bucket_name": bucket,
@@ -224,9 +227,10 @@ def destination_list(
     """Every destination block and where it writes (no secrets); a block that cannot be used
     (saved invalid, e.g. from the Prefect UI) shows as INVALID with the reason."""
     prefect()
-    from patient_delivery.blocks import DESTINATION_TYPES, load_destinations, problem
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
+
+    from patient_delivery.blocks import DESTINATION_TYPES, load_destinations, problem
 
     references = []
     with get_client(sync_client=True) as client:
@@ -274,8 +278,9 @@ def _checked(reference: str):  # type: ignore[no-untyped-def]
 def destination_show(reference: Annotated[str, typer.Argument(help="e.g. sftp-destination/x")]):
     """A destination's settings; secrets show as ********, OpenPGP keys as their fingerprint."""
     prefect()
-    from patient_delivery.blocks import openpgp
     from pydantic import BaseModel, SecretStr
+
+    from patient_delivery.blocks import openpgp
 
     block = _checked(reference)
     table = Table(title=f"{reference}: {block.describe()}")

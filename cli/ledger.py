@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from patient_delivery import private
 from patient_delivery.cli.common import (
     app,
     console,
@@ -24,8 +26,6 @@ from patient_delivery.cli.common import (
     print_json,
     records,
 )
-
-from patient_delivery import private
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from patient_delivery.cli.common import (
     app,
     console,

@@ -7,6 +7,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from patient_delivery.cli.common import (
     app,
     console,
@@ -18,9 +22,6 @@ from patient_delivery.cli.common import (
     printable,
     refusals,
 )
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 if TYPE_CHECKING:
     from patient_delivery.flows.reporting import RunSummary
@@ -94,8 +95,9 @@ def deliver(
 @contextmanager
 def progress_bar(label: str) -> Iterator[None]:
     """A rich progress bar fed by the delivery flow's progress, for runs in this process."""
-    from patient_delivery.flows.reporting import progress_hooks
     from rich.progress import Progress
+
+    from patient_delivery.flows.reporting import progress_hooks
 
     with Progress(console=errors, transient=True) as progress, _logs_above(progress.console):
         bar = progress.add_task(label, total=None)

@@ -12,14 +12,14 @@ import math
 from collections import Counter
 from datetime import datetime
 
-from patient_delivery.flows.deliver import deliver
-from patient_delivery.flows.reporting import RunSummary, run_name
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
+from patient_delivery.flows.deliver import deliver
+from patient_delivery.flows.reporting import RunSummary, run_name
 from patient_delivery.ingest import check_scope
 from patient_delivery.store import open_store
 

@@ -5,9 +5,9 @@ record what happened.
                  goes on for updates that arrived while it sent (up to `FOLLOW_UPS` pages)
     render    -> per destination: give each delivery its path, once; a bad value fails only
                  it; a destination whose block cannot be used has its deliveries parked
-    upload    -> per destination, a lane per connection (`flows.sending`); each batch writes its
+    upload    -> per destination, a lane per connection (`flows.engine`); each batch writes its
                  outcomes to the ledger as it ends, so a crash loses nothing
-    manifests -> last, one per destination and project delivered to (`flows.manifests`)
+    manifests -> last, one per destination and project delivered to
     record    -> the run's summary: a table artifact, an event per failing destination, a red
                  run when anything failed
 
@@ -17,23 +17,22 @@ upload task, one document at a time, and never becomes a parameter, result, log 
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from patient_delivery.blocks import load_destination, problem
-from patient_delivery.flows import manifests, reporting, runtime, sending, sessions, waves
-from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run, task_run
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
 from patient_delivery import ledger
+from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
+from patient_delivery.flows import engine, reporting, runtime
+from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary
 from patient_delivery.ingest import check_scope
 from patient_delivery.ledger import RenderResult, WorkFilter
 from patient_delivery.store import Store, open_store
@@ -87,7 +86,7 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
     in one transaction; the page's blocks are read together. A missing or invalid block, or an
     unsafe value, fails only its own deliveries, with the reason."""
     store = open_store()
-    destinations = sessions.pools.load(claimant, claimed)
+    destinations = engine.destinations(claimant, claimed)
     pages: dict[str, Rendered] = {}
     templates = {}
     for ref, destination in destinations.items():
@@ -107,17 +106,17 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
 
 @task(name="upload", task_run_name=_upload_name)
 def upload(
-    claimant: str, lanes: list[waves.Lane], batch_size: int = 100, connections: int = 32
+    claimant: str, lanes: list[engine.Lane], batch_size: int = 100, connections: int = 32
 ) -> list[BatchReport]:
-    """Send a wave of lanes, to one destination or many (`sending.send_wave`)."""
-    return sending.send_wave(claimant, lanes, batch_size, connections)
+    """Send a wave of lanes, to one destination or many."""
+    return engine.send(claimant, lanes, batch_size, connections)
 
 
 @task(name="manifests")
 def write_manifests(claimant: str) -> dict[str, str]:
     """Write a manifest to each destination the run delivered to, once every upload has
-    ended (`flows.manifests`); the destinations whose manifest could not be written."""
-    failed = manifests.write_all(claimant)
+    ended; the destinations whose manifest could not be written."""
+    failed = engine.write_manifests(claimant)
     for destination, why in failed.items():
         get_run_logger().error("%s: %s", destination, why)
     return failed
@@ -198,7 +197,7 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     runtime.freeze_startup_heap()
     check_scope(open_store(), project_id=work.project_id)  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
-    sessions.pools.budget(claimant, sizes.connections)
+    engine.open_run(claimant, sizes.connections)
     summary = RunSummary(flow_run_id=claimant)
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
@@ -221,7 +220,7 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
         if summary.delivered:  # last: every file a manifest lists has landed
             summary.manifests_failed = write_manifests(claimant)
     finally:
-        sessions.pools.close_run(claimant)
+        engine.close_run(claimant)
     progress.update(summary.done, final=True)
     record(summary)
     if summary.failed or summary.manifests_failed:  # a red run in the UI, and alerts
@@ -241,7 +240,7 @@ def _deliver_page(
     started = time.perf_counter()
     runner = runtime.current_task_runner()
     if runtime.uploads_run_here(runner):  # open the first lanes' sessions while paths render
-        _warm_first_lanes(claimant, claimed, sizes.connections)
+        engine.warm(claimant, claimed, sizes.connections)
     pages = render(claimant, claimed)
     for ref, page in pages.items():
         summary.add(BatchReport(ref, failed=page.result.failed.total(), reasons=page.result.failed))
@@ -251,8 +250,7 @@ def _deliver_page(
     ready = {ref: (page.result.ready, page.max_connections) for ref, page in pages.items()}
     uploads = [
         upload.submit(claimant, lanes, sizes.batch, sizes.connections)
-        for wave in waves.plan_waves(ready, sizes.batch)
-        for lanes in runtime.split_wave(runner, wave)
+        for lanes in engine.plan(runner, ready, sizes.batch)
     ]
     for future in uploads:
         for report in future.result():
@@ -263,16 +261,6 @@ def _deliver_page(
         sum(map(len, claimed.values())), len(claimed), time.perf_counter() - started,
         summary.delivered, summary.failed,
     )  # fmt: skip
-
-
-def _warm_first_lanes(claimant: str, claimed: dict[str, list[int]], connections: int) -> None:
-    """Load the page's blocks together and open, in the background, the sessions of the first
-    `connections` destinations (as many per destination as its lanes can use), so the
-    first uploads find them ready; the rest open as lanes reach them."""
-    sessions.pools.load(claimant, claimed)
-    for ref, ids in list(claimed.items())[:connections]:
-        lanes = math.ceil(len(ids) / waves.MIN_LANE)
-        sessions.pools.warm(claimant, ref, load_destination, sessions=lanes)
 
 
 def _release_finished_runs(store: Store, claimant: str) -> None:

@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from patient_delivery.flows import runtime
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from patient_delivery.flows import runtime
 from patient_delivery.ledger import Outcome
 
 

@@ -15,6 +15,8 @@ import uuid
 from typing import Protocol
 
 import pytest
+from pydantic import SecretStr
+
 from patient_delivery.blocks.base import (
     DeliveryError,
     Destination,
@@ -23,8 +25,6 @@ from patient_delivery.blocks.base import (
     Upload,
 )
 from patient_delivery.blocks.naming import temporary_name
-from pydantic import SecretStr
-
 from patient_delivery.store import Store
 from tests.gnupg import PASSPHRASE, Keys
 
@@ -122,7 +122,6 @@ class DestinationContract:
         manifest (itself encrypted) lists the hashes of what was sent and of the documents,
         and so does the ledger."""
         from patient_delivery.flows.deliver import deliver
-
         from patient_delivery.reports import LedgerQuery, deliveries_frame
 
         encrypted = destination.model_copy(

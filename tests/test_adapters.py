@@ -12,12 +12,12 @@ import botocore
 import paramiko
 import prefect
 import pytest
+
+from patient_delivery import local_api_server
 from patient_delivery.blocks import openpgp
 from patient_delivery.blocks.s3 import botocore_adapter
 from patient_delivery.blocks.sftp import paramiko_adapter
 from patient_delivery.flows import runtime
-
-from patient_delivery import local_api_server
 
 
 def test_paramiko_still_has_what_the_sftp_pipeline_uses() -> None:

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from patient_delivery.blocks.local import LocalDestination
-from patient_delivery.flows.backfill import backfill, redeliver
-from patient_delivery.flows.deliver import deliver
 from prefect.artifacts import Artifact
 
 from patient_delivery import ingest
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.flows.backfill import backfill, redeliver
+from patient_delivery.flows.deliver import deliver
 from patient_delivery.store import Store
 from tests.test_deliver_flow import CCDA, CCDA_V2, files_under, rows
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from patient_delivery.cli import app
 from typer.testing import CliRunner
 
+from patient_delivery.cli import app
 from patient_delivery.store import Store
 
 runner = CliRunner()

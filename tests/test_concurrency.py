@@ -20,12 +20,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from patient_delivery.flows.deliver import deliver
-from patient_delivery.flows.runtime import LOCAL_CLUSTER, task_runner
 from sqlalchemy import func, select
 
 from loopback.servers import SshServer
 from patient_delivery import ingest, ledger
+from patient_delivery.flows.deliver import deliver
+from patient_delivery.flows.runtime import LOCAL_CLUSTER, task_runner
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store, open_store
 from patient_delivery.store.models import Delivery, Disclosure, DocumentVersion

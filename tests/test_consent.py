@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+
+from patient_delivery import ingest
 from patient_delivery.blocks.base import Receipt, TransientDeliveryError
 from patient_delivery.blocks.local import LocalDestination, LocalSession
 from patient_delivery.flows.backfill import backfill, redeliver
 from patient_delivery.flows.deliver import deliver
-from sqlalchemy import select
-
-from patient_delivery import ingest
 from patient_delivery.reports import LedgerQuery, disclosures_frame, withdrawals_frame
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery, Share
@@ -120,7 +120,7 @@ class Recording(LocalSession):
 def test_a_withdrawal_while_a_run_sends_stops_its_sends_within_the_window(
     store: Store, tmp_path: Path
 ) -> None:
-    from patient_delivery.flows.sending import Consent
+    from patient_delivery.flows.engine.sending import Consent
 
     ingest.add_organization(store, "Acme", "acme")
     project = ingest.add_project(store, "acme", "Study", "study")

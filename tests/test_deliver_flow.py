@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from patient_delivery.blocks.local import LocalDestination
-from patient_delivery.flows.deliver import deliver, deliver_state
 from sqlalchemy import func, select
 
 from patient_delivery import ingest, ledger
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.flows.deliver import deliver, deliver_state
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery, DocumentVersion, Share
@@ -507,7 +507,7 @@ def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
 def test_upload_tasks_keep_every_connection_busy_and_finish_together(
     count: int, connections: int, batch_size: int, sizes: list[int]
 ) -> None:
-    from patient_delivery.flows.waves import BATCHES_PER_LANE, chunks, lane_size
+    from patient_delivery.flows.engine.waves import BATCHES_PER_LANE, chunks, lane_size
 
     size = lane_size(count, connections, batch_size)
     assert [len(b) for b in chunks(list(range(count)), size)] == sizes
@@ -515,7 +515,7 @@ def test_upload_tasks_keep_every_connection_busy_and_finish_together(
 
 
 def test_destinations_with_few_documents_share_ledger_batches_spread_over_connections() -> None:
-    from patient_delivery.flows.waves import shared_batches
+    from patient_delivery.flows.engine.waves import shared_batches
 
     few = [(f"d{n}", [2 * n, 2 * n + 1]) for n in range(100)]  # 100 destinations, 2 each
     units = shared_batches(few, batch_size=100, connections=8)
@@ -533,7 +533,7 @@ def test_destinations_with_few_documents_share_ledger_batches_spread_over_connec
 def test_lanes_take_a_waves_batches_in_turn_smaller_toward_the_end() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from patient_delivery.flows.sending import Shares
+    from patient_delivery.flows.engine.sending import Shares
 
     shares = Shares(list(range(2000)), lanes=8, batch_size=100)
     sizes = [len(batch) for batch in shares.batches()]
@@ -596,9 +596,10 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
 
 
 def test_a_wave_is_one_task_on_threads_and_a_bounded_few_on_dask() -> None:
-    from patient_delivery.flows.runtime import DASK_TASKS_PER_WAVE, split_wave
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
+
+    from patient_delivery.flows.runtime import DASK_TASKS_PER_WAVE, split_wave
 
     lanes = list(range(1000))  # a thousand destinations' lanes in one wave
     assert split_wave(ThreadPoolTaskRunner(max_workers=4), lanes) == [lanes]
@@ -613,9 +614,8 @@ def test_documents_left_when_another_lane_marks_the_destination_down_are_each_an
 ) -> None:
     """A lane whose own documents all landed, while another lane's gave up mid-batch, still
     owes an outcome for every document it had not taken; none may go unrecorded."""
-    from patient_delivery.flows.sending import send_documents
-    from patient_delivery.flows.sessions import SessionPool
-
+    from patient_delivery.flows.engine.sending import send_documents
+    from patient_delivery.flows.engine.sessions import SessionPool
     from patient_delivery.ledger import UploadItem
 
     pool = SessionPool(LocalDestination(root=tmp_path))

@@ -8,12 +8,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from patient_delivery.blocks.base import TerminalDeliveryError, Upload
-from patient_delivery.blocks.local import LocalDestination
-from patient_delivery.cli import app
 from pydantic import SecretStr, ValidationError
 from typer.testing import CliRunner
 
+from patient_delivery.blocks.base import TerminalDeliveryError, Upload
+from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.cli import app
 from tests.gnupg import PASSPHRASE, Keys
 from tests.test_deliver_flow import save_as_the_ui_would, save_local
 

@@ -11,12 +11,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
-from patient_delivery.blocks.local import LocalDestination, LocalSession
-from patient_delivery.flows import sessions
-from patient_delivery.flows.deliver import deliver
 
 from loopback.servers import SshServer, free_port
 from patient_delivery import ingest
+from patient_delivery.blocks.local import LocalDestination, LocalSession
+from patient_delivery.flows.deliver import deliver
+from patient_delivery.flows.engine import sessions
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store
 from tests.faults import FaultProxy, check_invariant, documents

@@ -8,11 +8,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from patient_delivery.cli import app
 from typer.testing import CliRunner
 
 from loopback.servers import MotoServer, SshServer
 from patient_delivery import ingest
+from patient_delivery.cli import app
 from patient_delivery.importers import fhir_bundle
 from patient_delivery.store import Store
 from tests.faults import REPORT
@@ -44,8 +44,9 @@ def test_canaries_stay_out_of_every_side_channel(
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from patient_delivery.blocks.local import LocalDestination
     from prefect.artifacts import Artifact
+
+    from patient_delivery.blocks.local import LocalDestination
 
     suffix = uuid.uuid4().hex[:8]
     LocalDestination(root=tmp_path / "ok").save(f"leak-ok-{suffix}")

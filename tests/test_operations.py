@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from patient_delivery.cli import app
 from typer.testing import CliRunner
 
+from patient_delivery.cli import app
 from patient_delivery.store import Store
 from tests.test_cli import run
 from tests.test_deliver_flow import save_as_the_ui_would, save_local
@@ -206,9 +206,10 @@ def test_our_blocks_load_in_any_flow_of_the_environment_without_importing_the_pr
 def test_prefect_log_lines_go_through_the_progress_bars_console_while_it_shows() -> None:
     import logging
 
+    from prefect.logging.handlers import PrefectConsoleHandler
+
     from patient_delivery.cli.common import errors
     from patient_delivery.cli.runs import progress_bar
-    from prefect.logging.handlers import PrefectConsoleHandler
 
     def handlers() -> list[PrefectConsoleHandler]:
         return [h for h in logging.getLogger().handlers
@@ -243,8 +244,9 @@ def test_the_ui_form_shows_each_destinations_required_fields_first_then_its_own_
 
 @pytest.mark.bad_input
 def test_the_ui_form_refuses_a_relative_folder_for_a_local_destination() -> None:
-    from patient_delivery.blocks.local import LocalDestination
     from pydantic import ValidationError
+
+    from patient_delivery.blocks.local import LocalDestination
 
     fields = LocalDestination.model_json_schema()["properties"]
     assert fields["root"]["pattern"] == "^[/~]"  # the form's own check

@@ -153,8 +153,9 @@ def test_manifest_templates_give_each_project_and_run_its_own_plain_path(
 ) -> None:
     """A manifest path shared by projects would let one project's manifest list, or replace,
     another's; a format spec could pad or cut a value into another folder."""
-    from patient_delivery.blocks.local import LocalDestination
     from pydantic import ValidationError
+
+    from patient_delivery.blocks.local import LocalDestination
 
     with pytest.raises(ValidationError) as refused:
         LocalDestination(root="/srv/x", manifest_template=template)

@@ -445,8 +445,9 @@ def test_mcp_over_stdio_stops_serving_a_patient_once_they_stop_sharing(
 @pytest.mark.bad_input
 def test_mcp_refuses_a_key_on_its_command_line_without_echoing_it(store: Store) -> None:
     """Every local user can read a process's command line: a key there is refused, one line."""
-    from patient_delivery.cli import app
     from typer.testing import CliRunner
+
+    from patient_delivery.cli import app
 
     ingest.add_organization(store, "Acme", "acme")
     _, key = create_key(store, "acme", "tests")
@@ -464,9 +465,9 @@ def _stranger(world: World) -> str:
 
 
 def test_api_keys_from_the_command_line_are_shown_once_and_revocable(store: Store) -> None:
-    from patient_delivery.cli import app
     from typer.testing import CliRunner
 
+    from patient_delivery.cli import app
     from patient_delivery.pull.keys import authenticate
 
     runner = CliRunner()

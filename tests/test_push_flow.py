@@ -7,11 +7,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from patient_delivery.flows.deliver import deliver
 from sqlalchemy import select
 
 from loopback.servers import MotoServer, SshServer
 from patient_delivery import ingest
+from patient_delivery.flows.deliver import deliver
 from patient_delivery.importers import import_ccda, import_fhir_bulk
 from patient_delivery.store import Store
 from patient_delivery.store.models import Delivery

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
+from prefect_aws import AwsCredentials
+from pydantic import ValidationError
+
+from loopback.servers import MotoServer, SeaweedServer, free_port
 from patient_delivery.blocks.base import (
     Receipt,
     TerminalDeliveryError,
@@ -17,10 +21,6 @@ from patient_delivery.blocks.base import (
     Upload,
 )
 from patient_delivery.blocks.s3 import S3Destination
-from prefect_aws import AwsCredentials
-from pydantic import ValidationError
-
-from loopback.servers import MotoServer, SeaweedServer, free_port
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 
 EXTERNAL_ID = "canary-external-id-7d2c"
@@ -328,6 +328,7 @@ def test_credentials_are_renewed_before_the_role_session_expires(
 
 def test_the_crt_writer_sends_each_put_option_under_the_header_botocore_uses() -> None:
     import botocore.session
+
     from patient_delivery.blocks.s3 import PUT_HEADERS
 
     members = (
@@ -348,6 +349,7 @@ def test_a_failed_role_renewal_is_the_reason_the_crt_writer_gives(
     the writer raises what renewing the role raised (botocore raises once the credentials are
     within 10 minutes of expiry and the role can no longer be assumed)."""
     import boto3
+
     from patient_delivery.blocks.s3.crt import CrtWriter
 
     class Refused:

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
 from patient_delivery.blocks.base import DeliveryError, TerminalDeliveryError
 from patient_delivery.blocks.local import LocalDestination
-from patient_delivery.flows.sessions import PoolRegistry, SessionPool
+from patient_delivery.flows.engine.sessions import PoolRegistry, SessionPool
 
 
 def test_a_returned_session_is_lent_again(tmp_path: Path) -> None:
@@ -74,7 +75,7 @@ def test_pools_unused_for_a_while_close_themselves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a Dask worker nobody calls close_run: idle pools of finished runs must not linger."""
-    from patient_delivery.flows import sessions
+    from patient_delivery.flows.engine import sessions
 
     registry = PoolRegistry()
     old = registry.get("run-1", "local-destination/a", lambda _: LocalDestination(root=tmp_path))

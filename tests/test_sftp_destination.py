@@ -12,6 +12,9 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from pydantic import SecretStr, ValidationError
+
+from loopback.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
 from patient_delivery.blocks.base import (
     Receipt,
     TerminalDeliveryError,
@@ -20,9 +23,6 @@ from patient_delivery.blocks.base import (
 )
 from patient_delivery.blocks.sftp import HostKeyPin, SftpDestination, fetch_host_key, fingerprint
 from patient_delivery.blocks.sftp.pipeline import EVERY_SERVER
-from pydantic import SecretStr, ValidationError
-
-from loopback.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
 from tests.destination_contract import BODY, DestinationContract, connect, sha
 from tests.faults import FaultProxy
 from tests.test_local_destination import FolderRemote
@@ -126,9 +126,8 @@ def test_unreachable_server_is_a_transient_error(sshd: SshServer, folder: Path) 
 def test_a_root_that_does_not_exist_is_named_never_created_and_not_retried(
     sshd: SshServer, folder: Path
 ) -> None:
-    from patient_delivery.flows.sending import ATTEMPTS, send_documents
-    from patient_delivery.flows.sessions import SessionPool
-
+    from patient_delivery.flows.engine.sending import ATTEMPTS, send_documents
+    from patient_delivery.flows.engine.sessions import SessionPool
     from patient_delivery.ledger import UploadItem
 
     missing = folder / "nosuch"

@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from botocore.exceptions import ClientError
+from prefect_aws import AwsCredentials
+from pydantic import Field, SecretStr, field_validator, model_validator
+
 from patient_delivery.blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
 from patient_delivery.blocks.s3.clients import S3Clients
 from patient_delivery.blocks.s3.session import S3Session
-from prefect_aws import AwsCredentials
-from pydantic import Field, SecretStr, field_validator, model_validator
 
 PUT_HEADERS = {
     "ChecksumSHA256": "x-amz-checksum-sha256",

@@ -18,6 +18,7 @@ from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+
 from patient_delivery.blocks.base import TerminalDeliveryError, TransientDeliveryError
 from patient_delivery.blocks.s3.botocore_adapter import session_on
 from patient_delivery.blocks.s3.crt import CrtWriter

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import paramiko
+from pydantic import Field, SecretStr, field_validator, model_validator
+
 from patient_delivery.blocks.base import (
     DeliveryError,
     Destination,
@@ -25,7 +27,6 @@ from patient_delivery.blocks.base import (
 from patient_delivery.blocks.sftp import pipeline
 from patient_delivery.blocks.sftp.host_keys import HostKeyPin, fingerprint
 from patient_delivery.blocks.sftp.session import SftpSession
-from pydantic import Field, SecretStr, field_validator, model_validator
 
 
 def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import paramiko
 from paramiko.message import Message
+
 from patient_delivery.blocks.sftp import paramiko_adapter as sftp_protocol
 from patient_delivery.blocks.sftp.paramiko_adapter import Reply
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Generic
 
 import paramiko
+
 from patient_delivery.blocks.base import (
     DeliveryError,
     DestinationSession,

@@ -24,8 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 
 from patient_delivery.blocks import load_destinations
 from patient_delivery.blocks.base import Destination, DestinationSession
-from patient_delivery.flows.budget import Closing, ConnectionBudget, Opened
-
+from patient_delivery.flows.engine.budget import Closing, ConnectionBudget, Opened
 from patient_delivery.settings import get_settings
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-from patient_delivery.blocks import DeliveryError, load_destination
-from patient_delivery.flows import sessions
-
 from patient_delivery import manifests
+from patient_delivery.blocks import DeliveryError, load_destination
+from patient_delivery.flows.engine import sessions
 from patient_delivery.manifests import Drop, Written
 from patient_delivery.store import open_store
 

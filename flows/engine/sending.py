@@ -32,14 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 
+from patient_delivery import ledger
 from patient_delivery.blocks import DeliveryError, Receipt, load_destination
 from patient_delivery.blocks.base import DestinationSession, Upload
-from patient_delivery.flows import sessions, waves
+from patient_delivery.flows.engine import sessions, waves
+from patient_delivery.flows.engine.sessions import Lease, SessionPool
+from patient_delivery.flows.engine.waves import Lane
 from patient_delivery.flows.reporting import BatchReport
-from patient_delivery.flows.sessions import Lease, SessionPool
-from patient_delivery.flows.waves import Lane
-
-from patient_delivery import ledger
 from patient_delivery.ledger import Outcome, UploadItem
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
