@@ -193,13 +193,16 @@ class S3FaultProxy:
     """An HTTP proxy in front of an S3 server that fails chosen PUTs the way S3 does.
 
     `script` holds statuses for the next PUTs, in order; `always` fails every PUT with one
-    status. Other requests, and PUTs once the script is spent, go to the server unchanged.
+    status; `posts_fail` every POST (STS's AssumeRole, when the proxy is the STS endpoint).
+    Other requests, and PUTs once the script is spent, go to the server unchanged.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.script: deque[int] = deque()
         self.always: int | None = None
+        self.posts_fail: int | None = None
+        self.posts = 0
         self.puts: Counter[str] = Counter()
         """PUT requests per object key: the documents' and the runs' manifests."""
         self.injected: Counter[str] = Counter()
@@ -264,6 +267,10 @@ class S3FaultProxy:
         return Counter({key: n for key, n in self.puts.items() if MANIFESTS not in key})
 
     def _planned(self, method: str, path: str) -> int | None:
+        if method == "POST":
+            with self._lock:
+                self.posts += 1
+                return self.posts_fail
         if method != "PUT":
             return None
         with self._lock:

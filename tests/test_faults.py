@@ -248,7 +248,7 @@ def test_a_document_costs_at_most_the_runs_attempts_however_long_s3_keeps_failin
     """Retries happen in one place: the run's rounds. The S3 clients retry nothing themselves,
     so a put that keeps failing is sent `ATTEMPTS` times in a run, not that many times each
     client's own tries."""
-    from patient_delivery.flows.engine.sending import ATTEMPTS
+    from patient_delivery.flows.engine.retries import ATTEMPTS
 
     proxy = S3FaultProxy(endpoint.port)
     try:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from loopback.servers import MotoServer, SeaweedServer, free_port
 from patient_delivery.blocks.base import (
+    DeliveryError,
     Receipt,
     TerminalDeliveryError,
     TransientDeliveryError,
@@ -307,6 +308,32 @@ def test_an_unreachable_s3_endpoint_is_a_temporary_failure(
         session.upload("x/doc.xml", BODY, sha(BODY))
     assert str(error.value).startswith("S3 write failed")
     assert EXTERNAL_ID not in str(error.value)
+
+
+@pytest.mark.parametrize("client", ["crt", "boto3"])
+def test_sts_and_s3_are_asked_once_per_try_the_run_retries_not_the_clients(
+    moto: MotoServer, bucket: str, writer_role: str, client: str
+) -> None:
+    """A failing AssumeRole or put is one request: the delivery run's rounds are the only
+    retries (botocore's defaults would send an AssumeRole up to five times)."""
+    from tests.faults import S3FaultProxy
+
+    proxy = S3FaultProxy(moto.port)
+    try:
+        proxy.posts_fail = 503
+        block = s3_block(moto, bucket, writer_role, sts_endpoint_url=proxy.url,
+                         transfer_client=client)  # fmt: skip
+        with pytest.raises(DeliveryError), block.open_session() as session:
+            session.upload("x/doc.xml", BODY, sha(BODY))
+        assert proxy.posts == 1
+
+        proxy.always = 503
+        block = s3_block(moto, bucket, writer_role, endpoint_url=proxy.url, transfer_client=client)
+        with pytest.raises(TransientDeliveryError), block.open_session() as session:
+            session.upload("x/doc.xml", BODY, sha(BODY))
+        assert sum(proxy.puts.values()) == 1
+    finally:
+        proxy.stop()
 
 
 def test_credentials_are_renewed_before_the_role_session_expires(

@@ -126,7 +126,8 @@ def test_unreachable_server_is_a_transient_error(sshd: SshServer, folder: Path) 
 def test_a_root_that_does_not_exist_is_named_never_created_and_not_retried(
     sshd: SshServer, folder: Path
 ) -> None:
-    from patient_delivery.flows.engine.sending import ATTEMPTS, send_documents
+    from patient_delivery.flows.engine.retries import ATTEMPTS
+    from patient_delivery.flows.engine.sending import send_documents
     from patient_delivery.flows.engine.sessions import SessionPool
     from patient_delivery.ledger import UploadItem
 

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from patient_delivery.blocks.s3.block import S3Destination
 
 PUT_ATTEMPTS = 1
-"""Tries of one put by the S3 clients themselves: none beyond the first. A failed put is
-retried by the delivery run, the one place retries happen (`flows.sending`)."""
+"""Tries of one request (a put, an AssumeRole) by the S3 and STS clients themselves, the first
+included (botocore's `total_max_attempts`; its `max_attempts` counts retries only): none beyond
+the first. What failed is retried by the delivery run, the one place retries happen
+(`flows.engine.retries`)."""
 
 
 class S3Clients:
@@ -52,8 +54,12 @@ class S3Clients:
                 else None
             )
             self.sts = session_on(ours, d.region_name).client(
-                "sts", region_name=d.region_name, endpoint_url=d.sts_endpoint_url
-            )
+                "sts", region_name=d.region_name, endpoint_url=d.sts_endpoint_url,
+                config=Config(
+                    connect_timeout=d.connect_timeout, read_timeout=d.read_timeout,
+                    retries={"mode": "standard", "total_max_attempts": PUT_ATTEMPTS},
+                ),
+            )  # fmt: skip
         request: dict[str, Any] = {
             "RoleArn": d.role_arn,
             "RoleSessionName": d.role_session_name,
@@ -115,7 +121,7 @@ class S3Clients:
             max_pool_connections=d.max_connections,
             connect_timeout=d.connect_timeout,
             read_timeout=d.read_timeout,
-            retries={"mode": "standard", "max_attempts": PUT_ATTEMPTS},
+            retries={"mode": "standard", "total_max_attempts": PUT_ATTEMPTS},
             request_checksum_calculation="when_required",
         )
         session = session_on(credentials, d.region_name)

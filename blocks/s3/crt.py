@@ -11,7 +11,7 @@ the endpoint once (virtual-hosted or path style, FIPS, custom endpoints), and pa
 responses into the `ClientError` that `S3Destination.explain` turns into a clear message.
 Each put is one plain PutObject request (never the CRT's automatic multipart upload), so the
 SHA-256 checksum header covers the whole object and S3 rejects a body that does not match.
-The CRT retries nothing: a failed put is retried by the delivery run (`flows.sending`).
+The CRT retries nothing: a failed put is retried by the delivery run (`flows.engine.retries`).
 """
 
 from __future__ import annotations

@@ -9,12 +9,13 @@
                   the destination allows; stop taking more once one fails temporarily; then
                   back off and send the temporary failures again in the next round
 
-**Retries happen here and nowhere else** (the S3 clients retry nothing themselves): a document
-costs at most `ATTEMPTS` sends in one run, with exponential backoff and jitter between rounds.
-Terminal failures (denied, misconfigured, invalid) are not retried and say so. Once two
-documents in a row have used up their attempts, the destination counts as down for the rest of
-the run (`sessions.SessionPool.gave_up`): its other documents fail at once and wait for the
-next run, instead of each spending the whole backoff.
+**Retries happen here and nowhere else** (no client retries under it), by the policy in
+`retries`: a document costs at most `retries.ATTEMPTS` sends in one run, with exponential
+backoff and jitter between rounds. Terminal failures (denied, misconfigured, invalid) are not
+retried and say so. Once `retries.DOWN_AFTER` documents in a row have used up their attempts,
+the destination counts as down for the rest of the run (`sessions.SessionPool.gave_up`): its
+other documents fail at once and wait for the next run, instead of each spending the whole
+backoff.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextvars
 import math
 import os
-import random
 import socket
 import threading
 import time
@@ -36,16 +36,13 @@ from patient_delivery import ledger
 from patient_delivery.blocks import DeliveryError, Receipt, load_destination
 from patient_delivery.blocks.base import DestinationSession, Upload
 from patient_delivery.flows.engine import sessions, waves
+from patient_delivery.flows.engine.retries import retry_again, wait_before
 from patient_delivery.flows.engine.sessions import Lease, SessionPool
 from patient_delivery.flows.engine.waves import Lane
 from patient_delivery.flows.reporting import BatchReport
 from patient_delivery.ledger import Outcome, UploadItem
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
-
-ATTEMPTS = 4
-"""Most sends of one document in one run: a first try and three retries. The next run tries
-again from the start."""
 
 _lane_slots = threading.BoundedSemaphore(get_settings().connection_budget)
 """Lanes sending at once in one process, over every destination, task and run: as many as the
@@ -245,12 +242,12 @@ def send_documents(
             return
         if retries:
             lease.reset()
-            _back_off(max(r.attempts for r in retries))
+            time.sleep(wait_before(max(r.attempts for r in retries)))
         this_round = Round(pool, retries, untried, consent)
         yield from this_round.send(lease)
         retries = []
         for retry in this_round.owed_next:
-            if retry.attempts < ATTEMPTS:
+            if retry_again(retry.attempts):
                 retries.append(retry)
                 continue
             lease.gave_up(str(retry.error))
@@ -366,8 +363,3 @@ def _not_sent(retries: list[Retry], documents: Iterator[Document], down: str) ->
         yield Outcome(retry.delivery_id, retry.attempts, error=why)
     for item, _ in documents:
         yield Outcome(item.delivery_id, 0, error=f"not attempted in this run: {down}")
-
-
-def _back_off(attempt: int) -> None:
-    """Exponential backoff with jitter before try `attempt + 1`."""
-    time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 
 from patient_delivery.blocks import load_destinations
 from patient_delivery.blocks.base import Destination, DestinationSession
+from patient_delivery.flows.engine import retries
 from patient_delivery.flows.engine.budget import Closing, ConnectionBudget, Opened
 from patient_delivery.settings import get_settings
 
@@ -66,10 +67,6 @@ class Lease:
         self._pool.down = reason
 
 
-DOWN_AFTER = 2
-"""Documents in a row that used up their retries before the destination counts as down."""
-
-
 class SessionPool:
     """At most `destination.max_connections` sessions of one destination, reused across batches."""
 
@@ -99,7 +96,7 @@ class SessionPool:
         not hold back the others in every run."""
         with self._available:
             self._given_up += 1
-            if self._given_up >= DOWN_AFTER:
+            if self._given_up >= retries.DOWN_AFTER:
                 self.down = reason
 
     def delivered(self) -> None:
