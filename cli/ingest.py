@@ -13,7 +13,6 @@ from patient_delivery.cli.common import (
     console,
     current_store,
     errors,
-    fail,
     prefect,
     print_frame,
     print_json,
@@ -221,16 +220,15 @@ def subscribe(
     from patient_delivery import ingest
 
     store = current_store()
-    refusals(lambda: ingest.check_subscription(store, project_id, destination))
+    refusals(lambda: ingest.check_subscription(store, project_id, destination))  # before Prefect
     prefect()
-    from patient_delivery.blocks import BlockProblem, check_destination
+    from patient_delivery.blocks import BlockProblem
+    from patient_delivery.documents import InvalidDocument
+    from patient_delivery.flows.subscriptions import subscribe as subscribe_checked
 
-    try:
-        check_destination(destination)
-    except BlockProblem as exc:
-        raise fail(str(exc), code=2) from None
     queued = refusals(
-        lambda: ingest.subscribe(store, project_id, destination, types.split(","), purpose)
+        lambda: subscribe_checked(store, project_id, destination, types.split(","), purpose),
+        (ingest.IngestError, InvalidDocument, BlockProblem),
     )
     console.print(f"subscribed; {queued} deliveries queued")
 

@@ -342,7 +342,9 @@ def subscribe(
 ) -> int:
     """Deliver a project's documents of `data_types` to `destination` (a block `type/name`).
 
-    The latest documents the project already has are queued at once; returns how many.
+    The latest documents the project already has are queued at once; returns how many. The
+    block is not checked here (the core cannot load blocks): callers go through
+    `patient_delivery.flows.subscriptions.subscribe`, which refuses a missing or invalid one.
     """
     types = sorted({check_data_type(t) for t in data_types})
     if not types:

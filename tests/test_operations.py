@@ -62,6 +62,24 @@ def test_a_subscription_to_a_block_that_cannot_be_used_is_refused_and_queues_not
     assert as_json("deliveries")["deliveries"] == []
 
 
+@pytest.mark.bad_input
+def test_a_python_caller_subscribing_meets_the_same_rule(
+    store: Store, study: str, tmp_path: Path
+) -> None:
+    """The rule lives where Python callers meet it, not in the CLI alone."""
+    from patient_delivery.blocks import BlockProblem
+    from patient_delivery.flows.subscriptions import subscribe
+
+    with pytest.raises(BlockProblem, match="no destination block local-destination/nosuch"):
+        subscribe(store, study, "local-destination/nosuch")
+    invalid = save_local(tmp_path / "b")
+    save_as_the_ui_would(invalid, {"root": "relative"})
+    with pytest.raises(BlockProblem, match=f"block {invalid} is invalid: root: "):
+        subscribe(store, study, invalid)
+    assert as_json("subscriptions")["subscriptions"] == []
+    assert subscribe(store, study, save_local(tmp_path / "ok")) == 1  # the document waiting
+
+
 def test_subscriptions_organizations_and_projects_list_and_an_unsubscribe_withdraws(
     study: str, tmp_path: Path
 ) -> None:
