@@ -414,3 +414,15 @@ def test_puts_are_on_their_way_several_at_once_and_no_more(
     assert max(on_their_way) == 3
     stored = seaweed.client().get_object(Bucket=seaweed.bucket, Key="flight/7.xml")["Body"].read()
     assert stored == BODY
+
+
+def test_a_copy_with_other_settings_gets_clients_of_its_own(moto: MotoServer, bucket: str) -> None:
+    """The clients (assumed role, boto3, CRT) belong to the settings they were made from."""
+    block = s3_block(moto, bucket, "arn:aws:iam::123456789012:role/first")
+    made = block.clients
+    assert block.clients is made  # shared while nothing changes
+    other = block.model_copy(update={"role_arn": "arn:aws:iam::123456789012:role/other"})
+    assert other.clients is not made and other.clients.destination is other
+    assert block.clients is made  # the original keeps its own
+    block.read_timeout = 5.0
+    assert block.clients is not made and block.clients.destination is block

@@ -184,12 +184,14 @@ class S3Destination(Destination):
     @property
     def clients(self) -> S3Clients:
         """The role's credentials and the clients, made on first use and shared by every
-        session and thread of this block."""
+        session and thread of this block while its settings stay as they were made from (a
+        copy with other settings, `model_copy(update=...)`, or a changed field, gets its own)."""
+        settings = self.model_dump()  # secrets compare by value
         with CLIENTS_LOCK:
             made = vars(self).get("s3_clients")
-            if made is None:
-                made = vars(self)["s3_clients"] = S3Clients(self)
-            return made
+            if made is None or made[0] is not self or made[1] != settings:
+                made = vars(self)["s3_clients"] = (self, settings, S3Clients(self))
+            return made[2]
 
     def put_options(self, checksum: str, content_type: str) -> dict[str, str]:
         """What every PutObject carries besides its key and body, in boto3's parameter names."""
