@@ -22,7 +22,9 @@ def _ours() -> list[dict[str, Any]]:
 
     import yaml
 
-    return yaml.safe_load(files("flows").joinpath("alerts.yaml").read_text())["automations"]
+    return yaml.safe_load(files("patient_delivery.flows").joinpath("alerts.yaml").read_text())[
+        "automations"
+    ]
 
 
 def _installed(client: SyncPrefectClient, name: str) -> list[Any]:

@@ -17,7 +17,9 @@ def test_every_deployment_entrypoint_is_a_flow() -> None:
     assert {d["name"] for d in deployments} == {"deliver-updates", "redeliver", "backfill"}
     for deployment in deployments:
         path, name = deployment["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        module = importlib.import_module(
+            "patient_delivery." + path.removesuffix(".py").replace("/", ".")
+        )
         assert isinstance(getattr(module, name), Flow)
         assert deployment["work_pool"]["name"] == "patient-delivery"
         for schedule in deployment.get("schedules", []):
@@ -40,7 +42,9 @@ def test_every_deployment_parameter_has_a_description_for_the_ui_form() -> None:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         path, name = deployment["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        module = importlib.import_module(
+            "patient_delivery." + path.removesuffix(".py").replace("/", ".")
+        )
         schema = parameter_schema(getattr(module, name)).model_dump()
         for parameter, spec in schema["properties"].items():
             assert spec.get("description"), (deployment["name"], parameter)
