@@ -22,22 +22,36 @@ Rules every destination keeps:
 - **Encryption** is the base's, not each destination's: with the receiver's OpenPGP key set,
   `delivery_session()` wraps the session so every file is encrypted before it is sent, and the paths
   end in `.pgp` (`blocks.openpgp`).
+
+The vocabulary (errors, `Receipt`, `Upload`, `DestinationSession`) is in `blocks.contract`,
+which `naming`, `openpgp` and `probe` build on; this module builds the block on all of them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from datetime import datetime
 from string import Formatter
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from patient_delivery.blocks import openpgp, probe
+from patient_delivery.blocks.contract import (
+    ENCRYPTED_SUFFIX,
+    DeliveryError,
+    DestinationSession,
+    Receipt,
+    TerminalDeliveryError,
+    TransientDeliveryError,
+    Upload,
+    check_content,
+)
+from patient_delivery.blocks.naming import contained
+from patient_delivery.blocks.probe import ConnectionCheck, ConnectionReport
 from patient_delivery.paths import (
     DEFAULT_TEMPLATE,
     PathTemplate,
@@ -45,119 +59,11 @@ from patient_delivery.paths import (
     format_timestamp,
 )
 
-
-class DeliveryError(Exception):
-    """A delivery could not be made. Subclasses say whether trying again can help."""
-
-    retryable: bool = False
-    leftover: str | None = None
-    """A temporary file (relative path) the failed attempt could not remove, for a retry to."""
-
-
-class TransientDeliveryError(DeliveryError):
-    """Temporary: a timeout, a dropped connection, throttling. Retried with backoff."""
-
-    retryable = True
-
-
-class TerminalDeliveryError(DeliveryError):
-    """Needs a person: access denied, bad configuration, host key mismatch. Not retried blindly."""
-
-    retryable = False
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What arrived: the final path, and the size and SHA-256 that were verified."""
-
-    path: str
-    size: int
-    sha256: str
-
-
-class Upload(NamedTuple):
-    """One document to put at `path` (relative), with the SHA-256 it must arrive with."""
-
-    path: str
-    content: bytes
-    sha256: str
-
-
-K = TypeVar("K")
-
-
-@dataclass
-class ConnectionCheck:
-    """One step of `test_connection`, for people: what was tried and how it went."""
-
-    step: str
-    ok: bool
-    detail: str = ""
-
-
-@dataclass
-class ConnectionReport:
-    destination: str
-    checks: list[ConnectionCheck] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
-
-
-def check_content(content: bytes, sha256: str) -> None:
-    """Refuse to send bytes that are not the stored document: the store copy may be corrupt."""
-    if hashlib.sha256(content).hexdigest() != sha256:
-        raise TerminalDeliveryError(
-            "content does not match the stored SHA-256; the store copy may be corrupt"
-        )
-
-
-class DestinationSession(ABC):
-    """An open connection to a destination, reused for many uploads by one thread at a time."""
-
-    @abstractmethod
-    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        """Put `content` at `path` (relative), atomically, and verify it arrived whole."""
-
-    def upload_many(
-        self, uploads: Iterable[tuple[K, Upload]]
-    ) -> Iterator[tuple[K, Receipt | DeliveryError]]:
-        """Upload each `(key, upload)` as `upload()` would and yield `(key, receipt or error)`,
-        in the order they finish, taking the next upload only when there is room for it.
-
-        Destinations that can have several files on their way at once (SFTP, S3 on the CRT)
-        override this; the default sends one at a time. Each upload taken gets exactly one
-        result; after an error that broke the session, no more are taken, so the caller can
-        reconnect and go on with the rest.
-        """
-        for key, upload in uploads:
-            try:
-                yield key, self.upload(*upload)
-            except DeliveryError as exc:
-                yield key, exc
-
-    def upload_one_through_many(self, path: str, content: bytes, sha256: str) -> Receipt:
-        """`upload()` for a session whose `upload_many` is how it sends: one path to test."""
-        ((_, result),) = self.upload_many([(None, Upload(path, content, sha256))])
-        if isinstance(result, DeliveryError):
-            raise result
-        return result
-
-    @abstractmethod
-    def remove(self, path: str) -> None:
-        """Delete the file at `path`; used by `test_connection` to clean up its probe."""
-
-    def discard_leftovers(self, path: str) -> None:  # noqa: B027 - optional; most need nothing
-        """Remove temporary files that earlier, cut-off writes to `path` left (best effort).
-        Called before a retry from a new run, which cannot know their names."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook; sessions without resources skip it
-        """Release the connection."""
-
-
-ENCRYPTED_SUFFIX = ".pgp"
-"""Ends the name of every file sent encrypted (a binary OpenPGP message)."""
+__all__ = [  # the contract's vocabulary, where destinations and flows have always found it
+    "ENCRYPTED_SUFFIX", "ConnectionCheck", "ConnectionReport", "DeliveryError", "Destination",
+    "DestinationSession", "Receipt", "TerminalDeliveryError", "TransientDeliveryError", "Upload",
+    "check_content", "manifest_path",
+]  # fmt: skip
 
 DEFAULT_MANIFEST_TEMPLATE = "{orgId}/{projectId}/_manifests/{timestamp}-{runId}.json"
 MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}
@@ -165,8 +71,6 @@ MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}
 
 def manifest_path(template: str, org_id: str, project_id: str, timestamp: str, run_id: str) -> str:
     """A manifest template filled in, and refused if it would leave the destination's root."""
-    from patient_delivery.blocks.naming import contained  # naming builds on this module's errors
-
     path = template.format(orgId=org_id, projectId=project_id, timestamp=timestamp, runId=run_id)
     return contained(path)
 
@@ -248,16 +152,12 @@ class Destination(Block, ABC):
     @field_validator("encryption_key")
     @classmethod
     def _check_encryption_key(cls, value: str | None) -> str | None:
-        from patient_delivery.blocks import openpgp
-
         if value:
             openpgp.recipient(value)
         return value or None
 
     @model_validator(mode="after")
     def _check_signing_key(self) -> Destination:
-        from patient_delivery.blocks import openpgp
-
         if self.signing_key is None:
             return self
         if not self.encryption_key:
@@ -282,7 +182,7 @@ class Destination(Block, ABC):
         receiver's key. How the flows connect."""
         if not self.encrypts:
             return self.open_session()
-        return _sealed(self)
+        return openpgp.sealed(self)
 
     @field_validator("manifest_template")
     @classmethod
@@ -353,59 +253,4 @@ class Destination(Block, ABC):
 
     def test_connection(self) -> ConnectionReport:
         """Connect, write a small probe file and remove it, reporting each step (a test write)."""
-        report = ConnectionReport(destination=self.describe())
-        # Under the template's fixed folders, where a least-privilege policy lets us write.
-        prefix = PathTemplate.parse(self.path_template).fixed_prefix
-        probe = f"{prefix}.patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
-        content = b"patient-delivery connection test; safe to delete\n"
-        if self.encrypts:
-            from patient_delivery.blocks import openpgp
-
-            key = openpgp.info(self.encryption_key or "")
-            report.checks.append(ConnectionCheck("encryption key", True, f"encrypts to {key}"))
-        for check in _probe_steps(self, probe, content):
-            report.checks.append(check)
-            if not check.ok:
-                break
-        return report
-
-
-@contextmanager
-def _sealed(destination: Destination) -> Iterator[DestinationSession]:
-    from patient_delivery.blocks.openpgp import SealedSession, Sealer
-
-    secret, passphrase = destination.signing_key, destination.signing_key_passphrase
-    sealer = Sealer(
-        destination.encryption_key or "",
-        secret.get_secret_value() if secret else None,
-        passphrase.get_secret_value() if passphrase else None,
-    )
-    with destination.open_session() as session:
-        yield SealedSession(session, sealer)
-
-
-def _probe_steps(destination: Destination, probe: str, content: bytes) -> Iterator[ConnectionCheck]:
-    try:
-        session_context = destination.open_session()
-        session = session_context.__enter__()
-    except DeliveryError as exc:
-        yield ConnectionCheck("connect", False, str(exc))
-        return
-    try:
-        yield ConnectionCheck("connect", True, destination.describe())
-        try:
-            receipt = session.upload(probe, content, hashlib.sha256(content).hexdigest())
-        except DeliveryError as exc:
-            yield ConnectionCheck("write probe file", False, str(exc))
-            return
-        yield ConnectionCheck("write probe file", True, f"{receipt.size} bytes at {probe}")
-        try:
-            session.remove(probe)
-        except DeliveryError as exc:
-            yield ConnectionCheck(
-                "remove probe file", False, f"{exc} (the probe {probe} may be left behind)"
-            )
-            return
-        yield ConnectionCheck("remove probe file", True)
-    finally:
-        session_context.__exit__(None, None, None)
+        return probe.check_connection(self)

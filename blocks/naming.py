@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 
-from patient_delivery.blocks.base import TerminalDeliveryError
+from patient_delivery.blocks.contract import TerminalDeliveryError
 from patient_delivery.paths import has_unsafe_character
 
 

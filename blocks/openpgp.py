@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pysequoia
 from pysequoia import Cert, Tsk
 from pysequoia.packet import KeyFlags, PacketPile, SignatureType, Tag
 
-from patient_delivery.blocks.base import (
+from patient_delivery.blocks.contract import (
     DeliveryError,
     DestinationSession,
     Receipt,
@@ -29,6 +30,9 @@ from patient_delivery.blocks.base import (
     Upload,
     check_content,
 )
+
+if TYPE_CHECKING:
+    from patient_delivery.blocks.base import Destination
 
 K = TypeVar("K")
 
@@ -243,3 +247,17 @@ def _valid_key_flags(cert: Cert, now: datetime) -> Iterator[KeyFlags]:
         if key.lifetime and key.created and key.created + key.lifetime <= now:
             continue
         yield key.flags
+
+
+@contextmanager
+def sealed(destination: Destination) -> Iterator[DestinationSession]:
+    """A session of `destination` that encrypts every file to the receiver's key (and signs it
+    with ours, when the block has one) before it is sent."""
+    secret, passphrase = destination.signing_key, destination.signing_key_passphrase
+    sealer = Sealer(
+        destination.encryption_key or "",
+        secret.get_secret_value() if secret else None,
+        passphrase.get_secret_value() if passphrase else None,
+    )
+    with destination.open_session() as session:
+        yield SealedSession(session, sealer)

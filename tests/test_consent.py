@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from patient_delivery import ingest
-from patient_delivery.blocks.base import Receipt, TransientDeliveryError
+from patient_delivery.blocks.contract import Receipt, TransientDeliveryError
 from patient_delivery.blocks.local import LocalDestination, LocalSession
 from patient_delivery.flows.backfill import backfill, redeliver
 from patient_delivery.flows.deliver import deliver

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from typer.testing import CliRunner
 
-from patient_delivery.blocks.base import TerminalDeliveryError, Upload
+from patient_delivery.blocks.contract import TerminalDeliveryError, Upload
 from patient_delivery.blocks.local import LocalDestination
 from patient_delivery.cli import app
 from tests.gnupg import PASSPHRASE, Keys

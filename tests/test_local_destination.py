@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from patient_delivery.blocks.base import TransientDeliveryError
+from patient_delivery.blocks.contract import TransientDeliveryError
 from patient_delivery.blocks.local import LocalDestination
 from patient_delivery.paths import PathValueError
 from tests.destination_contract import BODY, DestinationContract, sha

@@ -14,7 +14,7 @@ from prefect_aws import AwsCredentials
 from pydantic import ValidationError
 
 from loopback.servers import MotoServer, SeaweedServer, free_port
-from patient_delivery.blocks.base import (
+from patient_delivery.blocks.contract import (
     DeliveryError,
     Receipt,
     TerminalDeliveryError,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from patient_delivery.blocks.base import DeliveryError, TerminalDeliveryError
+from patient_delivery.blocks.contract import DeliveryError, TerminalDeliveryError
 from patient_delivery.blocks.local import LocalDestination
 from patient_delivery.flows.engine.sessions import PoolRegistry, SessionPool
 

@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from loopback.servers import SFTP_PASSWORD, SFTP_USER, SshServer, free_port
-from patient_delivery.blocks.base import (
+from patient_delivery.blocks.contract import (
     Receipt,
     TerminalDeliveryError,
     TransientDeliveryError,

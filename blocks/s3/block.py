@@ -21,6 +21,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from patient_delivery.blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
 from patient_delivery.blocks.s3.clients import S3Clients
 from patient_delivery.blocks.s3.session import S3Session
+from patient_delivery.paths import PathTemplate
 
 PUT_HEADERS = {
     "ChecksumSHA256": "x-amz-checksum-sha256",
@@ -178,7 +179,7 @@ class S3Destination(Destination):
         return match.group(1)
 
     def describe(self) -> str:
-        prefix = self.path_template.split("{")[0]
+        prefix = PathTemplate.parse_cached(self.path_template).fixed_prefix
         return f"s3://{self.bucket_name}/{prefix} (as {self.role_arn})"
 
     @property

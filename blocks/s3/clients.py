@@ -19,7 +19,7 @@ from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from patient_delivery.blocks.base import TerminalDeliveryError, TransientDeliveryError
+from patient_delivery.blocks.contract import TerminalDeliveryError, TransientDeliveryError
 from patient_delivery.blocks.s3.botocore_adapter import session_on
 from patient_delivery.blocks.s3.crt import CrtWriter
 

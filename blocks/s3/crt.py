@@ -29,7 +29,7 @@ from awscrt import io as crt_io
 from awscrt.exceptions import AwsCrtError
 from botocore.exceptions import ClientError
 
-from patient_delivery.blocks.base import TerminalDeliveryError, TransientDeliveryError
+from patient_delivery.blocks.contract import TerminalDeliveryError, TransientDeliveryError
 from patient_delivery.blocks.s3.botocore_adapter import ErrorParser
 
 PROBE_KEY = "probe"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from patient_delivery.blocks.base import (
+from patient_delivery.blocks.contract import (
     DeliveryError,
     DestinationSession,
     K,

@@ -15,7 +15,7 @@ from typing import Generic
 
 import paramiko
 
-from patient_delivery.blocks.base import (
+from patient_delivery.blocks.contract import (
     DeliveryError,
     DestinationSession,
     K,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from typing import NamedTuple
 
-from patient_delivery.blocks.base import DestinationSession
+from patient_delivery.blocks.contract import DestinationSession
 
 Opened = tuple[AbstractContextManager[DestinationSession], DestinationSession]
 """An open session: the context manager that closes it, and the session."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from patient_delivery import ledger
 from patient_delivery.blocks import DeliveryError, Receipt, load_destination
-from patient_delivery.blocks.base import DestinationSession, Upload
+from patient_delivery.blocks.contract import DestinationSession, Upload
 from patient_delivery.flows.engine import sessions, waves
 from patient_delivery.flows.engine.retries import retry_again, wait_before
 from patient_delivery.flows.engine.sessions import Lease, SessionPool
