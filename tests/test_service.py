@@ -112,9 +112,12 @@ def wait_for_run(server: PrefectServer, run_id: str, seconds: float = 120) -> st
 
 @pytest.fixture(scope="module")
 def deployed(server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> PrefectServer:
-    """The work pool and every deployment of prefect.yaml, as an operator creates them."""
+    """The block types, the work pool and every deployment of prefect.yaml, as an operator
+    creates them (the README's commands)."""
     env = {**server.client_env(), "PATIENT_DELIVERY_CHECKOUT": str(ROOT),
            "PATIENT_DELIVERY_HOME": str(tmp_path_factory.mktemp("deploy-home"))}  # fmt: skip
+    registered = prefect(env, "block", "register", "-m", "patient_delivery.blocks")
+    assert "SFTP Destination" in registered and "S3 Destination" in registered, registered
     prefect(env, "work-pool", "create", "patient-delivery", "--type", "process")
     prefect(env, "--no-prompt", "deploy", "--all")
     return server
