@@ -1,9 +1,8 @@
 """Destination blocks. `prefect block register -m blocks` registers every one of them."""
 
-from patient_delivery.blocks.base import (
-    ConnectionReport,
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.contract import (
     DeliveryError,
-    Destination,
     DestinationSession,
     Receipt,
     TerminalDeliveryError,
@@ -19,6 +18,7 @@ from patient_delivery.blocks.loading import (
     problem,
 )
 from patient_delivery.blocks.local import LocalDestination
+from patient_delivery.blocks.probe import ConnectionReport
 from patient_delivery.blocks.s3 import S3Destination
 from patient_delivery.blocks.sftp import SftpDestination
 

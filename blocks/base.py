@@ -24,7 +24,8 @@ Rules every destination keeps:
   end in `.pgp` (`blocks.openpgp`).
 
 The vocabulary (errors, `Receipt`, `Upload`, `DestinationSession`) is in `blocks.contract`,
-which `naming`, `openpgp` and `probe` build on; this module builds the block on all of them.
+which `naming`, `openpgp`, `probe` and the backends' sessions build on; this module builds the
+block on all of them.
 """
 
 from __future__ import annotations
@@ -40,30 +41,15 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from patient_delivery.blocks import openpgp, probe
-from patient_delivery.blocks.contract import (
-    ENCRYPTED_SUFFIX,
-    DeliveryError,
-    DestinationSession,
-    Receipt,
-    TerminalDeliveryError,
-    TransientDeliveryError,
-    Upload,
-    check_content,
-)
+from patient_delivery.blocks.contract import ENCRYPTED_SUFFIX, DeliveryError, DestinationSession
 from patient_delivery.blocks.naming import contained
-from patient_delivery.blocks.probe import ConnectionCheck, ConnectionReport
+from patient_delivery.blocks.probe import ConnectionReport
 from patient_delivery.paths import (
     DEFAULT_TEMPLATE,
     PathTemplate,
     PathTemplateError,
     format_timestamp,
 )
-
-__all__ = [  # the contract's vocabulary, where destinations and flows have always found it
-    "ENCRYPTED_SUFFIX", "ConnectionCheck", "ConnectionReport", "DeliveryError", "Destination",
-    "DestinationSession", "Receipt", "TerminalDeliveryError", "TransientDeliveryError", "Upload",
-    "check_content", "manifest_path",
-]  # fmt: skip
 
 DEFAULT_MANIFEST_TEMPLATE = "{orgId}/{projectId}/_manifests/{timestamp}-{runId}.json"
 MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}

@@ -12,8 +12,8 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from patient_delivery import private
-from patient_delivery.blocks.base import (
-    Destination,
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.contract import (
     DestinationSession,
     Receipt,
     TerminalDeliveryError,

@@ -17,13 +17,8 @@ from typing import Protocol
 import pytest
 from pydantic import SecretStr
 
-from patient_delivery.blocks.base import (
-    DeliveryError,
-    Destination,
-    Receipt,
-    TerminalDeliveryError,
-    Upload,
-)
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.contract import DeliveryError, Receipt, TerminalDeliveryError, Upload
 from patient_delivery.blocks.naming import temporary_name
 from patient_delivery.store import Store
 from tests.gnupg import PASSPHRASE, Keys

@@ -8,6 +8,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from sqlalchemy import select
@@ -75,30 +76,28 @@ def test_what_is_not_sent_is_withdrawn_nothing_more_goes_and_a_new_share_owes_th
     assert len(disclosures_frame(store, LedgerQuery(patient_id=patient))) == 2
 
 
-class ConsentWithdrawnMidRun(LocalDestination):
-    """A local folder that, on its third upload, has the patient withdraw consent (as another
-    process would), and records when each upload began."""
-
-    _block_type_slug = "consent-test-folder"
-    _block_type_name = "Consent Test Folder"
-    store_url: str
-    project_id: str
-    patient_id: str
-
-    @contextmanager
-    def open_session(self):  # type: ignore[no-untyped-def]
-        with super().open_session() as session:
-            yield Recording(session.root, self)
-
-
 STARTS: list[float] = []
 WITHDRAWN_AT: list[float] = []
 
 
-class Recording(LocalSession):
-    def __init__(self, root: Path, block: ConsentWithdrawnMidRun) -> None:
+class WithdrawingSession(LocalSession):
+    """A local folder's session that records when each document's upload began and can have
+    the patient withdraw consent, as another process would."""
+
+    def __init__(self, root: Path, block: WithdrawingFolder) -> None:
         super().__init__(root)
         self.block = block
+
+    def withdraw(self) -> None:
+        from patient_delivery.store import open_store
+
+        store = open_store(self.block.store_url)
+        ingest.unshare_patient(store, self.block.project_id, self.block.patient_id, "test")
+        WITHDRAWN_AT.append(time.monotonic())
+
+
+class Recording(WithdrawingSession):
+    """On the third upload, after it, the patient withdraws; each upload is slow."""
 
     def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
         if "/_manifests/" in path:  # written after the run's sends, not a document
@@ -107,12 +106,50 @@ class Recording(LocalSession):
         receipt = super().upload(path, content, sha256)
         time.sleep(0.1)  # a slow destination: the run is still sending when consent ends
         if len(STARTS) == 3 and not WITHDRAWN_AT:
-            from patient_delivery.store import open_store
-
-            store = open_store(self.block.store_url)
-            ingest.unshare_patient(store, self.block.project_id, self.block.patient_id, "test")
-            WITHDRAWN_AT.append(time.monotonic())
+            self.withdraw()
         return receipt
+
+
+class FailingOnce(WithdrawingSession):
+    """The first upload fails temporarily, and the patient withdraws while it waits for its
+    retry."""
+
+    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
+        if "/_manifests/" in path:
+            return super().upload(path, content, sha256)
+        STARTS.append(time.monotonic())
+        if len(STARTS) == 1:
+            self.withdraw()
+            raise TransientDeliveryError("connection reset (a test's)")
+        return super().upload(path, content, sha256)
+
+
+class WithdrawingFolder(LocalDestination):
+    """A local folder whose sessions are `session_type`, which knows the patient to withdraw.
+    (A slug of its own: inheriting `local-destination` would replace the real type.)"""
+
+    _block_type_slug = "withdrawing-test-folder"
+    session_type: ClassVar[type[WithdrawingSession]]
+    store_url: str
+    project_id: str
+    patient_id: str
+
+    @contextmanager
+    def open_session(self):  # type: ignore[no-untyped-def]
+        with super().open_session() as session:
+            yield self.session_type(session.root, self)
+
+
+class ConsentWithdrawnMidRun(WithdrawingFolder):
+    _block_type_slug = "consent-test-folder"
+    _block_type_name = "Consent Test Folder"
+    session_type = Recording
+
+
+class WithdrawnDuringRetry(WithdrawingFolder):
+    _block_type_slug = "consent-retry-folder"
+    _block_type_name = "Consent Retry Folder"
+    session_type = FailingOnce
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -152,41 +189,6 @@ def test_a_withdrawal_while_a_run_sends_stops_its_sends_within_the_window(
     assert sum(status == "withdrawn" for _, status in found) == 40 - sent
     assert len(disclosures_frame(store, LedgerQuery(patient_id=patient))) == sent  # all on record
     assert summary.failed == 0
-
-
-class WithdrawnDuringRetry(LocalDestination):
-    """A local folder whose first upload fails temporarily, and the patient withdraws while
-    that document waits for its retry (as another process would)."""
-
-    _block_type_slug = "consent-retry-folder"
-    _block_type_name = "Consent Retry Folder"
-    store_url: str
-    project_id: str
-    patient_id: str
-
-    @contextmanager
-    def open_session(self):  # type: ignore[no-untyped-def]
-        with super().open_session() as session:
-            yield FailingOnce(session.root, self)
-
-
-class FailingOnce(LocalSession):
-    def __init__(self, root: Path, block: WithdrawnDuringRetry) -> None:
-        super().__init__(root)
-        self.block = block
-
-    def upload(self, path: str, content: bytes, sha256: str) -> Receipt:
-        if "/_manifests/" in path:
-            return super().upload(path, content, sha256)
-        STARTS.append(time.monotonic())
-        if len(STARTS) == 1:
-            from patient_delivery.store import open_store
-
-            store = open_store(self.block.store_url)
-            ingest.unshare_patient(store, self.block.project_id, self.block.patient_id, "test")
-            WITHDRAWN_AT.append(time.monotonic())
-            raise TransientDeliveryError("connection reset (a test's)")
-        return super().upload(path, content, sha256)
 
 
 @pytest.mark.security

@@ -556,32 +556,16 @@ def test_urls_come_from_the_public_url_and_answers_are_private_and_echo_nothing(
 @pytest.mark.security
 def test_one_organization_cannot_fill_the_mcp_session_table(world: World) -> None:
     capped = ApiServer(world.store, mcp_sessions=2)
-
-    def initialize(key: str) -> httpx.Response:
-        message = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "tests", "version": "1"}}}  # fmt: skip
-        return httpx.post(
-            f"{capped.url}/mcp",
-            json=message,
-            headers={
-                "Authorization": f"Bearer {key}",
-                "Accept": "application/json, text/event-stream",
-            },
-        )
-
     try:
-        first, second = initialize(world.key), initialize(world.key)
+        first, second = _initialize(capped.url, world.key), _initialize(capped.url, world.key)
         assert (first.status_code, second.status_code) == (200, 200)
-        third = initialize(world.key)
+        third = _initialize(capped.url, world.key)
         assert third.status_code == 429
         assert "2 open MCP sessions, the most it may have" in third.json()["error"]["message"]
-        assert initialize(world.other_key).status_code == 200  # the others are not locked out
-        ended = httpx.delete(f"{capped.url}/mcp", headers={
-            "Authorization": f"Bearer {world.key}", "mcp-session-id": first.headers[
-                "mcp-session-id"], "Accept": "application/json, text/event-stream"})  # fmt: skip
-        assert ended.status_code < 300
-        assert initialize(world.key).status_code == 200  # a place again
+        # the others are not locked out
+        assert _initialize(capped.url, world.other_key).status_code == 200
+        assert _end(capped.url, first.headers["mcp-session-id"], world.key).status_code < 300
+        assert _initialize(capped.url, world.key).status_code == 200  # a place again
     finally:
         capped.stop()
 

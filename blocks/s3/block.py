@@ -18,7 +18,8 @@ from botocore.exceptions import ClientError
 from prefect_aws import AwsCredentials
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from patient_delivery.blocks.base import Destination, TerminalDeliveryError, TransientDeliveryError
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.contract import TerminalDeliveryError, TransientDeliveryError
 from patient_delivery.blocks.s3.clients import S3Clients
 from patient_delivery.blocks.s3.session import S3Session
 from patient_delivery.paths import PathTemplate
@@ -215,7 +216,8 @@ class S3Destination(Destination):
 
     @contextmanager
     def open_session(self) -> Iterator[S3Session]:
-        yield S3Session(self, self.clients.client(), self.clients.writer())
+        clients = self.clients
+        yield S3Session(self, clients.client(), clients.writer())
 
     def explain(
         self, error: ClientError, step: str

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 import paramiko
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from patient_delivery.blocks.base import (
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.contract import (
     DeliveryError,
-    Destination,
     TerminalDeliveryError,
     TransientDeliveryError,
 )

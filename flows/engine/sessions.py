@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
 from patient_delivery.blocks import load_destinations
-from patient_delivery.blocks.base import Destination, DestinationSession
+from patient_delivery.blocks.base import Destination
+from patient_delivery.blocks.contract import DestinationSession
 from patient_delivery.flows.engine import retries
 from patient_delivery.flows.engine.budget import Closing, ConnectionBudget, Opened
 from patient_delivery.settings import get_settings

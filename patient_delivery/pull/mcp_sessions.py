@@ -43,12 +43,9 @@ class SessionCap:
         """Organization -> `initialize` requests forwarded and not yet answered."""
         self._lock = threading.Lock()
 
-    def count(self, organization: str) -> int:
-        """The organization's open sessions (and those being opened)."""
-        with self._lock:
-            return self._count(organization, time.monotonic())
-
     def _count(self, organization: str, now: float) -> int:
+        """The organization's open sessions and those being opened (the idle ones forgotten);
+        under `_lock`."""
         idle = [sid for sid, (_, used) in self._open.items() if now - used > self.idle_seconds]
         for sid in idle:
             del self._open[sid]
