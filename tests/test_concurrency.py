@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -124,6 +127,54 @@ def _deliver(env: dict[str, str], signal: Path, *options: str) -> subprocess.Pop
     )  # fmt: skip
 
 
+@contextmanager
+def ledger_writes_held(store: Store) -> Iterator[None]:
+    """Hold the ledger's write lock: runs read, and wait at their first claim until it ends."""
+    with store.engine.connect() as connection:
+        if store.engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            connection.rollback()
+
+
+def wait_for_runs_in_gather(count: int, since: float, timeout: float = 25) -> list[str]:
+    """The IDs of `count` flow runs started after `since` whose `gather` task is running (it
+    claims first thing); fails the test after `timeout` seconds, within the store's busy
+    timeout, so that runs waiting for a claim are not refused."""
+    from datetime import datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )  # fmt: skip
+    from prefect.client.schemas.objects import StateType
+
+    started = FlowRunFilter(start_time=FlowRunFilterStartTime(
+        after_=datetime.fromtimestamp(since, UTC)))  # fmt: skip
+    gathering = TaskRunFilter(
+        name=TaskRunFilterName(like_="gather"),
+        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING])),
+    )
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=started, task_run_filter=gathering)
+            waiting = sorted({str(run.flow_run_id) for run in runs})
+            if len(waiting) >= count or time.monotonic() > deadline:
+                assert len(waiting) >= count, f"runs waiting to claim: {waiting}"
+                return waiting
+            time.sleep(0.1)
+
+
 def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_a_killed_one(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -148,6 +199,7 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
     go = tmp_path / "go"
     go.touch()
     sigkill_once_files_arrive(_deliver(env, go), root, 30, holding=lambda: held() > 0)
+    killed = time.time()
     with store.session() as session:
         rendered = dict(session.execute(select(Delivery.id, Delivery.path).where(
             Delivery.path.is_not(None))).all())  # fmt: skip
@@ -159,7 +211,9 @@ def test_overlapping_runs_in_processes_deliver_each_document_once_and_take_over_
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("together.ready.*"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
-    together.touch()  # all three are ready: they start claiming at once
+    with ledger_writes_held(store):  # all three start, and wait at their first claim
+        together.touch()
+        wait_for_runs_in_gather(3, since=killed)
     for runner in runners:
         _, stderr = runner.communicate(timeout=300)
         assert runner.returncode == 0, stderr.decode()[-3000:]
