@@ -74,7 +74,12 @@ def load_destination(reference: str) -> Destination:
     says what is wrong in words a person can act on)."""
     slug, _, name = reference.partition("/")
     kind = DESTINATION_TYPES.get(slug)
-    destination = kind.load(name) if kind is not None and name else Block.load(reference)
+    # Prefect answers a coroutine to a call made inside an async flow's context, which the
+    # delivery flow's worker thread is: ask for the block itself.
+    if kind is not None and name:
+        destination = kind.load(name, _sync=True)  # type: ignore[call-arg]
+    else:
+        destination = Block.load(reference, _sync=True)  # type: ignore[call-arg]
     if not isinstance(destination, Destination):
         raise TypeError(f"block {reference!r} is not a destination")
     return destination
