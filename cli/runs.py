@@ -54,8 +54,13 @@ def deliver(
     page_size: Annotated[
         int, typer.Option(min=1, help="Deliveries claimed at a time (runs sharing a backlog)")
     ] = 5000,
-    connection_budget: Annotated[
-        int, typer.Option(min=1, help="Most connections open at once over every destination")
+    max_sessions: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most destination sessions open at once over every destination (an SFTP "
+            "connection, an S3 upload lane)",
+        ),
     ] = 32,
     dask: Annotated[
         str | None,
@@ -77,7 +82,7 @@ def deliver(
         "batch_size": batch_size,
         "max_documents": max_documents,
         "page_size": page_size,
-        "connection_budget": connection_budget,
+        "max_sessions": max_sessions,
     }
     if deployment:
         start_deployment("deliver-updates/deliver-updates", parameters, watch, name)

@@ -106,10 +106,10 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
 
 @task(name="upload", task_run_name=_upload_name)
 def upload(
-    claimant: str, lanes: list[engine.Lane], batch_size: int = 100, connections: int = 32
+    claimant: str, lanes: list[engine.Lane], batch_size: int, limits: engine.RunLimits
 ) -> list[BatchReport]:
     """Send a wave of lanes, to one destination or many."""
-    return engine.send(claimant, lanes, batch_size, connections)
+    return engine.send(claimant, lanes, batch_size, limits)
 
 
 @task(name="manifests")
@@ -157,7 +157,7 @@ async def deliver_updates(
     batch_size: int = 100,
     max_documents: int | None = None,
     page_size: int = PAGE_SIZE,
-    connection_budget: int = 32,
+    max_sessions: int = 32,
 ) -> RunSummary | State:
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
@@ -170,7 +170,8 @@ async def deliver_updates(
         max_documents: Most documents to send in this run; the rest wait for the next run.
         page_size: Deliveries claimed at a time. Smaller pages share a backlog more evenly
             between runs working at once.
-        connection_budget: Most connections open at once over every destination; each
+        max_sessions: Most destination sessions open at once over every destination (an
+            SFTP session is one SSH connection, an S3 session one upload lane); each
             destination's own `max_connections` bounds its share. Local folders open none.
     """
     work = WorkFilter(
@@ -179,25 +180,25 @@ async def deliver_updates(
         patient_ids=tuple(patient_ids or ()),
         data_types=tuple(data_types or ()),
     )
-    sizes = Sizes(batch_size, page_size, connection_budget)
+    sizes = Sizes(batch_size, page_size, engine.RunLimits(max_sessions))
     return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))
 
 
 @dataclass(frozen=True)
 class Sizes:
     """How a run cuts its work: documents per ledger batch, deliveries claimed per page, and
-    connections open at once."""
+    what it may do at once."""
 
     batch: int
     page: int
-    connections: int
+    limits: engine.RunLimits
 
 
 def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSummary | State:
     runtime.freeze_startup_heap()
     check_scope(open_store(), project_id=work.project_id)  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
-    engine.open_run(claimant, sizes.connections)
+    engine.open_run(claimant, sizes.limits)
     summary = RunSummary(flow_run_id=claimant)
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
@@ -240,7 +241,7 @@ def _deliver_page(
     started = time.perf_counter()
     runner = runtime.current_task_runner()
     if runtime.uploads_run_here(runner):  # open the first lanes' sessions while paths render
-        engine.warm(claimant, claimed, sizes.connections)
+        engine.warm(claimant, claimed, sizes.limits)
     pages = render(claimant, claimed)
     for ref, page in pages.items():
         summary.add(BatchReport(ref, failed=page.result.failed.total(), reasons=page.result.failed))
@@ -249,7 +250,7 @@ def _deliver_page(
             summary.add(BatchReport(ref, parked=count, reasons=Counter({reason: count})))
     ready = {ref: (page.result.ready, page.max_connections) for ref, page in pages.items()}
     uploads = [
-        upload.submit(claimant, lanes, sizes.batch, sizes.connections)
+        upload.submit(claimant, lanes, sizes.batch, sizes.limits)
         for lanes in engine.plan(runner, ready, sizes.batch)
     ]
     for future in uploads:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,13 +42,27 @@ class Settings(BaseSettings):
             "the flow's own process."
         ),
     )
-    connection_budget: int = Field(
+    max_sessions: int = Field(
         default=32,
         ge=1,
+        validation_alias=AliasChoices(
+            "PATIENT_DELIVERY_MAX_SESSIONS", "PATIENT_DELIVERY_CONNECTION_BUDGET", "max_sessions"
+        ),
         description=(
-            "Most destination sessions (SSH connections, S3 clients' lanes) one process keeps "
-            "open at once, over every destination and run; each destination's own "
-            "`max_connections` bounds its share. Local folders take no place in it."
+            "Most destination sessions one process keeps open at once, over every destination "
+            "and run (an SFTP session is one SSH connection, an S3 session one upload lane); "
+            "as many lanes send at once. Each destination's own `max_connections` bounds its "
+            "share. Local folders take no place in it. Also read from the earlier name "
+            "PATIENT_DELIVERY_CONNECTION_BUDGET."
+        ),
+    )
+    store_connections: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "Most connections to the store one process opens at once (upload lanes each read "
+            "documents over one). Default: `max_sessions` + 10. Lower it for a PostgreSQL with "
+            "few connections to spare; lanes then wait for one."
         ),
     )
     mcp_sessions_per_organization: int = Field(
@@ -66,6 +80,12 @@ class Settings(BaseSettings):
             "is set (a running server)."
         ),
     )
+
+    def store_pool(self) -> tuple[int, int]:
+        """The store's pool: connections kept open, and how many more it may open."""
+        most = self.store_connections or self.max_sessions + 10
+        kept = min(5, most)
+        return kept, most - kept
 
     def resolved_store_url(self) -> str:
         if self.store_url:

@@ -176,7 +176,7 @@ def test_a_withdrawal_while_a_run_sends_stops_its_sends_within_the_window(
     STARTS.clear()
     WITHDRAWN_AT.clear()
 
-    summary = deliver(connection_budget=1)
+    summary = deliver(max_sessions=1)
 
     [withdrawn_at] = WITHDRAWN_AT
     after = [start for start in STARTS if start > withdrawn_at]

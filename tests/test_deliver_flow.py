@@ -518,14 +518,14 @@ def test_destinations_with_few_documents_share_ledger_batches_spread_over_connec
     from patient_delivery.flows.engine.waves import shared_batches
 
     few = [(f"d{n}", [2 * n, 2 * n + 1]) for n in range(100)]  # 100 destinations, 2 each
-    units = shared_batches(few, batch_size=100, connections=8)
+    units = shared_batches(few, batch_size=100, threads=8)
     assert len(units) == 8 and [len(unit) for unit in units] == [13] * 7 + [9]
     assert [lane for unit in units for lane in unit] == few  # each once, in order
-    units = shared_batches(few, batch_size=10, connections=8)
+    units = shared_batches(few, batch_size=10, threads=8)
     assert all(sum(len(ids) for _, ids in unit) <= 10 for unit in units)
     many = [("big", list(range(1000, 1100))), ("big", list(range(1100, 1200)))]
     wide = [("wide", list(range(2000, 2040)))]
-    units = shared_batches([many[0], few[0], *wide, many[1], few[1]], 40, connections=1)
+    units = shared_batches([many[0], few[0], *wide, many[1], few[1]], 40, threads=1)
     assert units == [[many[0]], wide, [many[1]], [few[0], few[1]]]  # lanes of its own, or a
     # full batch: a unit alone
 

@@ -1,6 +1,6 @@
 """Many organizations in one run: each destination gets its documents exactly once, the run's
 Prefect work does not grow with the number of destinations, one unreachable server costs only
-its own documents, and the connection budget holds, counted at the server."""
+its own documents, and the session budget holds, counted at the server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from loopback.servers import SshServer, free_port
 from patient_delivery import ingest
 from patient_delivery.blocks.local import LocalDestination, LocalSession
 from patient_delivery.flows.deliver import deliver
-from patient_delivery.flows.engine import sessions
+from patient_delivery.flows.engine import limits, sessions
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store
 from tests.faults import FaultProxy, check_invariant, documents
@@ -91,7 +91,7 @@ def test_an_unreachable_server_among_many_fails_only_its_own_documents(
     assert elapsed < 30
 
 
-def test_the_connection_budget_is_never_exceeded_at_the_server(
+def test_a_runs_max_sessions_is_never_exceeded_at_the_server(
     store: Store, sshd: SshServer, tmp_path: Path
 ) -> None:
     proxy = FaultProxy(sshd.port)
@@ -105,7 +105,7 @@ def test_the_connection_budget_is_never_exceeded_at_the_server(
             organization(store, reference, patients=6)
             remotes[reference] = FolderRemote(folder)
 
-        summary = deliver(connection_budget=3)
+        summary = deliver(max_sessions=3)
 
         assert (summary.delivered, summary.failed) == (96, 0)
         assert proxy.connections >= 8  # every destination had its own connection
@@ -119,8 +119,8 @@ def test_the_connection_budget_is_never_exceeded_at_the_server(
 def test_writes_to_this_machines_folders_are_bounded_apart_from_network_sends(
     store: Store, tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sixty local folders in one run: at most `DISK_WRITERS` files written at once (more only
-    contend for fsync and the ledger's lock), and still several at once. An SFTP destination
+    """Sixty local folders in one run: at most `limits.DISK_WRITERS` files written at once (more
+    only contend for fsync and the ledger's lock), and still several at once. An SFTP destination
     is not held by that bound."""
     writing = 0
     most = 0
@@ -142,10 +142,10 @@ def test_writes_to_this_machines_folders_are_bounded_apart_from_network_sends(
     monkeypatch.setattr(LocalSession, "upload", counted)
     remotes = local_organizations(store, tmp_path, 60)
 
-    summary = deliver(connection_budget=4 * sessions.DISK_WRITERS)
+    summary = deliver(max_sessions=4 * limits.DISK_WRITERS)
 
     assert (summary.delivered, summary.failed) == (120, 0)
-    assert 2 <= most <= sessions.DISK_WRITERS
+    assert 2 <= most <= limits.DISK_WRITERS
     assert check_invariant(store, remotes).delivered == 120
     run = f"run-{uuid.uuid4().hex[:6]}"
     remote = sftp_block(sshd, tmp_path)

@@ -1,14 +1,14 @@
-"""The sending engine behind the delivery flow. The flow calls only this interface; how
-sessions are pooled and budgeted (`sessions`, `budget`), how a page becomes lanes and waves
-(`waves`), how a wave is sent in batches and rounds (`sending`) and how manifests are written
-(`manifests`) stay inside.
+"""The sending engine behind the delivery flow. The flow calls only this interface; what may
+happen at once (`limits`), how sessions are pooled and budgeted (`sessions`, `budget`), how a
+page becomes lanes and waves (`waves`), how a wave is sent in batches and rounds (`sending`)
+and how manifests are written (`manifests`) stay inside.
 
-    open_run(run, connections)       the run's share of the process's connections
+    open_run(run, limits)            the run's share of the process's sessions
     destinations(run, claimed)       the page's blocks, read together (an exception for one
                                      that cannot be used)
-    warm(run, claimed, connections)  open the first lanes' sessions in the background
+    warm(run, claimed, limits)       open the first lanes' sessions in the background
     plan(runner, ready, batch)       the page's upload tasks: lanes, wave by wave
-    send(run, lanes, batch, connections) -> reports, one per destination
+    send(run, lanes, batch, limits)  -> reports, one per destination
     write_manifests(run)             last: the destinations whose manifest was not written
     close_run(run)                   close the run's sessions
 """
@@ -24,17 +24,19 @@ from patient_delivery.blocks import load_destination
 from patient_delivery.blocks.base import Destination
 from patient_delivery.flows import runtime
 from patient_delivery.flows.engine import manifests, sending, sessions, waves
+from patient_delivery.flows.engine.limits import RunLimits
 from patient_delivery.flows.engine.waves import Lane
 from patient_delivery.flows.reporting import BatchReport
 
 __all__ = [
-    "Lane", "close_run", "destinations", "open_run", "plan", "send", "warm", "write_manifests",
+    "Lane", "RunLimits", "close_run", "destinations", "open_run", "plan", "send", "warm",
+    "write_manifests",
 ]  # fmt: skip
 
 
-def open_run(run: str, connections: int) -> None:
-    """Give the run its connection budget: at most `connections` open at once."""
-    sessions.pools.budget(run, connections)
+def open_run(run: str, limits: RunLimits) -> None:
+    """Give the run its share of the process's sessions: at most `limits.sessions` open."""
+    sessions.pools.budget(run, limits.sessions)
 
 
 def destinations(run: str, claimed: Collection[str]) -> dict[str, Destination | Exception]:
@@ -43,12 +45,12 @@ def destinations(run: str, claimed: Collection[str]) -> dict[str, Destination | 
     return sessions.pools.load(run, claimed)
 
 
-def warm(run: str, claimed: dict[str, list[int]], connections: int) -> None:
+def warm(run: str, claimed: dict[str, list[int]], limits: RunLimits) -> None:
     """Load the page's blocks together and open, in the background, the sessions of the first
-    `connections` destinations (as many per destination as its lanes can use), so the first
-    uploads find them ready; the rest open as lanes reach them."""
+    `limits.warm_ups` destinations (as many per destination as its lanes can use), so the
+    first uploads find them ready; the rest open as lanes reach them."""
     sessions.pools.load(run, claimed)
-    for ref, ids in list(claimed.items())[:connections]:
+    for ref, ids in list(claimed.items())[: limits.warm_ups]:
         lanes = math.ceil(len(ids) / waves.MIN_LANE)
         sessions.pools.warm(run, ref, load_destination, sessions=lanes)
 
@@ -67,9 +69,9 @@ def plan(
     ]
 
 
-def send(run: str, lanes: list[Lane], batch: int, connections: int) -> list[BatchReport]:
+def send(run: str, lanes: list[Lane], batch: int, limits: RunLimits) -> list[BatchReport]:
     """Send one upload task's lanes (`sending.send_wave`); a report per destination."""
-    return sending.send_wave(run, lanes, batch, connections)
+    return sending.send_wave(run, lanes, batch, limits)
 
 
 def write_manifests(run: str) -> dict[str, str]:

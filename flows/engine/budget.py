@@ -1,4 +1,4 @@
-"""The connection budget: how many destination sessions may be open at once.
+"""The session budget: how many destination sessions may be open at once.
 
 A run has one within its process's. A session that waits idle in its pool keeps its place until
 another session needs one; then an idle session is closed to make room. A session in use is
@@ -19,10 +19,10 @@ Opened = tuple[AbstractContextManager[DestinationSession], DestinationSession]
 
 
 class BudgetSpent(Exception):
-    """Every place in the connection budget is taken by a session in use."""
+    """Every place in the session budget is taken by a session in use."""
 
 
-class ConnectionBudget:
+class SessionBudget:
     """At most `limit` sessions open at once: a run's, within its process's (`parent`).
 
     A session that waits idle in its pool keeps its place until another session needs one;
@@ -34,7 +34,7 @@ class ConnectionBudget:
         self,
         limit: int,
         idle: Callable[[], Closing | None],
-        parent: ConnectionBudget | None = None,
+        parent: SessionBudget | None = None,
     ) -> None:
         self.limit = max(1, limit)
         self.idle = idle
@@ -86,7 +86,7 @@ class Closing(NamedTuple):
     """A session on its way out, and the budget its place goes back to."""
 
     opened: Opened
-    budget: ConnectionBudget
+    budget: SessionBudget
 
     def close(self) -> None:
         """Close the session (a broken connection may fail to close; it is dropped either

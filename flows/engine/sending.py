@@ -35,35 +35,30 @@ from dataclasses import dataclass, field
 from patient_delivery import ledger
 from patient_delivery.blocks import DeliveryError, Receipt, load_destination
 from patient_delivery.blocks.contract import DestinationSession, Upload
-from patient_delivery.flows.engine import sessions, waves
+from patient_delivery.flows.engine import limits, sessions, waves
 from patient_delivery.flows.engine.retries import retry_again, wait_before
 from patient_delivery.flows.engine.sessions import Lease, SessionPool
 from patient_delivery.flows.engine.waves import Lane
 from patient_delivery.flows.reporting import BatchReport
 from patient_delivery.ledger import Outcome, UploadItem
-from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, open_store
-
-_lane_slots = threading.BoundedSemaphore(get_settings().connection_budget)
-"""Lanes sending at once in one process, over every destination, task and run: as many as the
-process's connection budget."""
 
 Document = tuple[UploadItem, bytes]
 
 
 def send_wave(
-    claimant: str, lanes: list[Lane], batch_size: int, connections: int
+    claimant: str, lanes: list[Lane], batch_size: int, run_limits: limits.RunLimits
 ) -> list[BatchReport]:
-    """Send a wave of lanes, of one destination or many, at most `connections` at once, in the
-    order given (the plan interleaves destinations, so none waits behind another's backlog).
+    """Send a wave of lanes, of one destination or many, at most `run_limits.lanes()` at once,
+    in the order given (the plan interleaves destinations, so none waits behind another's backlog).
     Destinations with few documents share ledger batches (`waves.shared_batches`). Each
     batch's outcomes go to the ledger as it ends. A report per destination: counts and
     reasons, never content."""
     store = open_store()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    sessions.pools.budget(claimant, connections)  # on a Dask worker, the first word of it
-    if sessions.pools.on_this_machine(claimant, {ref for ref, _ in lanes}, load_destination):
-        connections = min(connections, sessions.DISK_WRITERS)  # fewer, fuller ledger batches
+    sessions.pools.budget(claimant, run_limits.sessions)  # on a Dask worker, the first word of it
+    here = sessions.pools.on_this_machine(claimant, {ref for ref, _ in lanes}, load_destination)
+    at_once = run_limits.lanes(on_this_machine=here)
     by_destination: dict[str, list[int]] = {}
     lane_counts: Counter[str] = Counter()
     for ref, ids in lanes:
@@ -74,14 +69,15 @@ def send_wave(
 
     def send(unit: list[Lane]) -> list[BatchReport]:
         references = [ref for ref, _ in unit]
-        with sessions.pools.writing(claimant, references, load_destination), _lane_slots:
+        with sessions.pools.writing(claimant, references, load_destination), lane_slots:
             if len(unit) > 1:
                 return _send_batch(store, claimant, unit, worker)
             ref = unit[0][0]
             return [_send_lane(store, ref, claimant, shares[ref], worker)]
 
-    units = waves.shared_batches(lanes, batch_size, connections)
-    threads = max(1, min(connections, len(units)))
+    lane_slots = limits.process().lane_slots
+    units = waves.shared_batches(lanes, batch_size, at_once)
+    threads = max(1, min(at_once, len(units)))
     # Each unit runs in the task's context: on a Dask worker, Prefect's settings (which API,
     # which server) live there, not in the process.
     contexts = [contextvars.copy_context() for _ in units]

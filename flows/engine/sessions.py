@@ -7,15 +7,15 @@ waits for a free session. A session that failed is dropped and reopened on next 
 documents in a row have used up their retries on temporary errors, the destination counts as
 down for the rest of the run: its other deliveries fail at once and wait for the next run.
 
-Over every destination and run, a process keeps at most `connection_budget` network sessions
-open (`ConnectionBudget`): a session waiting idle in its pool keeps its place until another needs
-it, and is then closed to make room. Sends to this machine's own folders are bounded apart, by
-`DISK_WRITERS` (`PoolRegistry.writing`).
+Over every destination and run, a process keeps at most its `limits.process().sessions` open
+(`SessionBudget`), a run at most its own: a session waiting idle in its pool keeps its place
+until another needs it, and is then closed to make room. Sends to this machine's own folders
+are bounded apart, by the process's disk writers (`PoolRegistry.writing`).
 """
 
 from __future__ import annotations
 
-import os
+import functools
 import sys
 import threading
 import time
@@ -25,9 +25,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from patient_delivery.blocks import load_destinations
 from patient_delivery.blocks.base import Destination
 from patient_delivery.blocks.contract import DestinationSession
-from patient_delivery.flows.engine import retries
-from patient_delivery.flows.engine.budget import Closing, ConnectionBudget, Opened
-from patient_delivery.settings import get_settings
+from patient_delivery.flows.engine import limits, retries
+from patient_delivery.flows.engine.budget import Closing, Opened, SessionBudget
 
 
 class Lease:
@@ -74,11 +73,11 @@ class SessionPool:
     def __init__(
         self,
         destination: Destination,
-        budget: ConnectionBudget | None = None,
+        budget: SessionBudget | None = None,
         on_idle: Callable[[SessionPool], None] | None = None,
     ) -> None:
         self.destination = destination
-        self.budget = budget if budget is not None else process_budget
+        self.budget = budget if budget is not None else process_budget()
         self._on_idle = on_idle
         """Told when a session starts waiting idle here (the registry's list of pools to take
         idle sessions from)."""
@@ -184,13 +183,6 @@ class SessionPool:
             Closing(opened, self.budget).close()
 
 
-DISK_WRITERS = max(4, 2 * (os.cpu_count() or 1))
-"""Sends at once, in one process, to destinations on this machine (local folders): they wait on
-its disk and CPU, not on a peer, so more at once only contend for fsync and the ledger's
-lock. Network destinations are bounded by the connection budget alone."""
-
-_disk_writers = threading.BoundedSemaphore(DISK_WRITERS)
-
 IDLE_SECONDS = 120.0
 """A run's pool unused this long is closed when another is asked for: on Dask workers the flow's
 `close_run` cannot reach the pools, so they close themselves this way."""
@@ -206,22 +198,22 @@ class PoolRegistry:
         self._lock = threading.Lock()
         self._warming: dict[tuple[str, str], threading.Thread] = {}
         """Each run's warm-up per destination: one, however many pages the run claims."""
-        self._budgets: dict[str, ConnectionBudget] = {}
+        self._budgets: dict[str, SessionBudget] = {}
         self._swept = time.monotonic()
         self._with_idle: dict[SessionPool, str] = {}
         """The pools that may have an idle session, with their run, in the order they had one:
         where a budget takes a session to close, without looking through every pool."""
 
-    def budget(self, run: str, limit: int | None = None) -> ConnectionBudget:
-        """The run's connection budget (within the process's), made on first use with `limit`
+    def budget(self, run: str, limit: int | None = None) -> SessionBudget:
+        """The run's session budget (within the process's), made on first use with `limit`
         (default: the process's own)."""
         with self._lock:
             made = self._budgets.get(run)
             if made is None:
-                made = self._budgets[run] = ConnectionBudget(
-                    limit or process_budget.limit,
+                made = self._budgets[run] = SessionBudget(
+                    limit or process_budget().limit,
                     idle=lambda: self.take_idle(run),
-                    parent=process_budget,
+                    parent=process_budget(),
                 )
             return made
 
@@ -256,11 +248,11 @@ class PoolRegistry:
     def writing(
         self, run: str, references: Iterable[str], load: Callable[[str], Destination]
     ) -> AbstractContextManager[object]:
-        """A place among the process's `DISK_WRITERS` when every one of these destinations
+        """A place among the process's disk writers when every one of these destinations
         writes on this machine; otherwise nothing to wait for. Taken before a lane's slot, so
         writers waiting for the disk never hold places that network sends could use."""
         local = self.on_this_machine(run, references, load)
-        return _disk_writers if local else nullcontext()
+        return limits.process().disk_slots if local else nullcontext()
 
     def _sweep(self, now: float) -> list[SessionPool]:
         """Take out the pools unused for `IDLE_SECONDS` (looked for at most every tenth of
@@ -300,7 +292,7 @@ class PoolRegistry:
         return found
 
     def _pool(
-        self, run: str, destination: Destination, budget: ConnectionBudget | None = None
+        self, run: str, destination: Destination, budget: SessionBudget | None = None
     ) -> SessionPool:
         def had_idle(pool: SessionPool) -> None:
             with self._lock:
@@ -362,13 +354,17 @@ class PoolRegistry:
             pool.close()
 
 
-FOLDER_SESSIONS = ConnectionBudget(sys.maxsize, idle=lambda: None)
+FOLDER_SESSIONS = SessionBudget(sys.maxsize, idle=lambda: None)
 """Sessions of destinations on this machine (local folders) open no connection, so they take no
-place in a connection budget: they stay open for the run's later batches and its manifests,
-and closing one would make no room for a network session. `DISK_WRITERS` bounds their sends."""
+place in a session budget: they stay open for the run's later batches and its manifests,
+and closing one would make no room for a network session. The disk writers bound their sends."""
 
-process_budget = ConnectionBudget(get_settings().connection_budget, idle=lambda: pools.take_idle())
-"""The sessions this process may have open at once, over every destination and run."""
+
+@functools.cache
+def process_budget() -> SessionBudget:
+    """The sessions this process may have open at once, over every destination and run."""
+    return SessionBudget(limits.process().sessions, idle=lambda: pools.take_idle())
+
 
 pools = PoolRegistry()
 """The sessions of the runs in this process (the flow's, or a Dask worker's), shared by their

@@ -37,11 +37,11 @@ def plan_waves(ready: dict[str, tuple[list[int], int]], batch_size: int) -> list
     return [interleave([waves[k] for waves in own_waves if k < len(waves)]) for k in range(count)]
 
 
-def shared_batches(lanes: list[Lane], batch_size: int, connections: int) -> list[list[Lane]]:
+def shared_batches(lanes: list[Lane], batch_size: int, threads: int) -> list[list[Lane]]:
     """A wave's lanes as units of work, each sent by one thread. A destination with one lane
     shorter than a batch shares a ledger batch (one transaction to start it, one to record it)
-    with the next such destinations, up to a batch, and no more than spreads them over
-    `connections` units; every other lane is a unit of its own."""
+    with the next such destinations, up to a batch, and no more than spreads them over the
+    `threads` sending at once; every other lane is a unit of its own."""
     per_destination: dict[str, int] = {}
     for ref, _ in lanes:
         per_destination[ref] = per_destination.get(ref, 0) + 1
@@ -50,7 +50,7 @@ def shared_batches(lanes: list[Lane], batch_size: int, connections: int) -> list
         return per_destination[lane[0]] > 1 or len(lane[1]) >= batch_size
 
     small = sum(len(lane[1]) for lane in lanes if not alone(lane))
-    most = max(1, min(batch_size, math.ceil(small / max(1, connections))))
+    most = max(1, min(batch_size, math.ceil(small / max(1, threads))))
     units: list[list[Lane]] = []
     shared: list[Lane] = []
     filled = 0

@@ -18,11 +18,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_store_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout for concurrent runs.
 
-    The pool has room for every upload lane the process may run at once (its connection
-    budget), each reading the documents it sends over a connection of its own, beside the
+    The pool holds `store_connections`: by default room for every upload lane the process may
+    run at once, each reading the documents it sends over a connection of its own, beside the
     connections that start and record batches."""
     parsed = make_url(url)
-    pooling = {"pool_size": 5, "max_overflow": get_settings().connection_budget + 5}
+    kept, more = get_settings().store_pool()
+    pooling = {"pool_size": kept, "max_overflow": more}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             database = Path(parsed.database)
