@@ -34,31 +34,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
-from string import Formatter
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from patient_delivery.blocks import openpgp, probe
-from patient_delivery.blocks.contract import ENCRYPTED_SUFFIX, DeliveryError, DestinationSession
-from patient_delivery.blocks.naming import contained
+from patient_delivery.blocks.contract import (
+    ENCRYPTED_SUFFIX,
+    DestinationSession,
+    TerminalDeliveryError,
+)
 from patient_delivery.blocks.probe import ConnectionReport
 from patient_delivery.paths import (
+    DEFAULT_MANIFEST_TEMPLATE,
     DEFAULT_TEMPLATE,
     PathTemplate,
     PathTemplateError,
+    PathValueError,
     format_timestamp,
 )
-
-DEFAULT_MANIFEST_TEMPLATE = "{orgId}/{projectId}/_manifests/{timestamp}-{runId}.json"
-MANIFEST_VARIABLES = {"orgId", "projectId", "timestamp", "runId"}
-
-
-def manifest_path(template: str, org_id: str, project_id: str, timestamp: str, run_id: str) -> str:
-    """A manifest template filled in, and refused if it would leave the destination's root."""
-    path = template.format(orgId=org_id, projectId=project_id, timestamp=timestamp, runId=run_id)
-    return contained(path)
 
 
 class Destination(Block, ABC):
@@ -173,27 +168,11 @@ class Destination(Block, ABC):
     @field_validator("manifest_template")
     @classmethod
     def _check_manifest_template(cls, value: str) -> str:
-        if not value:
-            return value
-        placeholders = [(name, spec, conversion) for _, name, spec, conversion
-                        in Formatter().parse(value) if name is not None]  # fmt: skip
-        fields = {name for name, _, _ in placeholders}
-        if unknown := fields - MANIFEST_VARIABLES:
-            raise ValueError(
-                f"unknown variable(s) {sorted(unknown)}; use {sorted(MANIFEST_VARIABLES)}"
-            )
-        if any(spec or conversion for _, spec, conversion in placeholders):
-            raise ValueError("a variable takes no format spec or conversion: {orgId}, not "
-                             "{orgId:...} or {orgId!r}")  # fmt: skip
-        if not {"runId", "projectId"} <= fields or not value.endswith(".json"):
-            raise ValueError(
-                "must hold {runId} (one manifest per run) and {projectId} (one per project) "
-                "and end with .json"
-            )
-        try:
-            manifest_path(value, "org", "project", "20260101T000000Z", "run")
-        except DeliveryError:
-            raise ValueError("must stay under the destination's root (relative, no ..)") from None
+        if value:
+            try:
+                PathTemplate.parse_manifest(value)
+            except PathTemplateError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     def render_manifest_path(
@@ -202,8 +181,12 @@ class Destination(Block, ABC):
         """Where a run's manifest for a project goes ('' when manifests are off)."""
         if not self.manifest_template:
             return ""
-        timestamp = format_timestamp(moment)
-        path = manifest_path(self.manifest_template, org_id, project_id, timestamp, run_id)
+        values = {"orgId": org_id, "projectId": project_id, "runId": run_id,
+                  "timestamp": format_timestamp(moment)}  # fmt: skip
+        try:
+            path = PathTemplate.parse_manifest(self.manifest_template).fill(values)
+        except PathValueError as exc:
+            raise TerminalDeliveryError(f"manifest path: {exc}") from None
         return self._sent_name(path)
 
     @field_validator("path_template")

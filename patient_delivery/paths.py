@@ -40,6 +40,48 @@ MAX_VALUE_LENGTH = 200
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
+@dataclass(frozen=True)
+class TemplateKind:
+    """What a template of one kind may name and must name, and how its file name ends."""
+
+    name: str
+    variables: tuple[str, ...]
+    required: tuple[frozenset[str], ...]
+    """Each group: at least one of its variables must appear, or the paths would collide."""
+    required_why: tuple[str, ...]
+    ends_with: str = ""
+    """A file name ending the template must have (else the data type's extension is added)."""
+    example: str = DEFAULT_TEMPLATE
+
+
+DOCUMENTS = TemplateKind(
+    name="path template",
+    variables=VARIABLES,
+    required=(frozenset({"healthexPatientId", "externalId"}),),
+    required_why=(
+        "it names no patient ({healthexPatientId} or {externalId}), so every patient's "
+        "document would land at the same path",
+    ),
+)
+
+MANIFEST_VARIABLES: tuple[str, ...] = ("orgId", "projectId", "timestamp", "runId")
+
+DEFAULT_MANIFEST_TEMPLATE = "{orgId}/{projectId}/_manifests/{timestamp}-{runId}.json"
+"""Default manifest layout: one per run and project, beside the project's documents."""
+
+MANIFESTS = TemplateKind(
+    name="manifest template",
+    variables=MANIFEST_VARIABLES,
+    required=(frozenset({"runId"}), frozenset({"projectId"})),
+    required_why=(
+        "it must hold {runId} (one manifest per run)",
+        "it must hold {projectId} (one per project)",
+    ),
+    ends_with=".json",
+    example=DEFAULT_MANIFEST_TEMPLATE,
+)
+
+
 class PathTemplateError(ValueError):
     """A template that can never render a safe path; raised when a destination is configured."""
 
@@ -64,29 +106,28 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
 
 
-def _example() -> str:
-    return f"example of a valid template: {DEFAULT_TEMPLATE!r}"
-
-
 @dataclass(frozen=True)
 class PathTemplate:
     """A checked template; construct it with `PathTemplate.parse`."""
 
     text: str
     variables: frozenset[str]
+    kind: TemplateKind = DOCUMENTS
 
     @classmethod
-    def parse(cls, text: str) -> PathTemplate:
-        """Check a template and return it, or raise `PathTemplateError` naming every problem."""
-        problems: list[str] = []
+    def parse(cls, text: str, kind: TemplateKind = DOCUMENTS) -> PathTemplate:
+        """Check a template and return it, or raise `PathTemplateError` naming every problem.
+        The message names the rules broken, never the template's text."""
+        example = f"example of a valid template: {kind.example!r}"
         if not text or not text.strip():
-            raise PathTemplateError(f"path template is empty; {_example()}")
+            raise PathTemplateError(f"{kind.name} is empty; {example}")
+        problems: list[str] = []
         names = _PLACEHOLDER.findall(text)
-        unknown = sorted({n for n in names if n not in VARIABLES})
+        unknown = sorted({n for n in names if n not in kind.variables})
         if unknown:
             problems.append(
                 f"unknown variable(s) {', '.join('{' + n + '}' for n in unknown)}"
-                f" (known: {', '.join(VARIABLES)})"
+                f" (known: {', '.join(kind.variables)})"
             )
         stray = _PLACEHOLDER.sub("", text)
         if "{" in stray or "}" in stray:
@@ -100,18 +141,16 @@ class PathTemplate:
             problems.append("it contains a '.' or '..' segment")
         if any(seg == "" for seg in segments[1:-1]) or text.endswith("/"):
             problems.append("it contains an empty folder name ('//' or a trailing '/')")
-        if not {"healthexPatientId", "externalId"} & set(names):
-            problems.append(
-                "it names no patient ({healthexPatientId} or {externalId}), so every patient's"
-                " document would land at the same path"
-            )
+        for group, why in zip(kind.required, kind.required_why, strict=True):
+            if not group & set(names):
+                problems.append(why)
+        if kind.ends_with and not text.endswith(kind.ends_with):
+            problems.append(f"it must end with {kind.ends_with}")
         if has_unsafe_character(_PLACEHOLDER.sub("", text)):
             problems.append("it contains a control or invisible formatting character")
         if problems:
-            raise PathTemplateError(
-                f"invalid path template {text!r}: " + "; ".join(problems) + f"; {_example()}"
-            )
-        return cls(text=text, variables=frozenset(names))
+            raise PathTemplateError(f"invalid {kind.name}: " + "; ".join(problems) + f"; {example}")
+        return cls(text=text, variables=frozenset(names), kind=kind)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
@@ -120,11 +159,24 @@ class PathTemplate:
         (parsing each time was a quarter of render's cost)."""
         return PathTemplate.parse(text)
 
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def parse_manifest(text: str) -> PathTemplate:
+        """A manifest template, checked once per text."""
+        return PathTemplate.parse(text, MANIFESTS)
+
     @property
     def fixed_prefix(self) -> str:
         """The folders before the first variable (e.g. `inbox/`): where a probe file may go."""
         head = self.text.split("{", 1)[0]
         return head[: head.rfind("/") + 1]
+
+    def fill(self, values: Mapping[str, str]) -> str:
+        """The template with every variable replaced by its checked value (`PathValueError`
+        names the first that is unsafe); no extension added."""
+        for name in self.variables:
+            check_value(name, values.get(name))
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text)
 
     def render(self, values: Mapping[str, str], data_type: str) -> str:
         """Render a relative path for one delivery.
@@ -134,9 +186,7 @@ class PathTemplate:
         """
         if data_type not in EXTENSIONS:
             raise PathValueError("dataType", f"must be one of {sorted(EXTENSIONS)}")
-        for name in self.variables:
-            check_value(name, values.get(name))
-        path = _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text)
+        path = self.fill(values)
         extension = EXTENSIONS[data_type]
         if not path.lower().endswith(extension):
             path += extension

@@ -142,10 +142,15 @@ def test_fixed_prefix_is_the_folders_before_the_first_variable() -> None:
     ("template", "named"),
     [
         ("{orgId}/_manifests/{timestamp}-{runId}.json", "{projectId} (one per project)"),
-        ("{orgId:/<4}/{projectId}/{runId}.json", "no format spec or conversion"),
-        ("{projectId!r}/{runId}.json", "no format spec or conversion"),
+        ("{orgId:/<4}/{projectId}/{runId}.json", "unknown variable(s) {orgId:/<4}"),
+        ("{projectId!r}/{runId}.json", "unknown variable(s) {projectId!r}"),
         ("{orgId}/{projectId}/latest.json", "must hold {runId}"),
-        ("{orgId}/{bogus}/{projectId}/{runId}.json", "unknown variable(s) ['bogus']"),
+        ("{orgId}/{bogus}/{projectId}/{runId}.json", "unknown variable(s) {bogus}"),
+        ("{projectId}/{runId}.txt", "must end with .json"),
+        ("/{projectId}/{runId}.json", "absolute"),
+        ("{projectId}/../{runId}.json", "'..' segment"),
+        ("{projectId}//{runId}.json", "empty folder name"),
+        ("{projectId}/{healthexPatientId}/{runId}.json", "unknown variable(s) {healthexPatientId}"),
     ],
 )
 def test_manifest_templates_give_each_project_and_run_its_own_plain_path(
@@ -161,4 +166,22 @@ def test_manifest_templates_give_each_project_and_run_its_own_plain_path(
         LocalDestination(root="/srv/x", manifest_template=template)
     [error] = refused.value.errors()
     assert error["loc"] == ("manifest_template",) and named in error["msg"]
+    assert template not in error["msg"]  # the rules broken, not the value
     LocalDestination(root="/srv/x", manifest_template="{projectId}/{runId}.json")  # accepted
+
+
+def test_manifest_paths_render_through_the_same_checks_as_document_paths() -> None:
+    from datetime import UTC, datetime
+
+    from patient_delivery.blocks import TerminalDeliveryError
+    from patient_delivery.blocks.local import LocalDestination
+
+    folder = LocalDestination(
+        root="/srv/x", manifest_template="in/{orgId}/{projectId}/{runId}.json"
+    )
+    moment = datetime(2026, 12, 3, tzinfo=UTC)
+    assert folder.render_manifest_path("acme", "study", moment, "r1") == "in/acme/study/r1.json"
+    with pytest.raises(TerminalDeliveryError, match="'projectId' contains a path separator"):
+        folder.render_manifest_path("acme", "a/b", moment, "r1")
+    off = LocalDestination(root="/srv/x", manifest_template="")
+    assert off.render_manifest_path("acme", "study", moment, "r1") == ""
