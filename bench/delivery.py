@@ -1,7 +1,7 @@
 """Delivery throughput: the Prefect flow against bare clients and rclone, same servers, one run.
 
     uv run --group dev python bench/delivery.py  # 1,000 patients = 2,000 documents, ~300 MB
-    uv run --group dev python bench/delivery.py --patients 200 --only sftp
+    uv run --group dev python bench/delivery.py --patients 200 --only sftp,sftp-v3
     uv run --group dev python bench/delivery.py gather --store-patients 1000000 --changed 1000
     uv run --group dev python bench/delivery.py memory --sizes 1000,10000,100000
         # peak RSS as N grows
@@ -325,7 +325,14 @@ def throughput(args: argparse.Namespace) -> None:
     os.environ["PATIENT_DELIVERY_STORE_URL"] = f"sqlite:///{work / 'store.db'}"
     server = PrefectServer()
     os.environ.update(server.client_env())
-    from loopback.servers import SFTP_PASSWORD, SFTP_USER, MotoServer, SeaweedServer, SshServer
+    from loopback.servers import (
+        SFTP_PASSWORD,
+        SFTP_USER,
+        MotoServer,
+        SeaweedServer,
+        SshServer,
+        StrictV3SftpServer,
+    )
     from patient_delivery import ingest
     from patient_delivery.blocks.s3 import S3Destination
     from patient_delivery.blocks.sftp import SftpDestination
@@ -466,12 +473,18 @@ def throughput(args: argparse.Namespace) -> None:
                     "bare-crt", {**config, "prefix": f"crt-r{r}/"}, env), bare=True),
                 *flow_jobs("s3", s3_variants, "lanes x {} puts", config, env),
             ]  # fmt: skip
+        strict = None
+        if "sftp-v3" in args.only:
+            strict = StrictV3SftpServer()
+            servers.append(strict)
+            jobs += strict_v3_jobs(strict, args, config, env, store)
         for r in rounds:
             print(f"round {r} of {args.rounds} ...", file=sys.stderr)
             for job in jobs if r % 2 else reversed(jobs):  # drift spreads over every row
                 job.results.append(job.run(r))
-            for folder in sshd.home.glob(f"*-r{r}"):  # 300 MB a row at 1,000 patients
-                shutil.rmtree(folder, ignore_errors=True)
+            for home in [sshd.home, *([strict.root] if strict else [])]:
+                for folder in home.glob(f"*-r{r}"):  # 300 MB a row at 1,000 patients
+                    shutil.rmtree(folder, ignore_errors=True)
         print_table(jobs, args)
     finally:
         for running in reversed(servers):
@@ -542,6 +555,47 @@ def flow_jobs(
         )
         for lanes, in_flight in variants
     ]
+
+
+def strict_v3_jobs(
+    strict: Any, args: argparse.Namespace, config: dict, env: dict[str, str], store: Any
+) -> list[Job]:
+    """rclone and the flow to a strict SFTP version 3 server (`loopback/strict_sftp.py`: no
+    extensions, so the flow lands files with the standard rename and writes 32 KiB at a time;
+    rclone with modification times off, as that server refuses SETSTAT). The server is Python:
+    its rows measure it as much as the client, so they compare with each other only."""
+    from loopback.servers import SFTP_PASSWORD, SFTP_USER
+    from patient_delivery import ingest
+    from patient_delivery.blocks.sftp import SftpDestination
+
+    for r in range(1, args.rounds + 1):
+        name = f"bench-sftp-v3-r{r}"
+        _, root = strict.make_folder(name)
+        SftpDestination(
+            host="127.0.0.1", port=strict.port, username=SFTP_USER, password=SFTP_PASSWORD,
+            host_keys=[strict.host_key_line()], root=root, max_connections=args.connections,
+            files_in_flight=min(args.in_flight, 2),  # the server keeps at most 2 files open
+        ).save(name, overwrite=True)  # fmt: skip
+        ingest.subscribe(store, "bench", f"sftp-destination/{name}")
+    obscured = subprocess.run(["rclone", "obscure", SFTP_PASSWORD], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    rclone_env = {
+        **env, "RCLONE_CONFIG_BV3_TYPE": "sftp", "RCLONE_CONFIG_BV3_HOST": "127.0.0.1",
+        "RCLONE_CONFIG_BV3_PORT": str(strict.port), "RCLONE_CONFIG_BV3_USER": SFTP_USER,
+        "RCLONE_CONFIG_BV3_PASS": obscured, "RCLONE_CONFIG_BV3_SHELL_TYPE": "none",
+        "RCLONE_CONFIG_BV3_DISABLE_HASHCHECK": "true", "RCLONE_CONFIG_BV3_SET_MODTIME": "false",
+    }  # fmt: skip
+
+    def rclone(r: int) -> dict:
+        _, root = strict.make_folder(f"rclone-r{r}")
+        return run_rclone(Path(config["export"]), f"bv3:{root}", rclone_env)
+
+    label = f"delivery flow ({args.connections} connections x 2 files in flight, rename landing)"
+    return [
+        Job("sftp-v3", RCLONE, rclone),
+        Job("sftp-v3", label, lambda r: run_child(
+            "flow", {**config, "destination": f"sftp-destination/bench-sftp-v3-r{r}"}, env)),
+    ]  # fmt: skip
 
 
 def on_dask(config: dict, env: dict[str, str], dask: Any, r: int) -> dict:
@@ -745,7 +799,9 @@ def main() -> None:
     parser.add_argument("--s3-lanes", type=int, default=8, help="S3 upload lanes (flow)")
     parser.add_argument("--s3-in-flight", type=int, default=2, help="puts on their way per lane")
     parser.add_argument("--s3-variants", default="", help="more S3 flow rows: 4x4 (lanes x puts)")
-    parser.add_argument("--only", default="sftp,s3")
+    parser.add_argument(
+        "--only", default="sftp,s3,sftp-v3", help="sftp (OpenSSH), s3, sftp-v3 (a strict server)"
+    )
     parser.add_argument(
         "--encrypted",
         action=argparse.BooleanOptionalAction,
@@ -763,6 +819,7 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=1000)
     parser.add_argument("--sizes", default="1000,10000,100000", help="patients, memory mode")
     args = parser.parse_args()
+    args.only = set(args.only.split(","))
     if args.mode == "gather":
         gather_benchmark(args)
     elif args.mode == "memory":

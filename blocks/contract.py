@@ -34,11 +34,13 @@ class TerminalDeliveryError(DeliveryError):
 
 @dataclass(frozen=True)
 class Receipt:
-    """What arrived: the final path, and the size and SHA-256 that were verified."""
+    """What arrived: the final path, and the size and SHA-256 that were verified; for a
+    destination with several ways to put a file in place, the one used (`landing`)."""
 
     path: str
     size: int
     sha256: str
+    landing: str | None = None
 
 
 class Upload(NamedTuple):
@@ -98,6 +100,11 @@ class DestinationSession(ABC):
     def discard_leftovers(self, path: str) -> None:  # noqa: B027 - optional; most need nothing
         """Remove temporary files that earlier, cut-off writes to `path` left (best effort).
         Called before a retry from a new run, which cannot know their names."""
+
+    def facts(self) -> list[tuple[str, str]]:
+        """What this session learned about the server, for `destination test` (for SFTP: its
+        version, the extensions it offers, the landing used); none by default."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook; sessions without resources skip it
         """Release the connection."""

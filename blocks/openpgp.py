@@ -162,6 +162,9 @@ class SealedSession(DestinationSession):
     def discard_leftovers(self, path: str) -> None:
         self.inner.discard_leftovers(path)
 
+    def facts(self) -> list[tuple[str, str]]:
+        return self.inner.facts()
+
     def close(self) -> None:
         self.inner.close()
 

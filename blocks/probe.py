@@ -62,6 +62,8 @@ def _probe_steps(destination: Destination, probe: str, content: bytes) -> Iterat
         return
     try:
         yield ConnectionCheck("connect", True, destination.describe())
+        for what, found in session.facts():
+            yield ConnectionCheck(what, True, found)
         try:
             receipt = session.upload(probe, content, hashlib.sha256(content).hexdigest())
         except DeliveryError as exc:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,10 @@ def apt_install(package: str) -> None:
 class SshServer:
     """A private OpenSSH sshd on 127.0.0.1 with one SFTP-only user (password or key login)."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: dict[str, str] | None = None, user_home: bool = True) -> None:
+        """`options` replace or add sshd_config settings (before the SFTP user's `Match`).
+        Without `user_home`, the SFTP user keeps the home another server gave it (a second
+        server beside the session's own)."""
         sshd = Path("/usr/sbin/sshd")
         if os.geteuid() != 0:
             raise ServerError("the sshd tests run as root (they create a test user)")
@@ -116,17 +120,20 @@ class SshServer:
             )
         shutil.copy(f"{self.client_key}.pub", self.authorized_keys)
         self.authorized_keys.chmod(0o644)
-        self._ensure_user()
+        self._ensure_user(user_home)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        settings = {
+            "Port": str(self.port), "ListenAddress": "127.0.0.1", "HostKey": str(self.host_key),
+            "PidFile": str(self.dir / "sshd.pid"), "PasswordAuthentication": "yes",
+            "KbdInteractiveAuthentication": "no", "UsePAM": "no", "StrictModes": "no",
+            "AllowUsers": SFTP_USER, "AuthorizedKeysFile": str(self.authorized_keys),
+            "MaxStartups": "100:30:200", "MaxSessions": "50", "Subsystem": "sftp internal-sftp",
+            **(options or {}),
+        }  # fmt: skip
         config = self.dir / "sshd_config"
         config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
-            f"PidFile {self.dir / 'sshd.pid'}\nPasswordAuthentication yes\n"
-            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            f"AllowUsers {SFTP_USER}\nAuthorizedKeysFile {self.authorized_keys}\n"
-            "MaxStartups 100:30:200\nMaxSessions 50\n"
-            "Subsystem sftp internal-sftp\n"
-            f"Match User {SFTP_USER}\n    ForceCommand internal-sftp\n"
+            "".join(f"{name} {value}\n" for name, value in settings.items())
+            + f"Match User {SFTP_USER}\n    ForceCommand internal-sftp\n"
         )
         self.log = self.dir / "sshd.log"
         self._command = [str(sshd), "-D", "-f", str(config), "-E", str(self.log)]
@@ -150,13 +157,13 @@ class SshServer:
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True
         )
 
-    def _ensure_user(self) -> None:
+    def _ensure_user(self, user_home: bool = True) -> None:
         if _run("id", "-u", SFTP_USER).returncode != 0:
             created = _run("useradd", "--no-create-home", "--home-dir", str(self.home),
                            "--shell", "/usr/sbin/nologin", SFTP_USER)  # fmt: skip
             if created.returncode != 0:
                 raise ServerError(f"useradd failed: {created.stderr}")
-        else:
+        elif user_home:
             _run("usermod", "--home", str(self.home), SFTP_USER)
         self.home.mkdir()
         shutil.chown(self.home, SFTP_USER, SFTP_USER)
@@ -171,6 +178,16 @@ class SshServer:
     def client_private_key(self) -> str:
         return self.client_key.read_text()
 
+    def authorize(self, kind: str, bits: int | None = None) -> str:
+        """A new client key of `kind` (ssh-keygen's -t) allowed to log in; its private key."""
+        key = self.dir / f"client_{kind}_{bits or ''}_key"
+        size = ["-b", str(bits)] if bits else []
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, *size, "-N", "", "-f", str(key)],
+                       check=True)  # fmt: skip
+        with self.authorized_keys.open("a") as allowed:
+            allowed.write(Path(f"{key}.pub").read_text())
+        return key.read_text()
+
     def make_folder(self, name: str) -> Path:
         """A fresh folder in the user's home, owned by the user."""
         folder = self.home / name
@@ -181,6 +198,120 @@ class SshServer:
     def stop(self) -> None:
         stop(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SftpServer:
+    """An SFTP server other than OpenSSH's, in a process of its own on 127.0.0.1, serving a
+    folder as `/` (chrooted) to user `SFTP_USER` with `SFTP_PASSWORD`: a file `name` under
+    `/folder` arrives at `self.root / "folder" / name`."""
+
+    name = "sftp"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self.root = self.dir / "root"
+        self.root.mkdir()
+        self.port = free_port()
+        self.host_key = self.dir / "host_ed25519_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-m", "PEM",
+                        "-f", str(self.host_key)], check=True)  # fmt: skip
+        self.log = self.dir / "server.log"
+        self.start()
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the server (again, after `crash`): same port, host key and folder."""
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*self.command(), str(self.port), str(self.root), str(self.host_key), SFTP_USER,
+                 *getattr(self, "extra", [])],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )  # fmt: skip
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{SFTP_PASSWORD}\n".encode())
+        self.process.stdin.close()
+        wait_for_port(self.port, 60, self.process, self.log)
+
+    def crash(self) -> None:
+        """SIGKILL the server and every connection it serves."""
+        kill_tree(self.process.pid)
+        self.process.wait()
+
+    def host_key_line(self) -> str:
+        kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {blob}"
+
+    def make_folder(self, name: str) -> tuple[Path, str]:
+        """A fresh folder: where its files arrive on disk, and its path for the client."""
+        folder = self.root / name
+        folder.mkdir()
+        return folder, f"/{name}"
+
+    def stop(self) -> None:
+        stop(self.process)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AsyncSshSftpServer(SftpServer):
+    """AsyncSSH's SFTP server (`loopback/asyncssh_sftp.py`): offers OpenSSH's extensions."""
+
+    name = "asyncssh"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "loopback.asyncssh_sftp"]
+
+
+class Sha1OnlySftpServer(SftpServer):
+    """AsyncSSH's server offering only SHA-1 key exchange (diffie-hellman-group14-sha1), as old
+    servers do: a client that accepts none of it must say so."""
+
+    name = "sha1-only"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "loopback.asyncssh_sftp"]
+
+    def start(self) -> None:
+        self.extra = ["sha1-only"]
+        super().start()
+
+
+class StrictV3SftpServer(SftpServer):
+    """A strict SFTP version 3 server (`loopback/strict_sftp.py`): no extension, no SETSTAT, no
+    rename over an existing file."""
+
+    name = "strict-v3"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "loopback.strict_sftp"]
+
+
+class NodeSsh2SftpServer(SftpServer):
+    """An SFTP server on Node's ssh2 (`loopback/ssh2_sftp/server.js`): version 3, no extension,
+    renames that replace. Installs Node.js from Debian and ssh2 from the npm registry (the
+    version in `package-lock.json`) the first time."""
+
+    name = "node-ssh2"
+    folder = Path(__file__).resolve().parent / "ssh2_sftp"
+
+    def command(self) -> list[str]:
+        if shutil.which("node") is None or shutil.which("npm") is None:
+            apt_install("nodejs")
+            apt_install("npm")
+        if not (self.folder / "node_modules" / "ssh2").exists():
+            install = ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(self.folder)]
+            done = subprocess.run(install, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise ServerError(f"npm ci for the ssh2 server failed: {done.stderr[-1000:]}")
+        return ["node", str(self.folder / "server.js")]
+
+
+SFTP_SERVERS: dict[str, type[SftpServer]] = {
+    server.name: server for server in (AsyncSshSftpServer, NodeSsh2SftpServer, StrictV3SftpServer)
+}
+"""The SFTP servers besides OpenSSH's that the contract suite runs against."""
 
 
 ACCOUNT = "123456789012"  # moto's default account

@@ -509,6 +509,7 @@ class Outcome:
     sha256: str | None = None
     size: int | None = None
     error: str | None = None
+    landing: str | None = None
 
     @property
     def delivered(self) -> bool:
@@ -561,6 +562,7 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
             ),
             sha256=bindparam("b_sha256"),
             size=bindparam("b_size"),
+            landing=bindparam("b_landing"),
             delivered_at=bindparam("b_delivered_at"),
             flow_run_id=claimant,
             claimed_by=None,
@@ -576,6 +578,7 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
             "b_error": o.error,
             "b_sha256": o.sha256,
             "b_size": o.size,
+            "b_landing": o.landing,
             "b_delivered_at": now if o.delivered else None,
         }
         for o in outcomes

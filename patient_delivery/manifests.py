@@ -5,7 +5,10 @@ drop is complete: the run writes it last, after every file it lists has landed a
 verified. Its shape follows the FHIR bulk data export manifest (`transactionTime`, `request`,
 `output`), with our IDs, versions and hashes in each entry. Failures appear as a count only.
 Each entry's `sha256` and `size` are of the file as it was sent; where that is not the stored
-document itself (encrypted to the receiver's key), `plaintextSha256` is the document's.
+document itself (encrypted to the receiver's key), `plaintextSha256` is the document's. Where
+the destination has several ways to put a file in place (SFTP), `landing` says which each file
+had: `direct` means the file was written at its final name, so only this manifest says it is
+whole.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             Delivery.sha256,
             Delivery.size,
             DocumentVersion.sha256,
+            Delivery.landing,
         )
         .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
         .outerjoin(
@@ -82,6 +86,7 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             sha,
             size,
             plaintext,
+            landing,
         ) in session.execute(delivered):
             drop = found.setdefault((destination, project), Drop(destination, org, project))
             entry: dict[str, object] = {
@@ -90,6 +95,8 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             }  # fmt: skip
             if plaintext != sha:
                 entry["plaintextSha256"] = plaintext
+            if landing:
+                entry["landing"] = landing
             drop.output.append(entry)
         for destination, project, count in session.execute(failed):
             if (destination, project) in found:

@@ -105,6 +105,26 @@ def seaweed():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def sftp_servers():  # type: ignore[no-untyped-def]
+    """The SFTP servers besides OpenSSH's (`loopback.servers.SFTP_SERVERS`), each started the
+    first time a test asks for it by name, and stopped at the end of the session."""
+    from loopback.servers import SFTP_SERVERS, SftpServer
+
+    started: dict[str, SftpServer] = {}
+
+    def get(name: str) -> SftpServer:
+        if name not in started:
+            started[name] = SFTP_SERVERS[name]()
+        elif started[name].process.poll() is not None:
+            started[name].start()  # a test crashed it and failed before restarting it
+        return started[name]
+
+    yield get
+    for server in started.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def pgp_keys():  # type: ignore[no-untyped-def]
     """OpenPGP keys made by GnuPG's `gpg`: the receiving organization's (whose keyring decrypts
     what arrived), ours to sign with, and keys that must be refused."""

@@ -261,11 +261,8 @@ class DestinationContract:
     ) -> None:
         report = destination.test_connection()
         assert report.ok, report.checks
-        assert [c.step for c in report.checks] == [
-            "connect",
-            "write probe file",
-            "remove probe file",
-        ]
+        steps = [c.step for c in report.checks]  # between: what the session learned, if anything
+        assert steps[0] == "connect" and steps[-2:] == ["write probe file", "remove probe file"]
         assert remote.names() == []
 
     def test_no_secret_in_str_or_repr(self, destination: Destination, secrets: list[str]) -> None:

@@ -66,6 +66,16 @@ def test_the_paramiko_check_sees_a_removed_method(
     assert f"SFTPClient.{name}" in paramiko_adapter.missing()
 
 
+@pytest.mark.parametrize("name", ["_send_version", "_send_packet", "_read_packet"])
+def test_the_paramiko_check_sees_a_removed_packet_method(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    from paramiko.sftp import BaseSFTP
+
+    monkeypatch.delattr(BaseSFTP, name)
+    assert f"BaseSFTP.{name}" in paramiko_adapter.missing()
+
+
 def test_the_botocore_check_sees_a_removed_credentials_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

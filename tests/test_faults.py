@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from loopback.servers import MotoServer, SeaweedServer, SshServer
+from loopback.servers import SFTP_SERVERS, MotoServer, SeaweedServer, SftpServer, SshServer
 from patient_delivery import ingest, ledger
 from patient_delivery.flows.deliver import deliver
 from patient_delivery.importers import import_ccda, import_fhir_bulk
@@ -57,7 +57,7 @@ class Endpoint:
     port: int
     save: Callable[..., str]
     remote: Remote
-    server: SshServer | SeaweedServer
+    server: SshServer | SeaweedServer | SftpServer
 
     def crash(self) -> None:
         self.server.crash()
@@ -77,8 +77,20 @@ def endpoint(
     sshd: SshServer,
     moto: MotoServer,
     seaweed: SeaweedServer,
+    sftp_servers: Callable[[str], SftpServer],
 ) -> Iterator[Endpoint]:
-    if request.param == "sftp":
+    if request.param.startswith("sftp:"):  # another SFTP server than OpenSSH's
+        other = sftp_servers(request.param.removeprefix("sftp:"))
+        on_disk, root = other.make_folder(_name())
+
+        def save_other(port: int | None = None, **overrides: object) -> str:
+            name = _name()
+            sftp_block(sshd, on_disk, port=port or other.port, root=root,
+                       host_keys=[other.host_key_line()], **overrides).save(name)  # fmt: skip
+            return f"sftp-destination/{name}"
+
+        point = Endpoint(request.param, other.port, save_other, FolderRemote(on_disk), other)
+    elif request.param == "sftp":
         folder = sshd.make_folder(_name())
 
         def save_sftp(port: int | None = None, **overrides: object) -> str:
@@ -181,7 +193,9 @@ def test_network_faults_are_ridden_out_in_the_same_run_without_loss(
     settle(store, f"{endpoint.kind}: {what}", {reference: endpoint.remote}, faulty.injected)
 
 
-@BOTH
+@pytest.mark.parametrize(
+    "endpoint", ["sftp", "s3", *(f"sftp:{name}" for name in sorted(SFTP_SERVERS))], indirect=True
+)
 def test_a_server_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
     store: Store, project: str, endpoint: Endpoint, proxy: Callable[..., FaultProxy]
 ) -> None:
@@ -218,7 +232,7 @@ def test_a_server_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
     # One destination down costs one retry cycle per run, not one per document.
     assert time.perf_counter() - started < 60
     endpoint.server.start()
-    how = "SIGKILLed" if endpoint.kind == "sftp" else "SIGTERMed"  # see SeaweedServer.crash
+    how = "SIGTERMed" if endpoint.kind == "s3" else "SIGKILLed"  # see SeaweedServer.crash
     settle(store, f"{endpoint.kind}: server {how} mid-run, restarted",
            {reference: endpoint.remote}, {f"{endpoint.kind} server killed": 1})  # fmt: skip
 

@@ -1,6 +1,11 @@
-"""An organization's SFTP server: pinned host key, password or key login, atomic writes.
+"""An organization's SFTP server: pinned host key, password or key login, atomic writes where the
+server allows them.
 
 - The server's host key must match one pinned in the block (`host_keys`).
+- Login as the server asks: a key, a password (or keyboard-interactive with it, for servers
+  that turn "password" off), or a key and then a password (`AuthenticationMethods
+  publickey,password`).
+- Files are put in place as the server allows (`landing`, from what it offers by default).
 - paramiko never sets `TCP_NODELAY`; we open the socket ourselves and set it, or each small
   request waits on Nagle's algorithm.
 - AES-GCM is offered first: it needs no separate MAC pass, so both ends spend less CPU per file.
@@ -14,6 +19,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import paramiko
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -24,6 +30,7 @@ from patient_delivery.blocks.contract import (
     TerminalDeliveryError,
     TransientDeliveryError,
 )
+from patient_delivery.blocks.sftp import paramiko_adapter as sftp_protocol
 from patient_delivery.blocks.sftp import pipeline
 from patient_delivery.blocks.sftp.host_keys import HostKeyPin, fingerprint
 from patient_delivery.blocks.sftp.session import SftpSession
@@ -91,6 +98,18 @@ class SftpDestination(Destination):
             "replies, the next one's requests are already sent. More helps on a slow link."
         ),
     )
+    landing: Literal["auto", "posix-rename", "rename", "direct"] = Field(
+        default="auto",
+        title="Landing",
+        description=(
+            "How each file is put at its final name. auto: posix-rename where the server "
+            "offers it, else rename. posix-rename: a temporary name, then OpenSSH's atomic "
+            "rename over the final one. rename: a temporary name, then the standard SFTP "
+            "rename (atomic for a new file; a file being replaced is removed first). direct: "
+            "the final name is written itself, for servers that refuse or mishandle renames "
+            "(S3-backed ones); the manifest, written last, says the drop is complete."
+        ),
+    )
 
     @field_validator("host_keys")
     @classmethod
@@ -134,6 +153,13 @@ class SftpDestination(Destination):
             transport.start_client(timeout=self.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport.close()
+            if "Incompatible" in str(exc):  # nothing in common: a server of SHA-1 algorithms
+                raise TerminalDeliveryError(
+                    f"SSH handshake with {self.host}:{self.port} failed: the server offers no "
+                    "key exchange, host key or cipher we accept (SHA-1 ones such as ssh-rsa "
+                    "and diffie-hellman-group14-sha1 are not supported); ask the organization "
+                    "to enable current algorithms"
+                ) from None
             raise TransientDeliveryError(
                 f"SSH handshake with {self.host}:{self.port} failed ({type(exc).__name__})"
             ) from None
@@ -151,13 +177,17 @@ class SftpDestination(Destination):
             )
 
     def login(self, transport: paramiko.Transport) -> None:
+        """The key first, if there is one; then the password, where the server still asks for
+        one (after a key, `AuthenticationMethods publickey,password`) or there is no key."""
         try:
             if self.private_key is not None:
-                transport.auth_publickey(self.username, _load_private_key(
-                    self.private_key, self.private_key_passphrase))  # fmt: skip
-            else:
-                assert self.password is not None
-                transport.auth_password(self.username, self.password.get_secret_value())
+                key = _load_private_key(self.private_key, self.private_key_passphrase)
+                if not transport.auth_publickey(self.username, key):
+                    return  # logged in
+                if self.password is None:
+                    raise paramiko.AuthenticationException("the server asks for more than a key")
+            assert self.password is not None
+            _password_login(transport, self.username, self.password.get_secret_value())
         except paramiko.AuthenticationException:
             transport.close()
             raise TerminalDeliveryError(
@@ -176,8 +206,7 @@ class SftpDestination(Destination):
         self.verify_host_key(transport)
         self.login(transport)
         try:
-            sftp = paramiko.SFTPClient.from_transport(transport)
-            assert sftp is not None
+            sftp = sftp_protocol.open_client(transport)
             channel = sftp.get_channel()
             assert channel is not None
             channel.settimeout(self.operation_timeout)
@@ -191,11 +220,35 @@ class SftpDestination(Destination):
             raise TransientDeliveryError(
                 f"cannot start SFTP on {self.host}:{self.port} ({type(exc).__name__})"
             ) from None
-        session = SftpSession(transport, sftp, root, self.files_in_flight, limits)
+        landing = self.landing_on(sftp)
+        session = SftpSession(transport, sftp, root, self.files_in_flight, limits, landing)
         try:
             yield session
         finally:
             session.close()
+
+    def landing_on(self, sftp: sftp_protocol.Client) -> pipeline.Landing:
+        """The landing set, or for `auto` the one the server's offer allows."""
+        if self.landing != "auto":
+            return pipeline.Landing(self.landing)
+        if pipeline.POSIX_RENAME in sftp.extensions:
+            return pipeline.Landing.POSIX_RENAME
+        return pipeline.Landing.RENAME
+
+
+def _password_login(transport: paramiko.Transport, username: str, password: str) -> None:
+    """Log in with the password, or with keyboard-interactive answering the password to its
+    prompt, for servers that turn "password" off."""
+    try:
+        transport.auth_password(username, password)
+    except paramiko.BadAuthenticationType as refused:
+        if "keyboard-interactive" not in refused.allowed_types:
+            raise
+
+        def answer(_title: str, _instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+            return [password for _prompt, _echo in prompts]
+
+        transport.auth_interactive(username, answer)
 
 
 def _existing_root(sftp: paramiko.SFTPClient, folder: str) -> str:
@@ -211,6 +264,8 @@ def _existing_root(sftp: paramiko.SFTPClient, folder: str) -> str:
             "created; create it, or correct the root)"
         ) from None
     except PermissionError:
+        if root == "/":  # a chroot's root, which some servers will not describe: writes will
+            return root
         raise TerminalDeliveryError(f"permission denied on folder {root} on the server") from None
     except OSError as exc:
         if "unsupported" not in str(exc).lower():

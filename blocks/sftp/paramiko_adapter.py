@@ -7,6 +7,10 @@ whose reply is handed to an owner's `_async_response`, `_read_response` reads on
 `_request` sends one and waits. The SFTP command numbers and `int64` come from `paramiko.sftp`,
 and a channel's `out_max_packet_size` says how large one message may be.
 
+paramiko reads the server's VERSION packet and keeps only the version number; `Client` keeps
+its extensions too (what the server offers: `posix-rename@openssh.com`, `limits@openssh.com`),
+by reading that packet itself in `_send_version`.
+
 `missing()` names whatever of these an upgraded paramiko no longer has; a test calls it, so an
 upgrade that removes one fails by this module's name rather than somewhere in a run.
 """
@@ -20,6 +24,10 @@ from paramiko import sftp as protocol
 from paramiko.message import Message
 
 CLOSE = protocol.CMD_CLOSE
+INIT = protocol.CMD_INIT
+REMOVE = protocol.CMD_REMOVE
+RENAME = protocol.CMD_RENAME
+VERSION = protocol.CMD_VERSION
 EXTENDED = protocol.CMD_EXTENDED
 EXTENDED_REPLY = protocol.CMD_EXTENDED_REPLY
 HANDLE = protocol.CMD_HANDLE
@@ -32,12 +40,17 @@ FLAG_TRUNC = protocol.SFTP_FLAG_TRUNC
 FLAG_WRITE = protocol.SFTP_FLAG_WRITE
 NO_SUCH_FILE = protocol.SFTP_NO_SUCH_FILE
 OK = protocol.SFTP_OK
+FAILURE = protocol.SFTP_FAILURE
+OP_UNSUPPORTED = protocol.SFTP_OP_UNSUPPORTED
 PERMISSION_DENIED = protocol.SFTP_PERMISSION_DENIED
 int64 = protocol.int64
 
 Reply = tuple[int, Message]
 
 REQUIRED = (
+    "BaseSFTP._send_version (called when SFTPClient starts)",
+    "BaseSFTP._send_packet",
+    "BaseSFTP._read_packet",
     "SFTPClient._async_request",
     "SFTPClient._read_response",
     "SFTPClient._request",
@@ -45,6 +58,42 @@ REQUIRED = (
     "Channel.out_max_packet_size",
 )
 """paramiko's internals this module relies on, as `missing()` reports them."""
+
+
+SFTP_VERSION = 3
+"""The protocol version we ask for: the one every server speaks, and the one paramiko knows."""
+
+
+class Client(paramiko.SFTPClient):
+    """paramiko's SFTP client, which also keeps what the server said it speaks: `version` and
+    `extensions` (name to data, from the server's VERSION packet)."""
+
+    version: int = SFTP_VERSION
+    extensions: dict[str, bytes]
+
+    def _send_version(self) -> int:
+        """paramiko's own exchange (INIT, then VERSION), keeping the extensions it drops."""
+        hello = Message()
+        hello.add_int(SFTP_VERSION)
+        self._send_packet(INIT, hello)
+        kind, data = self._read_packet()
+        if kind != VERSION:
+            raise paramiko.SFTPError("Incompatible sftp protocol")
+        answer = Message(data)
+        self.version = answer.get_int()
+        self.extensions = {}
+        while answer.get_remainder():
+            name = answer.get_string().decode("utf-8", "replace")
+            self.extensions[name] = answer.get_string()
+        return self.version
+
+
+def open_client(transport: paramiko.Transport) -> Client:
+    """Start SFTP on a logged-in connection."""
+    client = Client.from_transport(transport)
+    if client is None:
+        raise paramiko.SSHException("the server did not start SFTP")
+    return client
 
 
 class ReplyOwner:
@@ -86,6 +135,13 @@ def missing() -> list[str]:
         for name in ("_async_request", "_read_response", "_request")
         if not callable(getattr(client, name, None))
     ]
+    gone += [
+        f"BaseSFTP.{name}"
+        for name in ("_send_version", "_send_packet", "_read_packet")
+        if not callable(getattr(protocol.BaseSFTP, name, None))
+    ]
+    if "_send_version" not in inspect.getsource(client.__init__):
+        gone.append("BaseSFTP._send_version (called when SFTPClient starts)")
     reads = getattr(client, "_read_response", None)
     if reads is not None and "_async_response" not in inspect.getsource(reads):
         gone.append("reply owners' _async_response")

@@ -7,7 +7,9 @@ many folders it needs:
 
     [mkdir ..., open temporary]  ->  [write ..., close]  ->  [posix-rename to the final name]
 
-and reads every reply: a write the server refused fails the upload before the rename. Each file
+and reads every reply: a write the server refused fails the upload before the rename. Servers
+without `posix-rename@openssh.com` get the standard rename (and, over an existing file, a
+remove and the rename again), or the final name written directly (`Landing`). Each file
 is a `Put`, the owner paramiko hands that file's replies to, so several files can be on their
 way over one channel at once (`SftpSession.upload_many`): while one waits for its replies,
 the next one's requests are already on the wire.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from enum import StrEnum
 
 import paramiko
 from paramiko.message import Message
@@ -73,25 +76,46 @@ def server_limits(sftp: paramiko.SFTPClient) -> Limits:
     return Limits(write=max(1024, min(write, LARGEST_WRITE)), packet=packet)
 
 
-class Refused(Exception):
-    """The server answered a request of a `Put` with an error (`error`, as paramiko raises it).
-    Kept apart from the OSError a broken connection raises: only that one ends the session."""
+class Landing(StrEnum):
+    """How a file is put at its final name, by what the server allows."""
 
-    def __init__(self, error: OSError) -> None:
+    POSIX_RENAME = "posix-rename"
+    """A temporary name, then `posix-rename@openssh.com` over the final one: atomic, also when
+    it replaces a file (OpenSSH and servers that offer the extension)."""
+    RENAME = "rename"
+    """A temporary name, then the standard SFTP rename: atomic for a new file. A server that
+    will not rename over an existing file has it removed first, and the rename tried again:
+    between the two the final name is absent (the ledger still owes the delivery if the
+    connection ends there)."""
+    DIRECT = "direct"
+    """The final name is written itself: for servers that refuse or mishandle renames. While
+    it is written the file is incomplete; the manifest, written last, says the drop is whole."""
+
+
+POSIX_RENAME = "posix-rename@openssh.com"
+
+
+class Refused(Exception):
+    """The server answered a request of a `Put` with an error (`error`, as paramiko raises it),
+    at `step` (open, write, rename, replace), with the SFTP status `code`. Kept apart from the
+    OSError a broken connection raises: only that one ends the session."""
+
+    def __init__(self, error: OSError, step: str, code: int) -> None:
         super().__init__(error)
-        self.error = error
+        self.error, self.step, self.code = error, step, code
 
 
 class Put(sftp_protocol.ReplyOwner):
     """One file on its way: create `folders` (top-down; existing ones are fine), write
-    `content` to `temporary`, check every write, then rename it over `final`.
+    `content` (to `temporary`, or to `final` itself when landing directly), check every write,
+    then put it in place as `landing` says.
 
     Each step's requests go out together; `advance()` checks their replies once all are in
     (`waiting` is False) and sends the next step. When a step's last reply arrives, the put
     appends itself to `ready`, so a driver with many puts on one channel knows which to advance.
     """
 
-    OPEN, WRITE, RENAME, DONE = range(4)
+    OPEN, WRITE, LAND, REPLACE, DONE, FOLDERS = range(6)
 
     def __init__(
         self,
@@ -102,18 +126,43 @@ class Put(sftp_protocol.ReplyOwner):
         content: bytes,
         ready: list[Put],
         limits: Limits,
+        landing: Landing = Landing.POSIX_RENAME,
+        in_order: bool = True,
     ) -> None:
         self.sftp = sftp
         self.limits = limits
-        self.temporary, self.final, self.content = temporary, final, content
+        self.landing = landing
+        self.final, self.content = final, content
+        self.temporary = final if landing == Landing.DIRECT else temporary
         self.ready = ready
         self.sent: list[int] = []
         self.replies: dict[int, Reply] = {}
         self.step = self.OPEN
+        self.refused_rename: Refused | None = None
+        """Why the first rename over an existing file was refused, while it is removed."""
+        self.folders = list(folders)
+        self.folders_one_by_one = not in_order
+        """Whether the folders are made one at a time: the server does not process a channel's
+        requests in order (a later one may run before an earlier one ends)."""
+        if self.folders_one_by_one:
+            self._next_folder()
+            return
         for folder in folders:
             self.send(sftp_protocol.MKDIR, folder, paramiko.SFTPAttributes())
+        self._open()
+
+    def _open(self) -> None:
         flags = sftp_protocol.FLAG_WRITE | sftp_protocol.FLAG_CREATE | sftp_protocol.FLAG_TRUNC
-        self.send(sftp_protocol.OPEN, temporary, flags, paramiko.SFTPAttributes())
+        self.send(sftp_protocol.OPEN, self.temporary, flags, paramiko.SFTPAttributes())
+        self.step = self.OPEN
+
+    def _next_folder(self) -> None:
+        """Make the next folder alone, or open the file once they are all made."""
+        if self.folders:
+            self.send(sftp_protocol.MKDIR, self.folders.pop(0), paramiko.SFTPAttributes())
+            self.step = self.FOLDERS
+        else:
+            self._open()
 
     def send(self, command: int, *arguments: object) -> None:
         self.sent.append(sftp_protocol.send(self.sftp, self, command, *arguments))
@@ -129,6 +178,14 @@ class Put(sftp_protocol.ReplyOwner):
         """Replies to this step's requests are still to come."""
         return len(self.replies) < len(self.sent)
 
+    @property
+    def placing(self) -> bool:
+        """The step on its way is the one that puts the file at its final name: once it is
+        answered without an error, the file is in place."""
+        return self.step == self.LAND or (
+            self.step == self.WRITE and self.landing == Landing.DIRECT
+        )
+
     def collect(self) -> list[Reply]:
         replies = [self.replies.pop(number) for number in self.sent]
         self.sent = []
@@ -139,33 +196,94 @@ class Put(sftp_protocol.ReplyOwner):
         is in place. Raises `Refused` for an answered error, OSError, SSHException or EOFError
         when the connection fails."""
         replies = self.collect()
+        if self.step == self.FOLDERS:  # one made (or there already): the next, or the file
+            self._next_folder()
+            return False
         if self.step == self.OPEN:
             *made, (kind, message) = replies
+            missing = status_code((kind, message)) == sftp_protocol.NO_SUCH_FILE
+            if missing and made and not self.folders_one_by_one:
+                # The open ran before the folders were made: again, one request at a time.
+                self.folders_one_by_one = True
+                self._next_folder()
+                return False
             if kind != sftp_protocol.HANDLE:
                 # An existing folder's mkdir fails too, harmlessly; when the open fails, a
                 # refused mkdir says why better than the open's "no such file".
-                refusals = [e for e in map(status_error, made) if isinstance(e, PermissionError)]
-                opened = status_error((kind, message)) or OSError("open")
-                raise Refused(refusals[0] if refusals else opened)
-            handle = message.get_binary()
-            size = write_size(self.sftp, handle, self.limits)
-            view = memoryview(self.content)
-            for offset in range(0, len(self.content), size):
-                chunk = bytes(view[offset : offset + size])
-                self.send(sftp_protocol.WRITE, handle, sftp_protocol.int64(offset), chunk)
-            self.send(sftp_protocol.CLOSE, handle)
-            self.step = self.WRITE
+                denied = [r for r in made if status_code(r) == sftp_protocol.PERMISSION_DENIED]
+                raise _refused(denied[0] if denied else (kind, message), "open")
+            self._write(message.get_binary())
             return False
-        for reply in replies:
-            if error := status_error(reply):
-                raise Refused(error)
         if self.step == self.WRITE:
-            rename = "posix-rename@openssh.com"
-            self.send(sftp_protocol.EXTENDED, rename, self.temporary, self.final)
-            self.step = self.RENAME
+            for reply in replies:
+                if status_code(reply) != sftp_protocol.OK:
+                    raise _refused(reply, "write")
+            if self.landing == Landing.DIRECT:
+                self.step = self.DONE
+                return True
+            self._rename()
             return False
-        self.step = self.DONE
-        return True
+        [reply] = replies
+        code = status_code(reply)
+        if self.step == self.LAND:
+            if code == sftp_protocol.OK:
+                self.step = self.DONE
+                return True
+            if self.landing == Landing.POSIX_RENAME and code == sftp_protocol.OP_UNSUPPORTED:
+                self.landing = (
+                    Landing.RENAME
+                )  # offered, or assumed, but not there: the standard one
+                self._rename()
+                return False
+            if (
+                self.landing == Landing.RENAME
+                and self.refused_rename is None
+                and code in (sftp_protocol.FAILURE, FILE_ALREADY_EXISTS)
+            ):  # the final name may exist: remove it, and rename again
+                self.refused_rename = _refused(reply, "rename")
+                self.send(sftp_protocol.REMOVE, self.final)
+                self.step = self.REPLACE
+                return False
+            raise _refused(reply, "rename")
+        if code == sftp_protocol.NO_SUCH_FILE and self.refused_rename is not None:
+            raise self.refused_rename  # nothing was there to replace: the rename failed for itself
+        if code != sftp_protocol.OK:
+            raise _refused(reply, "replace")
+        self._rename()
+        return False
+
+    def _write(self, handle: bytes) -> None:
+        size = write_size(self.sftp, handle, self.limits)
+        view = memoryview(self.content)
+        for offset in range(0, len(self.content), size):
+            chunk = bytes(view[offset : offset + size])
+            self.send(sftp_protocol.WRITE, handle, sftp_protocol.int64(offset), chunk)
+        self.send(sftp_protocol.CLOSE, handle)
+        self.step = self.WRITE
+
+    def _rename(self) -> None:
+        if self.landing == Landing.POSIX_RENAME:
+            self.send(sftp_protocol.EXTENDED, POSIX_RENAME, self.temporary, self.final)
+        else:
+            self.send(sftp_protocol.RENAME, self.temporary, self.final)
+        self.step = self.LAND
+
+
+FILE_ALREADY_EXISTS = 11
+"""The status SFTP version 6 servers answer a rename over an existing file with (version 3 ones
+answer a plain failure)."""
+
+
+def status_code(reply: Reply) -> int:
+    """The status a reply carries (`FAILURE` for a reply that is not a status)."""
+    kind, message = reply
+    if kind != sftp_protocol.STATUS:
+        return sftp_protocol.FAILURE
+    return Message(message.get_remainder()).get_int()  # read from a copy: the reply stays unread
+
+
+def _refused(reply: Reply, step: str) -> Refused:
+    return Refused(status_error(reply) or OSError(step), step, status_code(reply))
 
 
 def status_error(reply: Reply) -> OSError | None:
@@ -173,7 +291,8 @@ def status_error(reply: Reply) -> OSError | None:
     kind, message = reply
     if kind != sftp_protocol.STATUS:
         return OSError(f"unexpected SFTP reply type {kind}")
-    code, text = message.get_int(), message.get_text()
+    status = Message(message.get_remainder())
+    code, text = status.get_int(), status.get_text()
     if code == sftp_protocol.OK:
         return None
     if code == sftp_protocol.NO_SUCH_FILE:

@@ -1,6 +1,7 @@
 """One SFTP connection's uploads: each file under a temporary name, every write's reply checked,
-then renamed into place with `posix-rename@openssh.com` (plain `rename` fails over an existing
-file on OpenSSH). Several files are on their way over the one channel at once (`pipeline`).
+then put in place the way the server allows (`pipeline.Landing`: `posix-rename@openssh.com`,
+the standard rename, or the final name written directly). Several files are on their way over
+the one channel at once (`pipeline`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SftpSession(DestinationSession):
         root: str,
         files_in_flight: int,
         limits: pipeline.Limits,
+        landing: pipeline.Landing = pipeline.Landing.POSIX_RENAME,
     ) -> None:
         self.transport = transport
         self.sftp = sftp
@@ -45,6 +47,12 @@ class SftpSession(DestinationSession):
         self.files_in_flight = files_in_flight
         self.limits = limits
         """How much each write may carry on this server (asked once per connection)."""
+        self.in_order = True
+        """Whether the server runs a channel's requests in order, so that a file's folders and
+        its open can go together (until a file's open overtakes its folders)."""
+        self.landing = landing
+        """How files are put in place on this server (the standard rename from the first time
+        `posix-rename@openssh.com` turns out not to be there)."""
         self.folders_known: set[str] = {posixpath.normpath(root)}  # the block checked it exists
 
     def remote(self, path: str) -> str:
@@ -70,13 +78,19 @@ class SftpSession(DestinationSession):
 
         A refused request fails its file alone, and its temporary file is removed. A broken
         connection fails every file on its way, each handing its temporary file's name to the
-        retry (`leftover`), and no more uploads are taken.
+        retry (`leftover`), and no more uploads are taken. A server that will not open another
+        file while others are open (a limit on open handles) gets fewer files at once on this
+        connection from then on, and the file it refused goes again.
         """
         ready: list[pipeline.Put] = []  # puts whose step's replies are all in
         flights: dict[pipeline.Put, Flight[K]] = {}
+        again: list[tuple[K, Upload]] = []  # refused for a handle limit: sent once more
         source = iter(uploads)
         while True:
-            while self.room(flights.values()) and (taken := next(source, None)) is not None:
+            while (
+                self.room(flights.values())
+                and (taken := again.pop(0) if again else next(source, None)) is not None
+            ):
                 key, upload = taken
                 try:
                     flight = Flight(key, upload, *self.names(upload))
@@ -85,8 +99,9 @@ class SftpSession(DestinationSession):
                     continue
                 try:
                     put = pipeline.Put(self.sftp, flight.folders, flight.temporary,
-                                            flight.final, upload.content, ready,
-                                            self.limits)  # fmt: skip
+                                       flight.final, upload.content, ready, self.limits,
+                                       self.landing, self.in_order)  # fmt: skip
+                    flight.temporary = put.temporary  # the final name itself, landing directly
                 except (OSError, paramiko.SSHException, EOFError) as exc:
                     yield from self.lost([*flights.items(), (None, flight)], exc)
                     return
@@ -98,17 +113,31 @@ class SftpSession(DestinationSession):
                     sftp_protocol.read_reply(self.sftp)
                 put = ready.pop(0)
                 flight = flights[put]
-                if not put.advance():
+                done = put.advance()
+                self.landing = min(self.landing, put.landing, key=LANDINGS.index)
+                self.in_order = self.in_order and not put.folders_one_by_one
+                if not done:
                     continue
             except pipeline.Refused as refused:
                 del flights[put]
-                yield flight.key, self.discard(flight.temporary, _refusal(refused.error))
+                if self.handle_limit(refused, len(flights)):
+                    again.append((flight.key, flight.upload))
+                    continue
+                yield flight.key, self.discard(flight.temporary, _refusal(refused))
                 continue
             except (OSError, paramiko.SSHException, EOFError) as exc:
                 yield from self.lost(flights.items(), exc)
                 return
             del flights[put]
             yield flight.key, self.arrived(flight)
+
+    def handle_limit(self, refused: pipeline.Refused, still_open: int) -> bool:
+        """Whether a refused open looks like a limit on files open at once (a plain failure
+        while others are open); if so, this connection keeps to as many as were open."""
+        if refused.step != "open" or refused.code != sftp_protocol.FAILURE or not still_open:
+            return False
+        self.files_in_flight = min(self.files_in_flight, still_open)
+        return True
 
     def lost(
         self,
@@ -128,7 +157,7 @@ class SftpSession(DestinationSession):
                 sftp_protocol.read_reply(self.sftp)
         timed_out = isinstance(exc, socket.timeout | TimeoutError)
         for put, flight in flights:
-            if put is not None and put.step == put.RENAME and not put.waiting:
+            if put is not None and put.placing and not put.waiting:
                 with suppress(pipeline.Refused):
                     put.advance()  # reads the answer; sends nothing more
                     yield flight.key, self.arrived(flight)
@@ -144,7 +173,7 @@ class SftpSession(DestinationSession):
     def arrived(self, flight: Flight[K]) -> Receipt:
         self.folders_known.update(flight.folders)
         upload = flight.upload
-        return Receipt(upload.path, len(upload.content), upload.sha256)
+        return Receipt(upload.path, len(upload.content), upload.sha256, self.landing.value)
 
     def relative(self, remote: str) -> str:
         return posixpath.relpath(remote, posixpath.normpath(self.root))
@@ -192,7 +221,15 @@ class SftpSession(DestinationSession):
         except PermissionError:
             raise TerminalDeliveryError("permission denied removing a file") from None
         except OSError as exc:
-            raise _sftp_error(exc) from None
+            raise _sftp_error(exc, "removing a file") from None
+
+    def facts(self) -> list[tuple[str, str]]:
+        offered = getattr(self.sftp, "extensions", {})
+        return [
+            ("SFTP version", str(getattr(self.sftp, "version", "?"))),
+            ("extensions offered", ", ".join(sorted(offered)) or "none"),
+            ("landing", _LANDING_WORDS[self.landing]),
+        ]
 
     def close(self) -> None:
         """End the connection at once: the socket is shut down before paramiko closes it, so
@@ -220,22 +257,48 @@ FLIGHT_BYTES = 8 * 1024 * 1024
 and each stays in memory until its reply comes back."""
 
 
-def _refusal(error: OSError) -> DeliveryError:
-    """What the server's answer to a file's request means for its delivery."""
-    if isinstance(error, PermissionError):
+_LANDING_WORDS = {
+    pipeline.Landing.POSIX_RENAME: "posix-rename (temporary name, atomic rename over the old)",
+    pipeline.Landing.RENAME: "rename (temporary name, SFTP rename; a file replaced is removed "
+    "first)",
+    pipeline.Landing.DIRECT: "direct (the final name written itself; the manifest marks a "
+    "complete drop)",
+}
+
+LANDINGS = [pipeline.Landing.DIRECT, pipeline.Landing.RENAME, pipeline.Landing.POSIX_RENAME]
+"""Landings from the one that assumes least: a session only moves toward the start."""
+
+STEPS = {
+    "open": "creating the file",
+    "write": "a write",
+    "rename": "the rename into place",
+    "replace": "removing the file being replaced",
+}
+
+
+def _refusal(refused: pipeline.Refused) -> DeliveryError:
+    """What the server's answer to a file's request means for its delivery, naming the step."""
+    step = STEPS.get(refused.step, refused.step)
+    if isinstance(refused.error, PermissionError):
         return TerminalDeliveryError(
-            "permission denied on the SFTP server: the user may not write in that folder"
+            f"permission denied on the SFTP server ({step}): the user may not write in that folder"
         )
-    return _sftp_error(error)
+    if refused.code == sftp_protocol.OP_UNSUPPORTED:
+        advice = (" set the destination's landing to direct (writes the final name itself)"
+                  if refused.step in ("rename", "replace") else " ask the organization which "
+                  "operations its server allows")  # fmt: skip
+        return TerminalDeliveryError(
+            f"the SFTP server does not support {step} (operation unsupported):{advice}"
+        )
+    return _sftp_error(refused.error, step)
 
 
-def _sftp_error(exc: OSError) -> TransientDeliveryError | TerminalDeliveryError:
+def _sftp_error(exc: OSError, step: str = "the request") -> DeliveryError:
     if isinstance(exc, socket.timeout | TimeoutError):
         return TransientDeliveryError("the SFTP server did not answer in time")
     if exc.errno == errno.ENOSPC:
         return TerminalDeliveryError("the SFTP server's disk is full")
-    # OpenSSH answers most refusals (disk full, quota, read-only) with a bare "Failure".
+    # OpenSSH answers most refusals (disk full, quota, read-only) with a bare "Failure", which
+    # says nothing of the cause: it is passed on as the server gave it.
     reason = exc.strerror or (str(exc.args[0]) if exc.args else type(exc).__name__)
-    return TransientDeliveryError(
-        f"the SFTP server refused the write ({reason}); disk full or not writable?"
-    )
+    return TransientDeliveryError(f"the SFTP server refused {step} ({reason})")

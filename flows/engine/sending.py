@@ -294,7 +294,13 @@ class Round:
                 tries = self.tries(item)
                 if isinstance(result, Receipt):
                     lease.delivered()
-                    yield Outcome(item.delivery_id, tries, sha256=result.sha256, size=result.size)
+                    yield Outcome(
+                        item.delivery_id,
+                        tries,
+                        sha256=result.sha256,
+                        size=result.size,
+                        landing=result.landing,
+                    )
                 elif not result.retryable:
                     yield Outcome(item.delivery_id, tries, error=f"{result} (not retried)")
                 else:

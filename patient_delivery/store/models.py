@@ -169,6 +169,8 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64))
     size: Mapped[int | None] = mapped_column(Integer)
+    landing: Mapped[str | None] = mapped_column(String(16))
+    """How the file was put in place, where a destination has several ways (SFTP)."""
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
