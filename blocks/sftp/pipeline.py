@@ -141,6 +141,8 @@ class Put(sftp_protocol.ReplyOwner):
         self.refused_rename: Refused | None = None
         """Why the first rename over an existing file was refused, while it is removed."""
         self.folders = list(folders)
+        self.denied: list[Reply] = []
+        """Refused mkdirs: why an open in a folder that is not there failed."""
         self.folders_one_by_one = not in_order
         """Whether the folders are made one at a time: the server does not process a channel's
         requests in order (a later one may run before an earlier one ends)."""
@@ -197,21 +199,22 @@ class Put(sftp_protocol.ReplyOwner):
         when the connection fails."""
         replies = self.collect()
         if self.step == self.FOLDERS:  # one made (or there already): the next, or the file
+            self.denied += [r for r in replies if status_code(r) == sftp_protocol.PERMISSION_DENIED]
             self._next_folder()
             return False
         if self.step == self.OPEN:
             *made, (kind, message) = replies
+            # An existing folder's mkdir fails too, harmlessly; when the open fails, a refused
+            # mkdir says why better than the open's "no such file".
+            self.denied += [r for r in made if status_code(r) == sftp_protocol.PERMISSION_DENIED]
             missing = status_code((kind, message)) == sftp_protocol.NO_SUCH_FILE
-            if missing and made and not self.folders_one_by_one:
-                # The open ran before the folders were made: again, one request at a time.
+            if missing and made and not self.denied and not self.folders_one_by_one:
+                # The open ran before its folders were made: again, one request at a time.
                 self.folders_one_by_one = True
                 self._next_folder()
                 return False
             if kind != sftp_protocol.HANDLE:
-                # An existing folder's mkdir fails too, harmlessly; when the open fails, a
-                # refused mkdir says why better than the open's "no such file".
-                denied = [r for r in made if status_code(r) == sftp_protocol.PERMISSION_DENIED]
-                raise _refused(denied[0] if denied else (kind, message), "open")
+                raise _refused(self.denied[0] if self.denied else (kind, message), "open")
             self._write(message.get_binary())
             return False
         if self.step == self.WRITE:

@@ -301,4 +301,6 @@ def _sftp_error(exc: OSError, step: str = "the request") -> DeliveryError:
     # OpenSSH answers most refusals (disk full, quota, read-only) with a bare "Failure", which
     # says nothing of the cause: it is passed on as the server gave it.
     reason = exc.strerror or (str(exc.args[0]) if exc.args else type(exc).__name__)
+    if reason == "Failure":  # SFTP v3's generic answer: the server gives no cause
+        reason = "Failure, no cause given: a full disk, a quota or a read-only folder are usual"
     return TransientDeliveryError(f"the SFTP server refused {step} ({reason})")
