@@ -87,7 +87,8 @@ class Destination(Block, ABC):
             "Where each run writes its manifest for a project (a JSON list of the files it "
             "delivered, with their SHA-256), after every file it lists has landed. Variables: "
             "{orgId}, {projectId}, {timestamp}, {runId}; {projectId} and {runId} are required. "
-            "Empty: no manifests."
+            "The default goes under the path template's fixed folders (where a role scoped to "
+            "them may write). Empty: no manifests."
         ),
     )
 
@@ -175,6 +176,15 @@ class Destination(Block, ABC):
                 raise ValueError(str(exc)) from None
         return value
 
+    @property
+    def manifest_location(self) -> str:
+        """The manifest template in effect: the default is placed under the path template's
+        fixed folders (`incoming/` for `incoming/{orgId}/...`), so that a destination that may
+        write only there (an S3 role scoped to the prefix) receives its manifests too."""
+        if self.manifest_template != DEFAULT_MANIFEST_TEMPLATE:
+            return self.manifest_template
+        return PathTemplate.parse_cached(self.path_template).fixed_prefix + self.manifest_template
+
     def render_manifest_path(
         self, org_id: str, project_id: str, moment: datetime, run_id: str
     ) -> str:
@@ -184,7 +194,7 @@ class Destination(Block, ABC):
         values = {"orgId": org_id, "projectId": project_id, "runId": run_id,
                   "timestamp": format_timestamp(moment)}  # fmt: skip
         try:
-            path = PathTemplate.parse_manifest(self.manifest_template).fill(values)
+            path = PathTemplate.parse_manifest(self.manifest_location).fill(values)
         except PathValueError as exc:
             raise TerminalDeliveryError(f"manifest path: {exc}") from None
         return self._sent_name(path)

@@ -37,23 +37,30 @@ class ConnectionReport:
 
 
 def check_connection(destination: Destination) -> ConnectionReport:
-    """Connect, write a small probe file and remove it, reporting each step (a test write)."""
+    """Connect, write a small probe file and remove it, reporting each step (a test write);
+    where manifests go elsewhere, a probe there too."""
     report = ConnectionReport(destination=destination.describe())
-    # Under the template's fixed folders, where a least-privilege policy lets us write.
-    prefix = PathTemplate.parse(destination.path_template).fixed_prefix
-    probe = f"{prefix}.patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
+    # Under the templates' fixed folders, where a least-privilege policy lets us write.
+    name = f".patient-delivery-probe-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
+    probes = [PathTemplate.parse(destination.path_template).fixed_prefix + name]
+    if destination.manifest_template:
+        manifests = PathTemplate.parse_manifest(destination.manifest_location).fixed_prefix
+        if manifests + name not in probes:
+            probes.append(manifests + name)
     content = b"patient-delivery connection test; safe to delete\n"
     if destination.encrypts:
         key = openpgp.info(destination.encryption_key or "")
         report.checks.append(ConnectionCheck("encryption key", True, f"encrypts to {key}"))
-    for check in _probe_steps(destination, probe, content):
+    for check in _probe_steps(destination, probes, content):
         report.checks.append(check)
         if not check.ok:
             break
     return report
 
 
-def _probe_steps(destination: Destination, probe: str, content: bytes) -> Iterator[ConnectionCheck]:
+def _probe_steps(
+    destination: Destination, probes: list[str], content: bytes
+) -> Iterator[ConnectionCheck]:
     try:
         session_context = destination.open_session()
         session = session_context.__enter__()
@@ -64,19 +71,22 @@ def _probe_steps(destination: Destination, probe: str, content: bytes) -> Iterat
         yield ConnectionCheck("connect", True, destination.describe())
         for what, found in session.facts():
             yield ConnectionCheck(what, True, found)
-        try:
-            receipt = session.upload(probe, content, hashlib.sha256(content).hexdigest())
-        except DeliveryError as exc:
-            yield ConnectionCheck("write probe file", False, str(exc))
-            return
-        yield ConnectionCheck("write probe file", True, f"{receipt.size} bytes at {probe}")
-        try:
-            session.remove(probe)
-        except DeliveryError as exc:
+        for number, probe in enumerate(probes):
+            where = " (where manifests go)" if number else ""
+            try:
+                receipt = session.upload(probe, content, hashlib.sha256(content).hexdigest())
+            except DeliveryError as exc:
+                yield ConnectionCheck(f"write probe file{where}", False, str(exc))
+                return
             yield ConnectionCheck(
-                "remove probe file", False, f"{exc} (the probe {probe} may be left behind)"
+                f"write probe file{where}", True, f"{receipt.size} bytes at {receipt.path}"
             )
-            return
-        yield ConnectionCheck("remove probe file", True)
+            try:
+                session.remove(probe)
+            except DeliveryError as exc:
+                yield ConnectionCheck(f"remove probe file{where}", False,
+                                      f"{exc} (the probe {probe} may be left behind)")  # fmt: skip
+                return
+            yield ConnectionCheck(f"remove probe file{where}", True)
     finally:
         session_context.__exit__(None, None, None)

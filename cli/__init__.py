@@ -5,11 +5,34 @@ store-only commands stay fast.
 """
 
 from patient_delivery.cli import alerts, demo, destinations, ingest, ledger, pull, runs
-from patient_delivery.cli.common import app
+from patient_delivery.cli.common import app, fail
 
 __all__ = ["alerts", "app", "demo", "destinations", "ingest", "ledger", "main", "pull", "runs"]
 
 
 def main() -> None:
-    """The console script's entry point."""
-    app()
+    """The console script's entry point. An unreachable Prefect API is one line, not the
+    traceback of every layer between the command and the socket."""
+    try:
+        app()
+    except Exception as exc:
+        reason = _unreachable(exc)
+        if reason is None:
+            raise
+        raise SystemExit(fail(reason).exit_code) from None
+
+
+def _unreachable(error: BaseException | None) -> str | None:
+    """Why the Prefect API could not be reached, if that is what `error` (or what caused it)
+    is; None otherwise."""
+    import httpx
+
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+            from prefect.settings import PREFECT_API_URL
+
+            url = PREFECT_API_URL.value() or "(none set)"
+            return f"cannot reach the Prefect API at {url}: {error}"
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None

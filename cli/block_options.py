@@ -213,11 +213,13 @@ def _save(block_type: type[BaseModel], name: str, overwrite: bool, fields: dict[
         block = block_type(**fields)
     except ValidationError as exc:
         raise invalid(exc) from None
+    slug = block_type.get_block_type_slug()  # type: ignore[attr-defined]
     try:
         block.save(name, overwrite=overwrite)  # type: ignore[attr-defined]
     except ValueError as exc:
-        raise fail(f"{exc} (use --overwrite to replace it)", code=2) from None
-    slug = block_type.get_block_type_slug()  # type: ignore[attr-defined]
+        if "already in use" not in str(exc):
+            raise
+        raise fail(f"{slug}/{name} exists already; --overwrite replaces it", code=2) from None
     console.print(f"{slug}/{name}  {block.describe()}", highlight=False)  # type: ignore[attr-defined]
 
 

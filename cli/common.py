@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,17 +82,50 @@ def records(frame: pd.DataFrame) -> list[dict[str, object]]:
 
 
 def print_frame(frame: pd.DataFrame, title: str) -> None:
-    """A table on the terminal; every cell through `printable`; IDs and times never cut or
-    wrapped (other columns fold to make room)."""
+    """A table that fits the terminal: every cell through `printable`, times to the second in
+    ISO 8601, IDs and times never cut or wrapped (other columns fold to make room). Columns
+    are kept from the left while they fit the width; those left out are named below the table
+    (`--json` or `--csv` give every column)."""
     from rich.table import Table
 
+    cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    columns = [str(c) for c in frame.columns]
+    whole = [c.endswith(("_id", "_at", "id")) or c in ("status", "version") for c in columns]
+    longest = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    # What each column needs: its longest cell for IDs and times; a free-text column folds
+    # onto more lines, down to `FOLDED_WIDTH` or its header.
+    needs = [n if whole[i] else min(n, max(FOLDED_WIDTH, len(columns[i])))
+             for i, n in enumerate(longest)]  # fmt: skip
+    shown, used = [], 4  # the table's outer border and padding
+    for i, width in enumerate(needs):
+        if used + width + 3 > console.width and shown:
+            break
+        shown.append(i)
+        used += width + 3
     table = Table(title=title)
-    for column in frame.columns:
-        whole = str(column).endswith(("_id", "_at"))  # IDs and times stay on one line
-        table.add_column(str(column), overflow="fold", no_wrap=whole)
-    for row in frame.itertuples(index=False):
-        table.add_row(*(printable(v) for v in row))
+    for i in shown:
+        table.add_column(columns[i], overflow="fold", no_wrap=whole[i], min_width=needs[i])
+    for row in cells:
+        table.add_row(*(Text(row[i]) for i in shown))
     console.print(table)
+    if len(shown) < len(columns):
+        hidden = ", ".join(columns[i] for i in range(len(columns)) if i not in shown)
+        console.print(f"(not shown at {console.width} columns: {hidden}; --json or --csv has "
+                      "every column)", highlight=False, style="dim")  # fmt: skip
+
+
+FOLDED_WIDTH = 16
+"""Least width a free-text column (a destination, a path, a reason) keeps; longer text folds
+onto more lines."""
+
+
+def _cell(value: object) -> str:
+    """A cell's text: times to the second (UTC, ISO 8601), everything else escaped."""
+    if value is None or value != value:  # None, NaN, NaT
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return escaped(str(value))
 
 
 def current_store() -> Store:
@@ -182,8 +216,14 @@ def parse_when(value: str | None, option: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def in_scope(org_id: str | None = None, project_id: str | None = None) -> None:
-    """Refuse (exit 2) an organization or project the store does not have, before a run."""
+def in_scope(
+    org_id: str | None = None,
+    project_id: str | None = None,
+    patient_ids: Sequence[str] = (),
+    destinations: Sequence[str] = (),
+) -> None:
+    """Refuse (exit 2) an organization, project or patient the store does not have, or a
+    destination no project delivers to, before a run or a report."""
     from patient_delivery.ingest import check_scope
 
-    refusals(lambda: check_scope(current_store(), org_id, project_id))
+    refusals(lambda: check_scope(current_store(), org_id, project_id, patient_ids, destinations))

@@ -13,6 +13,7 @@ from patient_delivery.cli.common import (
     console,
     current_store,
     errors,
+    in_scope,
     prefect,
     print_frame,
     print_json,
@@ -64,6 +65,7 @@ def project_list(
     delivers to."""
     from patient_delivery.reports import projects_frame
 
+    in_scope(org_id=org_id)
     _show(projects_frame(current_store(), org_id), "projects", as_json)
 
 
@@ -254,6 +256,7 @@ def subscriptions(
     """What each project delivers where, and where its deliveries stand there."""
     from patient_delivery.reports import subscriptions_frame
 
+    in_scope(project_id=project)
     _show(subscriptions_frame(current_store(), project), "subscriptions", as_json)
 
 

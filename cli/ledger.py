@@ -21,6 +21,7 @@ from patient_delivery.cli.common import (
     errors,
     escaped,
     fail,
+    in_scope,
     parse_when,
     print_frame,
     print_json,
@@ -60,6 +61,7 @@ def deliveries(
     """The ledger: what was sent, to whom, where, when, why and by which run."""
     from patient_delivery.reports import LedgerQuery, deliveries_frame
 
+    in_scope(project_id=project, patient_ids=[patient] if patient else ())
     if status is not None and status not in STATUSES:
         raise fail(f"--status: not a delivery status (one of {', '.join(STATUSES)})", code=2)
     if parquet and importlib.util.find_spec("pyarrow") is None:
@@ -87,17 +89,28 @@ def deliveries(
         frame = frame.assign(
             delivered_at=frame["delivered_at"].map(_short_time), sha256=frame["sha256"].str[:12]
         )[NARROW_COLUMNS]
+        frame["patient_id"] = frame["patient_id"].map(_short_id)  # whole in --json and --csv
+        frame["flow_run_id"] = frame["flow_run_id"].map(_short_id)
     print_frame(frame, "deliveries")
 
 
 NARROW_COLUMNS = [
-    "delivered_at", "status", "patient_id", "organization", "destination", "data_type",
-    "version", "path", "flow_run_id", "last_error",
+    "status", "destination", "delivered_at", "patient_id", "data_type", "version", "path",
+    "organization", "flow_run_id", "last_error",
 ]  # fmt: skip
+"""The columns on a terminal, most needed first: those that do not fit the width are left out
+(and named)."""
+
+
+def _short_id(value: object) -> str:
+    """An ID's first 11 characters and an ellipsis (a stable prefix, enough to tell rows apart
+    and to find the row in `--json`)."""
+    text = "" if value is None or value != value else str(value)
+    return text if len(text) <= 12 else text[:11] + "…"
 
 
 def _short_time(value: object) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%SZ") if isinstance(value, datetime) else ""
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else ""
 
 
 @contextmanager
@@ -142,6 +155,7 @@ def disclosures(
     API: the accounting of disclosures."""
     from patient_delivery.reports import LedgerQuery, disclosures_frame, withdrawals_frame
 
+    in_scope(project_id=project, patient_ids=[patient] if patient else ())
     on_terminal = not (csv or as_json)
     query = LedgerQuery(
         patient_id=patient,

@@ -71,7 +71,7 @@ def deliver(
     name: RunName = None,
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
-    in_scope(project_id=project)
+    in_scope(project_id=project, patient_ids=patient or (), destinations=destination or ())
     _check_types(data_type)
     prefect()
     parameters = {
@@ -292,7 +292,10 @@ def redeliver_command(
     name: RunName = None,
 ) -> None:
     """Send again what failed or was left pending (or, with --full, everything)."""
-    in_scope(project_id=project)
+    if full and not (project and destination):
+        raise fail("--full: needs --project and --destination (what to send again, where)",
+                   code=2)  # fmt: skip
+    in_scope(project_id=project, destinations=[destination] if destination else ())
     prefect()
     parameters = {"project_id": project, "destination": destination, "full": full,
                   "dry_run": dry_run}  # fmt: skip

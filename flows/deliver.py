@@ -118,7 +118,7 @@ def write_manifests(claimant: str) -> dict[str, str]:
     ended; the destinations whose manifest could not be written."""
     failed = engine.write_manifests(claimant)
     for destination, why in failed.items():
-        get_run_logger().error("%s: %s", destination, why)
+        get_run_logger().error("%s: manifest not written: %s", destination, why)
     return failed
 
 
@@ -196,7 +196,12 @@ class Sizes:
 
 def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSummary | State:
     runtime.freeze_startup_heap()
-    check_scope(open_store(), project_id=work.project_id)  # refused before anything runs
+    check_scope(
+        open_store(),
+        project_id=work.project_id,
+        patient_ids=work.patient_ids,
+        destinations=work.destinations,
+    )  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
     engine.open_run(claimant, sizes.limits)
     summary = RunSummary(flow_run_id=claimant)
@@ -218,7 +223,9 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
                     break
                 follow_ups -= 1  # updates that arrived while the page was sent go with this run
                 progress.grow(arrived)
-        if summary.delivered:  # last: every file a manifest lists has landed
+        # Last, when every file a manifest lists has landed; also for an earlier run's files
+        # whose manifest could not be written.
+        if engine.manifests_owed(claimant, work.project_id, work.destinations):
             summary.manifests_failed = write_manifests(claimant)
     finally:
         engine.close_run(claimant)

@@ -87,12 +87,15 @@ class RunSummary:
     def headline(self) -> str:
         """One line for the run's state message: counts, never content."""
         failing = [r.destination for r in self.destinations.values() if r.failed]
-        line = (
-            f"{self.failed} of {self.failed + self.delivered} deliveries failed "
-            f"(to {', '.join(failing)}); see `patient-delivery deliveries --status failed`"
-        )
-        if self.manifests_failed:
-            line += f"; manifest not written to {', '.join(self.manifests_failed)}"
+        parts = []
+        if self.failed:
+            parts.append(
+                f"{self.failed} of {self.failed + self.delivered} deliveries failed (to "
+                f"{', '.join(failing)}); see `patient-delivery deliveries --status failed`"
+            )
+        for destination, why in self.manifests_failed.items():
+            parts.append(f"manifest not written to {destination}: {why}")
+        line = "; ".join(parts) or f"{self.delivered} delivered"
         return line + self.parked_note() if self.parked else line
 
     def parked_note(self) -> str:

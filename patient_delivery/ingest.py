@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -295,14 +296,30 @@ def put_checked(session: Session, patient_id: str, document: CheckedDocument) ->
     )  # fmt: skip
 
 
-def check_scope(store: Store, org_id: str | None = None, project_id: str | None = None) -> None:
-    """Refuse (`IngestError`) an organization or project that does not exist: a run or a
-    backfill for it would find nothing and say so as if all were well."""
+def check_scope(
+    store: Store,
+    org_id: str | None = None,
+    project_id: str | None = None,
+    patient_ids: Sequence[str] = (),
+    destinations: Sequence[str] = (),
+) -> None:
+    """Refuse (`IngestError`) an organization, project or patient that does not exist, or a
+    destination no project delivers to: a run, a backfill or a report for it would find nothing
+    and say so as if all were well."""
     with store.session() as session:
         if org_id is not None and session.get(Organization, org_id) is None:
             raise IngestError(f"no organization {org_id!r} (see `patient-delivery org list`)")
         if project_id is not None and session.get(Project, project_id) is None:
             raise IngestError(f"no project {project_id!r} (see `patient-delivery project list`)")
+        for patient_id in patient_ids:
+            if session.get(Patient, patient_id) is None:
+                raise IngestError(f"no patient {patient_id!r}")
+        subscribed = set(session.scalars(select(Subscription.destination).where(
+            Subscription.destination.in_(destinations)))) if destinations else set()  # fmt: skip
+        for destination in destinations:
+            if destination not in subscribed:
+                raise IngestError(f"no project delivers to {destination!r} (see "
+                                  "`patient-delivery subscriptions`)")  # fmt: skip
 
 
 def check_subscription(store: Store, project_id: str, destination: str) -> None:

@@ -563,6 +563,8 @@ def record_outcomes(store: Store, claimant: str, outcomes: Sequence[Outcome]) ->
             sha256=bindparam("b_sha256"),
             size=bindparam("b_size"),
             landing=bindparam("b_landing"),
+            manifest_owed=bindparam("b_status") == DeliveryStatus.DELIVERED.value,
+            manifest_run=claimant,
             delivered_at=bindparam("b_delivered_at"),
             flow_run_id=claimant,
             claimed_by=None,

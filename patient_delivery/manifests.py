@@ -2,8 +2,11 @@
 
 A receiver's pipeline (an Airflow sensor, a Snowpipe) takes the manifest as the signal that a
 drop is complete: the run writes it last, after every file it lists has landed and been
-verified. Its shape follows the FHIR bulk data export manifest (`transactionTime`, `request`,
-`output`), with our IDs, versions and hashes in each entry. Failures appear as a count only.
+verified. Manifests are owed like documents: a delivered file waits (`manifest_owed`) until a
+manifest listing it is written; one that could not be written is taken over by a later run
+(`take_over`), so every delivered file is in exactly one manifest. Its shape follows the FHIR
+bulk data export manifest (`transactionTime`, `request`, `output`), with our IDs, versions and
+hashes in each entry, and `format` names it and its version. Failures appear as a count only.
 Each entry's `sha256` and `size` are of the file as it was sent; where that is not the stored
 document itself (encrypted to the receiver's key), `plaintextSha256` is the document's. Where
 the destination has several ways to put a file in place (SFTP), `landing` says which each file
@@ -16,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import and_, func, insert, select
+from sqlalchemy import and_, func, insert, or_, select, update
 
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
@@ -39,14 +43,59 @@ class Drop:
     project_id: str
     output: list[dict[str, object]] = field(default_factory=list)
     failed: int = 0
+    delivery_ids: list[int] = field(default_factory=list)
+    """The deliveries its files are: marked listed once the manifest is written."""
+
+
+FORMAT = "patient-delivery manifest 1"
+"""The manifest's format and its version (`format`): a reader can tell what it is reading."""
+
+
+def take_over(
+    store: Store,
+    run_id: str,
+    stale_before: datetime,
+    project_id: str | None = None,
+    destinations: tuple[str, ...] = (),
+) -> int:
+    """Make this run the writer of manifests owed by earlier runs: files whose manifest could
+    not be written (released), or whose run ended before writing it (untouched since
+    `stale_before`). One UPDATE, so two runs never take the same file; how many were taken."""
+    taken = and_(
+        Delivery.manifest_owed,
+        Delivery.status == DeliveryStatus.DELIVERED,
+        or_(
+            Delivery.manifest_run.is_(None),
+            and_(Delivery.manifest_run != run_id, Delivery.updated_at < stale_before),
+        ),
+    )
+    if project_id:
+        taken = and_(taken, Delivery.project_id == project_id)
+    if destinations:
+        taken = and_(taken, Delivery.destination.in_(destinations))
+    with store.session() as session:
+        result = session.execute(
+            update(Delivery).where(taken)
+            .values(manifest_run=run_id, updated_at=datetime.now(UTC))
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        return int(result.rowcount or 0)
+
+
+def owed(store: Store, run_id: str) -> bool:
+    """Whether this run has files to list in manifests (its own, or taken over)."""
+    with store.session() as session:
+        mine = select(Delivery.id).where(Delivery.manifest_owed, Delivery.manifest_run == run_id)
+        return session.scalar(mine.limit(1)) is not None
 
 
 def drops(store: Store, run_id: str) -> list[Drop]:
-    """Every (destination, project) this run delivered to, with what it delivered there and
-    how many of its deliveries there failed."""
+    """Every (destination, project) this run owes a manifest, with the files it lists (this
+    run's and those taken over) and how many of the run's deliveries there failed."""
     found: dict[tuple[str, str], Drop] = {}
     delivered = (
         select(
+            Delivery.id,
             Delivery.destination,
             Delivery.organization_id,
             Delivery.project_id,
@@ -65,7 +114,11 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             Share,
             and_(Share.project_id == Delivery.project_id, Share.patient_id == Delivery.patient_id),
         )
-        .where(Delivery.flow_run_id == run_id, Delivery.status == DeliveryStatus.DELIVERED)
+        .where(
+            Delivery.manifest_owed,
+            Delivery.manifest_run == run_id,
+            Delivery.status == DeliveryStatus.DELIVERED,
+        )
         .order_by(Delivery.destination, Delivery.project_id, Delivery.path)
     )
     failed = (
@@ -75,6 +128,7 @@ def drops(store: Store, run_id: str) -> list[Drop]:
     )
     with store.session() as session:
         for (
+            delivery_id,
             destination,
             org,
             project,
@@ -98,6 +152,7 @@ def drops(store: Store, run_id: str) -> list[Drop]:
             if landing:
                 entry["landing"] = landing
             drop.output.append(entry)
+            drop.delivery_ids.append(delivery_id)
         for destination, project, count in session.execute(failed):
             if (destination, project) in found:
                 found[(destination, project)].failed = int(count)
@@ -108,6 +163,7 @@ def document(drop: Drop, run_id: str, transaction_time: datetime) -> bytes:
     """The manifest file's bytes."""
     return json.dumps(
         {
+            "format": FORMAT,
             "transactionTime": transaction_time.isoformat(),
             "request": f"patient-delivery run {run_id}",
             "runId": run_id,
@@ -137,8 +193,28 @@ class Written:
     size: int
 
 
-def record(store: Store, run_id: str, written: list[Written]) -> None:
-    """Keep a run's written manifests in the ledger, in one transaction."""
+def settle(store: Store, run_id: str, written: list[Written], released: list[Drop],
+           off: list[Drop]) -> None:  # fmt: skip
+    """After the run's manifests: those written are kept in the ledger and their files are
+    listed; files whose manifest could not be written are released for a later run; files of
+    destinations without manifests owe none. One transaction."""
+    listed = [i for w in written for i in w.drop.delivery_ids] + [
+        i for d in off for i in d.delivery_ids
+    ]
+    freed = [i for d in released for i in d.delivery_ids]
+    mine = and_(Delivery.manifest_run == run_id, Delivery.manifest_owed)
+    with store.session() as session:
+        _record(session, run_id, written)
+        for ids, values in ((listed, {"manifest_owed": False}), (freed, {"manifest_run": None})):
+            for start in range(0, len(ids), 5_000):
+                session.execute(
+                    update(Delivery).where(mine, Delivery.id.in_(ids[start : start + 5_000]))
+                    .values(**values).execution_options(synchronize_session=False)
+                )  # fmt: skip
+
+
+def _record(session: Any, run_id: str, written: list[Written]) -> None:
+    """Keep a run's written manifests in the ledger."""
     if not written:
         return
     rows = [
@@ -154,5 +230,4 @@ def record(store: Store, run_id: str, written: list[Written]) -> None:
         )
         for w in written
     ]
-    with store.session() as session:
-        session.execute(insert(Manifest), rows)  # one statement for the run's thousands
+    session.execute(insert(Manifest), rows)  # one statement for the run's thousands

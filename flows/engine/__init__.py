@@ -9,6 +9,7 @@ and how manifests are written (`manifests`) stay inside.
     warm(run, claimed, limits)       open the first lanes' sessions in the background
     plan(runner, ready, batch)       the page's upload tasks: lanes, wave by wave
     send(run, lanes, batch, limits)  -> reports, one per destination
+    manifests_owed(run, project, destinations)  whether manifests are owed (an earlier run's too)
     write_manifests(run)             last: the destinations whose manifest was not written
     close_run(run)                   close the run's sessions
 """
@@ -29,7 +30,15 @@ from patient_delivery.flows.engine.waves import Lane
 from patient_delivery.flows.reporting import BatchReport
 
 __all__ = [
-    "Lane", "RunLimits", "close_run", "destinations", "open_run", "plan", "send", "warm",
+    "Lane",
+    "RunLimits",
+    "close_run",
+    "destinations",
+    "manifests_owed",
+    "open_run",
+    "plan",
+    "send",
+    "warm",
     "write_manifests",
 ]  # fmt: skip
 
@@ -74,9 +83,15 @@ def send(run: str, lanes: list[Lane], batch: int, limits: RunLimits) -> list[Bat
     return sending.send_wave(run, lanes, batch, limits)
 
 
+def manifests_owed(run: str, project_id: str | None, destinations: tuple[str, ...]) -> bool:
+    """Whether the run owes manifests: for what it delivered, or for earlier runs' files whose
+    manifest could not be written (taken over here, within the run's scope)."""
+    return manifests.owed(run, project_id, destinations)
+
+
 def write_manifests(run: str) -> dict[str, str]:
-    """Write a manifest to each destination the run delivered to; each destination whose
-    manifest could not be written, with the reason."""
+    """Write a manifest to each destination the run owes one; each destination whose
+    manifest could not be written, with the reason (its files wait for the next run's)."""
     return manifests.write_all(run)
 
 

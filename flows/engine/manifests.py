@@ -2,7 +2,8 @@
 
 Each is uploaded like a document (temporary name, verified, put in place), over the run's own
 session to that destination, after every upload of the run has ended: a manifest never lists a
-file that is not there. A destination whose `manifest_template` is empty gets none.
+file that is not there. A destination whose `manifest_template` is empty gets none. A manifest
+that could not be written is owed: its files are listed by the next run's manifest there.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-from patient_delivery import manifests
+from patient_delivery import ledger, manifests
 from patient_delivery.blocks import DeliveryError, load_destination
 from patient_delivery.flows.engine import sessions
 from patient_delivery.manifests import Drop, Written
@@ -20,18 +21,33 @@ THREADS = 8
 """Manifests written at once (each to its own destination)."""
 
 
+def owed(run_id: str, project_id: str | None, destinations: tuple[str, ...]) -> bool:
+    """Whether the run has manifests to write: for what it delivered, or taken over from
+    earlier runs whose manifest could not be written (within the run's project and
+    destinations)."""
+    store = open_store()
+    stale = datetime.now(UTC) - ledger.default_lease()
+    manifests.take_over(store, run_id, stale, project_id, destinations)
+    return manifests.owed(store, run_id)
+
+
 def write_all(run_id: str) -> dict[str, str]:
-    """Write the run's manifests and keep them in the ledger (one transaction); each
-    destination whose manifest could not be written, with the reason."""
+    """Write the run's manifests and settle them in the ledger (one transaction); each
+    destination whose manifest could not be written, with the reason (its files wait for the
+    next run's manifest)."""
     store = open_store()
     moment = datetime.now(UTC)
     drops = manifests.drops(store, run_id)
     with ThreadPoolExecutor(max(1, min(THREADS, len(drops)))) as pool:
         results = list(pool.map(lambda drop: _write(run_id, drop, moment), drops))
-    manifests.record(store, run_id, [r for r in results if not isinstance(r, str) and r])
-    return {
-        drop.destination: r for drop, r in zip(drops, results, strict=True) if isinstance(r, str)
-    }
+    outcomes = list(zip(drops, results, strict=True))
+    manifests.settle(
+        store, run_id,
+        written=[r for _, r in outcomes if isinstance(r, Written)],
+        released=[d for d, r in outcomes if isinstance(r, str)],
+        off=[d for d, r in outcomes if r is None],
+    )  # fmt: skip
+    return {drop.destination: r for drop, r in outcomes if isinstance(r, str)}
 
 
 def _write(run_id: str, drop: Drop, moment: datetime) -> Written | str | None:
@@ -48,7 +64,7 @@ def _write(run_id: str, drop: Drop, moment: datetime) -> Written | str | None:
         with writing, pool.lease() as lease:
             sent = lease.session().upload(path, content, manifests.sha256(content))
     except DeliveryError as exc:
-        return f"manifest not written: {exc}"
+        return str(exc)
     except Exception as exc:
-        return f"manifest not written ({type(exc).__name__})"
+        return f"it could not be written ({type(exc).__name__})"
     return Written(drop, sent.path, sent.sha256, sent.size)

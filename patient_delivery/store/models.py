@@ -12,6 +12,7 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 
 def utcnow() -> datetime:
@@ -153,6 +155,7 @@ class Delivery(Base):
         Index("ix_deliveries_patient", "patient_id", "data_type", "destination"),
         Index("ix_deliveries_project_destination", "project_id", "destination"),
         Index("ix_deliveries_destination_path", "destination", "path"),
+        Index("ix_deliveries_manifest_owed", "manifest_owed", "manifest_run"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -171,6 +174,11 @@ class Delivery(Base):
     size: Mapped[int | None] = mapped_column(Integer)
     landing: Mapped[str | None] = mapped_column(String(16))
     """How the file was put in place, where a destination has several ways (SFTP)."""
+    manifest_owed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Delivered, and not yet listed in a manifest written to its destination."""
+    manifest_run: Mapped[str | None] = mapped_column(String(64))
+    """The run whose manifest is to list it (the delivering run, or a later one taking over a
+    manifest that could not be written)."""
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
