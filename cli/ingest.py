@@ -13,6 +13,7 @@ from patient_delivery.cli.common import (
     console,
     current_store,
     errors,
+    fail,
     in_scope,
     prefect,
     print_frame,
@@ -122,13 +123,16 @@ def patient_share(
 
 @patient_app.command("unshare")
 def patient_unshare(
-    project_id: str,
     patient_id: str,
+    project_id: str,
     reason: Annotated[str | None, typer.Option(help="Why, for the record (500 characters)")] = None,
 ) -> None:
     """The patient stops sharing with the project, from now on: nothing more of theirs is sent
     to its destinations or served to it through the pull API; what is not yet sent is
-    withdrawn. Recorded with who, when and why."""
+    withdrawn. Recorded with who, when and why. PATIENT PROJECT, as `patient share`."""
+    if not patient_id.startswith("hx_") and project_id.startswith("hx_"):
+        raise fail("the order is PATIENT PROJECT (as `patient share`): "
+                   f"patient unshare {project_id} {patient_id}", code=2)  # fmt: skip
     import getpass
     import socket
 
@@ -202,6 +206,11 @@ def _print_import(report) -> None:  # type: ignore[no-untyped-def]
         f"documents stored {report.documents_created}, unchanged {report.documents_unchanged}; "
         f"deliveries queued {report.deliveries_queued}"
     )
+    if report.left_out_types:
+        kinds = ", ".join(
+            f"{kind} {count}" for kind, count in sorted(report.left_out_types.items())
+        )
+        console.print(f"left out (not about one patient): {kinds}", highlight=False)
     for refusal in report.refused:
         errors.print(f"[yellow]refused:[/yellow] {refusal}", highlight=False)
     if report.refused:
@@ -241,11 +250,12 @@ def unsubscribe(
     destination: Annotated[str, typer.Argument(help="Destination block, e.g. local-destination/x")],
 ) -> None:
     """Stop delivering a project's documents to a destination; what is still queued for it (or
-    failed and waiting to be retried) is withdrawn. What was delivered stays in the ledger."""
+    failed and waiting to be retried) is cancelled (marked superseded: it will not be sent).
+    What was delivered stays in the ledger."""
     from patient_delivery import ingest
 
-    withdrawn = refusals(lambda: ingest.unsubscribe(current_store(), project_id, destination))
-    console.print(f"unsubscribed; {withdrawn} deliveries withdrawn")
+    cancelled = refusals(lambda: ingest.unsubscribe(current_store(), project_id, destination))
+    console.print(f"unsubscribed; {cancelled} queued deliveries cancelled (superseded)")
 
 
 @app.command()

@@ -89,8 +89,8 @@ def deliveries(
         frame = frame.assign(
             delivered_at=frame["delivered_at"].map(_short_time), sha256=frame["sha256"].str[:12]
         )[NARROW_COLUMNS]
-        frame["patient_id"] = frame["patient_id"].map(_short_id)  # whole in --json and --csv
-        frame["flow_run_id"] = frame["flow_run_id"].map(_short_id)
+        if console.width < WIDE:  # a stable prefix; whole in --json, --csv, and wider
+            frame["patient_id"] = frame["patient_id"].map(_short_id)
     print_frame(frame, "deliveries")
 
 
@@ -100,6 +100,10 @@ NARROW_COLUMNS = [
 ]  # fmt: skip
 """The columns on a terminal, most needed first: those that do not fit the width are left out
 (and named)."""
+
+
+WIDE = 120
+"""Terminal width from which patient IDs are shown whole (run IDs always are)."""
 
 
 def _short_id(value: object) -> str:
@@ -130,11 +134,12 @@ def _written(frame: pd.DataFrame, title: str, csv: str | None, as_json: bool) ->
     escaped in both) or as one JSON document; whether done."""
     if csv:
         text = frame.map(lambda value: escaped(value) if isinstance(value, str) else value)
+        iso = {"date_format": "%Y-%m-%dT%H:%M:%S.%fZ"}  # UTC, ISO 8601, as --json writes them
         if csv == "-":
-            text.to_csv(sys.stdout, index=False)
+            text.to_csv(sys.stdout, index=False, **iso)
         else:
             with _owner_only(Path(csv), "--csv") as out:
-                text.to_csv(out, index=False)
+                text.to_csv(out, index=False, **iso)
             errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
     if as_json:
         print_json({title: records(frame)})

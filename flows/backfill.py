@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
+from patient_delivery.flows import runtime
 from patient_delivery.flows.deliver import deliver
 from patient_delivery.flows.reporting import RunSummary, run_name
 from patient_delivery.ingest import check_scope
@@ -92,7 +93,8 @@ def _describe(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {action}" for action, n in sorted(counts.items())) or "nothing matches"
 
 
-@flow(name="backfill", flow_run_name=lambda: _run_name("backfill"), validate_parameters=True)
+@flow(name="backfill", flow_run_name=lambda: _run_name("backfill"),
+      timeout_seconds=runtime.run_timeout(), validate_parameters=True)  # fmt: skip
 def backfill(
     organization_id: str | None = None,
     project_id: str | None = None,
@@ -147,7 +149,8 @@ def backfill(
     return counts
 
 
-@flow(name="redeliver", flow_run_name=lambda: _run_name("redeliver"), validate_parameters=True)
+@flow(name="redeliver", flow_run_name=lambda: _run_name("redeliver"),
+      timeout_seconds=runtime.run_timeout(), validate_parameters=True)  # fmt: skip
 def redeliver(
     project_id: str | None = None,
     destination: str | None = None,

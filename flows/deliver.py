@@ -148,7 +148,7 @@ def _describe_run() -> str:
 
 
 @flow(name="deliver-updates", flow_run_name=_run_name, task_runner=runtime.task_runner(),
-      validate_parameters=True)  # fmt: skip
+      timeout_seconds=runtime.run_timeout(), validate_parameters=True)  # fmt: skip
 async def deliver_updates(
     project_id: str | None = None,
     destinations: list[str] | None = None,

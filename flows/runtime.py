@@ -73,6 +73,11 @@ def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[
     return DaskTaskRunner(address=address)
 
 
+def run_timeout() -> float:
+    """Seconds a run may take before Prefect ends it TimedOut (`run_timeout_minutes`)."""
+    return get_settings().run_timeout_minutes * 60.0
+
+
 def current_task_runner() -> TaskRunner | None:  # type: ignore[type-arg]
     context = FlowRunContext.get()
     return context.task_runner if context is not None else None

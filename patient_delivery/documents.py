@@ -155,6 +155,11 @@ def check_ccda(content: bytes) -> None:
             "expansion or external entities, so they are refused"
         )
     qname = etree.QName(root)
+    if qname.localname == "ClinicalDocument" and not qname.namespace:
+        raise InvalidDocument(
+            f"ccda root element 'ClinicalDocument' has no namespace; C-CDA needs "
+            f'xmlns="{CDA_NAMESPACE}" on it (line {root.sourceline})'
+        )
     if qname.localname != "ClinicalDocument" or qname.namespace != CDA_NAMESPACE:
         found = f"{{{qname.namespace}}}{qname.localname}" if qname.namespace else qname.localname
         raise InvalidDocument(

@@ -52,6 +52,9 @@ class ImportReport:
     documents_unchanged: int = 0
     deliveries_queued: int = 0
     resources_without_patient: int = 0
+    left_out_types: dict[str, int] = field(default_factory=dict)
+    """Resources not about one patient (Location, Organization, Practitioner...), by type:
+    left out of every patient's bundle."""
     refused: list[str] = field(default_factory=list)
     patient_ids: list[str] = field(default_factory=list)
 
@@ -120,6 +123,8 @@ def import_fhir_bulk(
             targets = {ref.removeprefix("Patient/") for ref in patient_references(resource)}
             if not targets:
                 report.resources_without_patient += 1
+                kind = str(resource.get("resourceType"))
+                report.left_out_types[kind] = report.left_out_types.get(kind, 0) + 1
             elif len(targets) > 1 or not targets <= patients.keys():
                 report.refused.append(
                     f"{path.name} line {number}: refers to a patient not in this export "

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
             "few connections to spare; lanes then wait for one."
         ),
     )
+    run_timeout_minutes: int = Field(
+        default=120,
+        ge=1,
+        description=(
+            "A delivery, re-delivery or backfill run still going after this long ends TimedOut "
+            "(and alerts), so a hung run cannot hold the deployment's one-at-a-time slot "
+            "forever; what it had not sent is owed to the next run. Read when the flows are "
+            "imported (a worker's run process)."
+        ),
+    )
     mcp_sessions_per_organization: int = Field(
         default=50,
         ge=1,

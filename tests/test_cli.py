@@ -52,6 +52,9 @@ def test_imports_report_counts_and_refusals(
     run("project", "add", "acme", "Study", "--id", "study")
     out = run("import", "fhir-bulk", str(fixtures_dir / "fhir-bulk-10"), "--project", "study")
     assert "patients created 13" in out and "documents stored 13" in out
+    [left_out] = [line for line in out.splitlines() if line.startswith("left out")]
+    for kind in ("Location", "Organization", "Practitioner", "PractitionerRole"):
+        assert f"{kind} " in left_out
     bad = tmp_path / "bad.xml"
     bad.write_text("<nope/>")
     files = [str(fixtures_dir / "ccda" / "CCD_1.xml"), str(bad)]
@@ -195,7 +198,7 @@ def test_backfill_and_redeliver_from_the_command_line(store: Store, tmp_path: Pa
     assert "dry run" in planned and "resend" in planned
     assert "delivered" in run("redeliver", "--project", "study", "--destination",
                               "local-destination/cli-backfill", "--full")  # fmt: skip
-    assert "needs a project and a destination" in run("redeliver", "--full", code=2)
+    assert "--full: needs --project and --destination" in run("redeliver", "--full", code=2)
 
 
 def with_a_disclosure(store: Store, path: str, organization: str = "Acme") -> str:

@@ -247,10 +247,12 @@ def test_unshare_from_the_command_line_is_recorded_and_shown_with_the_disclosure
     patient = run("patient", "add", "study").strip()
     run("document", "put", patient, "ccda", "-", input=CCDA % 1)
 
-    assert "share withdrawn; 0 deliveries withdrawn" in run("patient", "unshare", "study", patient)
+    assert "share withdrawn; 0 deliveries withdrawn" in run("patient", "unshare", patient, "study")
     shown = json.loads(run("disclosures", "--patient", patient, "--json"))
     [withdrawal] = shown["share_withdrawals"]
     assert withdrawal["project_id"] == "study" and withdrawal["recorded_by"].startswith("cli:")
-    assert "does not share with project" in run("patient", "unshare", "study", patient, code=2)
-    long = run("patient", "unshare", "study", patient, "--reason", "x" * 501, code=2)
+    assert "does not share with project" in run("patient", "unshare", patient, "study", code=2)
+    long = run("patient", "unshare", patient, "study", "--reason", "x" * 501, code=2)
+    swapped = run("patient", "unshare", "study", patient, code=2)
+    assert "the order is PATIENT PROJECT" in swapped and len(swapped.strip().splitlines()) == 1
     assert "reason: at most 500 characters" in long and "xxx" not in long

@@ -41,6 +41,10 @@ def test_checked_document_carries_sha256_and_size() -> None:
         (b"not xml at all", "not well-formed XML at line 1"),
         (
             b"<ClinicalDocument><title/></ClinicalDocument>",
+            "'ClinicalDocument' has no namespace; C-CDA needs xmlns=\"urn:hl7-org:v3\"",
+        ),
+        (
+            b"<ClinicalDocument xmlns='urn:other'><title/></ClinicalDocument>",
             "expected 'ClinicalDocument' in namespace",
         ),
         (b"<Other xmlns='urn:hl7-org:v3'/>", "root element is '{urn:hl7-org:v3}Other'"),

@@ -96,7 +96,7 @@ def test_subscriptions_organizations_and_projects_list_and_an_unsubscribe_withdr
     assert (project["project_id"], project["patients"], project["destinations"]) == (study, 1, 1)
     assert "acme" in run("org", "list") and "Study" in run("project", "list")
 
-    assert "1 deliveries withdrawn" in run("unsubscribe", study, destination)
+    assert "1 queued deliveries cancelled (superseded)" in run("unsubscribe", study, destination)
     assert as_json("subscriptions")["subscriptions"] == []
     [row] = as_json("deliveries")["deliveries"]
     assert (row["status"], row["last_error"]) == ("superseded", "unsubscribed")

@@ -55,4 +55,4 @@ def test_the_event_trigger_coalesces_bursts_and_runs_wait_their_turn() -> None:
     [deliver] = [d for d in config["deployments"] if d["name"] == "deliver-updates"]
     [trigger] = deliver["triggers"]
     assert (trigger["posture"], trigger["threshold"], trigger["within"]) == ("Reactive", 1, 10)
-    assert deliver["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert deliver["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}

@@ -141,7 +141,7 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
     crons = [s["schedule"].get("cron") for s in found["deliver-updates"]["schedules"]]
     assert crons == ["*/5 * * * *"]
     assert found["deliver-updates"]["global_concurrency_limit"]["limit"] == 1
-    assert found["deliver-updates"]["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert found["deliver-updates"]["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
     root = tmp_path / "org-folder"
     patient = project_with_folder(env, "service-folder", root)
