@@ -62,11 +62,22 @@ def problem(reference: str, error: Exception) -> str:
     errors = getattr(error, "errors", None)
     if callable(errors):  # pydantic's ValidationError: which fields, and what is wrong
         found = [
-            f"{'.'.join(map(str, e['loc'])) or 'block'}: {e['msg']}"
+            f"{'.'.join(map(str, e['loc'])) or 'block'}: {_rule(e['msg'])}"
             for e in errors(include_input=False, include_url=False)
         ]
         return f"block {reference} is invalid: " + "; ".join(found)
     return f"block {reference} cannot be loaded ({type(error).__name__})"
+
+
+RULE_LENGTH = 160
+"""Most characters of one field's reason in a problem: a line to read in a table, not a page."""
+
+
+def _rule(message: str) -> str:
+    """The rule a field broke, short: pydantic's "Value error, " and a template's example
+    left out (the block's form and `docs/` have them)."""
+    rule = message.removeprefix("Value error, ").split("; example of a valid template")[0]
+    return rule if len(rule) <= RULE_LENGTH else rule[: RULE_LENGTH - 1] + "…"
 
 
 def load_destination(reference: str) -> Destination:

@@ -4,8 +4,14 @@ Each command group is a module; commands that need Prefect import it when they r
 store-only commands stay fast.
 """
 
-from patient_delivery.cli import alerts, demo, destinations, ingest, ledger, pull, runs
-from patient_delivery.cli.common import app, fail
+import sys
+
+# Cache the bytecode of what the command imports (Prefect, pandas...) in its environment, also
+# where PYTHONDONTWRITEBYTECODE is set: otherwise every command compiles them again from source.
+sys.dont_write_bytecode = False
+
+from patient_delivery.cli import alerts, demo, destinations, ingest, ledger, pull, runs  # noqa: E402
+from patient_delivery.cli.common import app, fail  # noqa: E402
 
 __all__ = ["alerts", "app", "demo", "destinations", "ingest", "ledger", "main", "pull", "runs"]
 

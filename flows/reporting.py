@@ -196,7 +196,8 @@ class Progress:
 def publish(summary: RunSummary) -> None:
     """The run's summary as a table artifact (`delivery-summary`)."""
     rows = summary.rows() or [{"destination": "(none)", "delivered": 0, "failed": 0}]
-    description = f"Delivery run: {summary.delivered} delivered, {summary.failed} failed."
+    parked = f", {summary.parked} parked until their block is fixed" if summary.parked else ""
+    description = f"Delivery run: {summary.delivered} delivered, {summary.failed} failed{parked}."
     runtime.create_table(rows, key="delivery-summary", description=description)
 
 

@@ -15,6 +15,8 @@ import os
 import socket
 import sys
 
+sys.dont_write_bytecode = False  # as the command's: Prefect's server is not compiled every time
+
 SOCKET_FD = "PATIENT_DELIVERY_API_SOCKET_FD"
 """Environment variable: the inherited listening socket's file descriptor."""
 

@@ -306,6 +306,10 @@ def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_sta
 
     assert state.is_completed()
     assert (summary.delivered, summary.failed, summary.parked) == (1, 0, 1)
+    from prefect.artifacts import Artifact
+
+    card = Artifact.get("delivery-summary")  # the run's card says what waits, too
+    assert card is not None and "1 parked until their block is fixed" in (card.description or "")
     [parked] = rows(store, status="failed")
     assert parked.destination == unusable and parked.attempts == 0
     if block == "missing":

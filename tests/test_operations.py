@@ -118,6 +118,8 @@ def test_destination_list_shows_a_block_saved_invalid_and_still_lists_the_others
     assert listed[bad]["writes_to"] is None
     assert listed[bad]["problem"].startswith(f"block {bad} is invalid: ")
     assert "path_template: " in listed[bad]["problem"] and "; root: " in listed[bad]["problem"]
+    assert "example of a valid" not in listed[bad]["problem"]  # the rule, short
+    assert len(listed[bad]["problem"]) < 400 and "{bogus}" in listed[bad]["problem"]
     table = run("destination", "list")
     assert f"INVALID: block {bad} is invalid" in table and (tmp_path / "good").as_uri() in table
 
