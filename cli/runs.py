@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
+from uuid import UUID
 
 import typer
 from rich.console import Console
@@ -24,6 +25,8 @@ from patient_delivery.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from prefect.states import State
+
     from patient_delivery.flows.reporting import RunSummary
 
 
@@ -157,7 +160,7 @@ def start_deployment(
         flow_run = run_deployment(
             name,
             parameters={k: v for k, v in parameters.items() if v is not None},
-            timeout=None if watch else 0,
+            timeout=0,
             flow_run_name=run_name,
         )
     except ObjectNotFound:
@@ -170,11 +173,53 @@ def start_deployment(
     if address:
         console.print(address, highlight=False, soft_wrap=True)
     if watch:
-        state = flow_run.state
-        ended = f"{state.name if state else 'unknown'}: {state.message if state else ''}"
-        console.print(printable(ended), soft_wrap=True)
-        if state is None or not state.is_completed():
+        state, headline = _watch(flow_run.id)
+        console.print(printable(f"{state.name}: {headline}"), soft_wrap=True)
+        if not state.is_completed():
             raise typer.Exit(1)
+
+
+WATCH_EVERY = 2.0
+"""Seconds between looks at a watched run: its state, and its progress artifact."""
+
+
+def _watch(run_id: UUID) -> tuple[State, str]:
+    """Follow a run to its end, printing each state it enters and its progress as it moves;
+    its final state, and its headline (the state's message, else its summary card's)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    from patient_delivery.flows.reporting import PROGRESS_KEY
+
+    def artifact(client, key: str):  # type: ignore[no-untyped-def]
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+        )
+        return found[-1] if found else None
+
+    shown: tuple[object, ...] = ()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            progress = artifact(client, PROGRESS_KEY)
+            now = (run.state_name, progress.data if progress else None)
+            if now != shown:
+                done = f", {float(now[1]):.0f}% sent" if now[1] is not None else ""
+                errors.print(f"{now[0]}{done}", highlight=False)
+                shown = now
+            if run.state is not None and run.state.is_final():
+                card = artifact(client, "delivery-summary")
+                headline = run.state.message or (card.description if card else "") or ""
+                return run.state, headline
+            time.sleep(WATCH_EVERY)
 
 
 def print_summary(summary: RunSummary) -> None:

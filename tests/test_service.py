@@ -174,7 +174,8 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         assert len(delivered) == len(list(root.rglob("*.xml")))  # a dry run sent nothing
 
         watched = cli(env, "deliver", "--deployment", "--watch", "--name", "nightly fix")
-        assert watched.splitlines()[-1].startswith("Completed")
+        ended = watched.splitlines()[-1]  # the state and the run's headline, not "None"
+        assert ended.startswith("Completed: Delivery run: ") and " delivered, " in ended
         watched_id = watched.splitlines()[0].rsplit("(", 1)[1].rstrip(")")
         named = httpx.get(f"{deployed.url}/flow_runs/{watched_id}", timeout=30).json()["name"]
         assert named == "nightly fix"  # a name given by a person is kept
