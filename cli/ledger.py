@@ -7,7 +7,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
@@ -86,9 +85,7 @@ def deliveries(
     if _written(frame, "deliveries", csv, as_json) or parquet:
         return
     if not wide:
-        frame = frame.assign(
-            delivered_at=frame["delivered_at"].map(_short_time), sha256=frame["sha256"].str[:12]
-        )[NARROW_COLUMNS]
+        frame = frame.assign(sha256=frame["sha256"].str[:12])[NARROW_COLUMNS]
         if console.width < WIDE:  # a stable prefix; whole in --json, --csv, and wider
             frame["patient_id"] = frame["patient_id"].map(_short_id)
     print_frame(frame, "deliveries")
@@ -111,10 +108,6 @@ def _short_id(value: object) -> str:
     and to find the row in `--json`)."""
     text = "" if value is None or value != value else str(value)
     return text if len(text) <= 12 else text[:11] + "…"
-
-
-def _short_time(value: object) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else ""
 
 
 @contextmanager
@@ -178,13 +171,11 @@ def disclosures(
     if _written(frame, "disclosures", csv, as_json=False):
         return
     frame = frame.assign(
-        disclosed_at=frame["disclosed_at"].map(_short_time),
         sha256=frame["sha256"].str[:12],
         document_sha256=frame["document_sha256"].str[:12],
     )
     print_frame(frame, "disclosures")
     if not withdrawals.empty:
-        withdrawals["withdrawn_at"] = withdrawals["withdrawn_at"].map(_short_time)
         print_frame(withdrawals, "shares withdrawn (the patient stopped sharing)")
 
 
@@ -199,7 +190,6 @@ def status(as_json: Json = False) -> None:
         print_json({"destinations": records(counts), "recent_runs": records(runs)})
         return
     print_frame(counts, "deliveries by destination and status")
-    runs["last_activity"] = runs["last_activity"].map(_short_time)
     print_frame(runs, "recent runs (by the ledger rows they last touched)")
 
 

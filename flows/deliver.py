@@ -7,7 +7,8 @@ record what happened.
                  it; a destination whose block cannot be used has its deliveries parked
     upload    -> per destination, a lane per connection (`flows.engine`); each batch writes its
                  outcomes to the ledger as it ends, so a crash loses nothing
-    manifests -> last, one per destination and project delivered to
+    manifests -> last, one per destination and project delivered to (and any an earlier run
+                 could not write)
     record    -> the run's summary: a table artifact, an event per failing destination, a red
                  run when anything failed
 
