@@ -49,6 +49,8 @@ from patient_delivery.blocks.probe import ConnectionReport
 from patient_delivery.paths import (
     DEFAULT_MANIFEST_TEMPLATE,
     DEFAULT_TEMPLATE,
+    DOCUMENTS,
+    MANIFESTS,
     PathTemplate,
     PathTemplateError,
     PathValueError,
@@ -71,6 +73,7 @@ class Destination(Block, ABC):
             "{orgId}, {projectId}, {healthexPatientId}, {externalId}, {dataType}, {timestamp}. "
             "The file name gets .xml (ccda) or .json (fhir) when it does not end with it."
         ),
+        json_schema_extra={"pattern": DOCUMENTS.schema_pattern},
     )
     max_connections: int = Field(
         default=4,
@@ -90,6 +93,7 @@ class Destination(Block, ABC):
             "The default goes under the path template's fixed folders (where a role scoped to "
             "them may write). Empty: no manifests."
         ),
+        json_schema_extra={"pattern": f"^$|{MANIFESTS.schema_pattern}"},
     )
 
     encryption_key: str | None = Field(

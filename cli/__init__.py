@@ -11,16 +11,19 @@ import sys
 sys.dont_write_bytecode = False
 
 from patient_delivery.cli import alerts, demo, destinations, ingest, ledger, pull, runs  # noqa: E402
-from patient_delivery.cli.common import app, fail  # noqa: E402
+from patient_delivery.cli.common import app, fail, warn  # noqa: E402
+from patient_delivery.events import sent_together  # noqa: E402
 
 __all__ = ["alerts", "app", "demo", "destinations", "ingest", "ledger", "main", "pull", "runs"]
 
 
 def main() -> None:
-    """The console script's entry point. An unreachable Prefect API is one line, not the
-    traceback of every layer between the command and the socket."""
+    """The console script's entry point. The command's events have reached Prefect when it
+    exits. An unreachable Prefect API is one line, not the traceback of every layer between the
+    command and the socket."""
     try:
-        app()
+        with sent_together(on_failure=warn):
+            app()
     except Exception as exc:
         reason = _unreachable(exc)
         if reason is None:

@@ -153,6 +153,11 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def warn(message: str) -> None:
+    """Print one warning line on stderr (the command still did its work)."""
+    errors.print(Text("warning: ", style="yellow") + Text(message), highlight=False, soft_wrap=True)
+
+
 def start_prefect() -> LocalApi | None:
     """Point Prefect at the local defaults (its home under ours) before it is imported; in the
     embedded setup, start this command's temporary API (see `ready`)."""

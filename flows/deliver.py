@@ -2,7 +2,8 @@
 record what happened.
 
     gather    -> claim owed deliveries from the ledger (IDs only), a page at a time; the run
-                 goes on for updates that arrived while it sent (up to `FOLLOW_UPS` pages)
+                 goes on for updates that arrived while it sent (up to `FOLLOW_UPS` pages),
+                 and, with `linger_seconds`, for those that arrive soon after
     render    -> per destination: give each delivery its path, once; a bad value fails only
                  it; a destination whose block cannot be used has its deliveries parked
     upload    -> per destination, a lane per connection (`flows.engine`); each batch writes its
@@ -41,6 +42,13 @@ from patient_delivery.store import Store, open_store
 FOLLOW_UPS = 3
 """Times a run goes on for updates that arrived while it was sending its last page: a burst
 goes in the run it started, and a steady stream still lets runs end (and the next start)."""
+
+LINGER_POLL_SECONDS = 1.0
+"""How often a lingering run asks the ledger whether something new is owed (one count)."""
+
+LINGER_LIMIT_SECONDS = 600.0
+"""A run lingers no longer than this after it started: a steady stream of updates still lets
+runs end, and a run that would wait past its timeout does not."""
 
 PAGE_SIZE = 5_000
 """Deliveries claimed per gather by default: the flow holds this many IDs at most, whatever the
@@ -159,6 +167,7 @@ async def deliver_updates(
     max_documents: int | None = None,
     page_size: int = PAGE_SIZE,
     max_sessions: int = 32,
+    linger_seconds: float = 0.0,
 ) -> RunSummary | State:
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
@@ -174,6 +183,9 @@ async def deliver_updates(
         max_sessions: Most destination sessions open at once over every destination (an
             SFTP session is one SSH connection, an S3 session one upload lane); each
             destination's own `max_connections` bounds its share. Local folders open none.
+        linger_seconds: After the last page, wait this long for more updates and deliver
+            them in this run (again after each). The trigger's deployment sets it: a run asked
+            for while this one goes is cancelled, so this run takes its updates.
     """
     work = WorkFilter(
         project_id=project_id,
@@ -181,7 +193,7 @@ async def deliver_updates(
         patient_ids=tuple(patient_ids or ()),
         data_types=tuple(data_types or ()),
     )
-    sizes = Sizes(batch_size, page_size, engine.RunLimits(max_sessions))
+    sizes = Sizes(batch_size, page_size, engine.RunLimits(max_sessions), linger_seconds)
     return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))
 
 
@@ -193,6 +205,8 @@ class Sizes:
     batch: int
     page: int
     limits: engine.RunLimits
+    linger: float = 0.0
+    """Seconds to wait after the last page for more updates (0: end at once)."""
 
 
 def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSummary | State:
@@ -210,6 +224,7 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
     left = max_documents if max_documents is not None else float("inf")
     follow_ups = FOLLOW_UPS
+    started = time.monotonic()
     try:
         while left > 0:
             limit = int(min(max(1, sizes.page), left))
@@ -220,9 +235,12 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
             left -= count
             if count < limit:  # a short page: nothing more was owed when it was claimed
                 arrived = ledger.count_owed(open_store(), claimant, work) if count else 0
-                if not arrived or not follow_ups:
-                    break
-                follow_ups -= 1  # updates that arrived while the page was sent go with this run
+                if arrived and follow_ups:
+                    follow_ups -= 1  # updates that arrived while the page was sent go with it
+                else:
+                    arrived = _linger(claimant, work, sizes.linger, started)
+                    if not arrived:
+                        break
                 progress.grow(arrived)
         # Last, when every file a manifest lists has landed; also for an earlier run's files
         # whose manifest could not be written.
@@ -235,6 +253,18 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     if summary.failed or summary.manifests_failed:  # a red run in the UI, and alerts
         return Failed(message=summary.headline(), data=summary)
     return summary
+
+
+def _linger(claimant: str, work: WorkFilter, seconds: float, started: float) -> int:
+    """Wait up to `seconds` for deliveries to become owed; how many did (0: none came, or the
+    run is past `LINGER_LIMIT_SECONDS`)."""
+    deadline = min(time.monotonic() + seconds, started + LINGER_LIMIT_SECONDS)
+    while time.monotonic() < deadline:
+        time.sleep(min(LINGER_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        arrived = ledger.count_owed(open_store(), claimant, work)
+        if arrived:
+            return arrived
+    return 0
 
 
 def _deliver_page(

@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
@@ -150,9 +152,27 @@ _GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+$")
 
 def run_name(describe: Callable[[], str]) -> str:
     """A run's name: the one a person gave it (the UI's custom-run form, `--name`), or else
-    `describe()` (`deliver cardio to sftp-destination/acme`)."""
+    `describe()` and, for a deployment's run, what started it (`deliver cardio to
+    sftp-destination/acme, scheduled`, `deliver all-projects, trigger: patient data
+    updated`)."""
     given = flow_run.name
-    return given if given and not _GENERATED_NAME.match(given) else describe()
+    if given and not _GENERATED_NAME.match(given):
+        return given
+    context = FlowRunContext.get()
+    return describe() + (started_by(context.flow_run) if context and context.flow_run else "")
+
+
+def started_by(run: FlowRun) -> str:
+    """What started a deployment's run, as the end of its name: its schedule, an automation
+    (a deployment's trigger is one, named in prefect.yaml), or a person (the UI, the CLI, the
+    API). Empty for a flow called directly."""
+    if run.deployment_id is None:
+        return ""
+    if run.auto_scheduled:
+        return ", scheduled"
+    if run.created_by is not None and run.created_by.type == "AUTOMATION":
+        return f", trigger: {run.created_by.display_value or 'an automation'}"
+    return ", on demand"
 
 
 class Progress:
@@ -211,13 +231,22 @@ def announce_failing_destinations(summary: RunSummary) -> None:
             _announce(report, "failed", {"failed": report.failed, "delivered": report.delivered})
 
 
+def announce_unusable(destination: str, reason: str) -> None:
+    """A destination's block cannot be used, found before any delivery was parked for it."""
+    _emit_destination(destination, "unusable", {"parked": 0, "reason": reason})
+
+
 def _announce(report: BatchReport, what: str, counts: dict[str, int]) -> None:
     reason = report.reasons.most_common(1)[0][0] if report.reasons else "unknown"
+    _emit_destination(report.destination, what, {**counts, "reason": reason})
+
+
+def _emit_destination(destination: str, what: str, payload: dict[str, object]) -> None:
     emit_event(
         event=f"patient-delivery.destination.{what}",
         resource={
-            "prefect.resource.id": f"patient-delivery.destination.{report.destination}",
-            "prefect.resource.name": report.destination,
+            "prefect.resource.id": f"patient-delivery.destination.{destination}",
+            "prefect.resource.name": destination,
         },
-        payload={**counts, "reason": reason},
+        payload=payload,
     )

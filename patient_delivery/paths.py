@@ -53,6 +53,21 @@ class TemplateKind:
     """A file name ending the template must have (else the data type's extension is added)."""
     example: str = DEFAULT_TEMPLATE
 
+    @property
+    def schema_pattern(self) -> str:
+        """The template's rules as a JSON Schema `pattern` (ECMA-262 and Python alike), for
+        forms that check what they are given: relative, `/`-separated, no empty, `.` or `..`
+        folder, only this kind's `{variable}`s, the required ones present and the required
+        ending. Characters are left to `PathTemplate.parse`, which every block runs as well."""
+        variable = r"\{(?:" + "|".join(self.variables) + r")\}"
+        segment = rf"(?:[^/\\{{}}]|{variable})+"
+        no_dot_folder = r"(?!(?:.*/)?\.\.?(?:/|$))"
+        required = "".join(
+            r"(?=.*\{(?:" + "|".join(sorted(group)) + r")\})" for group in self.required
+        )
+        ending = rf"(?=.*{re.escape(self.ends_with)}$)" if self.ends_with else ""
+        return rf"^{no_dot_folder}{required}{ending}{segment}(?:/{segment})*$"
+
 
 DOCUMENTS = TemplateKind(
     name="path template",

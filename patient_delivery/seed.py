@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 
 from patient_delivery.documents import check_document
+from patient_delivery.events import emit_data_updated, events_enabled
 from patient_delivery.ingest import create_shared_patient, put_checked
 from patient_delivery.store import Store
 from patient_delivery.synthetic import make_patient
@@ -25,21 +26,26 @@ def seed_project(
     """Add `patients` synthetic patients to a project, each with a ccda and a fhir document.
 
     Returns their healthexPatientIds. The externalId is `EXT-<n>` so that a demo has readable
-    ones; deterministic for a given `seed`.
+    ones; deterministic for a given `seed`. Each document is announced (`patient.data.updated`)
+    like any other ingest, after its chunk is committed.
     """
+    announcing = events_enabled()
     rng = random.Random(f"{project_id}:{seed}")
     created: list[str] = []
     for start in range(0, patients, CHUNK):
         count = min(CHUNK, patients - start)
         made = [make_patient(rng, size_scale) for _ in range(count)]
         documents = [(check_document("ccda", p.ccda), check_document("fhir", p.fhir)) for p in made]
+        stored = []
         with store.session() as session:
             for offset, pair in enumerate(documents):
                 external_id = f"EXT-{seed}-{start + offset + 1:06d}"
                 patient_id = create_shared_patient(session, project_id, external_id)
-                for document in pair:
-                    put_checked(session, patient_id, document)
+                stored += [put_checked(session, patient_id, document) for document in pair]
                 created.append(patient_id)
+        if announcing:
+            for result in stored:  # new patients: each shares with this project only
+                emit_data_updated(result.patient_id, result.data_type, result.version, [project_id])
         if progress:
             progress(count)
     return created

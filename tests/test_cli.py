@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from loopback.servers import free_port
 from patient_delivery.cli import app
 from patient_delivery.store import Store
 
@@ -268,3 +271,26 @@ def test_parquet_without_pyarrow_is_one_line_naming_the_extra(
     refused = run("deliveries", "--parquet", str(tmp_path / "x.parquet"), code=2)
     assert refused.count("\n") == 1 and "install the `parquet` extra" in refused
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_events_prefect_cannot_take_are_one_warning_and_the_document_is_stored(
+    tmp_path: Path,
+) -> None:
+    closed = free_port()
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{closed}/api",
+           "PATIENT_DELIVERY_HOME": str(tmp_path / "home"), "COLUMNS": "200"}  # fmt: skip
+    command = str(Path(sys.executable).parent / "patient-delivery")
+
+    def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([command, *args], env=env, cwd=tmp_path, input=stdin,
+                              capture_output=True, timeout=120, check=False)  # fmt: skip
+
+    run("org", "add", "Acme", "--id", "acme")
+    run("project", "add", "acme", "Study", "--id", "study")
+    patient = run("patient", "add", "study").stdout.decode().strip()
+    ccda = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>t</title></ClinicalDocument>'
+    done = run("document", "put", patient, "ccda", "-", stdin=ccda)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]  # stored: the schedule sends it
+    assert done.stdout.decode().startswith("stored ccda version 1")
+    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: 1 event(s) not sent to Prefect"), lines

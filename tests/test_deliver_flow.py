@@ -126,6 +126,47 @@ def test_updates_that_arrive_while_a_run_sends_go_with_that_run(
     assert deliver().delivered == 0
 
 
+def test_a_lingering_run_takes_updates_that_arrive_after_its_last_page(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    """Updates stored 1 s and 2.5 s after the run sent its only page go with it (the trigger's
+    runs for them would be cancelled while it goes); 3 s without one, it ends."""
+    import threading
+    import time
+
+    from patient_delivery.flows.reporting import progress_hooks
+
+    root = tmp_path / "org-folder"
+    ingest.subscribe(store, project, save_local(root))
+    patients = [ingest.add_patient(store, project) for _ in range(3)]
+    ingest.put_document(store, patients[0], "ccda", CCDA)
+    stored: list[float] = []
+    begun: list[threading.Thread] = []
+
+    def trickle() -> None:
+        for patient, wait in ((patients[1], 1.0), (patients[2], 1.5)):
+            time.sleep(wait)
+            ingest.put_document(store, patient, "ccda", CCDA_V2)
+            stored.append(time.monotonic())
+
+    def first_page_sent(done: int, total: int) -> None:
+        if done == 1 and not begun:
+            begun.append(threading.Thread(target=trickle, daemon=True))
+            begun[0].start()
+
+    progress_hooks.append(first_page_sent)
+    try:
+        summary = deliver(linger_seconds=3.0)
+        ended = time.monotonic()
+    finally:
+        progress_hooks.remove(first_page_sent)
+
+    assert (summary.delivered, summary.failed) == (3, 0)
+    assert len(files_under(root)) == 3
+    assert len(stored) == 2 and ended - stored[-1] >= 3.0  # it waited its 3 s after the last
+    assert deliver().delivered == 0  # nothing was left for the next run
+
+
 def test_each_manifest_written_is_kept_in_the_ledger_and_a_destination_can_turn_them_off(
     store: Store, project: str, tmp_path: Path
 ) -> None:

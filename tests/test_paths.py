@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from patient_delivery.paths import (
+    DEFAULT_MANIFEST_TEMPLATE,
     DEFAULT_TEMPLATE,
+    DOCUMENTS,
+    MANIFESTS,
     PathTemplate,
     PathTemplateError,
     PathValueError,
+    TemplateKind,
     format_timestamp,
 )
 
@@ -185,3 +190,55 @@ def test_manifest_paths_render_through_the_same_checks_as_document_paths() -> No
         folder.render_manifest_path("acme", "a/b", moment, "r1")
     off = LocalDestination(root="/srv/x", manifest_template="")
     assert off.render_manifest_path("acme", "study", moment, "r1") == ""
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        *[
+            (DOCUMENTS, t)
+            for t in (
+                DEFAULT_TEMPLATE,
+                "incoming/{externalId}.xml",
+                "{orgId}/{healthexPatientId}",
+                "a.b/{externalId}-{timestamp}",
+                "{externalId}/.hidden",
+                "x..y/{externalId}",
+                "/{orgId}/{bogus}/../x",
+                "{orgId}/{projectId}",
+                "a/../{externalId}",
+                "..",
+                "./{externalId}",
+                "a//{externalId}",
+                "{externalId}/",
+                "{externalId",
+                "a}/{externalId}",
+                "a\\b/{externalId}",
+                "{ externalId }",
+                "{runId}/{externalId}",
+                "",
+            )
+        ],
+        *[
+            (MANIFESTS, t)
+            for t in (
+                DEFAULT_MANIFEST_TEMPLATE,
+                "in/{projectId}/{runId}.json",
+                "{projectId}-{runId}.json",
+                "{projectId}/{runId}",
+                "{orgId}/manifest.json",
+                "/{projectId}/{runId}.json",
+                "{projectId}/../{runId}.json",
+                "{projectId}/{healthexPatientId}{runId}.json",
+            )
+        ],
+    ],
+)
+def test_the_schema_pattern_agrees_with_the_parser(kind: TemplateKind, text: str) -> None:
+    """What a form checks with the pattern is what the block checks (characters aside)."""
+    try:
+        PathTemplate.parse(text, kind)
+        valid = True
+    except PathTemplateError:
+        valid = False
+    assert bool(re.fullmatch(kind.schema_pattern, text)) == valid

@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_deployment_entrypoint_is_a_flow() -> None:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = config["deployments"]
-    assert {d["name"] for d in deployments} == {"deliver-updates", "redeliver", "backfill"}
+    assert {d["name"] for d in deployments} == {
+        "deliver-updates",
+        "redeliver",
+        "backfill",
+        "check-destination",
+    }
     for deployment in deployments:
         path, name = deployment["entrypoint"].split(":")
         module = importlib.import_module(
@@ -56,3 +61,18 @@ def test_the_event_trigger_coalesces_bursts_and_runs_wait_their_turn() -> None:
     [trigger] = deliver["triggers"]
     assert (trigger["posture"], trigger["threshold"], trigger["within"]) == ("Reactive", 1, 10)
     assert deliver["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_a_scheduled_run_is_named_for_its_schedule() -> None:
+    """The service tests see a trigger's and a person's runs named; a schedule's run starts only
+    on the schedule's minute, so its naming is checked on the run record Prefect gives it."""
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+
+    from patient_delivery.flows.reporting import started_by
+
+    scheduled = FlowRun(flow_id=uuid4(), deployment_id=uuid4(), auto_scheduled=True)
+    assert started_by(scheduled) == ", scheduled"
+    assert started_by(FlowRun(flow_id=uuid4(), deployment_id=uuid4())) == ", on demand"
+    assert started_by(FlowRun(flow_id=uuid4())) == ""  # a flow called directly: no deployment

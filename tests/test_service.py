@@ -17,9 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from loopback.servers import PrefectServer
 from patient_delivery.store import open_store
+from patient_delivery.store.models import Patient
 from tests.faults import REPORT, check_invariant, sigkill_once_files_arrive
 from tests.test_local_destination import FolderRemote
 
@@ -167,6 +169,8 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         assert address.endswith(f"/runs/flow-run/{run_id}")
         state = wait_for_run(deployed, run_id)
         assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        named = httpx.get(f"{deployed.url}/flow_runs/{run_id}", timeout=30).json()["name"]
+        assert named == "backfill study (dry run), on demand"  # what it does, who started it
         artifacts = httpx.post(f"{deployed.url}/artifacts/filter", timeout=30, json={
             "artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["backfill-plan"]}}
         }).json()  # fmt: skip
@@ -208,6 +212,8 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
         stop_group(worker)
     triggered = [run for run in runs if not run["auto_scheduled"]]
     assert 1 <= len(triggered) <= 2, [(r["name"], r["state"]["type"]) for r in triggered]
+    ran = [run["name"] for run in triggered if run["state"]["type"] == "COMPLETED"]
+    assert ran and set(ran) == {"deliver all-projects, trigger: patient data updated"}, ran
     delivered = sorted(p.read_bytes() for p in root.rglob("*.xml"))
     assert delivered == sorted(f.read_bytes() for f in files)  # each once, nothing else
     ledger = json.loads(cli(env, "deliveries", "--json"))["deliveries"]
@@ -215,10 +221,131 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
     print(f"\n50 updates in one import: {len(triggered)} triggered run(s)")
 
 
+def save_block_as_the_ui_does(server: PrefectServer, slug: str, name: str, data: dict) -> None:
+    """What the Prefect UI's block form sends on Save: the values as typed, no model in between."""
+    kind = httpx.get(f"{server.url}/block_types/slug/{slug}", timeout=30).json()
+    [schema] = httpx.post(f"{server.url}/block_schemas/filter", timeout=30, json={
+        "block_schemas": {"block_type_id": {"any_": [kind["id"]]}}, "limit": 1,
+    }).json()  # fmt: skip
+    saved = httpx.post(f"{server.url}/block_documents/", timeout=30, json={
+        "name": name, "data": data, "block_schema_id": schema["id"], "block_type_id": kind["id"],
+    })  # fmt: skip
+    assert saved.status_code == 201, saved.text  # Prefect stores it: nothing checks the rules
+
+
+def test_the_block_schema_carries_the_rules_a_form_can_check(deployed: PrefectServer) -> None:
+    """The schema Prefect serves for our blocks holds each rule JSON Schema can say (a pattern
+    for the templates and the root), and Prefect's own validation, the one its forms call,
+    refuses the values the UI stored above; the same rules pass every default."""
+    kind = httpx.get(f"{deployed.url}/block_types/slug/local-destination", timeout=30).json()
+    [schema] = httpx.post(f"{deployed.url}/block_schemas/filter", timeout=30, json={
+        "block_schemas": {"block_type_id": {"any_": [kind["id"]]}}, "limit": 1,
+    }).json()  # fmt: skip
+
+    def refused(values: dict) -> set[str]:
+        answer = httpx.post(f"{deployed.url}/ui/schemas/validate", timeout=30,
+                            json={"schema": schema["fields"], "values": values}).json()  # fmt: skip
+        return {error["property"] for error in answer["errors"]}
+
+    typed = {"root": "relative/folder", "path_template": "/{orgId}/{bogus}/../x",
+             "manifest_template": "{orgId}/manifest.json"}  # fmt: skip
+    assert refused(typed) == {"root", "path_template", "manifest_template"}
+    assert refused({"root": "/srv/org"}) == set()  # the defaults pass
+    assert refused({"root": "~/org", "manifest_template": ""}) == set()  # empty: no manifests
+
+
+def test_a_destination_saved_from_the_ui_is_checked_at_once(
+    deployed: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The UI's form stores a template with an unknown variable and a '..' folder, and a
+    relative root; the check run started by the save fails naming both fields (not their
+    values) and raises the "unusable" event. A valid block saved the same way passes."""
+    since = _iso(time.time() - 1)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        save_block_as_the_ui_does(deployed, "local-destination", "typed-in-ui", {
+            "root": "relative/folder", "path_template": "/{orgId}/{bogus}/../x",
+        })  # fmt: skip
+        save_block_as_the_ui_does(deployed, "local-destination", "fine-in-ui", {
+            "root": str(tmp_path / "fine"),
+        })  # fmt: skip
+        checks: dict[str, dict] = {}
+        deadline = time.monotonic() + 120
+        while (
+            time.monotonic() < deadline
+            and len([r for r in checks.values() if r["state"]["type"] in ("COMPLETED", "FAILED")])
+            < 2
+        ):
+            time.sleep(1)
+            runs = httpx.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+                "deployments": {"id": {"any_": [deployments(deployed)["check-destination"]["id"]]}},
+                "flow_runs": {"expected_start_time": {"after_": since}},
+            }).json()  # fmt: skip
+            checks = {run["parameters"]["destination"]: run for run in runs}
+    finally:
+        stop_group(worker)
+    log = (tmp_path / "worker.log").read_text()[-3000:]
+    bad = checks["local-destination/typed-in-ui"]
+    assert bad["state"]["type"] == "FAILED", log
+    message = bad["state"]["message"]
+    assert "root: must be an absolute folder" in message and "path_template: " in message, message
+    assert "relative/folder" not in message and "../x" not in message  # fields, not values
+    assert bad["name"] == "check local-destination/typed-in-ui"
+    assert checks["local-destination/fine-in-ui"]["state"]["type"] == "COMPLETED", log
+    announced: list[str] = []
+    deadline = time.monotonic() + 60  # the server stores events a moment after taking them
+    while not announced and time.monotonic() < deadline:
+        time.sleep(0.5)
+        events = httpx.post(f"{deployed.url}/events/filter", timeout=30, json={
+            "filter": {"event": {"name": ["patient-delivery.destination.unusable"]},
+                       "occurred": {"since": since}},
+        }).json()["events"]  # fmt: skip
+        announced = [e["resource"]["prefect.resource.name"] for e in events]
+    assert announced == ["local-destination/typed-in-ui"]
+
+
 def _iso(moment: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(moment, UTC).isoformat()
+
+
+def test_commands_exit_with_their_events_sent_and_seed_announces_what_it_stores(
+    server: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """No "Still processing items" as a command exits: its events were sent before. Each seeded
+    document is announced like any other ingest (two per patient)."""
+    patient = project_with_folder(env, "events-folder", tmp_path / "org-folder")
+    since = _iso(time.time() - 1)
+    commands = [
+        ("document", "put", patient, "ccda", "-"),
+        ("seed", "--project", "study", "--patients", "3"),
+    ]
+    for command in commands:
+        done = subprocess.run(
+            [str(BIN / "patient-delivery"), *command], env=env, cwd=ROOT, input=CCDA,
+            capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        assert b"Still processing" not in done.stderr, done.stderr.decode()[-3000:]
+        assert b"warning" not in done.stderr, done.stderr.decode()[-3000:]
+    with open_store(env["PATIENT_DELIVERY_STORE_URL"]).session() as session:
+        seeded = set(session.scalars(select(Patient.id))) - {patient}
+    assert len(seeded) == 3
+    announced: list[str] = []
+    deadline = time.monotonic() + 60  # the server stores events a moment after taking them
+    while len(announced) < 7 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        page = httpx.post(f"{server.url}/events/filter", timeout=30, json={
+            "filter": {"event": {"name": ["patient.data.updated"]},
+                       "occurred": {"since": since}, "order": "ASC"},
+            "limit": 50,
+        }).json()  # fmt: skip
+        announced = [event["resource"]["prefect.resource.id"] for event in page["events"]]
+    expected = [f"patient-delivery.patient.{patient}"] + [
+        f"patient-delivery.patient.{p}" for p in sorted(seeded) for _ in ("ccda", "fhir")
+    ]
+    assert sorted(announced) == sorted(expected)
 
 
 def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
