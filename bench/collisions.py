@@ -163,11 +163,12 @@ def measure(service: Service, name: str, send) -> dict[str, object]:  # type: ig
         raise SystemExit(f"{name}: {len(missing)} update(s) never arrived")
     waits = [landed[title] - sent[title] for title in sent]
     runs = [run for run in service.runs_since(began - 1) if not run["auto_scheduled"]]
-    started = [run for run in runs if run["start_time"]]
+    started = [run for run in runs if run["run_count"]]  # it ran (a cancelled one has a
+    # start time: the moment it was cancelled)
     ledger = json.loads(service.cli("deliveries", "--json", "--limit", "100000"))["deliveries"]
     sending = {row["flow_run_id"] for row in ledger if row["status"] == "delivered"}
     idle = [run for run in started if run["id"] not in sending]
-    unstarted = [run for run in runs if not run["start_time"]]
+    unstarted = [run for run in runs if not run["run_count"]]
     cancelled = [run for run in unstarted if run["state"]["type"] == "CANCELLED"]
     return {
         "pattern": name,

@@ -57,6 +57,59 @@ def api_key_revoke(key_id: int) -> None:
     console.print(f"API key {key_id} revoked")
 
 
+client_app = typer.Typer(
+    help="Organizations' backend services for SMART Backend Services (signed-JWT tokens).",
+    no_args_is_help=True,
+)
+app.add_typer(client_app, name="client")
+
+
+@client_app.command("add")
+def client_add(
+    org: str,
+    jwks: Annotated[Path, typer.Option(help="The service's public keys: a JWKS JSON file")],
+    scope: Annotated[
+        str, typer.Option(help="Scopes it may be granted, space-separated (read-only)")
+    ] = "system/*.rs",
+    label: Annotated[str, typer.Option(help="What the service is")] = "",
+) -> None:
+    """Register an organization's backend service by its public keys; prints its client_id."""
+    from patient_delivery.pull.smart import ClientError, add_client
+
+    keys = read_file(jwks, "--jwks") or ""
+    client_id = refusals(lambda: add_client(current_store(), org, keys, scope, label),
+                        (ClientError,))  # fmt: skip
+    console.print(client_id, highlight=False)
+
+
+@client_app.command("list")
+def client_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+) -> None:
+    """Every client: its id, organization, scopes, label, key IDs, creation and revocation."""
+    import pandas as pd
+
+    from patient_delivery.cli.common import print_frame, print_json, records
+    from patient_delivery.pull.smart import list_clients
+
+    frame = pd.DataFrame(list_clients(current_store()), columns=[
+        "client_id", "organization_id", "scopes", "label", "key_ids", "created_at", "revoked_at",
+    ])  # fmt: skip
+    if as_json:
+        print_json({"clients": records(frame)})
+    else:
+        print_frame(frame, "clients")
+
+
+@client_app.command("revoke")
+def client_revoke(client_id: str) -> None:
+    """Refuse the client's assertions and end every token it holds, from its next request."""
+    from patient_delivery.pull.smart import ClientError, revoke_client
+
+    refusals(lambda: revoke_client(current_store(), client_id), (ClientError,))
+    console.print(f"client {client_id} revoked")
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
@@ -65,7 +118,8 @@ def serve(
         str | None, typer.Option(help="How clients reach it, when behind a proxy")
     ] = None,
 ) -> None:
-    """Serve the pull API: FHIR R4 under /fhir and MCP (streamable HTTP) at /mcp."""
+    """Serve the pull API: FHIR R4 under /fhir, MCP (streamable HTTP) at /mcp, and SMART
+    Backend Services' token endpoint at /auth/token."""
     import uvicorn
 
     from patient_delivery.pull.server import create_app

@@ -29,6 +29,10 @@ from patient_delivery.pull.keys import Caller, authenticate
 from patient_delivery.pull.records import MAX_OFFSET, RESOURCE_TYPES, FhirRecord, Records
 
 FHIR_JSON = "application/fhir+json"
+SMART_ON_FHIR = {
+    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+    "code": "SMART-on-FHIR",
+}
 CHANNEL = "fhir-api"
 MAX_COUNT = 500
 PAGING = frozenset({"_count", "_offset"})
@@ -93,7 +97,13 @@ def capability_statement(base: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "security": {"description": "Bearer token: an organization's API key"},
+                "security": {
+                    "service": [{"coding": [SMART_ON_FHIR]}],
+                    "description": (
+                        "Bearer token: an organization's API key, or an access token from "
+                        "SMART Backend Services (see .well-known/smart-configuration)"
+                    ),
+                },
                 "resource": resources,
             }
         ],
@@ -101,14 +111,17 @@ def capability_statement(base: str) -> dict[str, Any]:
 
 
 def current_caller(request: Request) -> Caller:
-    """The organization whose API key is the request's bearer token; 401 otherwise."""
+    """The organization whose API key or SMART access token is the request's bearer token;
+    401 otherwise."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     store = request.app.state.records.store
     found = authenticate(store, key.strip()) if scheme.lower() == "bearer" else None
     if found is None:
-        raise FhirError(401, "login", "a valid API key is required (Authorization: Bearer)")
-    request.state.key_id = found.key_id  # for the access log
+        raise FhirError(
+            401, "login", "a valid API key or access token is required (Authorization: Bearer)"
+        )
+    request.state.accessor = found.accessor  # for the access log
     return found
 
 
@@ -160,6 +173,7 @@ def create_fhir_router(records: Records, base_url: str) -> APIRouter:
         offset: Offset = 0,
     ) -> FhirResponse:  # fmt: skip
         params = applied(request, frozenset({"identifier", "_id"}) | PAGING)
+        permit(who, "Patient")
         if identifier is not None and not identifier.split("|")[-1]:
             raise FhirError(400, "required", "identifier needs a value ([system|]value)")
         if id_ is not None and not id_:
@@ -184,6 +198,7 @@ def create_fhir_router(records: Records, base_url: str) -> APIRouter:
     @router.get("/Patient/{patient_id}")
     def read_patient(request: Request, patient_id: str, who: Who) -> FhirResponse:
         applied(request, frozenset())
+        permit(who, "Patient")
         record = record_or_404(who, patient_id)
         records.disclose(who, record.patient, record.version, "Patient/{id}", CHANNEL)
         [patient] = record.of_type("Patient") or [{"resourceType": "Patient", "id": patient_id}]
@@ -196,7 +211,7 @@ def create_fhir_router(records: Records, base_url: str) -> APIRouter:
     ) -> FhirResponse:  # fmt: skip
         params = applied(request, frozenset({"_since"}) | PAGING)
         record = record_or_404(who, patient_id)
-        found = record.everything(_aware(since))
+        found = [r for r in record.everything(_aware(since)) if who.may_read(r["resourceType"])]
         records.disclose(who, record.patient, record.version, "Patient/{id}/$everything", CHANNEL)
         page = found[offset : offset + count]
         return searchset(request, params, page, len(found), count, offset)
@@ -213,6 +228,7 @@ def create_fhir_router(records: Records, base_url: str) -> APIRouter:
         if not wanted:
             raise FhirError(400, "required", "search needs ?patient={healthexPatientId}")
         patient_id = wanted.removeprefix("Patient/")
+        permit(who, resource_type)
         record = record_or_404(who, patient_id)
         found = record.of_type(resource_type, _aware(since))
         records.disclose(who, record.patient, record.version, f"{resource_type}?patient", CHANNEL)
@@ -220,6 +236,12 @@ def create_fhir_router(records: Records, base_url: str) -> APIRouter:
         return searchset(request, params, page, len(found), count, offset)
 
     return router
+
+
+def permit(who: Caller, resource_type: str) -> None:
+    """Refuse (403) a token whose scopes do not cover reading `resource_type`."""
+    if not who.may_read(resource_type):
+        raise FhirError(403, "forbidden", f"the token's scopes do not cover {resource_type}")
 
 
 def _aware(moment: datetime | None) -> datetime | None:

@@ -1,4 +1,5 @@
-"""Per-organization API keys for the pull API: created and revoked by CLI, stored as hashes.
+"""Per-organization API keys for the pull API: created and revoked by CLI, stored as hashes;
+and who a request's bearer token (an API key or a SMART access token) stands for.
 
 A key is 32 random bytes (`pdk_` + URL-safe base64) shown once at creation. We keep its
 SHA-256 only: the key has enough entropy that a slow password hash would add nothing, and
@@ -14,6 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from patient_delivery.pull import smart
 from patient_delivery.store import Store
 from patient_delivery.store.models import ApiKey, Organization, utcnow
 
@@ -26,14 +28,24 @@ class ApiKeyError(Exception):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is reading: the organization, and which of its keys (for the disclosure record)."""
+    """Who is reading: the organization, and with which of its API keys or SMART clients (for
+    the disclosure record); a SMART client's token reads only within its scopes."""
 
     organization_id: str
-    key_id: int
+    key_id: int | None = None
+    client_id: str | None = None
+    scopes: frozenset[str] | None = None
+    """The token's SMART scopes; None for an API key, which reads whatever is shared."""
 
     @property
     def accessor(self) -> str:
+        if self.client_id is not None:
+            return f"smart-client:{self.client_id}"
         return f"api-key:{self.key_id}"
+
+    def may_read(self, resource_type: str) -> bool:
+        """Whether this caller may read resources of `resource_type` (`*`: of every type)."""
+        return self.scopes is None or smart.allows(self.scopes, resource_type)
 
 
 def _digest(key: str) -> str:
@@ -69,11 +81,17 @@ def list_keys(store: Store) -> list[tuple[int, str, str, datetime, datetime | No
 
 
 def authenticate(store: Store, key: str | None) -> Caller | None:
-    """The caller a presented key stands for, or None: missing, unknown and revoked alike."""
+    """The caller a presented API key or SMART access token stands for, or None: missing,
+    unknown, expired and revoked alike."""
+    if key and key.startswith(smart.TOKEN_PREFIX):
+        holder = smart.authenticate_token(store, key)
+        if holder is None:
+            return None
+        return Caller(holder.organization_id, client_id=holder.client_id, scopes=holder.scopes)
     if not key or not key.startswith(PREFIX):
         return None
     with store.session() as session:
         row = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == _digest(key)))
         if row is None or row.revoked_at is not None:
             return None
-        return Caller(row.organization_id, row.id)
+        return Caller(row.organization_id, key_id=row.id)

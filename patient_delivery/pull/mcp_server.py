@@ -41,7 +41,11 @@ class KeyVerifier:
             token=token,
             client_id=caller.organization_id,
             scopes=[SCOPE],
-            claims={"key_id": caller.key_id},
+            claims={
+                "key_id": caller.key_id,
+                "client_id": caller.client_id,
+                "scopes": sorted(caller.scopes) if caller.scopes is not None else None,
+            },
         )
 
 
@@ -76,7 +80,17 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
         token = get_access_token()
         if token is None:
             raise ToolError("not authenticated")
-        return Caller(token.client_id, int((token.claims or {}).get("key_id", 0)))
+        claims = token.claims or {}
+        scopes = claims.get("scopes")
+        return Caller(token.client_id, key_id=claims.get("key_id"), client_id=claims.get(
+            "client_id"), scopes=frozenset(scopes) if scopes is not None else None)  # fmt: skip
+
+    def reading(resource_type: str) -> Caller:
+        """The caller, if its token's scopes cover `resource_type` (`*`: every type)."""
+        caller = who()
+        if not caller.may_read(resource_type):
+            raise ToolError(f"the token's scopes do not cover {resource_type}")
+        return caller
 
     @server.tool()
     def list_patients(
@@ -85,7 +99,8 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
         """The organization's patients (healthexPatientId, project, externalId), a page at a
         time; give `external_id` to find the patient a project knows by that ID."""
         _check_offset(offset)
-        page, total = records.patients(who(), external_id, limit=min(max(limit, 1), 1000),
+        limit = min(max(limit, 1), 1000)
+        page, total = records.patients(reading("Patient"), external_id, limit=limit,
                                        offset=offset)  # fmt: skip
         return {
             "total": total,
@@ -102,7 +117,7 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
         Bundle in JSON). `patient_id` is the healthexPatientId."""
         if data_type not in ("ccda", "fhir"):
             raise ToolError("data_type must be ccda or fhir")
-        caller_now = who()
+        caller_now = reading("*")  # a whole document holds every type
         found = records.document(caller_now, patient_id, data_type)
         if found is None:
             raise ToolError(f"no {data_type} document for that patient")
@@ -121,7 +136,7 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
         if resource_type not in RESOURCE_TYPES:
             raise ToolError("resource_type must be a FHIR resource type this server serves "
                             "(see the FHIR API's CapabilityStatement)")  # fmt: skip
-        caller_now = who()
+        caller_now = reading(resource_type)
         record = records.fhir(caller_now, patient_id)
         if record is None:
             raise ToolError("no FHIR record for that patient")

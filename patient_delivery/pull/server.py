@@ -1,4 +1,5 @@
-"""One ASGI app for the pull API: FHIR under /fhir, MCP (streamable HTTP) at /mcp."""
+"""One ASGI app for the pull API: FHIR under /fhir, MCP (streamable HTTP) at /mcp, SMART
+Backend Services' token endpoint at /auth/token."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
+from patient_delivery.pull.auth_api import create_auth_router
 from patient_delivery.pull.fhir_api import create_fhir_router, install_error_handlers
 from patient_delivery.pull.mcp_server import build_mcp
 from patient_delivery.pull.mcp_sessions import SessionCap
@@ -54,6 +56,7 @@ def create_app(
         openapi_url=None,
     )
     app.state.records = records
+    app.include_router(create_auth_router(store, base_url))
     app.include_router(create_fhir_router(records, base_url))
     install_error_handlers(app)
 
@@ -61,16 +64,16 @@ def create_app(
     async def private_answers(request: Request, call_next: Any) -> Response:
         """Every answer may hold patient data: no cache keeps it, no browser guesses its type.
         A refused request leaves a line in the access log: status, method, route template and
-        key ID (never the key, a path value or a parameter)."""
+        key or client ID (never the key or token, a path value or a parameter)."""
         response: Response = await call_next(request)
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
         if response.status_code >= 400:
             route = getattr(request.scope.get("route"), "path", None)
             template = route or ("/mcp" if request.url.path.startswith("/mcp") else "(no route)")
-            key = getattr(request.state, "key_id", None)
+            accessor = getattr(request.state, "accessor", None) or "-"
             access.warning("refused %d %s %s key=%s", response.status_code, request.method,
-                           template, f"api-key:{key}" if key else "-")  # fmt: skip
+                           template, accessor)  # fmt: skip
         return response
 
     app.mount("/", capped)  # after the FHIR routes: it answers /mcp and its auth metadata

@@ -264,3 +264,43 @@ class ApiKey(Base):
     label: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class SmartClient(Base):
+    """An organization's backend service, registered for SMART Backend Services: it proves
+    who it is with a JWT signed by a key of its public key set (JWKS), kept here as given."""
+
+    __tablename__ = "smart_clients"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The client_id we gave it (not a secret)."""
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    jwks: Mapped[str] = mapped_column(Text)
+    """Its public keys, a JWKS document (JSON)."""
+    scopes: Mapped[str] = mapped_column(String(1000))
+    """The scopes it may be granted, space-separated (`system/*.rs`)."""
+    label: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class SmartAssertion(Base):
+    """A client assertion's `jti`, kept until the assertion expires: a replay is refused."""
+
+    __tablename__ = "smart_assertions"
+
+    client_id: Mapped[str] = mapped_column(ForeignKey("smart_clients.id"), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class AccessToken(Base):
+    """A short-lived bearer token issued to a SMART client; only its SHA-256 is kept."""
+
+    __tablename__ = "access_tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("smart_clients.id"), index=True)
+    scopes: Mapped[str] = mapped_column(String(1000))
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
