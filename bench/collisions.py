@@ -10,7 +10,7 @@ subscribed to a local folder. Then a trickle (one `document put` every OVER/UPDA
 and a burst (one `import` of UPDATES patients). For each, it prints the delivery runs the
 trigger asked for, how many started a process, how many of those found nothing to send, how
 many were cancelled before starting, and how long an update waited for its file (median and
-worst). The schedule's own runs are left out. Every update must arrive exactly once.
+worst). The schedule's own runs are left out. Every update's file must arrive.
 """
 
 from __future__ import annotations

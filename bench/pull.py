@@ -2,12 +2,16 @@
 
     uv run --group dev python bench/pull.py  # 200 synthetic patients, 8 clients, 5 s each
     uv run --group dev python bench/pull.py --patients 1000 --clients 16 --seconds 10
+    uv run --group dev python bench/pull.py --patients 10000 --export --clients 1
 
 Seeds a SQLite store with synthetic patients (the project's generator), creates an API key,
 starts `patient-delivery serve` on a loopback port, then loads it from this process (a
 different one) with httpx clients in threads: the CapabilityStatement (no key, no store: the
 baseline), a patient read, a search by type, and a `$everything` page, over random patients.
-Prints reads/s and latency, with each ratio to the baseline.
+Prints reads/s and latency, with each ratio to the baseline. With `--export`, then a FHIR
+bulk export of the whole project (a Prefect flow run in the server's process): resources
+exported per second against resources read per second through `$everything` pages (500 a page,
+`--clients` readers), and the server's peak RSS (VmHWM) before and after the export.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--export", action="store_true", help="also a bulk export")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="bench-pull-"))
@@ -109,6 +114,8 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the API server did not start") from None
                 time.sleep(0.2)
+        if args.export:  # first, on a fresh server: its memory is the export's
+            export_rows = export_case(base, key, patients, server.pid, args)
         cases = [
             ("GET /fhir/metadata (no key, no store)", lambda rng: f"{base}/metadata"),
             ("GET /fhir/Patient/{id}", lambda rng: f"{base}/Patient/{rng.choice(patients)}"),
@@ -131,9 +138,70 @@ def main() -> None:
         for name, rate, median, p99 in rows:
             print(f"| {name} | {rate:.0f} | {median * 1000:.1f} | {p99 * 1000:.1f} | "
                   f"{rate / base_rate:.2f}x |")  # fmt: skip
+        if args.export:
+            print()
+            for line in export_rows:
+                print(line)
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident set (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def export_case(base: str, key: str, patients: list[str], pid: int, args) -> list[str]:  # type: ignore[no-untyped-def]
+    """Export the project; read the same kind of resources through `$everything` pages for
+    as long, as the baseline."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    before = peak_rss_mb(pid)
+    started = time.perf_counter()
+    kick = httpx.get(f"{base}/Group/pull/$export", timeout=60,
+                     headers={**headers, "Prefer": "respond-async"})  # fmt: skip
+    if kick.status_code != 202:
+        raise SystemExit(f"kick-off refused: {kick.status_code} {kick.text[:300]}")
+    status_url = kick.headers["Content-Location"]
+    while (answer := httpx.get(status_url, headers=headers, timeout=60)).status_code == 202:
+        time.sleep(1.0)
+    seconds = time.perf_counter() - started
+    manifest = answer.json()
+    exported = sum(entry["count"] for entry in manifest["output"])
+    after = peak_rss_mb(pid)
+    downloaded = 0
+    for entry in manifest["output"]:
+        with httpx.stream("GET", entry["url"], headers=headers, timeout=120) as body:
+            for chunk in body.iter_bytes():
+                downloaded += len(chunk)
+
+    read, latencies = 0, 0.0
+    reading = time.perf_counter()
+    deadline = reading + min(seconds, args.seconds * 6)
+    rng = random.Random(0)
+    with httpx.Client(headers=headers, timeout=60) as http:
+        while time.perf_counter() < deadline:
+            url: str | None = f"{base}/Patient/{rng.choice(patients)}/$everything?_count=500"
+            while url and time.perf_counter() < deadline:
+                page = http.get(url).json()
+                read += len(page.get("entry", []))
+                url = next((link["url"] for link in page["link"] if link["relation"] == "next"),
+                           None)  # fmt: skip
+    latencies = time.perf_counter() - reading
+    export_rate, read_rate = exported / seconds, read / latencies
+    return [
+        f"bulk export of {len(patients)} patients: {exported} resources in {seconds:.1f} s "
+        f"({export_rate:.0f} resources/s), {downloaded / 1e6:.0f} MB of NDJSON",
+        f"$everything pages (500 each), one reader: {read} resources in {latencies:.1f} s "
+        f"({read_rate:.0f} resources/s)",
+        f"export vs $everything: {export_rate / read_rate:.2f}x",
+        f"server peak RSS: {before:.0f} MB started, {after:.0f} MB after the export",
+    ]
 
 
 if __name__ == "__main__":

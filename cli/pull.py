@@ -13,6 +13,7 @@ from patient_delivery.cli.common import (
     current_store,
     errors,
     fail,
+    prefect,
     printable,
     read_file,
     refusals,
@@ -124,11 +125,13 @@ def serve(
 
     from patient_delivery.pull.server import create_app
 
+    prefect()  # bulk exports run as Prefect flows
+    from patient_delivery.flows.export import ExportRunner
+
     base = public_url or f"http://{host}:{port}"
     errors.print(f"FHIR at {base}/fhir, MCP at {base}/mcp", highlight=False)
-    uvicorn.run(
-        create_app(current_store(), base, host=host), host=host, port=port, log_level="warning"
-    )
+    app = create_app(current_store(), base, host=host, start_export=ExportRunner().start)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -83,6 +83,21 @@ class Settings(BaseSettings):
             "holds at most 10,000 for everyone): one organization cannot lock the others out."
         ),
     )
+    export_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=24 * 30,
+        description=(
+            "Hours a completed FHIR bulk export's files are kept; then they are deleted and "
+            "its status URL answers 404."
+        ),
+    )
+    exports_at_once: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Most FHIR bulk exports `serve` writes at once; more wait their turn.",
+    )
     emit_events: bool | None = Field(
         default=None,
         description=(

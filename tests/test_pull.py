@@ -32,10 +32,13 @@ FHIR_JSON = "application/fhir+json"
 class ApiServer:
     """`create_app` under uvicorn on a free loopback port, in a thread."""
 
-    def __init__(self, store: Store, mcp_sessions: int | None = None) -> None:
+    def __init__(
+        self, store: Store, mcp_sessions: int | None = None,
+        start_export: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(store, self.url, mcp_sessions=mcp_sessions)
+        app = create_app(store, self.url, mcp_sessions=mcp_sessions, start_export=start_export)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on")  # fmt: skip
         self.server = uvicorn.Server(config)

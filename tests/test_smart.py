@@ -248,3 +248,18 @@ def test_a_key_set_that_cannot_be_used_is_one_line_and_exit_2(world: World, tmp_
     ):  # fmt: skip
         output = run(*args, code=2)
         assert said in output and len(output.strip().splitlines()) == 1, (args, output)
+
+
+def test_a_fhir_client_library_reads_with_the_token(world: World, service: Service) -> None:
+    """fhirclient (SMART on FHIR's Python client), given the service's token, reads as with
+    a key: the server's CapabilityStatement, then a patient."""
+    from fhirclient import client
+    from fhirclient.models.patient import Patient as FhirPatient
+
+    reader = client.FHIRClient(settings={"app_id": "etl", "api_base": f"{world.api.url}/fhir/"})
+    reader.server.session.headers["Authorization"] = f"Bearer {service.token()}"
+    reader.prepare()
+    assert reader.ready
+    patient_id = next(iter(world.patients()))
+    patient = FhirPatient.read(patient_id, reader.server)
+    assert patient.id == patient_id

@@ -43,6 +43,15 @@ class Caller:
             return f"smart-client:{self.client_id}"
         return f"api-key:{self.key_id}"
 
+    @classmethod
+    def of(cls, organization_id: str, accessor: str) -> Caller:
+        """The caller an `accessor` (`api-key:3`, `smart-client:ID`) names, for work done on
+        its behalf later (an export); its scopes were applied when the work was asked for."""
+        kind, _, name = accessor.partition(":")
+        if kind == "smart-client":
+            return cls(organization_id, client_id=name)
+        return cls(organization_id, key_id=int(name) if name.isdigit() else None)
+
     def may_read(self, resource_type: str) -> bool:
         """Whether this caller may read resources of `resource_type` (`*`: of every type)."""
         return self.scopes is None or smart.allows(self.scopes, resource_type)

@@ -50,7 +50,7 @@ larger one is refused, never handed to the database."""
 
 ASKED = frozenset({
     "Patient?identifier", "Patient/{id}", "Patient/{id}/$everything",
-    "get_document ccda", "get_document fhir",
+    "get_document ccda", "get_document fhir", "$export",
     *(f"{name}?patient" for name in RESOURCE_TYPES),
     *(f"search_resources {name}" for name in RESOURCE_TYPES),
 })  # fmt: skip
@@ -131,8 +131,10 @@ class Records:
 
     CACHE_SIZE = 64
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cache_size: int = CACHE_SIZE) -> None:
+        """`cache_size` parsed bundles are kept (0 for a reader that visits each once)."""
         self.store = store
+        self.cache_size = cache_size
         self._parsed: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -223,7 +225,7 @@ class Records:
                 resource["id"] = patient_id
         with self._lock:
             self._parsed[version.id] = resources
-            while len(self._parsed) > self.CACHE_SIZE:
+            while len(self._parsed) > self.cache_size:
                 self._parsed.popitem(last=False)
         return resources
 

@@ -4,13 +4,17 @@ Backend Services' token endpoint at /auth/token."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request, Response
 
+from patient_delivery.pull import bulk_export
 from patient_delivery.pull.auth_api import create_auth_router
+from patient_delivery.pull.bulk_api import create_bulk_router
 from patient_delivery.pull.fhir_api import create_fhir_router, install_error_handlers
 from patient_delivery.pull.mcp_server import build_mcp
 from patient_delivery.pull.mcp_sessions import SessionCap
@@ -22,15 +26,21 @@ MCP_IDLE_SECONDS = 30 * 60
 """An MCP session with no request for this long is closed (the SDK's default, stated here so
 the per-organization count forgets it at the same time)."""
 
+SWEEP_SECONDS = 60.0
+"""How often expired bulk exports' files are looked for and deleted."""
+
 access = logging.getLogger("patient_delivery.access")
 """Refused requests to the pull API (status, route template, key ID)."""
 
 
 def create_app(
-    store: Store, base_url: str, host: str = "127.0.0.1", mcp_sessions: int | None = None
-) -> FastAPI:
+    store: Store, base_url: str, host: str = "127.0.0.1", mcp_sessions: int | None = None,
+    start_export: Callable[[str], None] | None = None,
+) -> FastAPI:  # fmt: skip
     """The app, for `base_url` (how clients reach it, e.g. http://127.0.0.1:8080); at most
-    `mcp_sessions` open MCP sessions per organization (default: the setting)."""
+    `mcp_sessions` open MCP sessions per organization (default: the setting).
+    `start_export(export_id)` begins writing a bulk export off the request (the CLI's `serve`
+    runs a Prefect flow); by default a thread of this process writes it."""
     records = Records(store)
     # Plain JSON responses, not SSE: a patient's bundle can pass 1 MB, the SSE event limit of
     # the SDK's own client.
@@ -45,8 +55,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # A mounted app's lifespan does not run by itself; MCP's starts its session manager.
-        async with mcp_app.router.lifespan_context(mcp_app):
+        async with mcp_app.router.lifespan_context(mcp_app), anyio.create_task_group() as tasks:
+            tasks.start_soon(_sweep_exports, store)
             yield
+            tasks.cancel_scope.cancel()
 
     app = FastAPI(
         title="patient-delivery pull API",
@@ -57,6 +69,7 @@ def create_app(
     )
     app.state.records = records
     app.include_router(create_auth_router(store, base_url))
+    app.include_router(create_bulk_router(store, base_url, start_export or _write_in_thread(store)))
     app.include_router(create_fhir_router(records, base_url))
     install_error_handlers(app)
 
@@ -78,3 +91,20 @@ def create_app(
 
     app.mount("/", capped)  # after the FHIR routes: it answers /mcp and its auth metadata
     return app
+
+
+async def _sweep_exports(store: Store) -> None:
+    """Delete expired and cancelled bulk exports' files, now and every `SWEEP_SECONDS`."""
+    while True:
+        await anyio.to_thread.run_sync(bulk_export.sweep, store)
+        await anyio.sleep(SWEEP_SECONDS)
+
+
+def _write_in_thread(store: Store) -> Callable[[str], None]:
+    """Write each export in a thread of this process (without Prefect)."""
+
+    def start(export_id: str) -> None:
+        threading.Thread(target=bulk_export.write_export, args=(store, export_id), daemon=True,
+                         name=f"bulk-export-{export_id[:8]}").start()  # fmt: skip
+
+    return start

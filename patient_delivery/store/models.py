@@ -304,3 +304,31 @@ class AccessToken(Base):
     scopes: Mapped[str] = mapped_column(String(1000))
     issued_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class BulkExport(Base):
+    """A FHIR Bulk Data export an organization asked for: its request, where it stands, and,
+    once complete, its files (listed in `output`, kept until `expires_at`)."""
+
+    __tablename__ = "bulk_exports"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    accessor: Mapped[str] = mapped_column(String(120))
+    project_id: Mapped[str | None] = mapped_column(String(64))
+    """The group exported (a project), or None for every patient sharing with the organization."""
+    types: Mapped[str] = mapped_column(Text)
+    """The resource types to export, comma-separated."""
+    since: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    request_url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    """accepted, running, complete, failed or cancelled."""
+    patients_total: Mapped[int] = mapped_column(Integer, default=0)
+    patients_done: Mapped[int] = mapped_column(Integer, default=0)
+    transaction_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    output: Mapped[str | None] = mapped_column(Text)
+    """The completed files as JSON: [{"type", "file", "count"}], errors' file among them."""
+    error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)

@@ -1,0 +1,113 @@
+"""FHIR Bulk Data export routes (Bulk Data Access IG v2), asynchronous:
+
+    GET    /fhir/Patient/$export                 every patient sharing with the organization
+    GET    /fhir/Group/{projectId}/$export       a project's patients (a project is a Group)
+    GET    /fhir/$export-status/{id}             202 with X-Progress while it runs; then the
+                                                 completion manifest; 404 once expired
+    DELETE /fhir/$export-status/{id}             cancel it (its files are deleted)
+    GET    /fhir/$export-file/{id}/{file}        one NDJSON file, with the same token
+
+A kick-off needs `Prefer: respond-async`, and takes `_type`, `_since` and `_outputFormat`
+(NDJSON). The export itself is written by `start` (the CLI's `serve` runs it as a Prefect
+flow), off the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from patient_delivery.pull import bulk_export as exports
+from patient_delivery.pull.fhir_api import FhirError, FhirResponse, Since, Who, applied, outcome
+from patient_delivery.store import Store
+
+NDJSON = "application/fhir+ndjson"
+RETRY_SECONDS = 2
+KICK_OFF = frozenset({"_type", "_since", "_outputFormat"})
+Types = Annotated[str | None, Query(alias="_type")]
+Format = Annotated[str | None, Query(alias="_outputFormat")]
+
+
+def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]) -> APIRouter:
+    """The routes; `start(export_id)` begins writing an accepted export and returns at once."""
+    router = APIRouter(prefix="/fhir")
+    public = base_url.rstrip("/") + "/fhir"
+
+    async def kick_off(request: Request, who: Who, project_id: str | None, types: str | None,
+                       since: datetime | None, output_format: str | None) -> Response:  # fmt: skip
+        applied(request, KICK_OFF)
+        if "respond-async" not in request.headers.get("prefer", "").replace(" ", "").lower():
+            raise FhirError(400, "required", "a bulk export needs the header Prefer: respond-async")
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        asked = public + request.url.path.removeprefix("/fhir")
+        if request.url.query:
+            asked += "?" + request.url.query
+        try:
+            export_id = await anyio.to_thread.run_sync(
+                lambda: exports.request_export(
+                    store, who, project_id, types, since, output_format, asked
+                )
+            )
+        except exports.ExportRefused as refused:
+            raise FhirError(refused.status, refused.code, refused.text) from None
+        start(export_id)
+        return Response(status_code=202, headers={
+            "Content-Location": f"{public}/$export-status/{export_id}",
+        })  # fmt: skip
+
+    @router.get("/Patient/$export")
+    async def export_patients(
+        request: Request, who: Who, types: Types = None, since: Since = None,
+        output_format: Format = None,
+    ) -> Response:  # fmt: skip
+        return await kick_off(request, who, None, types, since, output_format)
+
+    @router.get("/Group/{group_id}/$export")
+    async def export_group(
+        request: Request, group_id: str, who: Who, types: Types = None, since: Since = None,
+        output_format: Format = None,
+    ) -> Response:  # fmt: skip
+        return await kick_off(request, who, group_id, types, since, output_format)
+
+    @router.get("/$export-status/{export_id}")
+    def export_status(export_id: str, who: Who) -> Response:
+        row = exports.find(store, who, export_id)
+        if row is None:
+            raise FhirError(404, "not-found", "no such export (it may have expired)")
+        if row.status in (exports.ACCEPTED, exports.RUNNING):
+            progress = f"{row.patients_done} of {row.patients_total or '?'} patients"
+            return Response(status_code=202, headers={
+                "X-Progress": progress, "Retry-After": str(RETRY_SECONDS),
+            })  # fmt: skip
+        if row.status == exports.FAILED:
+            return outcome(500, "exception", f"the export failed: {row.error or 'unknown'}")
+        assert row.expires_at is not None
+
+        def file_url(name: str) -> str:
+            return f"{public}/$export-file/{export_id}/{name}"
+
+        return FhirResponse(exports.manifest(row, file_url), headers={
+            "Expires": format_datetime(row.expires_at.astimezone(UTC), usegmt=True),
+        })  # fmt: skip
+
+    @router.delete("/$export-status/{export_id}")
+    def export_cancel(export_id: str, who: Who) -> Response:
+        if not exports.cancel(store, who, export_id):
+            raise FhirError(404, "not-found", "no such export (it may have expired)")
+        return Response(status_code=202)
+
+    @router.get("/$export-file/{export_id}/{name}")
+    def export_file(export_id: str, name: str, who: Who) -> Response:
+        path = exports.file_path(store, who, export_id, name)
+        if path is None or not path.exists():
+            raise FhirError(404, "not-found", "no such file (the export may have expired)")
+        return FileResponse(path, media_type=NDJSON)
+
+    return router

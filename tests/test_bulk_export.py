@@ -1,0 +1,237 @@
+"""FHIR Bulk Data export, as an organization's engineer runs it: a SMART backend service gets a
+token, kicks off an export of a project (a Group), polls the status URL, downloads the NDJSON
+files with the token and loads them with pandas. The export is a Prefect flow run."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+from sqlalchemy import select, update
+
+from patient_delivery import ingest
+from patient_delivery.flows.export import ExportRunner
+from patient_delivery.pull import bulk_export, smart
+from patient_delivery.pull.records import RESOURCE_TYPES
+from patient_delivery.store import Store
+from patient_delivery.store.models import BulkExport, Disclosure, Share, utcnow
+from tests.test_pull import ApiServer, World
+from tests.test_pull import world as world
+from tests.test_smart import Service
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+NDJSON = "application/fhir+ndjson"
+
+
+@pytest.fixture
+def exporting(world: World) -> Iterator[tuple[World, str]]:
+    """The world's API with its exports written by Prefect flow runs, as `serve` has them; and
+    a token of acme's registered backend service."""
+    world.api.stop()
+    world.api = ApiServer(world.store, start_export=ExportRunner().start)
+    service = Service(world.api.url)
+    service.client_id = smart.add_client(world.store, "acme", service.jwks())
+    yield world, service.token()
+
+
+def call(world: World, method: str, url: str, token: str | None, **options: Any) -> httpx.Response:
+    headers = {"Accept": "application/fhir+json", **options.pop("headers", {})}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if not url.startswith("http"):
+        url = f"{world.api.url}/fhir/{url}"
+    return httpx.request(method, url, headers=headers, timeout=60, **options)
+
+
+def kick_off(world: World, token: str, path: str, **params: str) -> httpx.Response:
+    return call(world, "GET", path, token, params=params, headers={"Prefer": "respond-async"})
+
+
+def finished(world: World, token: str, status_url: str) -> httpx.Response:
+    """Poll the status URL as the IG says (Retry-After) until it is no longer 202."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        answer = call(world, "GET", status_url, token)
+        if answer.status_code != 202:
+            return answer
+        assert answer.headers["X-Progress"].endswith("patients")
+        time.sleep(min(float(answer.headers["Retry-After"]), 0.5))
+    raise AssertionError("the export did not finish")
+
+
+def test_a_project_exports_every_resource_of_its_patients_once_and_loads_in_pandas(
+    exporting: tuple[World, str],
+) -> None:
+    world, token = exporting
+    started = kick_off(world, token, "Group/study/$export", _outputFormat=NDJSON)
+    assert started.status_code == 202, started.text
+    status_url = started.headers["Content-Location"]
+    answer = finished(world, token, status_url)
+    assert answer.status_code == 200, answer.text
+    manifest = answer.json()
+    assert manifest["request"] == f"{world.api.url}/fhir/Group/study/$export?_outputFormat=" + (
+        "application%2Ffhir%2Bndjson")  # fmt: skip
+    assert manifest["requiresAccessToken"] is True and manifest["error"] == []
+    assert manifest["transactionTime"].endswith("Z") and "Expires" in answer.headers
+
+    exported: Counter[str] = Counter()
+    frames = {}
+    for entry in manifest["output"]:
+        assert entry["url"].startswith(f"{world.api.url}/fhir/$export-file/")
+        assert call(world, "GET", entry["url"], None).status_code == 401  # the token is needed
+        body = call(world, "GET", entry["url"], token)
+        assert body.headers["content-type"].startswith(NDJSON)
+        lines = body.text.splitlines()
+        assert len(lines) == entry["count"] > 0  # count is the lines
+        for line in lines:  # each line one resource of the file's type
+            assert json.loads(line)["resourceType"] == entry["type"]
+            exported[line] += 1
+        frames[entry["type"]] = pd.read_json(io.StringIO(body.text), lines=True)
+    assert frames["Patient"]["resourceType"].eq("Patient").all()
+
+    expected: Counter[str] = Counter()
+    for patient_id in world.patients():  # every resource of every patient sharing, once
+        url: str | None = f"{world.api.url}/fhir/Patient/{patient_id}/$everything?_count=500"
+        while url:  # page by page, as the API serves them
+            page = call(world, "GET", url, token).json()
+            for found in page.get("entry", []):
+                expected[json.dumps(found["resource"], separators=(",", ":"))] += 1
+            url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    parsed = Counter(json.dumps(json.loads(line), separators=(",", ":")) for line in exported)
+    assert parsed == expected and max(exported.values()) == 1
+    stranger = call(world, "GET", "Patient", "own").json()  # no one else's
+    assert len(frames["Patient"]) == len(world.patients()) <= stranger.get("total", 10**6)
+
+    with world.store.session() as session:
+        disclosed = list(session.scalars(select(Disclosure.patient_id).where(
+            Disclosure.path == "$export")))  # fmt: skip
+    assert sorted(disclosed) == sorted(world.patients())  # one disclosure per patient
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    export_id = status_url.rsplit("/", 1)[1]
+    [ran] = [r for r in runs if r.name == f"bulk export {export_id[:8]}"]
+    assert ran.state is not None and ran.state.is_completed()
+
+
+def test_types_since_and_the_whole_organization(exporting: tuple[World, str]) -> None:
+    world, token = exporting
+    started = kick_off(world, token, "Patient/$export", _type="Patient,Condition")
+    manifest = finished(world, token, started.headers["Content-Location"]).json()
+    assert {entry["type"] for entry in manifest["output"]} == {"Patient", "Condition"}
+    patients = next(e for e in manifest["output"] if e["type"] == "Patient")
+    assert patients["count"] == len({p for p in world.patients()})  # every acme patient once
+
+    later = (utcnow() + timedelta(days=1)).isoformat()
+    started = kick_off(world, token, "Group/study/$export", _since=later)
+    manifest = finished(world, token, started.headers["Content-Location"]).json()
+    assert manifest["output"] == []  # nothing changed since tomorrow
+
+
+@pytest.mark.bad_input
+def test_kick_offs_that_cannot_be_served_are_operation_outcomes(
+    exporting: tuple[World, str],
+) -> None:
+    world, token = exporting
+    cases = [
+        ({"_type": "Patient,Bogus"}, "Group/study/$export", 400, "Bogus"),
+        ({"_type": "<script>"}, "Group/study/$export", 400, "(not a type name)"),
+        ({"_outputFormat": "text/csv"}, "Group/study/$export", 400, "_outputFormat"),
+        ({"_elements": "id"}, "Group/study/$export", 400, "_elements"),
+        ({}, "Group/trial/$export", 404, "no such group"),  # another organization's project
+        ({}, "Group/nosuch/$export", 404, "no such group"),
+    ]
+    for params, path, status, said in cases:
+        answer = kick_off(world, token, path, **params)
+        assert answer.status_code == status, (params, path, answer.text)
+        body = answer.json()
+        assert body["resourceType"] == "OperationOutcome" and said in json.dumps(body), body
+    synchronous = call(world, "GET", "Group/study/$export", token)
+    assert synchronous.status_code == 400 and "respond-async" in synchronous.text
+    assert call(world, "GET", "Group/study/$export", None,
+                headers={"Prefer": "respond-async"}).status_code == 401  # fmt: skip
+    scoped = Service(world.api.url)
+    scoped.client_id = smart.add_client(world.store, "acme", scoped.jwks(),
+                                        scopes="system/Condition.rs")  # fmt: skip
+    narrow = scoped.token(scope="system/Condition.rs")
+    refused = kick_off(world, narrow, "Group/study/$export", _type="Patient")
+    assert refused.status_code == 403
+    allowed = kick_off(world, narrow, "Group/study/$export")
+    manifest = finished(world, narrow, allowed.headers["Content-Location"]).json()
+    assert {entry["type"] for entry in manifest["output"]} == {"Condition"}
+
+
+def test_cancelled_and_expired_exports_are_gone_with_their_files(
+    exporting: tuple[World, str],
+) -> None:
+    world, token = exporting
+    done = finished(world, token, kick_off(world, token, "Group/study/$export")
+                    .headers["Content-Location"])  # fmt: skip
+    status_url = done.url
+    export_id = str(status_url).rsplit("/", 1)[1]
+    file_url = done.json()["output"][0]["url"]
+    other = world.other_key
+    assert call(world, "GET", str(status_url), other).status_code == 404  # not theirs
+    assert call(world, "GET", file_url, other).status_code == 404
+    assert bulk_export.folder(export_id).exists()
+
+    with world.store.session() as session:
+        session.execute(update(BulkExport).where(BulkExport.id == export_id)
+                        .values(expires_at=utcnow() - timedelta(seconds=1)))  # fmt: skip
+    assert call(world, "GET", str(status_url), token).status_code == 404
+    assert call(world, "GET", file_url, token).status_code == 404
+    assert bulk_export.sweep(world.store) == 1 and not bulk_export.folder(export_id).exists()
+
+    second = kick_off(world, token, "Group/study/$export").headers["Content-Location"]
+    finished(world, token, second)
+    second_id = second.rsplit("/", 1)[1]
+    assert call(world, "DELETE", second, token).status_code == 202
+    assert call(world, "GET", second, token).status_code == 404
+    assert not bulk_export.folder(second_id).exists()
+    assert call(world, "DELETE", second, token).status_code == 404
+
+
+def test_a_patient_who_withdraws_during_an_export_is_left_out_of_what_is_not_yet_written(
+    world: World,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from patient_delivery.pull.keys import authenticate
+
+    caller = authenticate(store, world.key)
+    assert caller is not None
+    export_id = bulk_export.request_export(store, caller, "study", None, None, None, "test")
+    order = sorted(world.patients())  # the writer goes patient by patient, in ID order
+    first, last = order[0], order[-1]
+    withdrawn: list[str] = []
+
+    def after_each_patient(done: int, total: int) -> None:
+        if done == 1:  # the first is written; the last withdraws now
+            ingest.unshare_patient(store, "study", last, recorded_by="test")
+            withdrawn.append(last)
+
+    monkeypatch.setattr(bulk_export, "CHECK_SECONDS", 0.0)  # report after every patient
+    files = bulk_export.write_export(store, export_id, after_each_patient)
+    assert withdrawn == [last]
+    written = "".join((bulk_export.folder(export_id) / f.file).read_text() for f in files)
+    assert f'"Patient/{first}"' in written or f'"id":"{first}"' in written
+    assert last not in written
+    with store.session() as session:
+        disclosed = set(session.scalars(select(Disclosure.patient_id).where(
+            Disclosure.path == "$export")))  # fmt: skip
+        still = set(session.scalars(select(Share.patient_id).where(Share.project_id == "study")))
+    assert last not in disclosed and first in disclosed and disclosed <= still
+
+
+def test_every_type_the_api_serves_can_be_exported() -> None:
+    assert set(bulk_export.EXPORTABLE) == {"Patient", *RESOURCE_TYPES}
