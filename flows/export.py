@@ -53,4 +53,16 @@ class ExportRunner:
         self.pool = ThreadPoolExecutor(get_settings().exports_at_once, "bulk-export")
 
     def start(self, export_id: str) -> None:
-        self.pool.submit(bulk_export, export_id, return_state=True)
+        self.pool.submit(self._run, export_id)
+
+    @staticmethod
+    def _run(export_id: str) -> None:
+        """The export's flow run; an export it could not finish is marked failed (its status
+        URL says so) rather than left waiting."""
+        try:
+            state = bulk_export(export_id, return_state=True)
+            reason = None if state.is_completed() else f"the export's run ended {state.name}"
+        except Exception as exc:  # the run could not even start (Prefect unreachable)
+            reason = f"the export's run could not start ({type(exc).__name__})"
+        if reason is not None:
+            exports.give_up(open_store(), export_id, reason)

@@ -235,3 +235,32 @@ def test_a_patient_who_withdraws_during_an_export_is_left_out_of_what_is_not_yet
 
 def test_every_type_the_api_serves_can_be_exported() -> None:
     assert set(bulk_export.EXPORTABLE) == {"Patient", *RESOURCE_TYPES}
+
+
+def test_an_export_that_cannot_be_written_says_so_at_its_status_url(
+    exporting: tuple[World, str],
+) -> None:
+    world, token = exporting
+    exports_folder = bulk_export.folder("x").parent
+    exports_folder.mkdir(parents=True, exist_ok=True)
+    exports_folder.rename(exports_folder.with_name("moved"))
+    exports_folder.write_text("a file where the exports' folder goes")  # the writer cannot write
+    try:
+        started = kick_off(world, token, "Group/study/$export")
+        answer = finished(world, token, started.headers["Content-Location"])
+    finally:
+        exports_folder.unlink()
+    assert answer.status_code == 500
+    body = answer.json()
+    assert body["resourceType"] == "OperationOutcome" and "the export failed" in json.dumps(body)
+    from prefect.client.orchestration import get_client
+
+    export_id = started.headers["Content-Location"].rsplit("/", 1)[1]
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:  # the status URL says so as soon as the writer stops; the run ends after
+            [ran] = [r for r in client.read_flow_runs() if r.name == f"bulk export {export_id[:8]}"]
+            if (ran.state is not None and ran.state.is_final()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert ran.state is not None and ran.state.is_failed()  # red in the Prefect UI too

@@ -161,6 +161,15 @@ def abandon_unfinished(store: Store) -> int:
         ).rowcount or 0  # fmt: skip
 
 
+def give_up(store: Store, export_id: str, reason: str) -> None:
+    """Mark an export that its writer could not finish (or start) as failed."""
+    with store.session() as session:
+        session.execute(update(BulkExport).where(BulkExport.id == export_id)
+                        .where(BulkExport.status.in_([ACCEPTED, RUNNING]))
+                        .values(status=FAILED, error=reason[:500]))  # fmt: skip
+    shutil.rmtree(folder(export_id), ignore_errors=True)
+
+
 def file_path(store: Store, caller: Caller, export_id: str, name: str) -> Path | None:
     """The path of one of a complete export's files, for its organization; else None."""
     row = find(store, caller, export_id)
@@ -194,11 +203,7 @@ def write_export(
     try:
         return _write(store, export_id, progress)
     except BaseException as exc:
-        with store.session() as session:
-            session.execute(update(BulkExport).where(BulkExport.id == export_id)
-                            .where(BulkExport.status == RUNNING)
-                            .values(status=FAILED, error=f"{type(exc).__name__}"))  # fmt: skip
-        shutil.rmtree(folder(export_id), ignore_errors=True)
+        give_up(store, export_id, type(exc).__name__)
         raise
 
 
