@@ -88,7 +88,7 @@ def deliver(
         "max_sessions": max_sessions,
     }
     if deployment:
-        start_deployment("deliver-updates/deliver-updates", parameters, watch, name)
+        start_deployment("deliver-updates/deliver-now", parameters, watch, name)
         return
     from patient_delivery.flows.deliver import deliver as run_delivery
     from patient_delivery.flows.runtime import task_runner

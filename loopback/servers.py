@@ -206,6 +206,8 @@ class SftpServer:
     `/folder` arrives at `self.root / "folder" / name`."""
 
     name = "sftp"
+    extra: tuple[str, ...] = ()
+    """More arguments for the server's command (the SHA-1-only server's mode)."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
@@ -226,7 +228,7 @@ class SftpServer:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*self.command(), str(self.port), str(self.root), str(self.host_key), SFTP_USER,
-                 *getattr(self, "extra", [])],
+                 *self.extra],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parent.parent,
             )  # fmt: skip
@@ -269,13 +271,10 @@ class Sha1OnlySftpServer(SftpServer):
     servers do: a client that accepts none of it must say so."""
 
     name = "sha1-only"
+    extra = ("sha1-only",)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "loopback.asyncssh_sftp"]
-
-    def start(self) -> None:
-        self.extra = ["sha1-only"]
-        super().start()
 
 
 class StrictV3SftpServer(SftpServer):

@@ -264,3 +264,25 @@ def test_an_export_that_cannot_be_written_says_so_at_its_status_url(
                 break
             time.sleep(0.2)
     assert ran.state is not None and ran.state.is_failed()  # red in the Prefect UI too
+
+
+def test_an_export_whose_writer_stopped_is_answered_failed_not_running_forever(
+    exporting: tuple[World, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed while it wrote an export leaves it `running`; once its writer has been
+    silent for SILENT_SECONDS, the status URL says it failed, to be asked for again."""
+    from patient_delivery.pull.keys import authenticate
+
+    world, token = exporting
+    caller = authenticate(world.store, token)
+    assert caller is not None
+    export_id = bulk_export.request_export(world.store, caller, "study", None, None, None, "t")
+    with world.store.session() as session:  # as a writer leaves it when its process dies
+        session.execute(update(BulkExport).where(BulkExport.id == export_id).values(
+            status=bulk_export.RUNNING, transaction_time=utcnow(),
+            heartbeat_at=utcnow() - timedelta(seconds=3)))  # fmt: skip
+    status_url = f"{world.api.url}/fhir/$export-status/{export_id}"
+    assert call(world, "GET", status_url, token).status_code == 202  # silent 3 s: still running
+    monkeypatch.setattr(bulk_export, "SILENT_SECONDS", 2.0)
+    answer = call(world, "GET", status_url, token)
+    assert answer.status_code == 500 and "stopped with its server" in answer.text

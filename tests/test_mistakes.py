@@ -39,7 +39,6 @@ def one_line(out: str, *expected: str) -> None:
     [
         (["deliver", "--destination", "local-destination/nope"], "no project delivers to"),
         (["deliver", "--patient", "hx_nope"], "no patient 'hx_nope'"),
-        (["deliver", "--project", "nosuch"], "no project 'nosuch'"),
         (["deliveries", "--project", "nosuch"], "no project 'nosuch'"),
         (["deliveries", "--patient", "hx_nope"], "no patient 'hx_nope'"),
         (["disclosures", "--patient", "hx_nope"], "no patient 'hx_nope'"),

@@ -152,7 +152,7 @@ def test_destination_show_and_test_refuse_what_cannot_be_loaded_in_one_line(
         (["backfill", "--from", "nope"], "--from: not an ISO date or time"),
         (["backfill", "--org", "nosuch"], "no organization 'nosuch'"),
         (["redeliver", "--project", "nosuch"], "no project 'nosuch'"),
-        (["deliver", "--deployment"], "no deployment deliver-updates/deliver-updates"),
+        (["deliver", "--deployment"], "no deployment deliver-updates/deliver-now"),
     ],
 )
 def test_every_mistake_a_person_can_make_is_one_line_and_exit_2(

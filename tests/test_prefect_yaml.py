@@ -16,6 +16,7 @@ def test_every_deployment_entrypoint_is_a_flow() -> None:
     deployments = config["deployments"]
     assert {d["name"] for d in deployments} == {
         "deliver-updates",
+        "deliver-now",
         "redeliver",
         "backfill",
         "check-destination",

@@ -125,6 +125,20 @@ def deployed(server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) ->
     return server
 
 
+def settled(server: PrefectServer, seconds: float = 90) -> None:
+    """Wait until no delivery run is pending or running (a run lingers for updates after its
+    last page): a worker stopped under one would leave it holding the one-at-a-time slot."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        going = httpx.post(f"{server.url}/flow_runs/filter", timeout=30, json={
+            "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
+        }).json()  # fmt: skip
+        if not going:
+            return
+        time.sleep(0.5)
+    raise AssertionError("delivery runs still going")
+
+
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "patient-delivery"],
@@ -139,7 +153,7 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
     deployed: PrefectServer, env: dict[str, str], tmp_path: Path
 ) -> None:
     found = deployments(deployed)
-    assert set(found) >= {"deliver-updates", "redeliver", "backfill"}
+    assert set(found) >= {"deliver-updates", "deliver-now", "redeliver", "backfill"}
     crons = [s["schedule"].get("cron") for s in found["deliver-updates"]["schedules"]]
     assert crons == ["*/5 * * * *"]
     assert found["deliver-updates"]["global_concurrency_limit"]["limit"] == 1
@@ -183,6 +197,7 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         watched_id = watched.splitlines()[0].rsplit("(", 1)[1].rstrip(")")
         named = httpx.get(f"{deployed.url}/flow_runs/{watched_id}", timeout=30).json()["name"]
         assert named == "nightly fix"  # a name given by a person is kept
+        settled(deployed)
     finally:
         stop_group(worker)
 
@@ -204,6 +219,7 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
         while len(list(root.rglob("*.xml"))) < 50 and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(15)  # past the trigger's window: any run it would still start has started
+        settled(deployed)  # and the runs it started have ended (they linger 15 s)
         runs = httpx.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
             "deployments": {"id": {"any_": [deployments(deployed)["deliver-updates"]["id"]]}},
             "flow_runs": {"expected_start_time": {"after_": _iso(started)}},

@@ -41,6 +41,10 @@ ERRORS_FILE = "OperationOutcome.ndjson"
 CHECK_SECONDS = 1.0
 """How often a running export records its progress and looks whether it was cancelled."""
 
+SILENT_SECONDS = 120.0
+"""A running export whose writer has not reported for this long stopped with its process
+(a server restarted or killed): it is answered as failed, to be asked for again."""
+
 
 class ExportRefused(Exception):
     """A kick-off request that cannot be served: its HTTP status, FHIR issue code and text."""
@@ -114,13 +118,20 @@ def _types(caller: Caller, types: str | None) -> list[str]:
 
 
 def find(store: Store, caller: Caller, export_id: str) -> BulkExport | None:
-    """The caller's export (None for another organization's, an unknown or an expired one)."""
+    """The caller's export (None for another organization's, an unknown or an expired one);
+    a running one whose writer went silent is failed first."""
     with store.session() as session:
         row = session.get(BulkExport, export_id)
         if row is None or row.organization_id != caller.organization_id:
             return None
         if row.status == CANCELLED or (row.expires_at and row.expires_at <= utcnow()):
             return None
+        silent = row.heartbeat_at and utcnow() - row.heartbeat_at > timedelta(
+            seconds=SILENT_SECONDS)  # fmt: skip
+        if row.status == RUNNING and silent:
+            row.status, row.error = FAILED, "the export stopped with its server; ask again"
+            shutil.rmtree(folder(export_id), ignore_errors=True)
+        session.flush()
         session.expunge(row)
         return row
 
@@ -149,16 +160,6 @@ def sweep(store: Store, now: datetime | None = None) -> int:
             shutil.rmtree(folder(export_id), ignore_errors=True)
             removed += 1
     return removed
-
-
-def abandon_unfinished(store: Store) -> int:
-    """Mark exports left accepted or running by a server that stopped as failed (asked again,
-    they start over); how many."""
-    with store.session() as session:
-        return session.execute(
-            update(BulkExport).where(BulkExport.status.in_([ACCEPTED, RUNNING]))
-            .values(status=FAILED, error="the server stopped during the export; ask again")
-        ).rowcount or 0  # fmt: skip
 
 
 def give_up(store: Store, export_id: str, reason: str) -> None:
@@ -215,6 +216,7 @@ def _write(
         if row is None or row.status != ACCEPTED:
             raise ValueError("no accepted export with that ID")
         row.status, row.transaction_time = RUNNING, utcnow()
+        row.heartbeat_at = row.transaction_time
         caller = Caller.of(row.organization_id, row.accessor)
         project_id, since, types = row.project_id, row.since, row.types.split(",")
     patients = _patients(store, caller, project_id)
@@ -302,9 +304,11 @@ def _write_patient(
 
 
 def _record(store: Store, export_id: str, **values: int) -> str:
-    """Record progress on the export; its status now (cancelled, when it was meanwhile)."""
+    """Record progress on the export (and that its writer is alive); its status now
+    (cancelled, when it was meanwhile)."""
     with store.session() as session:
-        session.execute(update(BulkExport).where(BulkExport.id == export_id).values(**values))
+        session.execute(update(BulkExport).where(BulkExport.id == export_id)
+                        .values(heartbeat_at=utcnow(), **values))  # fmt: skip
         return session.scalar(select(BulkExport.status).where(BulkExport.id == export_id)) or ""
 
 

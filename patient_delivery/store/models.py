@@ -330,5 +330,8 @@ class BulkExport(Base):
     """The completed files as JSON: [{"type", "file", "count"}], errors' file among them."""
     error: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When its writer last reported (about every second while it writes): a running export
+    long silent was stopped with the process writing it."""
     completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
