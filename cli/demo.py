@@ -50,6 +50,7 @@ def run_demo(home: Path, patients: int, update: int, api: LocalApi | None = None
     temporary Prefect API (if any) starts meanwhile and is waited for before its first use."""
     from patient_delivery.blocks.local import LocalDestination
     from patient_delivery.flows.deliver import deliver
+    from patient_delivery.flows.runtime import send_pending_events
 
     started = time.perf_counter()
     store = open_store()
@@ -72,6 +73,7 @@ def run_demo(home: Path, patients: int, update: int, api: LocalApi | None = None
         changed = _update_fhir_bundles(store, PROJECTS[0], update)
         console.print(f"changed the FHIR bundle of {changed} patient(s) in {PROJECTS[0]}")
     summary = deliver()
+    send_pending_events()
     print_summary(summary)
     found = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
     manifests = sum(1 for p in found if "_manifests" in p.parts)

@@ -102,10 +102,12 @@ def deliver(
 
 @contextmanager
 def progress_bar(label: str) -> Iterator[None]:
-    """A rich progress bar fed by the delivery flow's progress, for runs in this process."""
+    """A rich progress bar fed by the delivery flow's progress, for runs in this process; at
+    its end, the run's events are sent before the command goes on."""
     from rich.progress import Progress
 
     from patient_delivery.flows.reporting import progress_hooks
+    from patient_delivery.flows.runtime import send_pending_events
 
     with Progress(console=errors, transient=True) as progress, _logs_above(progress.console):
         bar = progress.add_task(label, total=None)
@@ -118,6 +120,7 @@ def progress_bar(label: str) -> Iterator[None]:
             yield
         finally:
             progress_hooks.remove(hook)
+            send_pending_events()
 
 
 @contextmanager

@@ -73,6 +73,19 @@ def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[
     return DaskTaskRunner(address=address)
 
 
+def send_pending_events(seconds: float = 10.0) -> None:
+    """Wait, at most `seconds`, until Prefect has sent the events that runs in this process
+    queued (their states): a command that ran a flow then ends without Prefect's "Still
+    processing items" notice. What is left by then is still sent as the process exits."""
+    import threading
+
+    from prefect.events.worker import EventsWorker
+
+    waiting = threading.Thread(target=EventsWorker.instance().wait_until_empty, daemon=True)
+    waiting.start()
+    waiting.join(seconds)
+
+
 def run_timeout() -> float:
     """Seconds a run may take before Prefect ends it TimedOut (`run_timeout_minutes`)."""
     return get_settings().run_timeout_minutes * 60.0
