@@ -153,6 +153,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def show_frame(frame: pd.DataFrame, title: str, as_json: bool) -> None:
+    """The rows as one JSON document (`{title: [...]}`) or as a table that fits the terminal."""
+    if as_json:
+        print_json({title: records(frame)})
+    else:
+        print_frame(frame, title)
+
+
 def warn(message: str) -> None:
     """Print one warning line on stderr (the command still did its work)."""
     errors.print(Text("warning: ", style="yellow") + Text(message), highlight=False, soft_wrap=True)

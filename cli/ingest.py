@@ -16,10 +16,8 @@ from patient_delivery.cli.common import (
     fail,
     in_scope,
     prefect,
-    print_frame,
-    print_json,
-    records,
     refusals,
+    show_frame,
 )
 
 org_app = typer.Typer(help="Organizations.", no_args_is_help=True)
@@ -54,7 +52,7 @@ def org_list(
     """Every organization, with how many projects it has."""
     from patient_delivery.reports import organizations_frame
 
-    _show(organizations_frame(current_store()), "organizations", as_json)
+    show_frame(organizations_frame(current_store()), "organizations", as_json)
 
 
 @project_app.command("list")
@@ -67,14 +65,7 @@ def project_list(
     from patient_delivery.reports import projects_frame
 
     in_scope(org_id=org_id)
-    _show(projects_frame(current_store(), org_id), "projects", as_json)
-
-
-def _show(frame, title: str, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    if as_json:
-        print_json({title: records(frame)})
-    else:
-        print_frame(frame, title)
+    show_frame(projects_frame(current_store(), org_id), "projects", as_json)
 
 
 @project_app.command("add")
@@ -267,7 +258,7 @@ def subscriptions(
     from patient_delivery.reports import subscriptions_frame
 
     in_scope(project_id=project)
-    _show(subscriptions_frame(current_store(), project), "subscriptions", as_json)
+    show_frame(subscriptions_frame(current_store(), project), "subscriptions", as_json)
 
 
 @app.command()

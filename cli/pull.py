@@ -90,16 +90,13 @@ def client_list(
     """Every client: its id, organization, scopes, label, key IDs, creation and revocation."""
     import pandas as pd
 
-    from patient_delivery.cli.common import print_frame, print_json, records
+    from patient_delivery.cli.common import show_frame
     from patient_delivery.pull.smart import list_clients
 
     frame = pd.DataFrame(list_clients(current_store()), columns=[
         "client_id", "organization_id", "scopes", "label", "key_ids", "created_at", "revoked_at",
     ])  # fmt: skip
-    if as_json:
-        print_json({"clients": records(frame)})
-    else:
-        print_frame(frame, "clients")
+    show_frame(frame, "clients", as_json)
 
 
 @client_app.command("revoke")

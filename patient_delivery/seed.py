@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 
 from patient_delivery.documents import check_document
-from patient_delivery.events import emit_data_updated, events_enabled
+from patient_delivery.events import emit_data_updated
 from patient_delivery.ingest import create_shared_patient, put_checked
 from patient_delivery.store import Store
 from patient_delivery.synthetic import make_patient
@@ -29,7 +29,6 @@ def seed_project(
     ones; deterministic for a given `seed`. Each document is announced (`patient.data.updated`)
     like any other ingest, after its chunk is committed.
     """
-    announcing = events_enabled()
     rng = random.Random(f"{project_id}:{seed}")
     created: list[str] = []
     for start in range(0, patients, CHUNK):
@@ -43,9 +42,8 @@ def seed_project(
                 patient_id = create_shared_patient(session, project_id, external_id)
                 stored += [put_checked(session, patient_id, document) for document in pair]
                 created.append(patient_id)
-        if announcing:
-            for result in stored:  # new patients: each shares with this project only
-                emit_data_updated(result.patient_id, result.data_type, result.version, [project_id])
+        for result in stored:  # new patients share with this project only; off: a no-op
+            emit_data_updated(result.patient_id, result.data_type, result.version, [project_id])
         if progress:
             progress(count)
     return created

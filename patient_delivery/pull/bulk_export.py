@@ -120,18 +120,27 @@ def _types(caller: Caller, types: str | None) -> list[str]:
 def find(store: Store, caller: Caller, export_id: str) -> BulkExport | None:
     """The caller's export (None for another organization's, an unknown or an expired one);
     a running one whose writer went silent is failed first."""
+    row = _own(store, caller, export_id)
+    if row is not None and row.status == RUNNING and _silent(row):
+        give_up(store, export_id, "the export stopped with its server; ask again")
+        row = _own(store, caller, export_id)
+    return row
+
+
+def _silent(row: BulkExport) -> bool:
+    """Whether the export's writer has not reported for `SILENT_SECONDS`."""
+    quiet = timedelta(seconds=SILENT_SECONDS)
+    return row.heartbeat_at is not None and utcnow() - row.heartbeat_at > quiet
+
+
+def _own(store: Store, caller: Caller, export_id: str) -> BulkExport | None:
+    """The caller's export as stored, unless cancelled or expired."""
     with store.session() as session:
         row = session.get(BulkExport, export_id)
         if row is None or row.organization_id != caller.organization_id:
             return None
         if row.status == CANCELLED or (row.expires_at and row.expires_at <= utcnow()):
             return None
-        silent = row.heartbeat_at and utcnow() - row.heartbeat_at > timedelta(
-            seconds=SILENT_SECONDS)  # fmt: skip
-        if row.status == RUNNING and silent:
-            row.status, row.error = FAILED, "the export stopped with its server; ask again"
-            shutil.rmtree(folder(export_id), ignore_errors=True)
-        session.flush()
         session.expunge(row)
         return row
 

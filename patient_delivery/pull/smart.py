@@ -200,13 +200,10 @@ def issue_token(
     if form.get("client_assertion_type") != ASSERTION_TYPE:
         raise TokenRefused("invalid_request", f"client_assertion_type must be {ASSERTION_TYPE}")
     assertion = form.get("client_assertion") or ""
-    client_id, key = _client_key(store, assertion, form.get("client_id"))
+    client_id, key, allowed = _client_key(store, assertion, form.get("client_id"))
     claims = _verified(assertion, key, client_id, token_url, now)
-    requested = form.get("scope", "")
+    granted = _granted(allowed, form.get("scope", ""))
     with store.session() as session:
-        client = session.get(SmartClient, client_id)
-        assert client is not None  # found by _client_key, never deleted
-        granted = _granted(frozenset(client.scopes.split()), requested)
         session.execute(delete(SmartAssertion).where(SmartAssertion.expires_at < now))
         session.add(SmartAssertion(client_id=client_id, jti=claims["jti"],
                                    expires_at=_instant(claims["exp"])))  # fmt: skip
@@ -223,8 +220,11 @@ def issue_token(
     return Grant(token=token, scopes=" ".join(sorted(granted)))
 
 
-def _client_key(store: Store, assertion: str, client_id: str | None) -> tuple[str, Any]:
-    """The client the assertion says it comes from, and the key its header names."""
+def _client_key(
+    store: Store, assertion: str, client_id: str | None
+) -> tuple[str, Any, frozenset[str]]:
+    """The client the assertion says it comes from, the key its header names, and the scopes
+    the client may be granted."""
     try:
         header = jwt.get_unverified_header(assertion)
         unverified = jwt.decode(assertion, options={"verify_signature": False})
@@ -240,11 +240,12 @@ def _client_key(store: Store, assertion: str, client_id: str | None) -> tuple[st
         if client is None or client.revoked_at is not None:
             raise TokenRefused("invalid_client", "unknown or revoked client")
         keys = json.loads(client.jwks)["keys"]
+        allowed = frozenset(client.scopes.split())
     kid = header.get("kid")
     wanted = "RSA" if header["alg"].startswith("RS") else "EC"
     for key in keys:
         if key["kid"] == kid and key["kty"] == wanted:
-            return issuer, jwt.PyJWK(key, header["alg"])
+            return issuer, jwt.PyJWK(key, header["alg"]), allowed
     raise TokenRefused("invalid_client", "no registered key of the client has that kid and alg")
 
 
