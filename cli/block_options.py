@@ -29,7 +29,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from typer.core import TyperGroup
 
-from patient_delivery.cli.common import console, fail, invalid, prefect, read_file
+from patient_delivery.cli.common import console, fail, invalid, prefect, read_file, start_prefect
 
 if TYPE_CHECKING:
     import click
@@ -238,6 +238,9 @@ class DestinationGroup(TyperGroup):
 
 
 def _block_types() -> dict[str, type[BaseModel]]:
+    """The destination block types. Importing them imports Prefect, which reads its settings
+    then: Prefect's local defaults (and this command's temporary API) come first."""
+    start_prefect()
     from patient_delivery.blocks import DESTINATION_TYPES
 
     return dict(DESTINATION_TYPES)

@@ -166,12 +166,20 @@ def warn(message: str) -> None:
     errors.print(Text("warning: ", style="yellow") + Text(message), highlight=False, soft_wrap=True)
 
 
+_started: list[LocalApi | None] = []
+"""This command's start of Prefect, once made (empty before)."""
+
+
 def start_prefect() -> LocalApi | None:
     """Point Prefect at the local defaults (its home under ours) before it is imported; in the
-    embedded setup, start this command's temporary API (see `ready`)."""
-    from patient_delivery.prefect_setup import apply_local_defaults
+    embedded setup, start this command's temporary API (see `ready`). Once per command: every
+    caller (a command, or a group that imports the blocks to build its options) gets the same
+    start, so Prefect never reads its settings before it."""
+    if not _started:
+        from patient_delivery.prefect_setup import apply_local_defaults
 
-    return apply_local_defaults(get_settings().home)
+        _started.append(apply_local_defaults(get_settings().home))
+    return _started[0]
 
 
 def ready(api: LocalApi | None) -> None:

@@ -36,6 +36,11 @@ PR_SET_PDEATHSIG = 1
 """prctl(2): the signal a process gets when the thread that started it ends."""
 
 
+class PrefectImportedTooEarly(RuntimeError):
+    """A command imported Prefect before `apply_local_defaults`: a defect in the command, refused
+    rather than run against a server nobody secured."""
+
+
 class LocalApiError(RuntimeError):
     """The temporary Prefect API did not start; the message says where its log is."""
 
@@ -137,6 +142,12 @@ def apply_local_defaults(home: Path) -> LocalApi | None:
         or (Path.home() / ".prefect" / "profiles.toml").exists()
     )
     if not user_has_prefect:
+        if "prefect" in sys.modules:
+            # Prefect read its settings when imported: it would start a temporary server of
+            # its own (its port on a command line, no password) and never use ours.
+            raise PrefectImportedTooEarly(
+                "Prefect was imported before its local defaults were applied"
+            )
         # Keep Prefect's own database beside the store instead of in ~/.prefect, owner-only:
         # it holds the block documents and the key that decrypts their secrets.
         prefect_home = (home / "prefect").resolve()
