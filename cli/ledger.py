@@ -37,6 +37,9 @@ Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout,
 Csv = Annotated[
     str | None, typer.Option(help="Write every matching row as CSV to this file, or - for stdout")
 ]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the --csv or --parquet file if it exists")
+]
 Limit = Annotated[
     int | None, typer.Option(min=1, help="Most rows (default: 50 on the terminal, all otherwise)")
 ]
@@ -53,6 +56,7 @@ def deliveries(
     until: When = None,
     limit: Limit = None,
     csv: Csv = None,
+    overwrite: Overwrite = False,
     parquet: Annotated[Path | None, typer.Option(help="Write all matching rows as Parquet")] = None,
     wide: Annotated[bool, typer.Option(help="Show every column")] = False,
     as_json: Json = False,
@@ -79,10 +83,10 @@ def deliveries(
     )
     frame = deliveries_frame(current_store(), query)
     if parquet:
-        with _owner_only(parquet, "--parquet", binary=True) as out:
+        with _owner_only(parquet, "--parquet", overwrite, binary=True) as out:
             frame.to_parquet(out, index=False)
         errors.print(f"{len(frame)} rows written to {parquet}", highlight=False)
-    if _written(frame, "deliveries", csv, as_json) or parquet:
+    if _written(frame, "deliveries", csv, as_json, overwrite) or parquet:
         return
     if not wide:
         frame = frame.assign(sha256=frame["sha256"].str[:12])[NARROW_COLUMNS]
@@ -111,18 +115,35 @@ def _short_id(value: object) -> str:
 
 
 @contextmanager
-def _owner_only(path: Path, option: str, binary: bool = False) -> Iterator[IO[Any]]:
-    """`path` opened for writing, created (or emptied) owner-only: the ledger names patients.
-    A path that cannot be written is a one-line refusal naming the option, exit 2."""
+def _owner_only(
+    path: Path, option: str, overwrite: bool, binary: bool = False
+) -> Iterator[IO[Any]]:
+    """A new file at `path`, owner-only (the ledger names patients), never written through a
+    link or a file already there: one that exists is refused unless `overwrite`, which writes a
+    new file beside it and renames it over (the link, not what it points at, is replaced). A
+    path that cannot be written is a one-line refusal naming the option, exit 2."""
+    target = path.with_name(f".{path.name}.{os.getpid()}.partial") if overwrite else path
     try:
-        descriptor = private.open_new(path)
+        descriptor = private.create_new(target)
+    except FileExistsError:
+        raise fail(f"{option}: {path} exists already; --overwrite replaces it", code=2) from None
     except OSError as exc:
         raise fail(f"{option}: cannot write {path}: {exc.strerror}", code=2) from None
-    with os.fdopen(descriptor, "wb" if binary else "w", newline=None if binary else "") as out:
-        yield out
+    try:
+        with os.fdopen(descriptor, "wb" if binary else "w", newline=None if binary else "") as out:
+            yield out
+        if overwrite:
+            os.replace(target, path)
+    except OSError as exc:
+        raise fail(f"{option}: cannot write {path}: {exc.strerror}", code=2) from None
+    finally:
+        if overwrite:
+            target.unlink(missing_ok=True)
 
 
-def _written(frame: pd.DataFrame, title: str, csv: str | None, as_json: bool) -> bool:
+def _written(
+    frame: pd.DataFrame, title: str, csv: str | None, as_json: bool, overwrite: bool = False
+) -> bool:
     """Write the rows as CSV (a file, created owner-only, or stdout for -; control characters
     escaped in both) or as one JSON document; whether done."""
     if csv:
@@ -131,7 +152,7 @@ def _written(frame: pd.DataFrame, title: str, csv: str | None, as_json: bool) ->
         if csv == "-":
             text.to_csv(sys.stdout, index=False, **iso)
         else:
-            with _owner_only(Path(csv), "--csv") as out:
+            with _owner_only(Path(csv), "--csv", overwrite) as out:
                 text.to_csv(out, index=False, **iso)
             errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
     if as_json:
@@ -147,6 +168,7 @@ def disclosures(
     until: When = None,
     limit: Limit = None,
     csv: Csv = None,
+    overwrite: Overwrite = False,
     as_json: Json = False,
 ) -> None:
     """Every send of a patient's records (re-sends included) and every read through the pull
@@ -168,7 +190,7 @@ def disclosures(
     if as_json:
         print_json({"disclosures": records(frame), "share_withdrawals": records(withdrawals)})
         return
-    if _written(frame, "disclosures", csv, as_json=False):
+    if _written(frame, "disclosures", csv, as_json=False, overwrite=overwrite):
         return
     frame = frame.assign(
         sha256=frame["sha256"].str[:12],

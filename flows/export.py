@@ -4,17 +4,16 @@
              progress artifact; the export is then complete and its manifest served
 
 `ExportRunner` starts one flow run per export asked of `serve`, at most
-`PATIENT_DELIVERY_EXPORTS_AT_ONCE` at a time, in the server's process.
+`PATIENT_DELIVERY_EXPORTS_AT_ONCE` at a time, organizations in turn, in the server's process.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 from prefect import flow, get_run_logger, task
 
 from patient_delivery.flows import runtime
 from patient_delivery.pull import bulk_export as exports
+from patient_delivery.pull.export_queue import ExportQueue
 from patient_delivery.settings import get_settings
 from patient_delivery.store import open_store
 
@@ -47,13 +46,14 @@ def write(export_id: str) -> list[exports.ExportFile]:
 
 
 class ExportRunner:
-    """Starts each export's flow run in a thread of this process, a few at a time."""
+    """Starts each export's flow run in a thread of this process, a few at a time, the
+    organizations in turn (`ExportQueue`)."""
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(get_settings().exports_at_once, "bulk-export")
+        self.queue = ExportQueue(open_store(), self._run, get_settings().exports_at_once)
 
     def start(self, export_id: str) -> None:
-        self.pool.submit(self._run, export_id)
+        self.queue.start(export_id)
 
     @staticmethod
     def _run(export_id: str) -> None:

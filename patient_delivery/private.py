@@ -41,6 +41,15 @@ def open_new(path: Path) -> int:
     return descriptor
 
 
+def create_new(path: Path) -> int:
+    """A descriptor for writing `path`, a file this call creates owner-only: `FileExistsError`
+    when anything is there already (a file, or a link, which is never followed), so nothing is
+    written through a file or link another user left in a shared folder."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE)
+    os.fchmod(descriptor, FILE)
+    return descriptor
+
+
 def make_file(path: Path) -> Path:
     """Create `path` empty and owner-only if it does not exist yet (an empty file is a valid,
     empty SQLite database)."""

@@ -98,6 +98,16 @@ class Settings(BaseSettings):
         le=32,
         description="Most FHIR bulk exports `serve` writes at once; more wait their turn.",
     )
+    exports_per_organization: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description=(
+            "Most FHIR bulk exports one organization may have waiting or being written; a "
+            "kick-off beyond it is answered 429 with Retry-After, so one organization cannot "
+            "hold up the others' exports."
+        ),
+    )
     emit_events: bool | None = Field(
         default=None,
         description=(

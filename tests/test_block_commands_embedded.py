@@ -32,12 +32,12 @@ HEALTHY = (
 """What the posing server answers to anything: a healthy API's 200."""
 
 
-def _announced_ports() -> set[int]:
+def _announced_ports(before: frozenset[int] = frozenset()) -> set[int]:
     """The ports that some process's command line, as any local user reads it, says a Prefect
-    server or uvicorn listens on."""
+    server or uvicorn listens on; processes in `before` (the test session's own) left out."""
     ports = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in before:
             continue
         try:
             line = (entry / "cmdline").read_bytes()
@@ -48,14 +48,15 @@ def _announced_ports() -> set[int]:
     return ports
 
 
-def _pose_as_servers(stop: int) -> dict[str, list[str]]:
-    """As the second user: until `stop` is readable, take every announced port first (bind and
-    listen on it), answer each request as a healthy Prefect API would, and keep what arrives."""
+def _pose_as_servers(stop: int, before: frozenset[int]) -> dict[str, list[str]]:
+    """As the second user: until `stop` is readable, take every port announced by a process not
+    in `before` first (bind and listen on it), answer each request as a healthy Prefect API
+    would, and keep what arrives."""
     listeners: dict[int, socket.socket] = {}
     announced: list[str] = []
     received: list[str] = []
     while not select.select([stop], [], [], 0)[0]:
-        for port in _announced_ports() - set(listeners):
+        for port in _announced_ports(before) - {int(p) for p in announced}:
             announced.append(str(port))
             squatter = socket.socket()
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,6 +88,7 @@ def second_user_posing_as_servers() -> Iterator[dict[str, list[str]]]:
     """`nobody`, in a forked child, posing as every Prefect server announced while the block
     runs; the dict is filled with what it saw once the block ends."""
     nobody = pwd.getpwnam("nobody")
+    before = frozenset(int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
     stop_read, stop_write = os.pipe()
     answer_read, answer_write = os.pipe()
     pid = os.fork()
@@ -97,7 +99,7 @@ def second_user_posing_as_servers() -> Iterator[dict[str, list[str]]]:
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            result: tuple[str, object] = ("ok", _pose_as_servers(stop_read))
+            result: tuple[str, object] = ("ok", _pose_as_servers(stop_read, before))
         except BaseException as exc:
             result = ("error", repr(exc))
         with os.fdopen(answer_write, "wb") as out:
@@ -127,10 +129,13 @@ def host_key() -> str:
                                serialization.PublicFormat.OpenSSH).decode()  # fmt: skip
 
 
-def run(home: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
-    """`patient-delivery ARGS` in a clean environment: no Prefect of the user's, an empty HOME."""
+def run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`patient-delivery ARGS` in a clean environment: no Prefect of the user's, an empty HOME
+    (beside the store's home, made once)."""
+    empty = home.parent / "empty-home"
+    empty.mkdir(exist_ok=True)
     return subprocess.run(
-        [CLI, *args], env={**embedded_env(home), **env}, input=stdin, capture_output=True,
+        [CLI, *args], env={**embedded_env(home), "HOME": str(empty), **env}, capture_output=True,
         text=True, timeout=300, check=False,
     )  # fmt: skip
 
@@ -140,7 +145,6 @@ def test_block_commands_save_through_the_commands_own_api_and_nobody_elses(
     tmp_path: Path,
 ) -> None:
     home = tmp_path / "home"
-    (tmp_path / "empty-home").mkdir()
     folder = tmp_path / "acme"
     commands = [
         ("org", "add", "Acme Research", "--id", "acme"),

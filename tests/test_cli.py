@@ -243,7 +243,8 @@ def test_csv_exports_escape_control_characters_and_files_are_owner_only(
     store: Store, tmp_path: Path
 ) -> None:
     """`--csv -` on a terminal and `--csv FILE` alike: no raw escapes; the file, which names
-    patients, is created owner-only (even where one existed with wider modes)."""
+    patients, is created owner-only (even replacing, with --overwrite, one that existed with
+    wider modes)."""
     hostile = "Acme\x1b[2J\u202e"
     with_a_disclosure(store, hostile)
     exported = tmp_path / "ledger.csv"
@@ -251,7 +252,7 @@ def test_csv_exports_escape_control_characters_and_files_are_owner_only(
     exported.chmod(0o644)
 
     shown = run("disclosures", "--csv", "-")
-    run("disclosures", "--csv", str(exported))
+    run("disclosures", "--csv", str(exported), "--overwrite")
     run("deliveries", "--parquet", str(tmp_path / "ledger.parquet"))
 
     for text in (shown, exported.read_text()):

@@ -21,7 +21,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from patient_delivery.pull import bulk_export as exports
 from patient_delivery.pull.fhir_api import FhirError, FhirResponse, Since, Who, applied, outcome
@@ -44,8 +44,8 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
         applied(request, KICK_OFF)
         if "respond-async" not in request.headers.get("prefer", "").replace(" ", "").lower():
             raise FhirError(400, "required", "a bulk export needs the header Prefer: respond-async")
-        if since is not None and since.tzinfo is None:
-            since = since.replace(tzinfo=UTC)
+        if since is not None:
+            since = _utc(since)
         asked = public + request.url.path.removeprefix("/fhir")
         if request.url.query:
             asked += "?" + request.url.query
@@ -56,7 +56,7 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
                 )
             )
         except exports.ExportRefused as refused:
-            raise FhirError(refused.status, refused.code, refused.text) from None
+            raise _refusal(refused) from None
         start(export_id)
         return Response(status_code=202, headers={
             "Content-Location": f"{public}/$export-status/{export_id}",
@@ -93,7 +93,7 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
         def file_url(name: str) -> str:
             return f"{public}/$export-file/{export_id}/{name}"
 
-        return FhirResponse(exports.manifest(row, file_url), headers={
+        return FhirResponse(exports.manifest(store, row, who, file_url), headers={
             "Expires": format_datetime(row.expires_at.astimezone(UTC), usegmt=True),
         })  # fmt: skip
 
@@ -105,9 +105,31 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
 
     @router.get("/$export-file/{export_id}/{name}")
     def export_file(export_id: str, name: str, who: Who) -> Response:
-        path = exports.file_path(store, who, export_id, name)
-        if path is None or not path.exists():
+        try:
+            served = exports.served_file(store, who, export_id, name)
+        except exports.ExportRefused as refused:
+            raise _refusal(refused) from None
+        if served is None or not served.path.exists():
             raise FhirError(404, "not-found", "no such file (the export may have expired)")
-        return FileResponse(path, media_type=NDJSON)
+        if served.withdrawn:
+            return StreamingResponse(served.lines(), media_type=NDJSON)
+        return FileResponse(served.path, media_type=NDJSON)
 
     return router
+
+
+def _utc(since: datetime) -> datetime:
+    """`_since` in UTC (as given when it names no zone); a 400 when UTC cannot hold it (the
+    first or last hours of the calendar in a zone far from UTC)."""
+    if since.tzinfo is None:
+        return since.replace(tzinfo=UTC)
+    try:
+        return since.astimezone(UTC)
+    except OverflowError:
+        raise FhirError(400, "invalid", "_since is outside the dates this server holds") from None
+
+
+def _refusal(refused: exports.ExportRefused) -> FhirError:
+    """The OperationOutcome answer to a refused export request (429s say when to ask again)."""
+    headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after else None
+    return FhirError(refused.status, refused.code, refused.text, headers=headers)

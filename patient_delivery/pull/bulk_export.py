@@ -5,8 +5,17 @@ with the organization; resource types; `_since`), written (`write_export`: one N
 per resource type, patient after patient, streamed from the store) and then served from its
 status URL until it expires (`sweep` deletes its files). Each patient whose resources are
 written is a disclosure in the ledger; a patient who no longer shares when their turn comes is
-left out, so a withdrawal during an export keeps them out of every file not yet written.
-Resources carry the patient's healthexPatientId, as the FHIR API serves them.
+left out, and a patient who stopped sharing after the export began is left out of every file
+served from then on (consent is checked at each download, as at each FHIR read). Resources
+carry the patient's healthexPatientId, as the FHIR API serves them.
+
+Each file is served only to a caller whose scopes cover its type, and the status manifest lists
+only those files: any client of the organization may poll an export, but a token for
+`system/Patient.rs` never downloads `Observation.ndjson`. One organization has at most
+`exports_per_organization` exports waiting or being written (429 beyond it), and the writers
+take organizations in turn (`export_queue`). An export accepted by a server that stopped before
+writing it is taken up by the next server running on the store once it has been silent for
+`SILENT_SECONDS`.
 """
 
 from __future__ import annotations
@@ -15,21 +24,21 @@ import json
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from patient_delivery import private
 from patient_delivery.pull.keys import Caller
 from patient_delivery.pull.records import RESOURCE_TYPES, Records, SharedPatient
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store
-from patient_delivery.store.models import BulkExport, Project, Share, utcnow
+from patient_delivery.store.models import BulkExport, Project, Share, ShareWithdrawal, utcnow
 
 ACCEPTED, RUNNING, COMPLETE, FAILED, CANCELLED = (
     "accepted", "running", "complete", "failed", "cancelled",
@@ -43,15 +52,21 @@ CHECK_SECONDS = 1.0
 
 SILENT_SECONDS = 120.0
 """A running export whose writer has not reported for this long stopped with its process
-(a server restarted or killed): it is answered as failed, to be asked for again."""
+(a server restarted or killed): it is answered as failed, to be asked for again. An accepted
+export whose queue has not reported for this long is taken up by another server."""
+
+RETRY_AFTER_SECONDS = 30
+"""What a kick-off refused for too many exports of the organization says to wait."""
 
 
 class ExportRefused(Exception):
-    """A kick-off request that cannot be served: its HTTP status, FHIR issue code and text."""
+    """A request that cannot be served: its HTTP status, FHIR issue code and text, and for a
+    429 how many seconds to wait."""
 
-    def __init__(self, status: int, code: str, text: str) -> None:
+    def __init__(self, status: int, code: str, text: str, retry_after: int | None = None) -> None:
         super().__init__(text)
         self.status, self.code, self.text = status, code, text
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -87,11 +102,23 @@ def request_export(
                 raise ExportRefused(
                     404, "not-found", "no such group is shared with your organization"
                 )
+        active = session.scalar(
+            select(func.count()).select_from(BulkExport)
+            .where(BulkExport.organization_id == caller.organization_id)
+            .where(BulkExport.status.in_([ACCEPTED, RUNNING]))
+        )  # fmt: skip
+        most = get_settings().exports_per_organization
+        if (active or 0) >= most:
+            raise ExportRefused(
+                429, "throttled",
+                f"your organization has {most} exports waiting or being written (the most it "
+                "may have); ask again when one is done", retry_after=RETRY_AFTER_SECONDS,
+            )  # fmt: skip
         export_id = secrets.token_urlsafe(18)
         session.add(BulkExport(
             id=export_id, organization_id=caller.organization_id, accessor=caller.accessor,
             project_id=project_id, types=",".join(wanted), since=since, request_url=request_url,
-            status=ACCEPTED, patients_total=0, patients_done=0,
+            status=ACCEPTED, patients_total=0, patients_done=0, heartbeat_at=utcnow(),
         ))  # fmt: skip
     return export_id
 
@@ -180,29 +207,126 @@ def give_up(store: Store, export_id: str, reason: str) -> None:
     shutil.rmtree(folder(export_id), ignore_errors=True)
 
 
-def file_path(store: Store, caller: Caller, export_id: str, name: str) -> Path | None:
-    """The path of one of a complete export's files, for its organization; else None."""
+@dataclass(frozen=True)
+class ServedFile:
+    """A complete export's file as a caller may download it: its path, and the patients whose
+    lines are left out (they stopped sharing after the export began)."""
+
+    path: Path
+    withdrawn: frozenset[str]
+
+    def lines(self) -> Iterator[bytes]:
+        """The file's lines, without those of a withdrawn patient (a resource names its
+        patient by healthexPatientId: as its `id` or in its `Patient/` reference)."""
+        with open(self.path, "rb") as lines:
+            for line in lines:
+                if not any(patient in line for patient in self._marks):
+                    yield line
+
+    @property
+    def _marks(self) -> list[bytes]:
+        return [patient.encode() for patient in self.withdrawn]
+
+
+def served_file(store: Store, caller: Caller, export_id: str, name: str) -> ServedFile | None:
+    """One of a complete export's files, for its organization (None when there is no such
+    file); `ExportRefused` (403) when the caller's scopes do not cover its type."""
     row = find(store, caller, export_id)
     if row is None or row.status != COMPLETE or row.output is None:
         return None
-    names = {entry["file"] for entry in json.loads(row.output)}
-    return folder(export_id) / name if name in names else None
+    entries = {entry["file"]: ExportFile(**entry) for entry in json.loads(row.output)}
+    entry = entries.get(name)
+    if entry is None:
+        return None
+    if not _may_fetch(caller, entry):
+        raise ExportRefused(403, "forbidden", f"the token's scopes do not cover {entry.type}")
+    return ServedFile(folder(export_id) / entry.file, withdrawn_from(store, row))
 
 
-def manifest(row: BulkExport, file_url: Callable[[str], str]) -> dict[str, Any]:
-    """The completion manifest of a complete export (`file_url` makes a file's URL)."""
-    entries = [ExportFile(**entry) for entry in json.loads(row.output or "[]")]
+def _may_fetch(caller: Caller, entry: ExportFile) -> bool:
+    """Whether the caller's scopes cover the file's type (the errors' file goes to any caller
+    of the organization: it holds no resources)."""
+    return entry.file == ERRORS_FILE or caller.may_read(entry.type)
+
+
+def withdrawn_from(store: Store, row: BulkExport) -> frozenset[str]:
+    """The patients of the export's scope (its project, or the organization) who stopped
+    sharing after it began and do not share with that scope now."""
     assert row.transaction_time is not None
+    withdrawn = (
+        select(ShareWithdrawal.patient_id)
+        .where(ShareWithdrawal.organization_id == row.organization_id)
+        .where(ShareWithdrawal.withdrawn_at >= row.transaction_time)
+    )
+    sharing = (
+        select(Share.patient_id)
+        .join(Project, Project.id == Share.project_id)
+        .where(Project.organization_id == row.organization_id)
+    )
+    if row.project_id is not None:
+        withdrawn = withdrawn.where(ShareWithdrawal.project_id == row.project_id)
+        sharing = sharing.where(Share.project_id == row.project_id)
+    gone = withdrawn.where(ShareWithdrawal.patient_id.not_in(sharing))
+    with store.session() as session:
+        return frozenset(session.scalars(gone))
+
+
+def manifest(
+    store: Store, row: BulkExport, caller: Caller, file_url: Callable[[str], str]
+) -> dict[str, Any]:
+    """The completion manifest of a complete export, as the caller may use it: only the files
+    its scopes cover (`file_url` makes a file's URL). Counts are left out once a patient's
+    lines are (a withdrawal after the export began)."""
+    entries = [e for e in (ExportFile(**entry) for entry in json.loads(row.output or "[]"))
+               if _may_fetch(caller, e)]  # fmt: skip
+    counted = not withdrawn_from(store, row)
+    assert row.transaction_time is not None
+
+    def listed(kind: str, entry: ExportFile) -> dict[str, Any]:
+        return {"type": kind, "url": file_url(entry.file),
+                **({"count": entry.count} if counted else {})}  # fmt: skip
+
     return {
         "transactionTime": row.transaction_time.isoformat().replace("+00:00", "Z"),
         "request": row.request_url,
         "requiresAccessToken": True,
-        "output": [{"type": e.type, "url": file_url(e.file), "count": e.count}
-                   for e in entries if e.file != ERRORS_FILE],
+        "output": [listed(e.type, e) for e in entries if e.file != ERRORS_FILE],
         "deleted": [],
-        "error": [{"type": "OperationOutcome", "url": file_url(e.file), "count": e.count}
-                  for e in entries if e.file == ERRORS_FILE],
-    }  # fmt: skip
+        "error": [listed("OperationOutcome", e) for e in entries if e.file == ERRORS_FILE],
+    }
+
+
+def orphans(store: Store) -> list[str]:
+    """Accepted exports whose queue has been silent for `SILENT_SECONDS` (the server that
+    accepted them stopped), now claimed for this server's queue: their IDs, oldest first."""
+    cutoff = utcnow() - timedelta(seconds=SILENT_SECONDS)
+    with store.session() as session:
+        silent = list(session.scalars(
+            select(BulkExport.id).where(BulkExport.status == ACCEPTED)
+            .where(BulkExport.heartbeat_at < cutoff).order_by(BulkExport.created_at)
+        ))  # fmt: skip
+    claimed = []
+    for export_id in silent:
+        with store.session() as session:
+            taken = session.execute(
+                update(BulkExport).where(BulkExport.id == export_id)
+                .where(BulkExport.status == ACCEPTED).where(BulkExport.heartbeat_at < cutoff)
+                .values(heartbeat_at=utcnow())
+            ).rowcount  # fmt: skip
+        if taken:
+            claimed.append(export_id)
+    return claimed
+
+
+def still_waiting(store: Store, export_ids: list[str]) -> None:
+    """Say that these accepted exports still wait in a living server's queue."""
+    if not export_ids:
+        return
+    with store.session() as session:
+        session.execute(
+            update(BulkExport).where(BulkExport.id.in_(export_ids))
+            .where(BulkExport.status == ACCEPTED).values(heartbeat_at=utcnow())
+        )  # fmt: skip
 
 
 def write_export(

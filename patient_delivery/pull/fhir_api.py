@@ -49,9 +49,12 @@ class FhirResponse(JSONResponse):
 class FhirError(Exception):
     """An error answered as an OperationOutcome."""
 
-    def __init__(self, status: int, code: str, text: str) -> None:
+    def __init__(
+        self, status: int, code: str, text: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(text)
         self.status, self.code, self.text = status, code, text
+        self.headers = headers
 
 
 def outcome(status: int, code: str, text: str) -> FhirResponse:
@@ -287,7 +290,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FhirError)
     async def _fhir_error(_: Request, error: FhirError) -> FhirResponse:
-        return outcome(error.status, error.code, error.text)
+        answer = outcome(error.status, error.code, error.text)
+        answer.headers.update(error.headers or {})
+        return answer
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> FhirResponse:

@@ -4,7 +4,6 @@ Backend Services' token endpoint at /auth/token."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from patient_delivery.pull import bulk_export
 from patient_delivery.pull.auth_api import create_auth_router
 from patient_delivery.pull.bulk_api import create_bulk_router
+from patient_delivery.pull.export_queue import ExportQueue
 from patient_delivery.pull.fhir_api import create_fhir_router, install_error_handlers
 from patient_delivery.pull.mcp_server import build_mcp
 from patient_delivery.pull.mcp_sessions import SessionCap
@@ -45,6 +45,7 @@ def create_app(
     # Plain JSON responses, not SSE: a patient's bundle can pass 1 MB, the SSE event limit of
     # the SDK's own client.
     settings = get_settings()
+    start = start_export or _write_in_thread(store)
     mcp_app = build_mcp(records, base_url=base_url.rstrip("/")).streamable_http_app(
         streamable_http_path="/mcp", host=host, json_response=True,
         session_idle_timeout=MCP_IDLE_SECONDS,
@@ -56,7 +57,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # A mounted app's lifespan does not run by itself; MCP's starts its session manager.
         async with mcp_app.router.lifespan_context(mcp_app), anyio.create_task_group() as tasks:
-            tasks.start_soon(_sweep_exports, store)
+            tasks.start_soon(_sweep_exports, store, start)
             yield
             tasks.cancel_scope.cancel()
 
@@ -69,7 +70,7 @@ def create_app(
     )
     app.state.records = records
     app.include_router(create_auth_router(store, base_url))
-    app.include_router(create_bulk_router(store, base_url, start_export or _write_in_thread(store)))
+    app.include_router(create_bulk_router(store, base_url, start))
     app.include_router(create_fhir_router(records, base_url))
     install_error_handlers(app)
 
@@ -93,18 +94,21 @@ def create_app(
     return app
 
 
-async def _sweep_exports(store: Store) -> None:
-    """Delete expired and cancelled bulk exports' files, now and every `SWEEP_SECONDS`."""
+async def _sweep_exports(store: Store, start: Callable[[str], None]) -> None:
+    """Now and every `SWEEP_SECONDS`: delete expired and cancelled bulk exports' files, and
+    take up the exports a stopped server accepted and never began."""
     while True:
         await anyio.to_thread.run_sync(bulk_export.sweep, store)
+        for export_id in await anyio.to_thread.run_sync(bulk_export.orphans, store):
+            start(export_id)
         await anyio.sleep(SWEEP_SECONDS)
 
 
 def _write_in_thread(store: Store) -> Callable[[str], None]:
-    """Write each export in a thread of this process (without Prefect)."""
+    """Write each export in a thread of this process (without Prefect), a few at a time, the
+    organizations in turn."""
 
-    def start(export_id: str) -> None:
-        threading.Thread(target=bulk_export.write_export, args=(store, export_id), daemon=True,
-                         name=f"bulk-export-{export_id[:8]}").start()  # fmt: skip
+    def write(export_id: str) -> None:
+        bulk_export.write_export(store, export_id)
 
-    return start
+    return ExportQueue(store, write, get_settings().exports_at_once).start

@@ -49,6 +49,14 @@ ALGORITHMS = ("RS384", "ES384")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_SCOPES = "system/*.rs"
 
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+"""JWK members that hold private key material (RFC 7518, 6.2.2, 6.3.2 and 6.4): any one of
+them (an RSA `q` alone rebuilds the private key from the modulus) refuses the key set."""
+
+TIMES = ("exp", "iat", "nbf")
+LATEST_SECONDS = 253402300799
+"""The last second a stored time can hold (9999-12-31T23:59:59Z)."""
+
 _SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]{0,63})\.(read|rs|r|s)")
 
 
@@ -131,7 +139,7 @@ def _check_key(key: object, number: int) -> None:
     where = f"key {number}"
     if not isinstance(key, dict):
         raise ClientError(f"{where} is not a JSON object")
-    if "d" in key or "p" in key:
+    if PRIVATE_MEMBERS & key.keys():
         raise ClientError(f"{where} holds a private key: register the public keys only")
     if not isinstance(key.get("kid"), str) or not key["kid"]:
         raise ClientError(f"{where} has no kid (the assertion's header names its key by kid)")
@@ -205,8 +213,10 @@ def issue_token(
     granted = _granted(allowed, form.get("scope", ""))
     with store.session() as session:
         session.execute(delete(SmartAssertion).where(SmartAssertion.expires_at < now))
+        # Kept until the assertion can no longer be accepted: its exp plus the leeway.
+        accepted_until = _instant(claims["exp"]) + timedelta(seconds=LEEWAY_SECONDS)
         session.add(SmartAssertion(client_id=client_id, jti=claims["jti"],
-                                   expires_at=_instant(claims["exp"])))  # fmt: skip
+                                   expires_at=accepted_until))  # fmt: skip
         try:
             session.flush()
         except IntegrityError:
@@ -230,6 +240,10 @@ def _client_key(
         unverified = jwt.decode(assertion, options={"verify_signature": False})
     except jwt.PyJWTError:
         raise TokenRefused("invalid_client", "client_assertion is not a signed JWT") from None
+    for name in TIMES:
+        value = unverified.get(name)
+        if name in unverified and not _seconds(value):
+            raise TokenRefused("invalid_client", f"{name} must be a number of seconds since 1970")
     issuer = unverified.get("iss")
     if not isinstance(issuer, str) or (client_id and client_id != issuer):
         raise TokenRefused("invalid_client", "iss must be the client_id")
@@ -299,6 +313,16 @@ def _reads(match: re.Match[str]) -> frozenset[str]:
     """What a scope's permissions allow: read, search or both (`read` is both)."""
     permissions = match.group(2)
     return frozenset("rs") if permissions == "read" else frozenset(permissions)
+
+
+def _seconds(value: object) -> bool:
+    """Whether a JWT time claim is a NumericDate we can hold: a number (not a string or a
+    boolean), finite, from 1970 to the year 9999."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 <= value <= LATEST_SECONDS  # NaN compares false
+    )
 
 
 def _instant(seconds: float) -> datetime:
