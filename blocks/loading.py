@@ -75,9 +75,13 @@ RULE_LENGTH = 160
 
 def _rule(message: str) -> str:
     """The rule a field broke, short: pydantic's "Value error, " and a template's example
-    left out (the block's form and `docs/` have them)."""
+    left out (the block's form and `docs/` have them), then whole clauses (`; `) from the end
+    while it is longer than `RULE_LENGTH`: shorter by saying less, never cut mid-word."""
     rule = message.removeprefix("Value error, ").split("; example of a valid template")[0]
-    return rule if len(rule) <= RULE_LENGTH else rule[: RULE_LENGTH - 1] + "…"
+    clauses = rule.split("; ")
+    while len(clauses) > 1 and len("; ".join(clauses)) > RULE_LENGTH:
+        clauses.pop()
+    return "; ".join(clauses)
 
 
 def load_destination(reference: str) -> Destination:

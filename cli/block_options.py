@@ -140,9 +140,7 @@ class Source:
             return list(first) if first else None
         if first == "none" and self.optional and typing.get_origin(self.kind) is Literal:
             return _NONE
-        if isinstance(first, Path):
-            return first.resolve()
-        return first
+        return first  # a Path as given: the block refuses a relative folder
 
 
 _NONE = object()

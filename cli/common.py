@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from patient_delivery import private
 from patient_delivery.settings import get_settings
 
 if TYPE_CHECKING:
@@ -68,7 +72,6 @@ def escaped(text: str) -> str:
 def print_json(document: object) -> None:
     """One JSON document on stdout, for scripts: stable field names, times in ISO 8601."""
     import json
-    import sys
 
     def fallback(value: object) -> object:
         return value.isoformat() if isinstance(value, datetime) else str(value)
@@ -81,42 +84,87 @@ def records(frame: pd.DataFrame) -> list[dict[str, object]]:
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
-def print_frame(frame: pd.DataFrame, title: str) -> None:
+def print_frame(
+    frame: pd.DataFrame, title: str, keep: Sequence[str] = (), more: str | None = "--json or --csv"
+) -> None:
     """A table that fits the terminal: every cell through `printable`, times to the second in
-    ISO 8601, IDs and times never cut or wrapped (other columns fold to make room). Columns
-    are kept from the left while they fit the width; those left out are named below the table
-    (`--json` or `--csv` give every column)."""
+    ISO 8601. IDs and times are never cut or wrapped (they are what people paste); names
+    (`destination`, `reference`) break only after a `/`; other text folds to make room.
+    The columns in `keep` (what the view is for) are shown first, then the others from the
+    left while they fit; those left out are named below the table, with `more` (the options
+    that give every column), when the command has such options."""
     from rich.table import Table
 
     cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
     columns = [str(c) for c in frame.columns]
-    whole = [c.endswith(("_id", "_at", "id")) or c in ("status", "version") for c in columns]
+    kinds = [_kind(c) for c in columns]
     longest = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    # What each column needs: its longest cell for IDs and times; a free-text column folds
-    # onto more lines, down to `FOLDED_WIDTH` or its header.
-    needs = [n if whole[i] else min(n, max(FOLDED_WIDTH, len(columns[i])))
-             for i, n in enumerate(longest)]  # fmt: skip
-    shown, used = [], 4  # the table's outer border and padding
-    for i, width in enumerate(needs):
-        if used + width + 3 > console.width and shown:
-            break
-        shown.append(i)
-        used += width + 3
+    needs = [_need(kinds[i], columns[i], longest[i], [row[i] for row in cells])
+             for i in range(len(columns))]  # fmt: skip
+    order = [i for i, c in enumerate(columns) if c in keep]
+    order += [i for i in range(len(columns)) if i not in order]
+    shown, used = set(), 1  # the table's right border; each column adds padding and a border
+    for i in order:
+        if used + needs[i] + 3 > console.width and shown:
+            continue
+        shown.add(i)
+        used += needs[i] + 3
+    spare = max(0, console.width - used)
+    widths = dict(enumerate(needs))
+    for i in sorted(shown):  # room left widens names first, up to their longest
+        if kinds[i] == NAME and spare:
+            grown = min(longest[i], widths[i] + spare)
+            spare -= grown - widths[i]
+            widths[i] = grown
     table = Table(title=title)
-    for i in shown:
-        table.add_column(columns[i], overflow="fold", no_wrap=whole[i], min_width=needs[i])
+    for i in sorted(shown):
+        table.add_column(columns[i], overflow="fold", no_wrap=kinds[i] != TEXT,
+                         min_width=widths[i])  # fmt: skip
     for row in cells:
-        table.add_row(*(Text(row[i]) for i in shown))
+        table.add_row(*(Text(_broken(row[i], widths[i]) if kinds[i] == NAME else row[i])
+                        for i in sorted(shown)))  # fmt: skip
     console.print(table)
     if len(shown) < len(columns):
         hidden = ", ".join(columns[i] for i in range(len(columns)) if i not in shown)
-        console.print(f"(not shown at {console.width} columns: {hidden}; --json or --csv has "
-                      "every column)", highlight=False, style="dim")  # fmt: skip
+        tail = f"; {more} has every column" if more else ""
+        console.print(f"(not shown at {console.width} columns: {hidden}{tail})",
+                      highlight=False, style="dim")  # fmt: skip
 
+
+WHOLE, NAME, TEXT = "whole", "name", "text"
+NAMES = ("destination", "reference")
+"""Columns of block references (`sftp-destination/acme`): broken only after a `/`."""
 
 FOLDED_WIDTH = 16
-"""Least width a free-text column (a destination, a path, a reason) keeps; longer text folds
-onto more lines."""
+"""Least width a free-text column (a path, a reason) keeps; longer text folds onto more
+lines."""
+
+
+def _kind(column: str) -> str:
+    if column.endswith(("_id", "_at", "id")) or column in ("status", "version"):
+        return WHOLE
+    return NAME if column in NAMES else TEXT
+
+
+def _need(kind: str, header: str, longest: int, values: list[str]) -> int:
+    """The least width a column can take: its longest cell for IDs and times, its longest part
+    between slashes for names, `FOLDED_WIDTH` (or its header) for free text."""
+    if kind == WHOLE:
+        return longest
+    if kind == NAME:
+        parts = [len(part) for value in values for part in re.findall(r"[^/]*/?", value)]
+        return max([len(header), *parts])
+    return min(longest, max(FOLDED_WIDTH, len(header)))
+
+
+def _broken(text: str, width: int) -> str:
+    """A name on lines of at most `width`, broken only after a `/`."""
+    lines = [""]
+    for part in re.findall(r"[^/]+/?|/", text):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def _cell(value: object) -> str:
@@ -147,18 +195,82 @@ def read_file(path: Path | None, option: str) -> str | None:
         raise fail(f"{option}: cannot read {path}: {reason}", code=2) from None
 
 
+def read_bytes(path: Path, what: str) -> bytes:
+    """A file's bytes; one that cannot be read is a one-line refusal naming `what` (the option
+    or argument), exit 2."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise fail(f"{what}: cannot read {path}: {exc.strerror}", code=2) from None
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one error line on stderr; the exit to raise (2: refused input)."""
     errors.print(Text("error: ", style="red") + Text(message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def show_frame(frame: pd.DataFrame, title: str, as_json: bool) -> None:
-    """The rows as one JSON document (`{title: [...]}`) or as a table that fits the terminal."""
+Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout, for scripts")]
+Csv = Annotated[
+    str | None, typer.Option(help="Write every matching row as CSV to this file, or - for stdout")
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the --csv or --parquet file if it exists")
+]
+
+
+def show_frame(
+    frame: pd.DataFrame, title: str, as_json: bool, csv: str | None = None,
+    overwrite: bool = False, keep: Sequence[str] = (),
+) -> None:  # fmt: skip
+    """The rows as CSV (`--csv`), as one JSON document (`{title: [...]}`), or as a table that
+    fits the terminal (`keep`: the columns the view is for)."""
+    if not written(frame, title, csv, as_json, overwrite):
+        print_frame(frame, title, keep)
+
+
+@contextmanager
+def owner_only(path: Path, option: str, overwrite: bool, binary: bool = False) -> Iterator[IO[Any]]:
+    """A new file at `path`, owner-only (the ledger names patients), never written through a
+    link or a file already there: one that exists is refused unless `overwrite`, which writes a
+    new file beside it and renames it over (the link, not what it points at, is replaced). A
+    path that cannot be written is a one-line refusal naming the option, exit 2."""
+    target = path.with_name(f".{path.name}.{os.getpid()}.partial") if overwrite else path
+    try:
+        descriptor = private.create_new(target)
+    except FileExistsError:
+        raise fail(f"{option}: {path} exists already; --overwrite replaces it", code=2) from None
+    except OSError as exc:
+        raise fail(f"{option}: cannot write {path}: {exc.strerror}", code=2) from None
+    try:
+        with os.fdopen(descriptor, "wb" if binary else "w", newline=None if binary else "") as out:
+            yield out
+        if overwrite:
+            os.replace(target, path)
+    except OSError as exc:
+        raise fail(f"{option}: cannot write {path}: {exc.strerror}", code=2) from None
+    finally:
+        if overwrite:
+            target.unlink(missing_ok=True)
+
+
+def written(
+    frame: pd.DataFrame, title: str, csv: str | None, as_json: bool, overwrite: bool = False
+) -> bool:
+    """Write the rows as CSV (a file, created owner-only, or stdout for -; control characters
+    escaped in both) or as one JSON document; whether done."""
+    if csv:
+        text = frame.map(lambda value: escaped(value) if isinstance(value, str) else value)
+        iso = {"date_format": "%Y-%m-%dT%H:%M:%S.%fZ"}  # UTC, ISO 8601, as --json writes them
+        if csv == "-":
+            text.to_csv(sys.stdout, index=False, **iso)
+        else:
+            with owner_only(Path(csv), "--csv", overwrite) as out:
+                text.to_csv(out, index=False, **iso)
+            errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
     if as_json:
         print_json({title: records(frame)})
-    else:
-        print_frame(frame, title)
+    return bool(csv or as_json)
 
 
 def warn(message: str) -> None:
@@ -217,10 +329,15 @@ def invalid(error: ValidationError) -> typer.Exit:
     """Refused settings: each field and what is wrong with it, never the value given (it may
     be a secret)."""
     problems = [
-        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else str(e["msg"])
+        f"{'.'.join(map(str, e['loc']))}: {_reason(e['msg'])}" if e["loc"] else _reason(e["msg"])
         for e in error.errors()
     ]
     return fail("; ".join(problems), code=2)
+
+
+def _reason(message: str) -> str:
+    """A validation message without pydantic's decoration ("Value error, ...")."""
+    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def parse_when(value: str | None, option: str) -> datetime | None:

@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from patient_delivery.cli.common import (
+    Csv,
+    Json,
+    Overwrite,
     app,
     console,
     current_store,
@@ -16,6 +19,7 @@ from patient_delivery.cli.common import (
     fail,
     in_scope,
     prefect,
+    read_bytes,
     refusals,
     show_frame,
 )
@@ -46,26 +50,26 @@ def org_add(
 
 
 @org_app.command("list")
-def org_list(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
-) -> None:
+def org_list(as_json: Json = False, csv: Csv = None, overwrite: Overwrite = False) -> None:
     """Every organization, with how many projects it has."""
     from patient_delivery.reports import organizations_frame
 
-    show_frame(organizations_frame(current_store()), "organizations", as_json)
+    show_frame(organizations_frame(current_store()), "organizations", as_json, csv, overwrite)
 
 
 @project_app.command("list")
 def project_list(
     org_id: Annotated[str | None, typer.Argument(help="Only this organization's")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+    as_json: Json = False,
+    csv: Csv = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Projects, with how many patients share with each and how many destinations each
     delivers to."""
     from patient_delivery.reports import projects_frame
 
     in_scope(org_id=org_id)
-    show_frame(projects_frame(current_store(), org_id), "projects", as_json)
+    show_frame(projects_frame(current_store(), org_id), "projects", as_json, csv, overwrite)
 
 
 @project_app.command("add")
@@ -145,7 +149,7 @@ def document_put(
     """Store a patient's document; a changed document becomes a new version and is queued."""
     from patient_delivery import ingest
 
-    content = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    content = sys.stdin.buffer.read() if str(file) == "-" else read_bytes(file, "FILE")
     result = refusals(lambda: ingest.put_document(current_store(), patient_id, data_type, content))
     if result.created:
         console.print(
@@ -252,13 +256,21 @@ def unsubscribe(
 @app.command()
 def subscriptions(
     project: Annotated[str | None, typer.Option(help="Only this project's")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
+    as_json: Json = False,
+    csv: Csv = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """What each project delivers where, and where its deliveries stand there."""
     from patient_delivery.reports import subscriptions_frame
 
     in_scope(project_id=project)
-    show_frame(subscriptions_frame(current_store(), project), "subscriptions", as_json)
+    show_frame(subscriptions_frame(current_store(), project), "subscriptions", as_json, csv,
+               overwrite, keep=SUBSCRIPTIONS_VIEW)  # fmt: skip
+
+
+SUBSCRIPTIONS_VIEW = ("project_id", "destination", "queued", "failed", "delivered")
+"""What `subscriptions` must show at any width: where each project delivers and how it
+stands there."""
 
 
 @app.command()

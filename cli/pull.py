@@ -8,15 +8,18 @@ from typing import Annotated
 import typer
 
 from patient_delivery.cli.common import (
+    Csv,
+    Json,
+    Overwrite,
     app,
     console,
     current_store,
     errors,
     fail,
     prefect,
-    printable,
     read_file,
     refusals,
+    show_frame,
 )
 
 api_key_app = typer.Typer(help="API keys of organizations for the pull API.", no_args_is_help=True)
@@ -36,17 +39,15 @@ def api_key_create(
 
 
 @api_key_app.command("list")
-def api_key_list() -> None:
+def api_key_list(as_json: Json = False, csv: Csv = None, overwrite: Overwrite = False) -> None:
     """Every key's id, organization, label, creation and revocation; never the key."""
-    from rich.table import Table
+    import pandas as pd
 
     from patient_delivery.pull.keys import list_keys
 
-    table = Table("id", "organization", "label", "created", "revoked")
-    for key_id, org, label, created, revoked in list_keys(current_store()):
-        table.add_row(str(key_id), printable(org), printable(label), f"{created:%Y-%m-%d %H:%M}",
-                      f"{revoked:%Y-%m-%d %H:%M}" if revoked else "")  # fmt: skip
-    console.print(table)
+    columns = ["key_id", "org_id", "label", "created_at", "revoked_at"]
+    frame = pd.DataFrame(list_keys(current_store()), columns=columns)
+    show_frame(frame, "api_keys", as_json, csv, overwrite)
 
 
 @api_key_app.command("revoke")
@@ -84,19 +85,16 @@ def client_add(
 
 
 @client_app.command("list")
-def client_list(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout")] = False,
-) -> None:
+def client_list(as_json: Json = False, csv: Csv = None, overwrite: Overwrite = False) -> None:
     """Every client: its id, organization, scopes, label, key IDs, creation and revocation."""
     import pandas as pd
 
-    from patient_delivery.cli.common import show_frame
     from patient_delivery.pull.smart import list_clients
 
     frame = pd.DataFrame(list_clients(current_store()), columns=[
-        "client_id", "organization_id", "scopes", "label", "key_ids", "created_at", "revoked_at",
+        "client_id", "org_id", "scopes", "label", "key_ids", "created_at", "revoked_at",
     ])  # fmt: skip
-    show_frame(frame, "clients", as_json)
+    show_frame(frame, "clients", as_json, csv, overwrite)
 
 
 @client_app.command("revoke")

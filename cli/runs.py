@@ -74,6 +74,7 @@ def deliver(
     name: RunName = None,
 ) -> None:
     """Run the delivery flow now, in this process; exit code 1 when any delivery failed."""
+    _deployment_options(deployment, watch, name)
     in_scope(project_id=project, patient_ids=patient or (), destinations=destination or ())
     _check_types(data_type)
     prefect()
@@ -303,6 +304,7 @@ def backfill_command(
     name: RunName = None,
 ) -> None:
     """Queue the newest matching documents where they are missing, then deliver them."""
+    _deployment_options(deployment, watch, name)
     in_scope(org, project)
     _check_types(data_type)
     prefect()
@@ -340,6 +342,7 @@ def redeliver_command(
     name: RunName = None,
 ) -> None:
     """Send again what failed or was left pending (or, with --full, everything)."""
+    _deployment_options(deployment, watch, name)
     if full and not (project and destination):
         raise fail("--full: needs --project and --destination (what to send again, where)",
                    code=2)  # fmt: skip
@@ -355,6 +358,14 @@ def redeliver_command(
     with progress_bar("redeliver"):
         counts = refusals(lambda: redeliver(**parameters), refused=(ValueError,))
     _print_counts("redeliver (dry run: nothing sent)" if dry_run else "redeliver", counts)
+
+
+def _deployment_options(deployment: bool, watch: bool, name: str | None) -> None:
+    """Refuse `--watch` and `--name` without `--deployment` (exit 2): a run in this process is
+    watched anyway and named for what started it, so they would do nothing."""
+    for given, option in ((watch, "--watch"), (name is not None, "--name")):
+        if given and not deployment:
+            raise fail(f"{option}: only with --deployment (a run on the Prefect server)", code=2)
 
 
 def _check_types(data_types: list[str] | None) -> None:

@@ -34,7 +34,7 @@ from patient_delivery import ledger
 from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
 from patient_delivery.flows import engine, reporting, runtime
-from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary
+from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary, WaveReports
 from patient_delivery.ingest import check_scope
 from patient_delivery.ledger import RenderResult, WorkFilter
 from patient_delivery.store import Store, open_store
@@ -116,9 +116,33 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
 @task(name="upload", task_run_name=_upload_name)
 def upload(
     claimant: str, lanes: list[engine.Lane], batch_size: int, limits: engine.RunLimits
-) -> list[BatchReport]:
-    """Send a wave of lanes, to one destination or many."""
-    return engine.send(claimant, lanes, batch_size, limits)
+) -> list[BatchReport] | State:
+    """Send a wave of lanes, to one destination or many. A wave with failed sends ends Failed
+    (red in the UI) with one ERROR line per failing destination (counts and reasons, never
+    content), its reports still handed to the run."""
+    reports = WaveReports(engine.send(claimant, lanes, batch_size, limits))
+    failing = failures(reports)
+    for destination, (count, reasons) in failing.items():
+        get_run_logger().error("%s: %d deliveries failed: %s", destination, count, reasons)
+    if failing:
+        failed = sum(count for count, _ in failing.values())
+        return Failed(message=f"{failed} deliveries failed (to {', '.join(failing)})",
+                      data=reports)  # fmt: skip
+    return reports
+
+
+def failures(reports: list[BatchReport]) -> dict[str, tuple[int, str]]:
+    """Each destination with failed sends in these reports: how many, and the reasons with
+    their counts, most frequent first."""
+    counts: dict[str, Counter[str]] = {}
+    for report in reports:
+        if report.failed:
+            counts.setdefault(report.destination, Counter()).update(report.reasons)
+    return {
+        destination: (sum(reasons.values()),
+                      "; ".join(f"{reason} (x{n})" for reason, n in reasons.most_common()))
+        for destination, reasons in counts.items()
+    }  # fmt: skip
 
 
 @task(name="manifests")
@@ -292,7 +316,10 @@ def _deliver_page(
         for lanes in engine.plan(runner, ready, sizes.batch)
     ]
     for future in uploads:
-        for report in future.result():
+        reports = future.result(raise_on_failure=False)  # a Failed wave still reports
+        if isinstance(reports, BaseException):  # the upload itself broke
+            raise reports
+        for report in reports:
             summary.add(report)
         progress.update(summary.done)
     get_run_logger().info(

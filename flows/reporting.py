@@ -68,6 +68,14 @@ class BatchReport:
         self.reasons.update(other.reasons)
 
 
+class WaveReports(list[BatchReport]):
+    """An upload wave's reports. Shown by count alone: Prefect writes a failed task's result
+    into its log line, where the reasons already stand once, in the wave's own ERROR lines."""
+
+    def __repr__(self) -> str:
+        return f"{len(self)} batch reports"
+
+
 @dataclass
 class RunSummary:
     """A delivery run's outcome per destination: what the CLI prints and the artifact shows."""

@@ -164,5 +164,7 @@ def apply_local_defaults(home: Path) -> LocalApi | None:
         os.environ.setdefault("PREFECT_API_AUTH_STRING", password)
         api = LocalApi(prefect_home)
         os.environ["PREFECT_API_URL"] = api.url
+        # The temporary API has no UI and ends with the command: no "View at" address for it.
+        os.environ.setdefault("PREFECT_UI_URL", "")
         return api
     return None

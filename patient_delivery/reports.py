@@ -29,7 +29,7 @@ DISCLOSURE_COLUMNS = [
     "delivered_at",
     "status",
     "patient_id",
-    "organization",
+    "org_name",
     "project_id",
     "destination",
     "data_type",
@@ -82,7 +82,7 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
             Delivery.delivered_at,
             Delivery.status,
             Delivery.patient_id,
-            Organization.name.label("organization"),
+            Organization.name.label("org_name"),
             Delivery.project_id,
             Delivery.destination,
             Delivery.data_type,
@@ -141,7 +141,7 @@ def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:
 
 
 DISCLOSURE_LOG_COLUMNS = [
-    "disclosed_at", "patient_id", "organization", "project_id", "destination", "data_type",
+    "disclosed_at", "patient_id", "org_name", "project_id", "destination", "data_type",
     "version", "sha256", "document_sha256", "size", "path", "purpose", "flow_run_id", "accessor",
 ]  # fmt: skip
 
@@ -177,7 +177,7 @@ def disclosures_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Da
 
 
 WITHDRAWAL_COLUMNS = [
-    "withdrawn_at", "patient_id", "organization", "project_id", "withdrawn_deliveries", "reason",
+    "withdrawn_at", "patient_id", "org_name", "project_id", "withdrawn_deliveries", "reason",
     "recorded_by",
 ]  # fmt: skip
 
@@ -215,7 +215,7 @@ def organizations_frame(store: Store) -> pd.DataFrame:
     )
     with store.session() as session:
         rows = session.execute(statement).all()
-    return pd.DataFrame(rows, columns=["org_id", "name", "projects", "created_at"])
+    return pd.DataFrame(rows, columns=["org_id", "org_name", "projects", "created_at"])
 
 
 def projects_frame(store: Store, org_id: str | None = None) -> pd.DataFrame:
@@ -230,7 +230,7 @@ def projects_frame(store: Store, org_id: str | None = None) -> pd.DataFrame:
         statement = statement.where(Project.organization_id == org_id)
     with store.session() as session:
         rows = session.execute(statement).all()
-    columns = ["project_id", "org_id", "name", "patients", "destinations", "created_at"]
+    columns = ["project_id", "org_id", "project_name", "patients", "destinations", "created_at"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# A pytest-xdist worker has COLUMNS=80 in its environment, which the CLI's consoles would keep
+# as their width for good; each test sets the width it renders at (COLUMNS per invocation).
+os.environ.pop("COLUMNS", None)
 
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store, close_stores, open_store
@@ -146,6 +150,39 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call" and "security" in report.keywords:
         REPORT.security_tried += 1
         REPORT.security_refused += report.passed
+
+
+EXCLUSIVE = {"sshd": "openssh"}
+"""Session fixtures that hold something of the whole machine (the OpenSSH server's test user,
+`loopback.servers.SFTP_USER`): every test using one runs on the same pytest-xdist worker."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the tests that need a machine-wide fixture (`EXCLUSIVE`) on one worker
+    (`--dist loadgroup`); every other test goes wherever a worker is free."""
+    for item in items:
+        for fixture, group in EXCLUSIVE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker ships its fault figures to the controlling process."""
+    from tests.faults import REPORT
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fault_report"] = REPORT.shipped()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The controlling process adds a finished worker's fault figures to its own."""
+    from tests.faults import REPORT
+
+    found = getattr(node, "workeroutput", {}).get("fault_report")
+    if found:
+        REPORT.add_shipped(found)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -24,8 +24,9 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -425,6 +426,24 @@ class FaultReport:
     def record(self, scenario: str, figures: Figures, injected: Mapping[str, int]) -> None:
         self.scenarios.append((scenario, figures))
         self.faults.update(injected)
+
+    def shipped(self) -> dict[str, object]:
+        """What a test worker found (pytest-xdist): its scenarios, faults and canary search.
+        The bad-input and security counts are not shipped: the controlling process counts the
+        reports of every worker itself."""
+        return {
+            "faults": dict(self.faults),
+            "scenarios": [(name, asdict(figures)) for name, figures in self.scenarios],
+            "canary_places": self.canary_places,
+            "canary_hits": self.canary_hits,
+        }
+
+    def add_shipped(self, found: Mapping[str, Any]) -> None:
+        """Add what a worker found (`shipped`)."""
+        self.faults.update(found["faults"])
+        self.scenarios += [(name, Figures(**figures)) for name, figures in found["scenarios"]]
+        self.canary_places += found["canary_places"]
+        self.canary_hits += found["canary_hits"]
 
     def lines(self) -> list[str]:
         if not (self.scenarios or self.bad_inputs_refused or self.security_tried

@@ -32,12 +32,15 @@ HEALTHY = (
 """What the posing server answers to anything: a healthy API's 200."""
 
 
-def _announced_ports(before: frozenset[int] = frozenset()) -> set[int]:
-    """The ports that some process's command line, as any local user reads it, says a Prefect
-    server or uvicorn listens on; processes in `before` (the test session's own) left out."""
+def _announced_ports(ours: int, before: frozenset[int]) -> set[int]:
+    """The ports that the command line of a process started by `ours` (the test) since
+    `before`, as any local user reads it, says a Prefect server or uvicorn listens on. (Other
+    processes are the test session's own servers, or another test worker's.)"""
     ports = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in before:
+            continue
+        if not _descends_from(int(entry.name), ours):
             continue
         try:
             line = (entry / "cmdline").read_bytes()
@@ -48,7 +51,22 @@ def _announced_ports(before: frozenset[int] = frozenset()) -> set[int]:
     return ports
 
 
-def _pose_as_servers(stop: int, before: frozenset[int]) -> dict[str, list[str]]:
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` was started by `ancestor` (or a process it started)."""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        try:
+            fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        pid = int(fields[1])  # the parent, after the state
+        if pid <= 1:
+            return False
+    return False
+
+
+def _pose_as_servers(stop: int, ours: int, before: frozenset[int]) -> dict[str, list[str]]:
     """As the second user: until `stop` is readable, take every port announced by a process not
     in `before` first (bind and listen on it), answer each request as a healthy Prefect API
     would, and keep what arrives."""
@@ -56,7 +74,7 @@ def _pose_as_servers(stop: int, before: frozenset[int]) -> dict[str, list[str]]:
     announced: list[str] = []
     received: list[str] = []
     while not select.select([stop], [], [], 0)[0]:
-        for port in _announced_ports(before) - {int(p) for p in announced}:
+        for port in _announced_ports(ours, before) - {int(p) for p in announced}:
             announced.append(str(port))
             squatter = socket.socket()
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,6 +106,7 @@ def second_user_posing_as_servers() -> Iterator[dict[str, list[str]]]:
     """`nobody`, in a forked child, posing as every Prefect server announced while the block
     runs; the dict is filled with what it saw once the block ends."""
     nobody = pwd.getpwnam("nobody")
+    ours = os.getpid()
     before = frozenset(int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
     stop_read, stop_write = os.pipe()
     answer_read, answer_write = os.pipe()
@@ -99,7 +118,7 @@ def second_user_posing_as_servers() -> Iterator[dict[str, list[str]]]:
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            result: tuple[str, object] = ("ok", _pose_as_servers(stop_read, before))
+            result: tuple[str, object] = ("ok", _pose_as_servers(stop_read, ours, before))
         except BaseException as exc:
             result = ("error", repr(exc))
         with os.fdopen(answer_write, "wb") as out:

@@ -89,12 +89,12 @@ def test_destination_deliver_and_ledger_from_the_command_line(store: Store, tmp_
     export = tmp_path / "ledger.csv"
     assert "1 rows written" in run("deliveries", "--patient", patient, "--csv", str(export))
     [row] = list(csv.DictReader(export.open()))
-    assert row["status"] == "delivered" and row["organization"] == "Acme"
+    assert row["status"] == "delivered" and row["org_name"] == "Acme"
     assert row["purpose"] == "Patient-directed sharing" and row["path"].endswith(".xml")
     history = tmp_path / "disclosures.csv"
     assert "1 rows written" in run("disclosures", "--patient", patient, "--csv", str(history))
     [sent] = list(csv.DictReader(history.open()))
-    assert sent["organization"] == "Acme" and sent["path"] == row["path"]
+    assert sent["org_name"] == "Acme" and sent["path"] == row["path"]
     status = run("status")
     assert "delivered" in status and "recent runs" in status
     assert "1" in run("deliveries", "--status", "delivered")

@@ -692,3 +692,52 @@ def test_the_startup_heap_is_frozen_once_and_later_runs_are_collected_as_usual(
     deliver()
     # a second run froze nothing of the first's (frozen objects may still be freed)
     assert gc.get_freeze_count() <= frozen
+
+
+@pytest.mark.usefixtures("sshd")
+def test_an_unreachable_destination_has_a_red_upload_task_and_one_error_line_with_its_reason(
+    store: Store, project: str, tmp_path: Path, sshd
+) -> None:  # type: ignore[no-untyped-def]
+    """Read through the API, as the Prefect UI shows it: the upload task of the destination
+    that could not be reached is Failed, the healthy one's Completed, and the run's logs hold
+    one ERROR line naming the destination and why."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
+
+    from loopback.servers import free_port
+    from tests.test_sftp_destination import sftp_block
+
+    closed = f"t-{uuid.uuid4().hex[:10]}"
+    sftp_block(sshd, Path("/in"), port=free_port(), connect_timeout=2).save(closed)
+    dead, healthy = f"sftp-destination/{closed}", save_local(tmp_path / "org")
+    ingest.subscribe(store, project, dead)
+    ingest.subscribe(store, project, healthy)
+    patient = ingest.add_patient(store, project, "MRN-1")
+    ingest.put_document(store, patient, "ccda", CCDA)
+
+    state = deliver_state()
+
+    assert state.is_failed()
+    [reason] = {row.last_error for row in rows(store, destination=dead)}
+    assert reason and "refused" in reason.lower(), reason
+    run_id = state.state_details.flow_run_id
+    APILogHandler().flush()  # the run's logs reach the API before they are read
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    uploads = {t.name: t.state.type.value for t in tasks if t.name.startswith("upload")}  # type: ignore[union-attr]
+    assert uploads == {
+        f"upload {dead} x 1 lane": "FAILED",
+        f"upload {healthy} x 1 lane": "COMPLETED",
+    } or (len(uploads) == 1 and next(iter(uploads.values())) == "FAILED"), uploads
+    errors = [log.message for log in logs if log.level >= 40 and reason in log.message]
+    assert len(errors) == 1 and dead in errors[0], errors
+    assert "ClinicalDocument" not in " ".join(log.message for log in logs)

@@ -46,6 +46,14 @@ def one_line(out: str, *expected: str) -> None:
         (["project", "list", "nosuchorg"], "no organization 'nosuchorg'"),
         (["redeliver", "--full"], "--full: needs --project and --destination"),
         (["redeliver", "--destination", "local-destination/nope"], "no project delivers to"),
+        (["deliver", "--watch"], "--watch: only with --deployment"),
+        (["deliver", "--name", "foo"], "--name: only with --deployment"),
+        (["backfill", "--watch"], "--watch: only with --deployment"),
+        (["redeliver", "--name", "foo"], "--name: only with --deployment"),
+        (
+            ["document", "put", "hx_nope", "ccda", "missing.xml"],
+            "FILE: cannot read missing.xml: No such file or directory",
+        ),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, list) else None,
 )
@@ -78,3 +86,13 @@ def test_an_unreachable_prefect_api_is_one_line(tmp_path: Path) -> None:
         len(lines) == 1
         and f"cannot reach the Prefect API at http://127.0.0.1:{closed}/api" in (lines[0])
     ), done.stderr[-3000:]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_relative_root_is_refused_as_the_ui_refuses_it(store: Store) -> None:
+    """`--root relative/x` was saved as an absolute folder made from wherever the command ran;
+    the block refuses it as the UI's form does, without pydantic's "Value error," prefix."""
+    out = run("destination", "local", "relative", "--root", "relative/x", code=2)
+    one_line(out, "root: must be an absolute folder")
+    assert "Value error" not in out
+    assert "relative" not in run("destination", "list", "--json")

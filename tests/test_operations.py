@@ -90,7 +90,7 @@ def test_subscriptions_organizations_and_projects_list_and_an_unsubscribe_withdr
     assert (subscription["queued"], subscription["failed"], subscription["delivered"]) == (1, 0, 0)
     assert subscription["data_types"] == "ccda,fhir"
     assert as_json("org", "list")["organizations"][0] | {"created_at": None} == {
-        "org_id": "acme", "name": "Acme", "projects": 1, "created_at": None,
+        "org_id": "acme", "org_name": "Acme", "projects": 1, "created_at": None,
     }  # fmt: skip
     [project] = as_json("project", "list", "acme")["projects"]
     assert (project["project_id"], project["patients"], project["destinations"]) == (study, 1, 1)

@@ -208,7 +208,7 @@ def test_clients_are_registered_listed_and_revoked_from_the_cli(
     assert client_id.startswith("acme-")
     listed = json.loads(run("client", "list", "--json"))["clients"]
     [row] = [c for c in listed if c["client_id"] == client_id]
-    assert (row["organization_id"], row["scopes"], row["key_ids"]) == ("acme", "system/*.rs",
+    assert (row["org_id"], row["scopes"], row["key_ids"]) == ("acme", "system/*.rs",
                                                                         service.kid)  # fmt: skip
     service.client_id = client_id
     assert service.ask().status_code == 200

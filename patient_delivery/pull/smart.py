@@ -187,7 +187,7 @@ def list_clients(store: Store) -> list[dict[str, Any]]:
         return [
             {
                 "client_id": c.id,
-                "organization_id": c.organization_id,
+                "org_id": c.organization_id,
                 "scopes": c.scopes,
                 "label": c.label,
                 "key_ids": ",".join(k["kid"] for k in json.loads(c.jwks)["keys"]),
