@@ -106,7 +106,9 @@ def print_frame(
     shown, used = set(), 1  # the table's right border; each column adds padding and a border
     for i in order:
         if used + needs[i] + 3 > console.width and shown:
-            continue
+            if columns[i] in keep:
+                continue  # a narrower one the view needs may still fit
+            break  # the others: from the left, up to the first that does not fit
         shown.add(i)
         used += needs[i] + 3
     spare = max(0, console.width - used)

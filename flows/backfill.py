@@ -146,6 +146,10 @@ def backfill(
     counts["delivered"] = summary.delivered
     counts["failed"] = summary.failed
     logger.info("backfill done: %s", _describe(counts))
+    create_table_artifact(  # on the backfill's own run, not only on its delivery's
+        table=[{"action": action, "count": n} for action, n in sorted(counts.items())],
+        key="backfill-summary", description="Backfill: " + _describe(counts),
+    )  # fmt: skip
     return counts
 
 

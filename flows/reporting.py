@@ -193,9 +193,10 @@ class Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.updated = time.monotonic()
-        self.shown = 0.0
+        self.shown = (0, total)
+        """The counts last shown: done, and of how many."""
         self.artifact_id = (
-            runtime.create_progress(0.0, PROGRESS_KEY, f"{total} deliveries owed at start")
+            runtime.create_progress(0.0, PROGRESS_KEY, f"0 of {total} deliveries done")
             if total
             else None
         )
@@ -205,7 +206,7 @@ class Progress:
         self.total += more
         if self.artifact_id is None and self.total:
             self.artifact_id = runtime.create_progress(
-                0.0, PROGRESS_KEY, f"{self.total} deliveries owed"
+                0.0, PROGRESS_KEY, f"0 of {self.total} deliveries done"
             )
 
     def update(self, done: int, final: bool = False) -> None:
@@ -213,12 +214,13 @@ class Progress:
             for hook in progress_hooks:
                 hook(done, self.total)
         share = min(100.0, 100.0 * done / max(1, self.total))
-        if self.artifact_id is None or share == self.shown:
+        if self.artifact_id is None or (done, self.total) == self.shown:
             return
         if not final and done < self.total and time.monotonic() - self.updated < self.EVERY_SECONDS:
             return
-        self.updated, self.shown = time.monotonic(), share
-        runtime.update_progress(self.artifact_id, share)
+        self.updated, self.shown = time.monotonic(), (done, self.total)
+        # The count says what the run took on so far: updates that joined it count too.
+        runtime.update_progress(self.artifact_id, share, f"{done} of {self.total} deliveries done")
 
 
 def publish(summary: RunSummary) -> None:

@@ -143,8 +143,8 @@ def create_progress(progress: float, key: str, description: str) -> UUID:
     return create_progress_artifact(progress, key=key, description=description, _sync=True)  # type: ignore[call-arg]
 
 
-def update_progress(artifact_id: UUID, progress: float) -> None:
-    update_progress_artifact(artifact_id, progress, _sync=True)  # type: ignore[call-arg]
+def update_progress(artifact_id: UUID, progress: float, description: str | None = None) -> None:
+    update_progress_artifact(artifact_id, progress, description, _sync=True)  # type: ignore[call-arg]
 
 
 def create_table(rows: list[dict[str, object]], key: str, description: str) -> None:

@@ -90,6 +90,9 @@ def test_a_forced_backfill_replaces_the_files_at_their_paths(
         project_id="study", patient_ids=delivered.patients[:2], force=True, dry_run=False
     )
     assert (counts["resend"], counts["delivered"]) == (2, 2)
+    summary = Artifact.get("backfill-summary")  # on the backfill's own run, as the UI shows it
+    assert summary is not None and "2 delivered" in (summary.description or "")
+    assert {"action": "delivered", "count": 2} in json.loads(str(summary.data))
     resent = sorted(row.path for row in rows(store) if row.patient_id in delivered.patients[:2])
     assert sorted(files_under(delivered.root)) == resent and set(resent) < set(paths)
     assert len(rows(store)) == 3  # re-sent on the same ledger rows, no duplicates

@@ -95,4 +95,16 @@ def test_a_relative_root_is_refused_as_the_ui_refuses_it(store: Store) -> None:
     out = run("destination", "local", "relative", "--root", "relative/x", code=2)
     one_line(out, "root: must be an absolute folder")
     assert "Value error" not in out
-    assert "relative" not in run("destination", "list", "--json")
+    assert "local-destination/relative" not in run("destination", "list", "--json")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_an_sftp_root_with_a_parent_folder_is_refused(store: Store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--root ../outside` was saved and listed as `~/outside`: a folder beside the one the
+    organization chose."""
+    monkeypatch.setenv("ORG_SFTP_PASSWORD", "secret-3f1a")
+    out = run("destination", "sftp", "beside", "--host", "sftp.example", "--username", "u",
+              "--password-env", "ORG_SFTP_PASSWORD", "--host-key", "SHA256:" + "A" * 43,
+              "--root", "../outside", code=2)  # fmt: skip
+    one_line(out, "root: must not hold a `..` folder")
+    assert "secret-3f1a" not in out and "beside" not in run("destination", "list", "--json")

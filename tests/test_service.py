@@ -253,12 +253,12 @@ def test_the_block_schema_carries_the_rules_a_form_can_check(deployed: PrefectSe
     """The schema Prefect serves for our blocks holds each rule JSON Schema can say (a pattern
     for the templates and the root), and Prefect's own validation, the one its forms call,
     refuses the values the UI stored above; the same rules pass every default."""
-    kind = httpx.get(f"{deployed.url}/block_types/slug/local-destination", timeout=30).json()
-    [schema] = httpx.post(f"{deployed.url}/block_schemas/filter", timeout=30, json={
-        "block_schemas": {"block_type_id": {"any_": [kind["id"]]}}, "limit": 1,
-    }).json()  # fmt: skip
 
-    def refused(values: dict) -> set[str]:
+    def refused(values: dict, slug: str = "local-destination") -> set[str]:
+        kind = httpx.get(f"{deployed.url}/block_types/slug/{slug}", timeout=30).json()
+        [schema] = httpx.post(f"{deployed.url}/block_schemas/filter", timeout=30, json={
+            "block_schemas": {"block_type_id": {"any_": [kind["id"]]}}, "limit": 1,
+        }).json()  # fmt: skip
         answer = httpx.post(f"{deployed.url}/ui/schemas/validate", timeout=30,
                             json={"schema": schema["fields"], "values": values}).json()  # fmt: skip
         return {error["property"] for error in answer["errors"]}
@@ -268,6 +268,9 @@ def test_the_block_schema_carries_the_rules_a_form_can_check(deployed: PrefectSe
     assert refused(typed) == {"root", "path_template", "manifest_template"}
     assert refused({"root": "/srv/org"}) == set()  # the defaults pass
     assert refused({"root": "~/org", "manifest_template": ""}) == set()  # empty: no manifests
+    sftp = {"host": "sftp.example", "username": "u", "host_keys": ["SHA256:x"]}
+    assert "root" in refused({**sftp, "root": "../outside"}, "sftp-destination")
+    assert "root" not in refused({**sftp, "root": "/incoming"}, "sftp-destination")
 
 
 def test_a_destination_saved_from_the_ui_is_checked_at_once(

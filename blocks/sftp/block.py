@@ -44,6 +44,10 @@ def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:
     return aead + [c for c in ciphers if c not in aead]
 
 
+ROOT_PATTERN = r"^(?!(.*[/\\])?\.\.([/\\]|$))"
+"""A remote folder with no `..` folder in it (JSON Schema, for the block's form)."""
+
+
 class SftpDestination(Destination):
     """Deliver to an SFTP server: pinned host key, reused connections, atomic writes."""
 
@@ -79,8 +83,9 @@ class SftpDestination(Destination):
         title="Remote folder",
         description=(
             "Folder on the server that paths are relative to (absolute or from login). It must "
-            "exist: folders under it are created, the root itself never is."
+            "exist: folders under it are created, the root itself never is. No `..` folder."
         ),
+        json_schema_extra={"pattern": ROOT_PATTERN},  # the UI's form refuses `..` as well
     )
     connect_timeout: float = Field(
         default=15.0, gt=0, title="Connect timeout (s)", description="TCP, SSH handshake, login."
@@ -110,6 +115,14 @@ class SftpDestination(Destination):
             "(S3-backed ones); the manifest, written last, says the drop is complete."
         ),
     )
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, value: str) -> str:
+        if ".." in value.replace("\\", "/").split("/"):
+            raise ValueError("must not hold a `..` folder: the organization chose the folder, "
+                             "not one beside it")  # fmt: skip
+        return value
 
     @field_validator("host_keys")
     @classmethod
