@@ -123,7 +123,7 @@ def print_frame(
         table.add_column(columns[i], overflow="fold", no_wrap=kinds[i] != TEXT,
                          min_width=widths[i])  # fmt: skip
     for row in cells:
-        table.add_row(*(Text(_broken(row[i], widths[i]) if kinds[i] == NAME else row[i])
+        table.add_row(*(Text(broken_name(row[i], widths[i]) if kinds[i] == NAME else row[i])
                         for i in sorted(shown)))  # fmt: skip
     console.print(table)
     if len(shown) < len(columns):
@@ -159,7 +159,7 @@ def _need(kind: str, header: str, longest: int, values: list[str]) -> int:
     return min(longest, max(FOLDED_WIDTH, len(header)))
 
 
-def _broken(text: str, width: int) -> str:
+def broken_name(text: str, width: int) -> str:
     """A name on lines of at most `width`, broken only after a `/`."""
     lines = [""]
     for part in re.findall(r"[^/]+/?|/", text):

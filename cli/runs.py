@@ -14,8 +14,10 @@ from rich.text import Text
 
 from patient_delivery.cli.common import (
     app,
+    broken_name,
     console,
     errors,
+    escaped,
     fail,
     in_scope,
     parse_when,
@@ -226,13 +228,20 @@ def _watch(run_id: UUID) -> tuple[State, str]:
             time.sleep(WATCH_EVERY)
 
 
+SUMMARY_NAME_WIDTH = 18
+"""Least width of the run summary's destination column (`local-destination/`)."""
+
+
 def print_summary(summary: RunSummary) -> None:
     table = Table(title=f"delivery run {summary.flow_run_id}")
+    rows = summary.rows()
+    # A destination breaks only after a `/`, on lines as wide as the counts leave room for.
+    room = max(SUMMARY_NAME_WIDTH, console.width - 66)
     for column in ("destination", "delivered", "failed", "parked", "skipped", "MB", "reasons"):
-        table.add_column(column, overflow="fold")
-    for row in summary.rows():
+        table.add_column(column, overflow="fold", no_wrap=column != "reasons")
+    for row in rows:
         table.add_row(
-            printable(row["destination"]),
+            Text(broken_name(escaped(str(row["destination"])), room)),
             str(row["delivered"]),
             str(row["failed"]),
             str(row["parked"]),
@@ -240,7 +249,7 @@ def print_summary(summary: RunSummary) -> None:
             f"{row['MB']:.1f}",
             printable(row["failure reasons"]),
         )
-    if not summary.rows():
+    if not rows:
         table.add_row("(nothing owed)", "0", "0", "0", "0", "0.0", "")
     console.print(table)
     for destination, why in summary.manifests_failed.items():

@@ -119,3 +119,24 @@ def test_every_listing_takes_json_and_csv(store: Store, tmp_path: Path) -> None:
     assert (organization["org_id"], organization["org_name"]) == ("acme", "Acme Research")
     [key] = json.loads(run("api-key", "list", "--json"))["api_keys"]
     assert key["org_id"] == "acme" and "key" not in key
+
+
+def test_the_run_summary_breaks_a_destination_only_after_its_slash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from collections import Counter
+
+    from patient_delivery.cli.runs import print_summary
+    from patient_delivery.flows.reporting import BatchReport, RunSummary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    summary = RunSummary(flow_run_id="175ae172-2e27-4d4c-b016-8d5c9cd37c60")
+    summary.add(BatchReport("local-destination/demo-folder", delivered=80, bytes=11_400_000))
+    refused = Counter({"cannot reach host (Connection refused)": 2})
+    summary.add(BatchReport("sftp-destination/acme-sftp", failed=2, reasons=refused))
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    for part in ("local-destination/", "demo-folder", "sftp-destination/", "acme-sftp",
+                 "delivered", "failed", "175ae172-2e27-4d4c-b016-8d5c9cd37c60"):  # fmt: skip
+        assert part in out, (part, out)
