@@ -122,8 +122,18 @@ class Keys:
 
 
 def make_keys() -> tuple[Keys, list[GnuPG]]:
-    """The receiver's keyring (it can decrypt, and knows our public key), and every key."""
-    receiver, ours, others = GnuPG(), GnuPG(), GnuPG()
+    """The receiver's keyring (it can decrypt, and knows our public key), and every key. If
+    making them fails, the keyrings made so far are closed (their gpg-agents stopped)."""
+    keyrings = [GnuPG(), GnuPG(), GnuPG()]
+    try:
+        return _made(*keyrings), keyrings
+    except BaseException:
+        for keyring in keyrings:
+            keyring.close()
+        raise
+
+
+def _made(receiver: GnuPG, ours: GnuPG, others: GnuPG) -> Keys:
     receiver.new_key("Receiving Org <pgp@receiver.example>")
     ours_fingerprint = ours.new_key("Patient Delivery <pgp@sender.example>", passphrase=PASSPHRASE)
     receiver.add_public(ours.public("pgp@sender.example"))
@@ -150,4 +160,4 @@ def make_keys() -> tuple[Keys, list[GnuPG]]:
         ours_public=ours.public("pgp@sender.example"),
         expired_secret=others.secret("expired@example.org"),
     )
-    return keys, [receiver, ours, others]
+    return keys
