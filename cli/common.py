@@ -142,6 +142,10 @@ FOLDED_WIDTH = 16
 lines."""
 
 
+_NAME_PARTS = re.compile(r"[^/]+/?|/")
+"""A block reference's parts, each with the `/` that ends it: where it may break."""
+
+
 def _kind(column: str) -> str:
     if column.endswith(("_id", "_at", "id")) or column in ("status", "version"):
         return WHOLE
@@ -154,7 +158,7 @@ def _need(kind: str, header: str, longest: int, values: list[str]) -> int:
     if kind == WHOLE:
         return longest
     if kind == NAME:
-        parts = [len(part) for value in values for part in re.findall(r"[^/]*/?", value)]
+        parts = [len(part) for value in values for part in _NAME_PARTS.findall(value)]
         return max([len(header), *parts])
     return min(longest, max(FOLDED_WIDTH, len(header)))
 
@@ -162,7 +166,7 @@ def _need(kind: str, header: str, longest: int, values: list[str]) -> int:
 def broken_name(text: str, width: int) -> str:
     """A name on lines of at most `width`, broken only after a `/`."""
     lines = [""]
-    for part in re.findall(r"[^/]+/?|/", text):
+    for part in _NAME_PARTS.findall(text):
         if lines[-1] and len(lines[-1]) + len(part) > width:
             lines.append("")
         lines[-1] += part

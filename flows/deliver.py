@@ -121,28 +121,18 @@ def upload(
     (red in the UI) with one ERROR line per failing destination (counts and reasons, never
     content), its reports still handed to the run."""
     reports = WaveReports(engine.send(claimant, lanes, batch_size, limits))
-    failing = failures(reports)
-    for destination, (count, reasons) in failing.items():
-        get_run_logger().error("%s: %d deliveries failed: %s", destination, count, reasons)
-    if failing:
-        failed = sum(count for count, _ in failing.values())
-        return Failed(message=f"{failed} deliveries failed (to {', '.join(failing)})",
-                      data=reports)  # fmt: skip
-    return reports
-
-
-def failures(reports: list[BatchReport]) -> dict[str, tuple[int, str]]:
-    """Each destination with failed sends in these reports: how many, and the reasons with
-    their counts, most frequent first."""
-    counts: dict[str, Counter[str]] = {}
+    wave = RunSummary(claimant)
     for report in reports:
-        if report.failed:
-            counts.setdefault(report.destination, Counter()).update(report.reasons)
-    return {
-        destination: (sum(reasons.values()),
-                      "; ".join(f"{reason} (x{n})" for reason, n in reasons.most_common()))
-        for destination, reasons in counts.items()
-    }  # fmt: skip
+        wave.add(report)
+    failing = [r for r in wave.destinations.values() if r.failed]
+    for report in failing:
+        get_run_logger().error("%s: %d deliveries failed: %s", report.destination,
+                               report.failed, report.reasons_text())  # fmt: skip
+    if failing:
+        failed = sum(r.failed for r in failing)
+        names = ", ".join(r.destination for r in failing)
+        return Failed(message=f"{failed} deliveries failed (to {names})", data=reports)
+    return reports
 
 
 @task(name="manifests")

@@ -54,6 +54,10 @@ class BatchReport:
         """Wall-clock time from its first send to its last, over every lane."""
         return (self.ended - self.began) if self.began and self.ended else 0.0
 
+    def reasons_text(self) -> str:
+        """Why its sends failed, each reason with its count, most frequent first."""
+        return "; ".join(f"{n} x {why}" for why, n in self.reasons.most_common())
+
     def absorb(self, other: BatchReport) -> None:
         """Add another report's counts and time span to this one."""
         self.delivered += other.delivered
@@ -142,7 +146,7 @@ class RunSummary:
                 "skipped": r.skipped,
                 "MB": round(r.bytes / 1e6, 2),
                 "upload seconds": round(r.seconds, 2),
-                "failure reasons": "; ".join(f"{n} x {why}" for why, n in r.reasons.most_common()),
+                "failure reasons": r.reasons_text(),
             }
             for r in self.destinations.values()
         ]

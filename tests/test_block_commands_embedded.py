@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - loaded here: the child as nobody cannot load modules
 import os
-import pickle
-import pwd
 import re
 import select
 import socket
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_local_api import CLI, embedded_env
+from tests.test_private import answer_of, start_as_nobody
 
 ANNOUNCED = re.compile(rb"(?:uvicorn|prefect).*--port\x00?\s*(\d+)|--port\x00(\d+).*uvicorn")
 """A command line that starts a Prefect server or uvicorn on a port it names."""
@@ -105,37 +104,18 @@ def _pose_as_servers(stop: int, ours: int, before: frozenset[int]) -> dict[str, 
 def second_user_posing_as_servers() -> Iterator[dict[str, list[str]]]:
     """`nobody`, in a forked child, posing as every Prefect server announced while the block
     runs; the dict is filled with what it saw once the block ends."""
-    nobody = pwd.getpwnam("nobody")
     ours = os.getpid()
     before = frozenset(int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
     stop_read, stop_write = os.pipe()
-    answer_read, answer_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(stop_write)
-            os.close(answer_read)
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            result: tuple[str, object] = ("ok", _pose_as_servers(stop_read, ours, before))
-        except BaseException as exc:
-            result = ("error", repr(exc))
-        with os.fdopen(answer_write, "wb") as out:
-            pickle.dump(result, out)
-        os._exit(0)
+    pid, answer = start_as_nobody(lambda: _pose_as_servers(stop_read, ours, before),
+                                  close=(stop_write,))  # fmt: skip
     os.close(stop_read)
-    os.close(answer_write)
     seen: dict[str, list[str]] = {}
     try:
         yield seen
     finally:
-        os.close(stop_write)
-        with os.fdopen(answer_read, "rb") as source:
-            kind, value = pickle.load(source)  # noqa: S301 - our own child's answer
-        os.waitpid(pid, 0)
-    assert kind == "ok", f"the second user's listener broke: {value}"
-    seen.update(value)  # type: ignore[arg-type]
+        os.close(stop_write)  # the child's cue to stop and answer
+        seen.update(answer_of(pid, answer))
 
 
 def host_key() -> str:

@@ -42,12 +42,19 @@ sys.stdin.read()
 def as_nobody(check: Callable[[], Any]) -> Any:
     """`check()` run in a forked child that has become user `nobody` (no exec, so nothing it
     needs must be readable by that user); its result."""
+    return answer_of(*start_as_nobody(check))
+
+
+def start_as_nobody(check: Callable[[], Any], close: tuple[int, ...] = ()) -> tuple[int, int]:
+    """Fork a child that closes the descriptors `close`, becomes user `nobody` and runs
+    `check()`; the child's pid and the descriptor its answer comes on (`answer_of`)."""
     nobody = pwd.getpwnam("nobody")
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            os.close(read)
+            for descriptor in (read, *close):
+                os.close(descriptor)
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
@@ -58,6 +65,11 @@ def as_nobody(check: Callable[[], Any]) -> Any:
             pickle.dump(result, out)
         os._exit(0)
     os.close(write)
+    return pid, read
+
+
+def answer_of(pid: int, read: int) -> Any:
+    """What the child `start_as_nobody` forked returned, once it has ended."""
     with os.fdopen(read, "rb") as source:
         kind, value = pickle.load(source)  # noqa: S301 - our own child's answer
     os.waitpid(pid, 0)

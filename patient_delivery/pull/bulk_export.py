@@ -218,14 +218,11 @@ class ServedFile:
     def lines(self) -> Iterator[bytes]:
         """The file's lines, without those of a withdrawn patient (a resource names its
         patient by healthexPatientId: as its `id` or in its `Patient/` reference)."""
+        marks = [patient.encode() for patient in self.withdrawn]
         with open(self.path, "rb") as lines:
             for line in lines:
-                if not any(patient in line for patient in self._marks):
+                if not any(mark in line for mark in marks):
                     yield line
-
-    @property
-    def _marks(self) -> list[bytes]:
-        return [patient.encode() for patient in self.withdrawn]
 
 
 def served_file(store: Store, caller: Caller, export_id: str, name: str) -> ServedFile | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
@@ -82,8 +83,8 @@ class ExportQueue:
                 log.exception("bulk export %s could not be written", export_id[:8])
 
     def _say_waiting(self) -> None:
-        stopped = threading.Event()
-        while not stopped.wait(WAITING_SAID_SECONDS):
+        while True:
+            time.sleep(WAITING_SAID_SECONDS)
             try:
                 bulk_export.still_waiting(self.store, self.waiting())
             except Exception:  # a store that did not answer: said again at the next turn
