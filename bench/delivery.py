@@ -74,7 +74,7 @@ def child(mode: str, config: dict) -> dict:
 
         runner = task_runner(config["dask"]) if config.get("dask") else None
         meter = Meter()
-        summary = deliver(runner, destinations=[config["destination"]], batch_size=config["batch"])
+        summary = deliver(runner, destination=[config["destination"]], batch_size=config["batch"])
         moved = sum(r.bytes for r in summary.destinations.values())
         if summary.failed:
             raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")

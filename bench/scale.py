@@ -51,7 +51,7 @@ def child(setup: str, project: str, dask_workers: int) -> None:
                                host="127.0.0.1", dashboard_address=None)  # fmt: skip
         runner = task_runner(cluster.scheduler_address)
     started = time.perf_counter()
-    summary = deliver(runner, project_id=project, batch_size=50)
+    summary = deliver(runner, project=project, batch_size=50)
     seconds = time.perf_counter() - started
     if summary.failed:
         raise SystemExit(f"{summary.failed} deliveries failed: {summary.rows()}")
@@ -93,7 +93,7 @@ def workers_setup(env: dict[str, str], project: str, workers: int, runs: int, lo
     started = time.perf_counter()
     ids = [
         str(run_deployment("deliver-updates/bench", timeout=0,
-                           parameters={"project_id": project, "page_size": 100,
+                           parameters={"project": project, "page_size": 100,
                                        "batch_size": 50}).id)
         for _ in range(runs)
     ]  # fmt: skip

@@ -39,6 +39,9 @@ Watch = Annotated[
     bool,
     typer.Option(help="With --deployment: wait for the run's end; exit 1 unless it completed"),
 ]
+DataTypes = Annotated[
+    list[str] | None, typer.Option("--data-type", "--type", help="ccda or fhir (repeatable)")
+]
 RunName = Annotated[
     str | None, typer.Option(help="With --deployment: the run's name in the Prefect UI")
 ]
@@ -51,7 +54,7 @@ def deliver(
         list[str] | None, typer.Option(help="Only these destinations (repeatable)")
     ] = None,
     patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
-    data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
+    data_type: DataTypes = None,
     batch_size: Annotated[
         int, typer.Option(min=1, max=5000, help="Documents recorded per ledger transaction")
     ] = 100,
@@ -81,10 +84,10 @@ def deliver(
     _check_types(data_type)
     prefect()
     parameters = {
-        "project_id": project,
-        "destinations": destination,
-        "patient_ids": patient,
-        "data_types": data_type,
+        "project": project,
+        "destination": destination,
+        "patient": patient,
+        "data_type": data_type,
         "batch_size": batch_size,
         "max_documents": max_documents,
         "page_size": page_size,
@@ -165,6 +168,7 @@ def start_deployment(
     try:
         flow_run = run_deployment(
             name,
+            # None is "not given": the forms' schemas type optional parameters without null.
             parameters={k: v for k, v in parameters.items() if v is not None},
             timeout=0,
             flow_run_name=run_name,
@@ -223,7 +227,8 @@ def _watch(run_id: UUID) -> tuple[State, str]:
                 shown = now
             if run.state is not None and run.state.is_final():
                 card = artifact(client, "delivery-summary")
-                headline = run.state.message or (card.description if card else "") or ""
+                said = (card.description or "").splitlines() if card else []
+                headline = run.state.message or (said[0] if said else "")
                 return run.state, headline
             time.sleep(WATCH_EVERY)
 
@@ -299,12 +304,13 @@ def backfill_command(
     project: Annotated[str | None, typer.Option(help="Only this project")] = None,
     patient: Annotated[list[str] | None, typer.Option(help="Only these patients")] = None,
     created_from: Annotated[
-        str | None, typer.Option("--from", help="Versions created at or after (ISO, UTC)")
+        str | None,
+        typer.Option("--created-from", "--from", help="Versions created at or after (ISO, UTC)"),
     ] = None,
     created_to: Annotated[
-        str | None, typer.Option("--to", help="Versions created before (ISO, UTC)")
+        str | None, typer.Option("--created-to", "--to", help="Versions created before (ISO, UTC)")
     ] = None,
-    data_type: Annotated[list[str] | None, typer.Option("--type", help="ccda or fhir")] = None,
+    data_type: DataTypes = None,
     destination: Annotated[list[str] | None, typer.Option(help="Only these destinations")] = None,
     force: Annotated[bool, typer.Option(help="Also re-send what was delivered")] = False,
     dry_run: Annotated[bool, typer.Option(help="Only show the plan")] = False,
@@ -318,13 +324,13 @@ def backfill_command(
     _check_types(data_type)
     prefect()
     parameters = {
-        "organization_id": org,
-        "project_id": project,
-        "patient_ids": patient,
-        "created_from": parse_when(created_from, "--from"),
-        "created_to": parse_when(created_to, "--to"),
-        "data_types": data_type,
-        "destinations": destination,
+        "org": org,
+        "project": project,
+        "patient": patient,
+        "created_from": parse_when(created_from, "--created-from"),
+        "created_to": parse_when(created_to, "--created-to"),
+        "data_type": data_type,
+        "destination": destination,
         "dry_run": dry_run,
         "force": force,
     }
@@ -357,7 +363,7 @@ def redeliver_command(
                    code=2)  # fmt: skip
     in_scope(project_id=project, destinations=[destination] if destination else ())
     prefect()
-    parameters = {"project_id": project, "destination": destination, "full": full,
+    parameters = {"project": project, "destination": destination, "full": full,
                   "dry_run": dry_run}  # fmt: skip
     if deployment:
         start_deployment("redeliver/redeliver", parameters, watch, name)

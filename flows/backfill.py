@@ -20,6 +20,7 @@ from patient_delivery import backfill as backfills
 from patient_delivery.documents import DataType
 from patient_delivery.flows import runtime
 from patient_delivery.flows.deliver import deliver
+from patient_delivery.flows.parameters import NotGiven
 from patient_delivery.flows.reporting import RunSummary, run_name
 from patient_delivery.ingest import check_scope
 from patient_delivery.store import open_store
@@ -83,9 +84,9 @@ def _run_name(kind: str) -> str:
 
 def _describe_run(kind: str) -> str:
     parameters = flow_run.parameters or {}
-    name = f"{kind} {parameters.get('project_id') or 'all-projects'}"
-    if parameters.get("destinations") or parameters.get("destination"):
-        name += " to " + ",".join(parameters.get("destinations") or [parameters["destination"]])
+    name = f"{kind} {parameters.get('project') or 'all-projects'}"
+    if destination := parameters.get("destination"):
+        name += " to " + ",".join([destination] if isinstance(destination, str) else destination)
     return name + (" (dry run)" if parameters.get("dry_run") else "")
 
 
@@ -96,40 +97,41 @@ def _describe(counts: dict[str, int]) -> str:
 @flow(name="backfill", flow_run_name=lambda: _run_name("backfill"),
       timeout_seconds=runtime.run_timeout(), validate_parameters=True)  # fmt: skip
 def backfill(
-    organization_id: str | None = None,
-    project_id: str | None = None,
-    patient_ids: list[str] | None = None,
-    created_from: datetime | None = None,
-    created_to: datetime | None = None,
-    data_types: list[DataType] | None = None,
-    destinations: list[str] | None = None,
+    org: str | NotGiven = None,
+    project: str | NotGiven = None,
+    patient: list[str] | NotGiven = None,
+    created_from: datetime | NotGiven = None,
+    created_to: datetime | NotGiven = None,
+    data_type: list[DataType] | NotGiven = None,
+    destination: list[str] | NotGiven = None,
     dry_run: bool = True,
     force: bool = False,
 ) -> dict[str, int]:
     """Deliver the newest matching documents again where they are missing (or everywhere, with
-    `force`). A dry run (the default) only reports the plan.
+    `force`). A dry run (the default) only reports the plan. The parameters are the CLI's
+    `backfill` options.
 
     Args:
-        organization_id: Only this organization's projects (its orgId).
-        project_id: Only this project (its projectId).
-        patient_ids: Only these patients (healthexPatientIds).
+        org: Only this organization's projects (its orgId).
+        project: Only this project (its projectId).
+        patient: Only these patients (healthexPatientIds).
         created_from: Only document versions stored at or after this time (UTC if no zone).
         created_to: Only document versions stored before this time.
-        data_types: Only these data types: ccda, fhir.
-        destinations: Only these destinations, as block references (`sftp-destination/acme`).
+        data_type: Only these data types: ccda, fhir.
+        destination: Only these destinations, as block references (`sftp-destination/acme`).
         dry_run: Only publish the plan (what would be sent where); send nothing.
         force: Also send again what the destination already received.
     """
     logger = get_run_logger()
-    check_scope(open_store(), organization_id, project_id)  # refused before anything runs
+    check_scope(open_store(), org, project)  # refused before anything runs
     request = backfills.BackfillRequest(
-        organization_id=organization_id,
-        project_id=project_id,
-        patient_ids=tuple(patient_ids or ()),
+        organization_id=org,
+        project_id=project,
+        patient_ids=tuple(patient or ()),
         created_from=created_from,
         created_to=created_to,
-        data_types=tuple(data_types or ()),
-        destinations=tuple(destinations or ()),
+        data_types=tuple(data_type or ()),
+        destinations=tuple(destination or ()),
         force=force,
     )
     counts = plan(request, dry_run)
@@ -138,10 +140,7 @@ def backfill(
         return counts
     counts = queue(request)
     summary: RunSummary = deliver(
-        project_id=project_id,
-        destinations=destinations,
-        patient_ids=patient_ids,
-        data_types=data_types,
+        project=project, destination=destination, patient=patient, data_type=data_type
     )
     counts["delivered"] = summary.delivered
     counts["failed"] = summary.failed
@@ -156,31 +155,30 @@ def backfill(
 @flow(name="redeliver", flow_run_name=lambda: _run_name("redeliver"),
       timeout_seconds=runtime.run_timeout(), validate_parameters=True)  # fmt: skip
 def redeliver(
-    project_id: str | None = None,
-    destination: str | None = None,
+    project: str | NotGiven = None,
+    destination: str | NotGiven = None,
     full: bool = False,
     dry_run: bool = False,
 ) -> dict[str, int]:
     """Send again what failed or was left pending; with `full`, every newest document of the
     project to that destination, at the paths it had (an organization that lost its files).
+    The parameters are the CLI's `redeliver` options.
 
     Args:
-        project_id: Only this project (its projectId); needed with `full`.
+        project: Only this project (its projectId); needed with `full`.
         destination: Only this destination, as a block reference; needed with `full`.
         full: Send every newest document of the project to the destination again.
         dry_run: Only report what would be sent.
     """
-    check_scope(open_store(), project_id=project_id)
+    check_scope(open_store(), project_id=project)
     if full:
-        if not (project_id and destination):
+        if not (project and destination):
             raise ValueError("a full re-delivery needs a project and a destination")
-        return backfill(
-            project_id=project_id, destinations=[destination], force=True, dry_run=dry_run
-        )
+        return backfill(project=project, destination=[destination], force=True, dry_run=dry_run)
     if dry_run:
         request = backfills.BackfillRequest(
-            project_id=project_id, destinations=(destination,) if destination else ()
+            project_id=project, destinations=(destination,) if destination else ()
         )
         return plan(request, dry_run=True)
-    summary = deliver(project_id=project_id, destinations=[destination] if destination else None)
+    summary = deliver(project=project, destination=[destination] if destination else None)
     return {"delivered": summary.delivered, "failed": summary.failed}

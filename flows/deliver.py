@@ -34,6 +34,7 @@ from patient_delivery import ledger
 from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
 from patient_delivery.flows import engine, reporting, runtime
+from patient_delivery.flows.parameters import NotGiven
 from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary, WaveReports
 from patient_delivery.ingest import check_scope
 from patient_delivery.ledger import RenderResult, WorkFilter
@@ -164,21 +165,21 @@ def _run_name() -> str:
 
 def _describe_run() -> str:
     parameters = flow_run.parameters or {}
-    scope = parameters.get("project_id") or "all-projects"
-    if parameters.get("destinations"):
-        scope += " to " + ",".join(parameters["destinations"])
+    scope = parameters.get("project") or "all-projects"
+    if parameters.get("destination"):
+        scope += " to " + ",".join(parameters["destination"])
     return f"deliver {scope}"
 
 
 @flow(name="deliver-updates", flow_run_name=_run_name, task_runner=runtime.task_runner(),
       timeout_seconds=runtime.run_timeout(), validate_parameters=True)  # fmt: skip
 async def deliver_updates(
-    project_id: str | None = None,
-    destinations: list[str] | None = None,
-    patient_ids: list[str] | None = None,
-    data_types: list[DataType] | None = None,
+    project: str | NotGiven = None,
+    destination: list[str] | NotGiven = None,
+    patient: list[str] | NotGiven = None,
+    data_type: list[DataType] | NotGiven = None,
     batch_size: int = 100,
-    max_documents: int | None = None,
+    max_documents: int | NotGiven = None,
     page_size: int = PAGE_SIZE,
     max_sessions: int = 32,
     linger_seconds: float = 0.0,
@@ -186,10 +187,10 @@ async def deliver_updates(
     """Deliver every owed document: new versions, earlier failures, and crashed runs' leftovers.
 
     Args:
-        project_id: Only this project's deliveries (its projectId); empty for every project.
-        destinations: Only these destinations, as block references (`sftp-destination/acme`).
-        patient_ids: Only these patients (healthexPatientIds).
-        data_types: Only these data types: ccda, fhir.
+        project: Only this project's deliveries (its projectId); empty for every project.
+        destination: Only these destinations, as block references (`sftp-destination/acme`).
+        patient: Only these patients (healthexPatientIds).
+        data_type: Only these data types: ccda, fhir.
         batch_size: Documents whose outcomes are written to the ledger in one transaction.
         max_documents: Most documents to send in this run; the rest wait for the next run.
         page_size: Deliveries claimed at a time. Smaller pages share a backlog more evenly
@@ -202,10 +203,10 @@ async def deliver_updates(
             for while this one goes is cancelled, so this run takes its updates.
     """
     work = WorkFilter(
-        project_id=project_id,
-        destinations=tuple(destinations or ()),
-        patient_ids=tuple(patient_ids or ()),
-        data_types=tuple(data_types or ()),
+        project_id=project,
+        destinations=tuple(destination or ()),
+        patient_ids=tuple(patient or ()),
+        data_types=tuple(data_type or ()),
     )
     sizes = Sizes(batch_size, page_size, engine.RunLimits(max_sessions), linger_seconds)
     return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))

@@ -82,6 +82,6 @@ class UpdateListener:
                 self._on_run(projects)
             only = next(iter(projects)) if len(projects) == 1 and "" not in projects else None
             try:
-                self._deliver(project_id=only)
+                self._deliver(project=only)
             except Exception as exc:  # a failed run is in Prefect and the ledger; keep listening
                 logger.error("delivery run failed: %s", type(exc).__name__)

@@ -146,11 +146,14 @@ class RunSummary:
                 "skipped": r.skipped,
                 "MB": round(r.bytes / 1e6, 2),
                 "upload seconds": round(r.seconds, 2),
-                "failure reasons": r.reasons_text(),
+                REASONS: r.reasons_text(),
             }
             for r in self.destinations.values()
         ]
 
+
+REASONS = "failure reasons"
+"""The column of `RunSummary.rows` with why sends failed, each reason with its count."""
 
 progress_hooks: list[Callable[[int, int], None]] = []
 """Callables told (done, total) as batches finish, in this process: the CLI's progress bar."""
@@ -228,11 +231,30 @@ class Progress:
 
 
 def publish(summary: RunSummary) -> None:
-    """The run's summary as a table artifact (`delivery-summary`)."""
-    rows = summary.rows() or [{"destination": "(none)", "delivered": 0, "failed": 0}]
+    """The run's summary as a table artifact (`delivery-summary`): counts per destination in
+    the table, and under the headline, each failing destination's reasons as a list, where the
+    UI wraps them (a table cell is cut at the page's width)."""
+    rows = [{k: v for k, v in row.items() if k != REASONS} for row in summary.rows()]
     parked = f", {summary.parked} parked until their block is fixed" if summary.parked else ""
     description = f"Delivery run: {summary.delivered} delivered, {summary.failed} failed{parked}."
-    runtime.create_table(rows, key="delivery-summary", description=description)
+    failing = [r for r in summary.destinations.values() if r.reasons]
+    if failing:
+        description += "\n\nWhy sends failed:\n\n" + "\n".join(
+            f"- {_markdown(r.destination)}: {_markdown(r.reasons_text())}" for r in failing
+        )
+    runtime.create_table(
+        rows or [{"destination": "(none)", "delivered": 0, "failed": 0}],
+        key="delivery-summary",
+        description=description,
+    )
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|])")
+
+
+def _markdown(text: str) -> str:
+    """Text shown as itself in the UI's markdown, one line."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(text.split()))
 
 
 def announce_failing_destinations(summary: RunSummary) -> None:

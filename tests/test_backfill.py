@@ -51,7 +51,7 @@ def delivered(store: Store, tmp_path: Path) -> Delivered:
 
 def test_a_dry_run_sends_nothing_and_publishes_the_plan(store: Store, delivered: Delivered) -> None:
     before = files_under(delivered.root)
-    counts = backfill(project_id="study", force=True, dry_run=True)
+    counts = backfill(project="study", force=True, dry_run=True)
     assert counts == {"resend": 3}
     assert files_under(delivered.root) == before
     assert all(row.status == "delivered" for row in rows(store))
@@ -68,7 +68,7 @@ def test_a_dry_runs_plan_is_published_whole_in_pages_with_no_paths(
     from patient_delivery.flows import backfill as backfill_flow
 
     monkeypatch.setattr(backfill_flow, "PLAN_ROWS_PER_PAGE", 2)
-    assert backfill(project_id="study", force=True, dry_run=True) == {"resend": 3}
+    assert backfill(project="study", force=True, dry_run=True) == {"resend": 3}
     pages = [Artifact.get(f"backfill-plan-rows-{n}") for n in (1, 2)]
     rows_shown = [row for page in pages for row in json.loads(str(page.data))]  # type: ignore[union-attr]
     assert sorted(row["patient"] for row in rows_shown) == sorted(delivered.patients)
@@ -77,7 +77,7 @@ def test_a_dry_runs_plan_is_published_whole_in_pages_with_no_paths(
 
 
 def test_without_force_delivered_documents_are_skipped(store: Store, delivered: Delivered) -> None:
-    assert backfill(project_id="study", dry_run=False) == {"skip": 3, "delivered": 0, "failed": 0}
+    assert backfill(project="study", dry_run=False) == {"skip": 3, "delivered": 0, "failed": 0}
 
 
 def test_a_forced_backfill_replaces_the_files_at_their_paths(
@@ -86,9 +86,7 @@ def test_a_forced_backfill_replaces_the_files_at_their_paths(
     paths = sorted(row.path for row in rows(store))
     for path in paths:
         (delivered.root / path).unlink()  # the organization lost its files
-    counts = backfill(
-        project_id="study", patient_ids=delivered.patients[:2], force=True, dry_run=False
-    )
+    counts = backfill(project="study", patient=delivered.patients[:2], force=True, dry_run=False)
     assert (counts["resend"], counts["delivered"]) == (2, 2)
     summary = Artifact.get("backfill-summary")  # on the backfill's own run, as the UI shows it
     assert summary is not None and "2 delivered" in (summary.description or "")
@@ -123,7 +121,7 @@ def test_redeliver_full_sends_a_projects_newest_documents_to_one_destination(
 ) -> None:
     for path in list(files_under(delivered.root)):
         (delivered.root / path).unlink()
-    counts = redeliver(project_id="study", destination=delivered.destination, full=True)
+    counts = redeliver(project="study", destination=delivered.destination, full=True)
     assert counts["delivered"] == 3 and len(files_under(delivered.root)) == 3
     with pytest.raises(ValueError, match="needs a project and a destination"):
         redeliver(full=True)
@@ -141,6 +139,6 @@ def test_redeliver_sends_what_failed_again(store: Store, tmp_path: Path) -> None
     root.write_text("a file where the folder should be")
     assert deliver().failed == 1
     root.unlink()
-    assert redeliver(project_id="study") == {"delivered": 1, "failed": 0}
+    assert redeliver(project="study") == {"delivered": 1, "failed": 0}
     [row] = rows(store)
     assert row.status == "delivered" and (root / row.path).read_bytes() == CCDA

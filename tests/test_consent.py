@@ -59,8 +59,8 @@ def test_what_is_not_sent_is_withdrawn_nothing_more_goes_and_a_new_share_owes_th
     ingest.put_document(store, patient, "ccda", CCDA % 3)  # nothing is owed to the project now
     assert statuses(store, patient) == [("ccda", "delivered"), ("ccda", "withdrawn")]
     assert deliver().delivered == 0
-    assert backfill(project_id=project, force=True, dry_run=False)["delivered"] == 0
-    assert redeliver(project_id=project) == {"delivered": 0, "failed": 0}
+    assert backfill(project=project, force=True, dry_run=False)["delivered"] == 0
+    assert redeliver(project=project) == {"delivered": 0, "failed": 0}
     assert [p.read_bytes() for p in root.rglob("*.xml")] == [CCDA % 1]
     [record] = withdrawals_frame(store, LedgerQuery(patient_id=patient)).to_dict("records")
     assert (record["project_id"], record["reason"], record["recorded_by"]) == (

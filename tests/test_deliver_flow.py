@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -377,7 +378,7 @@ def test_filters_and_batches_deliver_exactly_what_was_asked(
     for patient in patients:
         ingest.put_document(store, patient, "ccda", CCDA)
 
-    one = deliver(patient_ids=[patients[0]])
+    one = deliver(patient=[patients[0]])
     capped = deliver(max_documents=2, batch_size=1)
     rest = deliver(batch_size=3)
 
@@ -469,7 +470,7 @@ def test_a_run_with_failures_ends_failed_with_a_message_that_counts_them(
     clean = deliver_state()  # nothing owed but the same failure again
     assert clean.is_failed()
     ingest.add_project(store, "acme", "Other", "other")
-    assert deliver_state(project_id="other").is_completed()
+    assert deliver_state(project="other").is_completed()
 
 
 def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
@@ -746,3 +747,14 @@ def test_an_unreachable_destination_has_a_red_upload_task_and_one_error_line_wit
     errors = [log.message for log in logs if log.level >= 40 and reason in log.message]
     assert len(errors) == 1 and dead in errors[0], errors
     assert "ClinicalDocument" not in " ".join(log.message for log in logs)
+    # The summary card: counts in the table; the reason, whole, in the list under the headline,
+    # where the UI wraps it (a table cell is cut at the page's width).
+    from prefect.artifacts import Artifact
+
+    card = Artifact.get("delivery-summary")
+    assert card is not None and card.description is not None
+    headline, *said = card.description.splitlines()
+    assert headline == "Delivery run: 1 delivered, 1 failed."
+    [line] = [line for line in said if line.startswith("- ")]
+    assert dead in line and reason.replace("_", "\\_") in line, line
+    assert all("failure reasons" not in row for row in json.loads(str(card.data)))

@@ -149,7 +149,8 @@ def test_destination_show_and_test_refuse_what_cannot_be_loaded_in_one_line(
         (["deliveries", "--status", "bogus"], "--status: not a delivery status (one of queued"),
         (["deliver", "--project", "nosuch"], "no project 'nosuch'"),
         (["deliver", "--type", "pdf"], "unknown data type 'pdf'"),
-        (["backfill", "--from", "nope"], "--from: not an ISO date or time"),
+        (["backfill", "--from", "nope"], "--created-from: not an ISO date or time"),
+        (["backfill", "--created-to", "1 May"], "--created-to: not an ISO date or time"),
         (["backfill", "--org", "nosuch"], "no organization 'nosuch'"),
         (["redeliver", "--project", "nosuch"], "no project 'nosuch'"),
         (["deliver", "--deployment"], "no deployment deliver-updates/deliver-now"),
@@ -191,10 +192,10 @@ def test_a_run_for_a_project_that_does_not_exist_is_refused_before_it_starts(
     from patient_delivery.flows.backfill import backfill
     from patient_delivery.flows.deliver import deliver_state
 
-    state = deliver_state(project_id="nosuch")
+    state = deliver_state(project="nosuch")
     assert state.is_failed() and "no project 'nosuch'" in state.message
     with pytest.raises(Exception, match="no organization 'nobody'"):
-        backfill(organization_id="nobody")
+        backfill(org="nobody")
 
 
 def test_our_blocks_load_in_any_flow_of_the_environment_without_importing_the_project(

@@ -1,6 +1,6 @@
-"""The README is a test: every shell block a user copies runs, in order, as written, in a clean
-environment (no `PREFECT_API_URL`, no `PREFECT_HOME`, an empty `HOME`, a fresh
-`PATIENT_DELIVERY_HOME`), and each command exits 0.
+"""The README is a test: every shell block a user copies (README.md, then the pages of docs/)
+runs, in order, as written, in a clean environment (no `PREFECT_API_URL`, no `PREFECT_HOME`, an
+empty `HOME`, a fresh `PATIENT_DELIVERY_HOME`), and each command exits 0.
 
 The blocks are read with markdown-it (the parser rich already brings). What the README leaves
 for the reader to fill in is filled from what earlier commands printed (the `hx_...` that
@@ -9,16 +9,26 @@ suite's own servers (`sftp.acme.example:2222` is the suite's OpenSSH); `[optiona
 left out, and `uv run X` runs X from this environment (what `uv run` does in a synced
 checkout). A block under a heading not in `NOT_RUN` runs: a new command in the README is
 covered without editing this test.
+
+The S3 block runs against the suite's moto (IAM enforced) with the README's own permission
+policy on the role: our AWS identity and AWS's endpoints come from the environment, as boto3's
+default chain finds them on an operator's machine. "Run it as a service" starts its own
+`prefect server start`, deploys `prefect.yaml` and starts a worker, on a free port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +36,20 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from loopback.servers import SFTP_PASSWORD, SFTP_USER
+from loopback.servers import SFTP_PASSWORD, SFTP_USER, apt_install
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+"""What a user copies commands from: the README, then the pages of docs/."""
+RECEIVER_TOOLS = ("jq ",)
+"""Commands a receiving organization runs in the folder it received (the walk's local one)."""
 BIN = Path(sys.executable).parent
 
 NOT_RUN = {
-    "Run it as a service": "a Prefect server, deployments and a worker: tests/test_service.py "
-    "runs this setup against a real `prefect server start`",
     "Development": "the suite's own commands: .ci/run runs them",
-    "S3: the organization's bucket, through its IAM role": "an AWS account's role: "
-    "tests/test_s3_destination.py runs the README's policy against moto with IAM enforced",
+    "The machine and the method": "docs/performance.md's benchmarks, minutes each: run by hand, "
+    "their numbers go in that page",
 }
 """Headings whose blocks are not run here, and why (another test covers what they set up)."""
 
@@ -47,6 +59,9 @@ SERVING = re.compile(r"^(patient-delivery (serve|listen)|prefect (server|worker)
 """Commands that run until stopped: started, and passed once they are still up after
 `SERVING_SECONDS` (or ended with 0); stopped when the walk ends."""
 SERVING_SECONDS = 8.0
+PREFECT_SERVER_SECONDS = 120.0
+"""How long the walk waits for `prefect server start` to answer, as a reader waits for it to
+print its dashboard's address."""
 
 
 @dataclass
@@ -88,46 +103,78 @@ class Walk:
     """One reader going down the README: their environment, and what earlier commands said."""
 
     env: dict[str, str]
+    logs: Path
     fill: list[tuple[str, str]] = field(default_factory=list)
     """Literal text of the README and what stands in for it, in order."""
     background: list[subprocess.Popen[str]] = field(default_factory=list)
     printed: dict[str, str] = field(default_factory=dict)
+    last: str = ""
+    """The README line run last."""
 
     def command(self, line: str) -> str:
-        for placeholder, value in self.fill:
-            line = line.replace(placeholder, value)
+        if self.fill:  # one pass: a value put in is not filled again
+            values = dict(reversed(self.fill))  # the first of a placeholder's fills wins
+            pattern = "|".join(re.escape(placeholder) for placeholder, _ in self.fill)
+            line = re.sub(pattern, lambda found: values[found.group(0)], line)
         line = re.sub(r"\s\[[^\]']*\]", "", line)  # [--option VALUE], [ORG]: left out
         return re.sub(r"^uv run (?!--group)", "", line)
 
-    def run(self, line: str) -> subprocess.CompletedProcess[str] | None:
+    def run(self, line: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str] | None:
+        self.last = line
         command = self.command(line)
         exported = re.fullmatch(r"export (\w+)=(.*)", command)
         if exported:
             self.env[exported.group(1)] = _shell_value(exported.group(2), self.env)
             return None
         if command.endswith("&") or SERVING.match(command):
-            server = subprocess.Popen(
-                ["bash", "-c", command.removesuffix("&")], cwd=REPO, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, start_new_session=True,
-            )  # fmt: skip
-            self.background.append(server)
-            try:
-                out, err = server.communicate(timeout=SERVING_SECONDS)
-            except subprocess.TimeoutExpired:
-                return subprocess.CompletedProcess(command, 0, "", "")  # up and serving
-            return subprocess.CompletedProcess(command, server.returncode, out, err)
-        done = subprocess.run(["bash", "-c", command], cwd=REPO, env=self.env, text=True,
+            return self._serve(command.removesuffix("&").strip())
+        done = subprocess.run(["bash", "-c", command], cwd=cwd, env=self.env, text=True,
                               capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
                               check=False)  # fmt: skip
         self.printed[line] = done.stdout
         return done
 
+    def _serve(self, command: str) -> subprocess.CompletedProcess[str]:
+        """Start a command that runs until stopped (its output to a file: a pipe nobody reads
+        would stall it); it passes while it is still up after `SERVING_SECONDS`, or for the
+        Prefect server, once its API answers."""
+        log = self.logs / f"serving-{len(self.background)}.log"
+        with log.open("w") as out:
+            server = subprocess.Popen(
+                ["bash", "-c", command], cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )  # fmt: skip
+        self.background.append(server)
+        ready = _api_answers if command.startswith("prefect server start") else None
+        seconds = PREFECT_SERVER_SECONDS if ready else SERVING_SECONDS
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and server.poll() is None:
+            if ready and ready(self.env["PREFECT_API_URL"]):
+                break
+            time.sleep(0.5)
+        else:
+            if ready and server.poll() is None:  # up, yet its API never answered
+                return subprocess.CompletedProcess(command, 1, "", log.read_text()[-2000:])
+        code = server.returncode if server.poll() is not None else 0
+        return subprocess.CompletedProcess(command, code, "", log.read_text()[-2000:])
+
     def stop(self) -> None:
         for process in self.background:
-            if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # its children, also if it ended
                 os.killpg(process.pid, signal.SIGTERM)
-            process.communicate(timeout=30)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _api_answers(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=1):  # noqa: S310 - loopback
+            return True
+    except OSError:
+        return False
 
 
 def _shell_value(text: str, env: dict[str, str]) -> str:
@@ -144,7 +191,7 @@ def walk(tmp_path: Path) -> Iterator[Walk]:
            if not name.startswith(("PREFECT_", "PATIENT_DELIVERY_", "AWS_"))}  # fmt: skip
     env.update({"HOME": str(home), "PATIENT_DELIVERY_HOME": str(tmp_path / "pd-home"),
                 "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "COLUMNS": "120"})  # fmt: skip
-    walking = Walk(env)
+    walking = Walk(env, tmp_path)
     yield walking
     walking.stop()
 
@@ -160,14 +207,28 @@ def after(walk: Walk, line_start: str, then: Callable[[str], None]) -> Callable[
 
 
 def test_the_readme_blocks_are_all_run_or_said_why_not() -> None:
-    headings = {block.heading for block in blocks()}
+    headings = {block.heading for page in PAGES for block in blocks(page)}
     assert set(NOT_RUN) <= headings, "a heading in NOT_RUN is no longer in the README"
-    assert {"Command line", "SFTP: the organization's server, with its host key pinned"} <= headings
+    assert {"Command line", "SFTP: the organization's server, with its host key pinned",
+            "S3: the organization's bucket, through its IAM role",
+            "Run it as a service"} <= headings  # fmt: skip
 
 
-def test_a_new_user_walks_the_readme(walk: Walk, tmp_path: Path, sshd, pgp_keys) -> None:  # type: ignore[no-untyped-def]
+def before(line_start: str, then: Callable[[], None]) -> Callable[[str], None]:
+    """A hook: before the README line starting with `line_start` runs, `then()`."""
+
+    def hook(line: str) -> None:
+        if line.startswith(line_start):
+            then()
+
+    return hook
+
+
+def test_a_new_user_walks_the_readme(walk: Walk, tmp_path: Path, sshd, pgp_keys, moto) -> None:  # type: ignore[no-untyped-def]
     from loopback.servers import free_port
     from tests.gnupg import PASSPHRASE
+    from tests.test_manifests_owed import scoped_role
+    from tests.test_s3_destination import EXTERNAL_ID
 
     (tmp_path / "acme-public.asc").write_text(pgp_keys.receiver_public)
     (tmp_path / "our-signing-secret.asc").write_text(pgp_keys.ours_secret)
@@ -176,6 +237,13 @@ def test_a_new_user_walks_the_readme(walk: Walk, tmp_path: Path, sshd, pgp_keys)
     jwks = tmp_path / "acme-etl.jwks.json"
     jwks.write_text(_public_jwks())
     key_file = tmp_path / "acme.key"
+    bucket = f"org-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=bucket)
+    role = scoped_role(moto, bucket)  # the README's permission policy, on the prefix only
+    access, secret = moto.deliverer_keys  # our identity; AWS's endpoints are moto's
+    walk.env.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret})
+    walk.env.update({"AWS_ENDPOINT_URL_S3": moto.url, "AWS_ENDPOINT_URL_STS": moto.url})
+    prefect_port = str(free_port())
     walk.fill = [
         ("summary.xml", str(ccda.relative_to(REPO))),
         ("/srv/acme", str(tmp_path / "srv" / "acme")),
@@ -190,6 +258,11 @@ def test_a_new_user_walks_the_readme(walk: Walk, tmp_path: Path, sshd, pgp_keys)
         ("--port 8080", f"--port {free_port()}"),
         ("OUR_PGP_PASSPHRASE=...", f"OUR_PGP_PASSPHRASE={shlex.quote(PASSPHRASE)}"),
         ("acme-public.asc", str(tmp_path / "acme-public.asc")),
+        ("ORG_EXTERNAL_ID=...", f"ORG_EXTERNAL_ID={EXTERNAL_ID}"),
+        ("ORG-BUCKET", bucket),
+        ("arn:aws:iam::222222222222:role/healthex-writer", role),
+        ("127.0.0.1:4200", f"127.0.0.1:{prefect_port}"),
+        ("--port 4200", f"--port {prefect_port}"),
         ("our-signing-secret.asc", str(tmp_path / "our-signing-secret.asc")),
     ]
     hooks = [
@@ -199,28 +272,52 @@ def test_a_new_user_walks_the_readme(walk: Walk, tmp_path: Path, sshd, pgp_keys)
               lambda out: walk.fill.insert(0, (
                   "'[sftp.acme.example]:2222 ssh-ed25519 AAAAC3...'",
                   shlex.quote(out.strip().splitlines()[-1].strip())))),
+        after(walk, "uv run patient-delivery destination sftp acme-sftp --",
+              lambda out: walk.fill.insert(0, ("patient-delivery destination sftp acme-sftp ...",
+                                               walk.command(walk.last)))),
+        before("uv run patient-delivery alerts install --notify slack-webhook/ops",
+               lambda: _slack_block(walk, "ops")),
         after(walk, "uv run patient-delivery api-key create",
               lambda out: (key_file.write_text(out.strip().split()[-1]),
                            walk.fill.insert(0, ("pdk_...", out.strip().split()[-1])))),
     ]  # fmt: skip
+    if shutil.which("jq") is None:
+        apt_install("jq")  # what docs/receivers.md checks a manifest with
+    received = tmp_path / "srv" / "acme"  # the local destination the README delivers to
     ran = []
-    for block in blocks():
+    for block in [block for page in PAGES for block in blocks(page)]:
         if block.heading in NOT_RUN:
             continue
         for line in block.commands:
-            if "pytest" in line or line.startswith(("apt-get", "jq ")):
-                continue  # the suite itself; root installs; a receiver's own tools
-            done = walk.run(line)
+            if "pytest" in line or line.startswith("apt-get"):
+                continue  # the suite itself; root installs
+            for hook in hooks:
+                if hook.__qualname__.startswith("before"):
+                    hook(line)
+            receiver = line.startswith(RECEIVER_TOOLS)
+            if receiver:
+                [manifest, *_] = sorted(received.rglob("_manifests/*.json"))
+                walk.fill.insert(0, ("MANIFEST.json", str(manifest.relative_to(received))))
+            done = walk.run(line, cwd=received if receiver else REPO)
             if done is not None:
                 assert done.returncode == 0, (block.heading, line, walk.command(line),
                                               done.stdout[-2000:], done.stderr[-2000:])  # fmt: skip
                 assert "Traceback" not in done.stderr, (line, done.stderr[-2000:])
             for hook in hooks:
-                hook(line)
+                if not hook.__qualname__.startswith("before"):
+                    hook(line)
             ran.append(line)
     assert any(line.startswith("uv run patient-delivery deliver") for line in ran)
-    delivered = list((tmp_path / "srv" / "acme").rglob("*"))
+    assert any(line.startswith(RECEIVER_TOOLS) for line in ran)  # checked what it received
+    delivered = list(received.rglob("*"))
     assert delivered, "the README's walk delivered nothing into the local destination"
+
+
+def _slack_block(walk: Walk, name: str) -> None:
+    """The notification block the README says to make in the UI, saved on the walk's server."""
+    code = ("from prefect.blocks.notifications import SlackWebhook\n"
+            f"SlackWebhook(url='http://127.0.0.1:9/hook').save({name!r})")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], env=walk.env, check=True, timeout=120)
 
 
 def _public_jwks() -> str:

@@ -268,9 +268,42 @@ def test_the_block_schema_carries_the_rules_a_form_can_check(deployed: PrefectSe
     assert refused(typed) == {"root", "path_template", "manifest_template"}
     assert refused({"root": "/srv/org"}) == set()  # the defaults pass
     assert refused({"root": "~/org", "manifest_template": ""}) == set()  # empty: no manifests
-    sftp = {"host": "sftp.example", "username": "u", "host_keys": ["SHA256:x"]}
+    sftp = {"host": "sftp.example", "username": "u", "host_keys": "SHA256:x"}
     assert "root" in refused({**sftp, "root": "../outside"}, "sftp-destination")
     assert "root" not in refused({**sftp, "root": "/incoming"}, "sftp-destination")
+    # Host keys are typed one per line into a text box, not as a JSON list; blank is refused.
+    assert refused({**sftp, "host_keys": "SHA256:x\nSHA256:y"}, "sftp-destination") == set()
+    assert refused({**sftp, "host_keys": " \n"}, "sftp-destination") == {"host_keys"}
+
+
+def test_the_run_forms_take_the_clis_options_each_typed(deployed: PrefectServer) -> None:
+    """The Run form of a deployment shows each option of its CLI command under the same name,
+    as a typed field (a date picker, a multi-select of data types), never a choice between a
+    type and null; Prefect's validation, the one the form calls, refuses a data type we lack."""
+    import typer.main
+
+    from patient_delivery.cli import app
+
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}  # type: ignore[attr-defined]
+    found = deployments(deployed)
+    for deployment, command in (("backfill", "backfill"), ("redeliver", "redeliver"),
+                                ("deliver-now", "deliver")):  # fmt: skip
+        schema = found[deployment]["parameter_openapi_schema"]
+        fields = schema["properties"]
+        assert all("type" in field and "anyOf" not in field for field in fields.values()), fields
+        options = {p.opts[0].removeprefix("--").replace("-", "_")
+                   for p in commands[command].params if p.opts[0].startswith("--")}  # fmt: skip
+        options -= {"deployment", "watch", "name", "dask"}  # how to run, not what
+        assert options <= set(fields), (deployment, options - set(fields))
+        if deployment != "redeliver":
+            assert fields["data_type"]["items"]["enum"] == ["ccda", "fhir"]
+        answer = httpx.post(f"{deployed.url}/ui/schemas/validate", timeout=30, json={
+            "schema": schema, "values": {"project": "study", "data_type": ["pdf"]}
+            if deployment != "redeliver" else {"project": 7},
+        }).json()  # fmt: skip
+        assert [e["property"] for e in answer["errors"]] in (["data_type"], ["project"]), answer
+    backfill = found["backfill"]["parameter_openapi_schema"]["properties"]
+    assert backfill["created_from"]["format"] == backfill["created_to"]["format"] == "date-time"
 
 
 def test_a_destination_saved_from_the_ui_is_checked_at_once(
@@ -278,7 +311,8 @@ def test_a_destination_saved_from_the_ui_is_checked_at_once(
 ) -> None:
     """The UI's form stores a template with an unknown variable and a '..' folder, and a
     relative root; the check run started by the save fails naming both fields (not their
-    values) and raises the "unusable" event. A valid block saved the same way passes."""
+    values) and raises the "unusable" event. Valid blocks saved the same way pass, among them
+    an SFTP block whose two pinned host keys were typed one per line."""
     since = _iso(time.time() - 1)
     worker = start_worker(env, tmp_path / "worker.log")
     try:
@@ -288,12 +322,16 @@ def test_a_destination_saved_from_the_ui_is_checked_at_once(
         save_block_as_the_ui_does(deployed, "local-destination", "fine-in-ui", {
             "root": str(tmp_path / "fine"),
         })  # fmt: skip
+        save_block_as_the_ui_does(deployed, "sftp-destination", "pins-in-ui", {
+            "host": "sftp.example", "username": "u", "password": "p",
+            "host_keys": f"SHA256:{'A' * 43}\n  [sftp.example]:22 ssh-ed25519 {'B' * 68}\n",
+        })  # fmt: skip
         checks: dict[str, dict] = {}
         deadline = time.monotonic() + 120
         while (
             time.monotonic() < deadline
             and len([r for r in checks.values() if r["state"]["type"] in ("COMPLETED", "FAILED")])
-            < 2
+            < 3
         ):
             time.sleep(1)
             runs = httpx.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
@@ -311,6 +349,7 @@ def test_a_destination_saved_from_the_ui_is_checked_at_once(
     assert "relative/folder" not in message and "../x" not in message  # fields, not values
     assert bad["name"] == "check local-destination/typed-in-ui"
     assert checks["local-destination/fine-in-ui"]["state"]["type"] == "COMPLETED", log
+    assert checks["sftp-destination/pins-in-ui"]["state"]["type"] == "COMPLETED", log
     announced: list[str] = []
     deadline = time.monotonic() + 60  # the server stores events a moment after taking them
     while not announced and time.monotonic() < deadline:

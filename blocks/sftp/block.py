@@ -19,10 +19,18 @@ import socket
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Annotated, Literal
 
 import paramiko
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from patient_delivery.blocks.base import Destination
 from patient_delivery.blocks.contract import (
@@ -48,6 +56,23 @@ ROOT_PATTERN = r"^(?!(.*[/\\])?\.\.([/\\]|$))"
 """A remote folder with no `..` folder in it (JSON Schema, for the block's form)."""
 
 
+def _lines(value: object) -> object:
+    """Pins as typed in the block form (one per line) or as a list."""
+    if isinstance(value, str):
+        return [line.strip() for line in value.splitlines() if line.strip()]
+    return value
+
+
+Pins = Annotated[
+    list[str],
+    BeforeValidator(_lines),
+    PlainSerializer(lambda pins: "\n".join(pins), return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"\S"}),  # a pin, not only blank lines
+]
+"""Pinned host keys: a list in Python; saved, and shown in the block form, as text with one pin
+per line (Prefect's block form can show a list of strings only as a JSON editor)."""
+
+
 class SftpDestination(Destination):
     """Deliver to an SFTP server: pinned host key, reused connections, atomic writes."""
 
@@ -69,12 +94,13 @@ class SftpDestination(Destination):
     private_key_passphrase: SecretStr | None = Field(
         default=None, title="Key passphrase", description="Passphrase of the private key, if any."
     )
-    host_keys: list[str] = Field(
+    host_keys: Pins = Field(
         title="Pinned host keys",
         description=(
-            "The server's public host key(s): known_hosts lines or SHA256 fingerprints. "
-            "Get them with `patient-delivery destination host-key HOST:PORT` and check them with "
-            "the organization. Several are allowed for key rotation; any other key is refused."
+            "The server's public host key(s), one per line: known_hosts lines or SHA256 "
+            "fingerprints. Get them with `patient-delivery destination host-key HOST:PORT` and "
+            "check them with the organization. Several are allowed for key rotation; any other "
+            "key is refused."
         ),
         min_length=1,
     )
