@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run, task_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner
 
-from patient_delivery import ledger
+from patient_delivery import destination_health, ledger
 from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
 from patient_delivery.flows import engine, reporting, runtime
@@ -149,10 +149,14 @@ def write_manifests(claimant: str) -> dict[str, str]:
 @task(name="record")
 def record(summary: RunSummary) -> None:
     """Publish the run's summary; announce each destination with failures or an unusable block
-    (counts only)."""
+    (counts only); note which destinations are failing and which are healthy again."""
     reporting.publish(summary)
     if summary.failed or summary.parked:
         reporting.announce_failing_destinations(summary)
+    reports = summary.destinations.values()
+    failing_at = {r.destination: r.reasons_text() for r in reports if r.failed and not r.delivered}
+    delivered_to = [r.destination for r in reports if r.delivered]
+    destination_health.note(open_store(), summary.flow_run_id, delivered_to, failing_at)
     get_run_logger().info(
         "run finished: %d delivered, %d failed, to %d destination(s)%s",
         summary.delivered, summary.failed, len(summary.destinations), summary.parked_note(),
@@ -234,7 +238,8 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     )  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
     engine.open_run(claimant, sizes.limits)
-    summary = RunSummary(flow_run_id=claimant)
+    failing_before = destination_health.failing(open_store(), claimant)
+    summary = RunSummary(flow_run_id=claimant, failing_before=failing_before)
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
     left = max_documents if max_documents is not None else float("inf")
@@ -265,8 +270,10 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
         engine.close_run(claimant)
     progress.update(summary.done, final=True)
     record(summary)
-    if summary.failed or summary.manifests_failed:  # a red run in the UI, and alerts
+    if summary.new_trouble():  # a red run in the UI, and the "run failed" alert
         return Failed(message=summary.headline(), data=summary)
+    if summary.failed:  # only destinations failing before this run: their own alert tells
+        return Completed(message=summary.still_failing_note(), data=summary)
     return summary
 
 

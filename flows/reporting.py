@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
@@ -90,6 +91,8 @@ class RunSummary:
     """Documents sent per process (host:pid)."""
     manifests_failed: dict[str, str] = field(default_factory=dict)
     """Destinations whose manifest could not be written, with the reason."""
+    failing_before: dict[str, datetime] = field(default_factory=dict)
+    """Destinations earlier runs already found failing (nothing delivered), since when."""
 
     def add(self, report: BatchReport) -> None:
         if report.worker:
@@ -111,6 +114,33 @@ class RunSummary:
             parts.append(f"manifest not written to {destination}: {why}")
         line = "; ".join(parts) or f"{self.delivered} delivered"
         return line + self.parked_note() if self.parked else line
+
+    def still_failing(self) -> list[BatchReport]:
+        """Destinations failing as they were before this run: failures, nothing delivered, and
+        already so for an earlier run. Known trouble: their own alert covers them, and they do
+        not make the run fail."""
+        known = self.failing_before
+        return [r for r in self.destinations.values()
+                if r.failed and not r.delivered and r.destination in known]  # fmt: skip
+
+    def new_trouble(self) -> bool:
+        """Whether the run found something to fail for: a failure at a destination that was
+        not already failing (or that took some deliveries this time), or a manifest not
+        written."""
+        known = {r.destination for r in self.still_failing()}
+        fresh = any(r.failed for r in self.destinations.values() if r.destination not in known)
+        return fresh or bool(self.manifests_failed)
+
+    def still_failing_note(self) -> str:
+        """The state message of a run whose only failures are known trouble."""
+        known = self.still_failing()
+        since = min(self.failing_before[r.destination] for r in known)
+        return (
+            f"{self.delivered} delivered; {sum(r.failed for r in known)} not delivered to "
+            f"{', '.join(r.destination for r in known)}, failing since "
+            f"{since:%Y-%m-%d %H:%M} UTC (alert: keeps failing); see `patient-delivery "
+            "deliveries --status failed`"
+        )
 
     def parked_note(self) -> str:
         """What waits for a destination block to be fixed, as a clause (empty when nothing)."""

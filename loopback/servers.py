@@ -98,10 +98,16 @@ def apt_install(package: str) -> None:
 class SshServer:
     """A private OpenSSH sshd on 127.0.0.1 with one SFTP-only user (password or key login)."""
 
-    def __init__(self, options: dict[str, str] | None = None, user_home: bool = True) -> None:
+    def __init__(
+        self,
+        options: dict[str, str] | None = None,
+        user_home: bool = True,
+        more_host_keys: tuple[str, ...] = (),
+    ) -> None:
         """`options` replace or add sshd_config settings (before the SFTP user's `Match`).
         Without `user_home`, the SFTP user keeps the home another server gave it (a second
-        server beside the session's own)."""
+        server beside the session's own). `more_host_keys`: kinds of host key (ssh-keygen's
+        -t: rsa, ecdsa) the server holds besides its ed25519 one, offered before it."""
         sshd = Path("/usr/sbin/sshd")
         if os.geteuid() != 0:
             raise ServerError("the sshd tests run as root (they create a test user)")
@@ -118,6 +124,9 @@ class SshServer:
             subprocess.run(
                 ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
             )
+        self.more_host_keys = {kind: self.dir / f"ssh_host_{kind}_key" for kind in more_host_keys}
+        for kind, key in self.more_host_keys.items():
+            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(key)], check=True)
         shutil.copy(f"{self.client_key}.pub", self.authorized_keys)
         self.authorized_keys.chmod(0o644)
         self._ensure_user(user_home)
@@ -132,7 +141,8 @@ class SshServer:
         }  # fmt: skip
         config = self.dir / "sshd_config"
         config.write_text(
-            "".join(f"{name} {value}\n" for name, value in settings.items())
+            "".join(f"HostKey {key}\n" for key in self.more_host_keys.values())
+            + "".join(f"{name} {value}\n" for name, value in settings.items())
             + f"Match User {SFTP_USER}\n    ForceCommand internal-sftp\n"
         )
         self.log = self.dir / "sshd.log"
@@ -171,9 +181,11 @@ class SshServer:
         if changed.returncode != 0:
             raise ServerError(f"chpasswd failed: {changed.stderr}")
 
-    def host_key_line(self) -> str:
-        kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
-        return f"[127.0.0.1]:{self.port} {kind} {blob}"
+    def host_key_line(self, kind: str | None = None) -> str:
+        """The known_hosts line of the ed25519 host key (or of the `kind` in more_host_keys)."""
+        key = self.more_host_keys[kind] if kind else self.host_key
+        name, blob = Path(f"{key}.pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {name} {blob}"
 
     def client_private_key(self) -> str:
         return self.client_key.read_text()
@@ -242,9 +254,11 @@ class SftpServer:
         kill_tree(self.process.pid)
         self.process.wait()
 
-    def host_key_line(self) -> str:
-        kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
-        return f"[127.0.0.1]:{self.port} {kind} {blob}"
+    def host_key_line(self, kind: str | None = None) -> str:
+        """The known_hosts line of the ed25519 host key (or of the `kind` in more_host_keys)."""
+        key = self.more_host_keys[kind] if kind else self.host_key
+        name, blob = Path(f"{key}.pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {name} {blob}"
 
     def make_folder(self, name: str) -> tuple[Path, str]:
         """A fresh folder: where its files arrive on disk, and its path for the client."""

@@ -16,6 +16,7 @@ from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
     DeliveryStatus,
+    DestinationFailing,
     Disclosure,
     DocumentVersion,
     Organization,
@@ -111,7 +112,8 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
 
 
 def status_counts(store: Store) -> pd.DataFrame:
-    """Deliveries per destination and status: what is owed, sent and failing."""
+    """Deliveries per destination and status: what is owed, sent and failing; and for a
+    destination that runs deliver nothing to, since when (`destination_health`)."""
     statement = select(Delivery.destination, Delivery.status, func.count()).group_by(
         Delivery.destination, Delivery.status
     )
@@ -121,7 +123,13 @@ def status_counts(store: Store) -> pd.DataFrame:
     if frame.empty:
         return frame
     table = frame.pivot_table(index="destination", columns="status", values="count", fill_value=0)
-    return table.astype(int).reset_index()
+    table = table.astype(int).reset_index()
+    with store.session() as session:
+        failing = dict(session.execute(select(DestinationFailing.destination,
+                                              DestinationFailing.since)).all())  # fmt: skip
+    # Since when a destination has taken nothing and failed: empty for one that delivers.
+    table["failing_since"] = pd.to_datetime(table["destination"].map(failing), utc=True)
+    return table
 
 
 def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:

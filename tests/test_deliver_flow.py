@@ -758,3 +758,47 @@ def test_an_unreachable_destination_has_a_red_upload_task_and_one_error_line_wit
     [line] = [line for line in said if line.startswith("- ")]
     assert dead in line and reason.replace("_", "\\_") in line, line
     assert all("failure reasons" not in row for row in json.loads(str(card.data)))
+
+
+@pytest.mark.usefixtures("sshd")
+def test_a_destination_already_failing_does_not_turn_the_next_runs_red(
+    store: Store, project: str, tmp_path: Path, sshd
+) -> None:  # type: ignore[no-untyped-def]
+    """One organization's server is unreachable. The run that finds it so fails (new trouble);
+    the runs after it, which deliver the healthy destination's updates, end Completed with a
+    message naming the destination still failing and since when. Once it delivers again, a
+    new outage fails its run again."""
+    from loopback.servers import free_port
+    from tests.test_sftp_destination import sftp_block
+
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    folder = sshd.make_folder(name)
+    sftp_block(sshd, folder, port=free_port(), connect_timeout=2).save(name)
+    dead, healthy = f"sftp-destination/{name}", save_local(tmp_path / "org")
+    ingest.subscribe(store, project, dead)
+    ingest.subscribe(store, project, healthy)
+
+    def update_and_deliver() -> tuple[str, str | None, int]:
+        patient = ingest.add_patient(store, project, f"MRN-{uuid.uuid4().hex[:6]}")
+        ingest.put_document(store, patient, "ccda", CCDA)
+        state = deliver_state()
+        summary = state.result(raise_on_failure=False)
+        return state.type.value, state.message, summary.destinations[healthy].delivered
+
+    first = update_and_deliver()
+    assert first[0] == "FAILED" and first[2] == 1  # new trouble: the run is red
+    second = update_and_deliver()
+    assert second[0] == "COMPLETED" and second[2] == 1, second  # the healthy one still gets its
+    assert second[1] and f"not delivered to {dead}, failing since " in second[1]
+    assert "keeps failing" in second[1]
+    from patient_delivery.reports import status_counts
+
+    since = status_counts(store).set_index("destination")["failing_since"]
+    assert since.notna()[dead] and since.isna()[healthy]  # `status` says since when
+    sftp_block(sshd, folder).save(name, overwrite=True)  # the organization fixed its server
+    fixed = update_and_deliver()
+    assert fixed[0] == "COMPLETED" and "failing" not in (fixed[1] or "")
+    assert status_counts(store).set_index("destination")["failing_since"].isna().all()
+    sftp_block(sshd, folder, port=free_port(), connect_timeout=2).save(name, overwrite=True)
+    again = update_and_deliver()
+    assert again[0] == "FAILED", again  # down again: new trouble

@@ -85,7 +85,7 @@ def test_each_view_fits_and_keeps_its_first_columns_whole(
     assert "separator" in views["failed"]  # the reason itself, folded, not cut
     for header in ("queued", "failed", "delivered"):
         assert header in views["subscriptions"], views["subscriptions"]
-    assert "failed" in views["status"]
+    assert "failed" in views["status"] and "failing_since" in views["status"]
     assert "org_name" in views["organizations"] and "key_id" in views["api keys"]
     for name in ("status",):
         assert "--csv" not in views[name]  # it has no --csv to offer

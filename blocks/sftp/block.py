@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Literal
 
@@ -40,7 +40,7 @@ from patient_delivery.blocks.contract import (
 )
 from patient_delivery.blocks.sftp import paramiko_adapter as sftp_protocol
 from patient_delivery.blocks.sftp import pipeline
-from patient_delivery.blocks.sftp.host_keys import HostKeyPin, fingerprint
+from patient_delivery.blocks.sftp.host_keys import HostKeyPin, algorithms, fingerprint
 from patient_delivery.blocks.sftp.session import SftpSession
 
 
@@ -50,6 +50,10 @@ def _prefer_aead(ciphers: tuple[str, ...]) -> list[str]:
     with AES-CTR and an HMAC."""
     aead = [c for c in ciphers if "-gcm@" in c]
     return aead + [c for c in ciphers if c not in aead]
+
+
+class NoCommonAlgorithm(TerminalDeliveryError):
+    """The SSH handshake found no algorithm both ends accept."""
 
 
 ROOT_PATTERN = r"^(?!(.*[/\\])?\.\.([/\\]|$))"
@@ -170,7 +174,11 @@ class SftpDestination(Destination):
     def pins(self) -> list[HostKeyPin]:
         return [HostKeyPin.parse(entry) for entry in self.host_keys]
 
-    def connect(self) -> paramiko.Transport:
+    def connect(
+        self, wanted: set[str] | None = None, refused: Collection[str] = ()
+    ) -> paramiko.Transport:
+        """Open the SSH transport, asking for host keys of the `wanted` algorithms (None: any
+        paramiko takes) and not the `refused` ones."""
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
@@ -184,16 +192,14 @@ class SftpDestination(Destination):
         transport.handshake_timeout = self.connect_timeout
         options = transport.get_security_options()
         options.ciphers = _prefer_aead(options.ciphers)
-        key_types = sorted({p.key_type for p in self.pins() if p.key_type})
-        if key_types and all(p.key_type for p in self.pins()):
-            # Ask for the kinds of key we pinned, so a server holding several presents one of them.
-            options.key_types = [t for t in options.key_types if t in key_types] or key_types
+        options.key_types = [t for t in options.key_types
+                             if (wanted is None or t in wanted) and t not in refused]  # fmt: skip
         try:
             transport.start_client(timeout=self.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport.close()
-            if "Incompatible" in str(exc):  # nothing in common: a server of SHA-1 algorithms
-                raise TerminalDeliveryError(
+            if "Incompatible" in str(exc):  # nothing in common
+                raise NoCommonAlgorithm(
                     f"SSH handshake with {self.host}:{self.port} failed: the server offers no "
                     "key exchange, host key or cipher we accept (SHA-1 ones such as ssh-rsa "
                     "and diffie-hellman-group14-sha1 are not supported); ask the organization "
@@ -204,16 +210,43 @@ class SftpDestination(Destination):
             ) from None
         return transport
 
-    def verify_host_key(self, transport: paramiko.Transport) -> None:
-        key = transport.get_remote_server_key()
-        seen = fingerprint(key)
-        if not any(pin.fingerprint == seen for pin in self.pins()):
+    def handshake(self) -> paramiko.Transport:
+        """Connect to a server presenting a pinned host key, or refuse, naming the key it
+        presented. Known_hosts pins ask for their kinds of key, so a server holding several
+        presents one of them. A bare fingerprint says no kind: the server presents its first
+        choice, and the kinds it holds besides are asked for in turn before the key counts as
+        not matching."""
+        pins = self.pins()
+        expected = {pin.fingerprint for pin in pins}
+        typed = all(pin.key_type for pin in pins)
+        wanted = {a for pin in pins for a in algorithms(pin.key_type or "")} if typed else None
+        refused: set[str] = set()
+        presented: paramiko.PKey | None = None
+        while True:
+            try:
+                transport = self.connect(wanted, refused)
+            except NoCommonAlgorithm:
+                if presented is None and wanted is not None:  # none of the pinned kinds
+                    wanted = None  # ask for any, to name the key the server has
+                    continue
+                if presented is None:
+                    raise
+                raise self._mismatch(presented) from None
+            key = transport.get_remote_server_key()
+            if fingerprint(key) in expected:
+                return transport
             transport.close()
-            raise TerminalDeliveryError(
-                f"host key of {self.host}:{self.port} does not match the pinned key(s): the "
-                f"server presented {key.get_name()} {seen}. Nothing was sent. If the "
-                "organization confirms a new key, pin it; otherwise this may be an attack."
-            )
+            presented = presented or key
+            if typed:
+                raise self._mismatch(presented)
+            refused |= set(algorithms(key.get_name()))
+
+    def _mismatch(self, key: paramiko.PKey) -> TerminalDeliveryError:
+        return TerminalDeliveryError(
+            f"host key of {self.host}:{self.port} does not match the pinned key(s): the server "
+            f"presented {key.get_name()} {fingerprint(key)}. Nothing was sent. If the "
+            "organization confirms a new key, pin it; otherwise this may be an attack."
+        )
 
     def login(self, transport: paramiko.Transport) -> None:
         """The key first, if there is one; then the password, where the server still asks for
@@ -241,8 +274,7 @@ class SftpDestination(Destination):
 
     @contextmanager
     def open_session(self) -> Iterator[SftpSession]:
-        transport = self.connect()
-        self.verify_host_key(transport)
+        transport = self.handshake()
         self.login(transport)
         try:
             sftp = sftp_protocol.open_client(transport)

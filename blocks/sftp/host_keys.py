@@ -26,6 +26,13 @@ def known_hosts_line(host: str, port: int, key: paramiko.PKey) -> str:
     return f"{name} {key.get_name()} {key.get_base64()}"
 
 
+def algorithms(key_type: str) -> tuple[str, ...]:
+    """The host key algorithms under which a server presents a key of this type. An RSA key
+    (`ssh-rsa` in known_hosts) signs with SHA-2, as `rsa-sha2-512` or `rsa-sha2-256`; the SHA-1
+    algorithm also named `ssh-rsa` is off in current servers and in paramiko."""
+    return ("rsa-sha2-512", "rsa-sha2-256") if key_type == "ssh-rsa" else (key_type,)
+
+
 @dataclass(frozen=True)
 class HostKeyPin:
     """One pinned key: a key type and blob from a known_hosts line, or a SHA256 fingerprint."""

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 
 from patient_delivery.blocks import load_destinations
 from patient_delivery.blocks.base import Destination
-from patient_delivery.blocks.contract import DestinationSession
+from patient_delivery.blocks.contract import DeliveryError, DestinationSession
 from patient_delivery.flows.engine import limits, retries
 from patient_delivery.flows.engine.budget import Closing, Opened, SessionBudget
 
@@ -38,13 +38,7 @@ class Lease:
 
     def session(self, wait_for_budget: bool = True) -> DestinationSession:
         if self._opened is None:
-            self._pool.budget.acquire(wait=wait_for_budget)
-            try:
-                context = self._pool.destination.delivery_session()
-                self._opened = (context, context.__enter__())
-            except BaseException:
-                self._pool.budget.release()
-                raise
+            self._opened = self._pool.open(wait_for_budget)
         return self._opened[1]
 
     def reset(self) -> None:
@@ -89,6 +83,11 @@ class SessionPool:
         """Why the destination is considered down for the rest of the run, once it is."""
         self._given_up = 0
         self._closed = False
+        self._first = threading.Lock()
+        self._opened_once = False
+        self.refusal: DeliveryError | None = None
+        """The destination's answer when it refused a session for good (a login, a host key):
+        given to every later open in this run instead of asking again."""
 
     def gave_up(self, reason: str) -> None:
         """Count a document that used up its retries. Two in a row, with no delivery between,
@@ -102,6 +101,26 @@ class SessionPool:
     def delivered(self) -> None:
         with self._available:
             self._given_up = 0
+
+    def open(self, wait_for_budget: bool = True) -> Opened:
+        """Open a session within the budget. Until one has opened, they open one at a time, the
+        others waiting for its outcome; once the destination refused one for good, the others
+        get that refusal without asking: a wrong password is tried once per run, not once per
+        lane and warm-up (an account lockout policy counts every try)."""
+        with nullcontext() if self._opened_once else self._first:
+            if self.refusal is not None:
+                raise self.refusal.with_traceback(None)
+            self.budget.acquire(wait=wait_for_budget)
+            try:
+                context = self.destination.delivery_session()
+                opened = (context, context.__enter__())
+            except BaseException as exc:
+                self.budget.release()
+                if isinstance(exc, DeliveryError) and not exc.retryable:
+                    self.refusal = exc
+                raise
+            self._opened_once = True
+            return opened
 
     @contextmanager
     def lease(self) -> Iterator[Lease]:

@@ -188,6 +188,19 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
 
 
+class DestinationFailing(Base):
+    """A destination that a run could deliver nothing to and had failures at: since when, and
+    by which run it was first found so. A run that delivers anything to it removes the row.
+    Later runs' failures there are known trouble (the "keeps failing" alert), not new."""
+
+    __tablename__ = "destinations_failing"
+
+    destination: Mapped[str] = mapped_column(String(255), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    first_run: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 class ShareWithdrawal(Base):
     """A patient stopped sharing with a project: append-only (who recorded it, when, why). The
     share itself is removed, so nothing of theirs is queued, sent or served to it again."""
