@@ -238,6 +238,8 @@ SUMMARY_NAME_WIDTH = 18
 
 
 def print_summary(summary: RunSummary) -> None:
+    from patient_delivery.flows.reporting import REASONS
+
     table = Table(title=f"delivery run {summary.flow_run_id}")
     rows = summary.rows()
     # A destination breaks only after a `/`, on lines as wide as the counts leave room for.
@@ -252,7 +254,7 @@ def print_summary(summary: RunSummary) -> None:
             str(row["parked"]),
             str(row["skipped"]),
             f"{row['MB']:.1f}",
-            printable(row["failure reasons"]),
+            printable(row[REASONS]),
         )
     if not rows:
         table.add_row("(nothing owed)", "0", "0", "0", "0", "0.0", "")

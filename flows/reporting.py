@@ -81,6 +81,10 @@ class WaveReports(list[BatchReport]):
         return f"{len(self)} batch reports"
 
 
+SEE_FAILED = "see `patient-delivery deliveries --status failed`"
+"""Where a run's state message sends a reader for each failed delivery and its reason."""
+
+
 @dataclass
 class RunSummary:
     """A delivery run's outcome per destination: what the CLI prints and the artifact shows."""
@@ -108,7 +112,7 @@ class RunSummary:
         if self.failed:
             parts.append(
                 f"{self.failed} of {self.failed + self.delivered} deliveries failed (to "
-                f"{', '.join(failing)}); see `patient-delivery deliveries --status failed`"
+                f"{', '.join(failing)}); {SEE_FAILED}"
             )
         for destination, why in self.manifests_failed.items():
             parts.append(f"manifest not written to {destination}: {why}")
@@ -138,8 +142,7 @@ class RunSummary:
         return (
             f"{self.delivered} delivered; {sum(r.failed for r in known)} not delivered to "
             f"{', '.join(r.destination for r in known)}, failing since "
-            f"{since:%Y-%m-%d %H:%M} UTC (alert: keeps failing); see `patient-delivery "
-            "deliveries --status failed`"
+            f"{since:%Y-%m-%d %H:%M} UTC (alert: keeps failing); {SEE_FAILED}"
         )
 
     def parked_note(self) -> str:
