@@ -34,6 +34,7 @@ from patient_delivery import destination_health, ledger
 from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
 from patient_delivery.flows import engine, reporting, runtime
+from patient_delivery.flows.engine import Lane, Run, RunLimits
 from patient_delivery.flows.parameters import NotGiven
 from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary, WaveReports
 from patient_delivery.ingest import check_scope
@@ -91,23 +92,23 @@ class Rendered:
 
 
 @task(name="render", task_run_name=_render_name)
-def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
+def render(run: Run, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
     """Give each claimed delivery of the page its path (kept across retries), every destination
     in one transaction; the page's blocks are read together. A missing or invalid block, or an
     unsafe value, fails only its own deliveries, with the reason."""
     store = open_store()
-    destinations = engine.destinations(claimant, claimed)
+    destinations = run.destinations(claimed)
     pages: dict[str, Rendered] = {}
     templates = {}
     for ref, destination in destinations.items():
         if isinstance(destination, Exception):  # parked: the next run tries again
             reason = problem(ref, destination)
-            parked = ledger.park_claimed(store, claimant, claimed[ref], reason)
+            parked = ledger.park_claimed(store, run.id, claimed[ref], reason)
             get_run_logger().error("%s; %d deliveries parked", reason, parked)
             pages[ref] = Rendered(RenderResult(), parked=(reason, parked))
         else:
             templates[ref] = (claimed[ref], destination.render_path)
-    for ref, result in ledger.render_many(store, claimant, templates).items():
+    for ref, result in ledger.render_many(store, run.id, templates).items():
         for reason, count in result.failed.items():
             get_run_logger().warning("%s: %d deliveries failed: %s", ref, count, reason)
         pages[ref] = Rendered(result, destinations[ref].max_connections)  # type: ignore[union-attr]
@@ -115,14 +116,12 @@ def render(claimant: str, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
 
 
 @task(name="upload", task_run_name=_upload_name)
-def upload(
-    claimant: str, lanes: list[engine.Lane], batch_size: int, limits: engine.RunLimits
-) -> list[BatchReport] | State:
+def upload(run: Run, lanes: list[Lane], batch_size: int) -> list[BatchReport] | State:
     """Send a wave of lanes, to one destination or many. A wave with failed sends ends Failed
     (red in the UI) with one ERROR line per failing destination (counts and reasons, never
     content), its reports still handed to the run."""
-    reports = WaveReports(engine.send(claimant, lanes, batch_size, limits))
-    wave = RunSummary(claimant)
+    reports = WaveReports(run.send(lanes, batch_size))
+    wave = RunSummary(run.id)
     for report in reports:
         wave.add(report)
     failing = [r for r in wave.destinations.values() if r.failed]
@@ -137,10 +136,10 @@ def upload(
 
 
 @task(name="manifests")
-def write_manifests(claimant: str) -> dict[str, str]:
+def write_manifests(run: Run) -> dict[str, str]:
     """Write a manifest to each destination the run delivered to, once every upload has
     ended; the destinations whose manifest could not be written."""
-    failed = engine.write_manifests(claimant)
+    failed = run.write_manifests()
     for destination, why in failed.items():
         get_run_logger().error("%s: manifest not written: %s", destination, why)
     return failed
@@ -212,7 +211,7 @@ async def deliver_updates(
         patient_ids=tuple(patient or ()),
         data_types=tuple(data_type or ()),
     )
-    sizes = Sizes(batch_size, page_size, engine.RunLimits(max_sessions), linger_seconds)
+    sizes = Sizes(batch_size, page_size, RunLimits(max_sessions), linger_seconds)
     return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))
 
 
@@ -223,7 +222,7 @@ class Sizes:
 
     batch: int
     page: int
-    limits: engine.RunLimits
+    limits: RunLimits
     linger: float = 0.0
     """Seconds to wait after the last page for more updates (0: end at once)."""
 
@@ -237,7 +236,6 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
         destinations=work.destinations,
     )  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
-    engine.open_run(claimant, sizes.limits)
     failing_before = destination_health.failing(open_store(), claimant)
     summary = RunSummary(flow_run_id=claimant, failing_before=failing_before)
     owed = ledger.count_owed(open_store(), claimant, work)
@@ -245,13 +243,13 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     left = max_documents if max_documents is not None else float("inf")
     follow_ups = FOLLOW_UPS
     started = time.monotonic()
-    try:
+    with engine.run(claimant, sizes.limits) as run:
         while left > 0:
             limit = int(min(max(1, sizes.page), left))
             claimed = gather(claimant, work, limit)
             count = sum(len(ids) for ids in claimed.values())
             if count:
-                _deliver_page(claimant, claimed, sizes, summary, progress)
+                _deliver_page(run, claimed, sizes, summary, progress)
             left -= count
             if count < limit:  # a short page: nothing more was owed when it was claimed
                 arrived = ledger.count_owed(open_store(), claimant, work) if count else 0
@@ -264,10 +262,8 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
                 progress.grow(arrived)
         # Last, when every file a manifest lists has landed; also for an earlier run's files
         # whose manifest could not be written.
-        if engine.manifests_owed(claimant, work.project_id, work.destinations):
-            summary.manifests_failed = write_manifests(claimant)
-    finally:
-        engine.close_run(claimant)
+        if run.manifests_owed(work.project_id, work.destinations):
+            summary.manifests_failed = write_manifests(run)
     progress.update(summary.done, final=True)
     record(summary)
     if summary.new_trouble():  # a red run in the UI, and the "run failed" alert
@@ -290,7 +286,7 @@ def _linger(claimant: str, work: WorkFilter, seconds: float, started: float) -> 
 
 
 def _deliver_page(
-    claimant: str,
+    run: Run,
     claimed: dict[str, list[int]],
     sizes: Sizes,
     summary: RunSummary,
@@ -299,20 +295,14 @@ def _deliver_page(
     """Render a claimed page, then upload it in waves, each wave's lanes interleaved across
     its destinations."""
     started = time.perf_counter()
-    runner = runtime.current_task_runner()
-    if runtime.uploads_run_here(runner):  # open the first lanes' sessions while paths render
-        engine.warm(claimant, claimed, sizes.limits)
-    pages = render(claimant, claimed)
+    pages = render(run, claimed)
     for ref, page in pages.items():
         summary.add(BatchReport(ref, failed=page.result.failed.total(), reasons=page.result.failed))
         if page.parked:
             reason, count = page.parked
             summary.add(BatchReport(ref, parked=count, reasons=Counter({reason: count})))
     ready = {ref: (page.result.ready, page.max_connections) for ref, page in pages.items()}
-    uploads = [
-        upload.submit(claimant, lanes, sizes.batch, sizes.limits)
-        for lanes in engine.plan(runner, ready, sizes.batch)
-    ]
+    uploads = [upload.submit(run, lanes, sizes.batch) for lanes in run.plan(ready, sizes.batch)]
     for future in uploads:
         reports = future.result(raise_on_failure=False)  # a Failed wave still reports
         if isinstance(reports, BaseException):  # the upload itself broke

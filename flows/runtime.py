@@ -91,29 +91,10 @@ def run_timeout() -> float:
     return get_settings().run_timeout_minutes * 60.0
 
 
-def current_task_runner() -> TaskRunner | None:  # type: ignore[type-arg]
+def uploads_run_here() -> bool:
+    """Whether the running flow's tasks run in this process (its threads), not on Dask workers."""
     context = FlowRunContext.get()
-    return context.task_runner if context is not None else None
-
-
-def uploads_run_here(runner: TaskRunner | None) -> bool:  # type: ignore[type-arg]
-    """Whether upload tasks run in this process (threads), not on Dask workers."""
-    return isinstance(runner, ThreadPoolTaskRunner)
-
-
-DASK_TASKS_PER_WAVE = 16
-"""Most upload tasks a wave becomes on Dask: enough to spread its lanes over the workers, few
-enough that Prefect's work does not grow with the number of destinations."""
-
-
-def split_wave(runner: TaskRunner | None, lanes: list[T]) -> list[list[T]]:  # type: ignore[type-arg]
-    """A wave's lanes as upload tasks: one task on the flow's own threads (another task run
-    would only cost Prefect's server and this process work), up to `DASK_TASKS_PER_WAVE` on
-    Dask, the lanes dealt out in turn so each task serves several destinations."""
-    if uploads_run_here(runner) or len(lanes) <= 1:
-        return [lanes] if lanes else []
-    tasks = min(DASK_TASKS_PER_WAVE, len(lanes))
-    return [lanes[start::tasks] for start in range(tasks)]
+    return context is None or isinstance(context.task_runner, ThreadPoolTaskRunner)
 
 
 async def in_thread_with_one_client(work: Callable[[], T]) -> T:

@@ -647,17 +647,18 @@ def test_on_threads_one_upload_task_carries_every_lane_of_a_wave(
 
 
 def test_a_wave_is_one_task_on_threads_and_a_bounded_few_on_dask() -> None:
-    from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
+    from patient_delivery.flows.engine import Run, RunLimits
+    from patient_delivery.flows.engine.runs import DASK_TASKS_PER_WAVE
 
-    from patient_delivery.flows.runtime import DASK_TASKS_PER_WAVE, split_wave
-
-    lanes = list(range(1000))  # a thousand destinations' lanes in one wave
-    assert split_wave(ThreadPoolTaskRunner(max_workers=4), lanes) == [lanes]
-    on_dask = split_wave(DaskTaskRunner(address="tcp://127.0.0.1:1"), lanes)
-    assert len(on_dask) == DASK_TASKS_PER_WAVE
-    assert sorted(lane for task in on_dask for lane in task) == lanes  # each lane once
-    assert split_wave(DaskTaskRunner(address="tcp://127.0.0.1:1"), [7, 8]) == [[7], [8]]
+    ready = {f"local-destination/{n}": ([n], 4) for n in range(1000)}  # one wave of 1,000 lanes
+    here, on_dask = Run("r", RunLimits(8)), Run("r", RunLimits(8), uploads_here=False)
+    (wave,) = here.plan(ready, batch=100)
+    assert sorted(ref for ref, _ in wave) == sorted(ready)
+    tasks = on_dask.plan(ready, batch=100)
+    assert len(tasks) == DASK_TASKS_PER_WAVE
+    assert sorted(lane for task in tasks for lane in task) == sorted(wave)  # each lane once
+    assert on_dask.plan({"a": ([1], 1), "b": ([2], 1)}, batch=100) == [[("a", [1])], [("b", [2])]]
+    here.close(), on_dask.close()
 
 
 def test_documents_left_when_another_lane_marks_the_destination_down_are_each_answered(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from loopback.servers import SshServer, free_port
 from patient_delivery import ingest
 from patient_delivery.blocks.local import LocalDestination, LocalSession
 from patient_delivery.flows.deliver import deliver
-from patient_delivery.flows.engine import limits, sessions
+from patient_delivery.flows.engine import Run, RunLimits, limits
 from patient_delivery.seed import seed_project
 from patient_delivery.store import Store
 from tests.faults import FaultProxy, check_invariant, documents
@@ -147,9 +146,13 @@ def test_writes_to_this_machines_folders_are_bounded_apart_from_network_sends(
     assert (summary.delivered, summary.failed) == (120, 0)
     assert 2 <= most <= limits.DISK_WRITERS
     assert check_invariant(store, remotes).delivered == 120
-    run = f"run-{uuid.uuid4().hex[:6]}"
-    remote = sftp_block(sshd, tmp_path)
-    assert isinstance(sessions.pools.writing(run, ["sftp/x"], lambda _: remote), nullcontext)
-    local = LocalDestination(root=tmp_path)
-    assert not isinstance(sessions.pools.writing(run, ["local/x"], lambda _: local), nullcontext)
-    sessions.pools.close_run(run)
+    blocks = {"sftp/x": sftp_block(sshd, tmp_path), "local/x": LocalDestination(root=tmp_path)}
+    run = Run(f"run-{uuid.uuid4().hex[:6]}", RunLimits(4),
+              load=lambda refs: {ref: blocks[ref] for ref in refs})  # fmt: skip
+
+    def thread() -> str:
+        return threading.current_thread().name
+
+    assert run.submit(["sftp/x"], thread).result().startswith("upload-lane")
+    assert run.submit(["local/x"], thread).result().startswith("disk-writer")
+    run.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,7 +12,29 @@ import pytest
 
 from patient_delivery.blocks.contract import DeliveryError, TerminalDeliveryError
 from patient_delivery.blocks.local import LocalDestination
-from patient_delivery.flows.engine.sessions import PoolRegistry, SessionPool
+from patient_delivery.flows.engine import runs as engine_run
+from patient_delivery.flows.engine.limits import RunLimits
+from patient_delivery.flows.engine.runs import Run
+from patient_delivery.flows.engine.sessions import SessionPool
+
+
+def loader(make: Callable[[str], object]) -> Callable[[Iterable[str]], dict[str, object]]:
+    """A run's block reader from one that makes a destination by reference (or raises)."""
+
+    def load(references: Iterable[str]) -> dict[str, object]:
+        found: dict[str, object] = {}
+        for reference in references:
+            try:
+                found[reference] = make(reference)
+            except Exception as exc:
+                found[reference] = exc
+        return found
+
+    return load
+
+
+def a_run(make: Callable[[str], object], sessions: int = 32, name: str = "run-1") -> Run:
+    return Run(name, RunLimits(sessions), load=loader(make))  # type: ignore[arg-type]
 
 
 def test_a_returned_session_is_lent_again(tmp_path: Path) -> None:
@@ -55,39 +77,43 @@ def test_no_more_than_max_connections_are_lent_at_once(tmp_path: Path) -> None:
     assert peak == 2
 
 
-def test_registry_keeps_one_pool_per_run_and_destination(tmp_path: Path) -> None:
-    registry = PoolRegistry()
+def test_a_run_keeps_one_pool_per_destination_and_another_run_its_own(tmp_path: Path) -> None:
     loads: list[str] = []
 
-    def load(reference: str) -> LocalDestination:
+    def make(reference: str) -> LocalDestination:
         loads.append(reference)
         return LocalDestination(root=tmp_path)
 
-    first = registry.get("run-1", "local-destination/a", load)
-    assert registry.get("run-1", "local-destination/a", load) is first
-    assert registry.get("run-2", "local-destination/a", load) is not first
-    registry.close_run("run-1")
-    assert registry.get("run-1", "local-destination/a", load) is not first
-    assert loads == ["local-destination/a"] * 3
+    first_run, second_run = a_run(make), a_run(make, name="run-2")
+    first = first_run.pool("local-destination/a")
+    assert first_run.pool("local-destination/a") is first
+    assert second_run.pool("local-destination/a") is not first
+    assert loads == ["local-destination/a"] * 2
+    first_run.close(), second_run.close()
 
 
-def test_pools_unused_for_a_while_close_themselves(
+def test_a_run_joined_on_a_worker_closes_itself_once_unused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a Dask worker nobody calls close_run: idle pools of finished runs must not linger."""
-    from patient_delivery.flows.engine import sessions
-
-    registry = PoolRegistry()
-    old = registry.get("run-1", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
-    with old.lease() as lease:
+    """On a Dask worker nobody ends the run: what a finished run opened there must not linger,
+    and a run still sending keeps its sessions."""
+    monkeypatch.setattr(engine_run, "load_destinations",
+                        loader(lambda _: LocalDestination(root=tmp_path)))  # fmt: skip
+    limits = RunLimits(2)
+    old = engine_run.joined("run-1", limits)
+    old_pool = old.pool("local-destination/a")
+    with old_pool.lease() as lease:
         lease.session()
-    busy = registry.get("run-2", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
-    monkeypatch.setattr(sessions, "IDLE_SECONDS", 0.0)
-    with busy.lease():
+    busy = engine_run.joined("run-2", limits)
+    assert engine_run.joined("run-2", limits) is busy  # one per run in a process
+    monkeypatch.setattr(engine_run, "IDLE_SECONDS", 0.0)
+    with busy.pool("local-destination/a").lease():
         time.sleep(0.01)
-        registry.get("run-3", "local-destination/a", lambda _: LocalDestination(root=tmp_path))
-        assert old._idle == []  # closed: it was idle
-        assert registry.get("run-2", "local-destination/a", lambda _: 1 / 0) is busy  # kept: lent
+        engine_run.joined("run-3", limits).close()
+        assert old_pool._idle == [] and engine_run.joined("run-1", limits) is not old  # closed
+        assert engine_run.joined("run-2", limits) is busy  # kept: a session is lent
+    for run in (old, busy):
+        run.close()
 
 
 def test_a_destination_counts_as_down_after_two_documents_in_a_row_gave_up(
@@ -141,40 +167,42 @@ def wait_for(condition: Callable[[], bool]) -> None:
 
 
 def test_a_warm_up_opens_the_session_the_first_upload_gets() -> None:
-    registry, door = PoolRegistry(), Doorman()
+    door = Doorman()
     loads: list[str] = []
 
     def load(reference: str) -> Doorman:
         loads.append(reference)
         return door
 
-    registry.warm("run-1", "doorman/a", load)  # type: ignore[arg-type]
+    run = a_run(load)
+    run.destinations({"doorman/a": [1]})
     wait_for(lambda: len(door.opened) == 1)
-    pool = registry.get("run-1", "doorman/a", load)  # type: ignore[arg-type]
-    with pool.lease() as lease:
+    with run.pool("doorman/a").lease() as lease:
         assert lease.session() is door.opened[0]
     assert loads == ["doorman/a"] and len(door.opened) == 1  # one load, one login
-    registry.close_run("run-1")
+    run.close()
     assert door.closed == door.opened
 
 
 def test_a_warm_up_opens_a_session_per_lane_to_come_within_the_bound() -> None:
-    registry, door = PoolRegistry(), Doorman()  # at most 2 connections
-    registry.warm("run-1", "doorman/a", lambda _: door, sessions=5)  # type: ignore[arg-type,return-value]
+    door = Doorman()  # at most 2 connections
+    run = a_run(lambda _: door)
+    run.destinations({"doorman/a": range(40)})  # 5 lanes' worth
     wait_for(lambda: len(door.opened) == 2)
-    pool = registry.get("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    pool = run.pool("doorman/a")
     with pool.lease() as first, pool.lease() as second:  # two lanes at once: both ready
         assert {id(first.session()), id(second.session())} == {id(s) for s in door.opened}
     assert door.attempts == 2
-    registry.close_run("run-1")
+    run.close()
     assert door.closed == door.opened
 
 
 def test_a_warm_up_whose_first_login_is_refused_tries_no_more() -> None:
     """A wrong password is tried once, not by every lane's warm-up at once."""
-    registry, door = PoolRegistry(), Doorman(refusal=TerminalDeliveryError("login refused"))
-    registry.warm("run-1", "doorman/a", lambda _: door, sessions=2)  # type: ignore[arg-type,return-value]
-    registry.close_run("run-1")
+    door = Doorman(refusal=TerminalDeliveryError("login refused"))
+    run = a_run(lambda _: door)
+    run.destinations({"doorman/a": range(16)})  # 2 lanes' worth
+    run.close()
     assert door.attempts == 1 and door.opened == []
 
 
@@ -193,32 +221,38 @@ def test_a_session_opened_ahead_never_takes_the_pool_past_its_bound() -> None:
 
 
 def test_a_destination_is_warmed_once_per_run_however_many_pages_it_claims() -> None:
-    registry, door = PoolRegistry(), Doorman()
+    door = Doorman()
+    run = a_run(lambda _: door)
     door.hold.clear()  # the first warm-up is still logging in when the next page comes
     for _page in range(3):
-        registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+        run.destinations({"doorman/a": [1]})
     door.hold.set()
-    registry.close_run("run-1")
+    run.close()
     assert len(door.opened) == 1 and door.closed == door.opened
 
 
 def test_a_failed_warm_up_leaves_the_failure_for_the_upload_to_report() -> None:
-    registry, door = PoolRegistry(), Doorman(refusal=TerminalDeliveryError("login refused"))
-    registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
-    registry.warm("run-1", "doorman/b", lambda _: 1 / 0)  # type: ignore[arg-type,return-value]
-    registry.close_run("run-1")  # waits for both warm-ups; neither raised
-    pool = registry.get("run-2", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
+    door = Doorman(refusal=TerminalDeliveryError("login refused"))
+    run = a_run(lambda ref: door if ref == "doorman/a" else 1 / 0)
+    found = run.destinations({"doorman/a": [1], "doorman/b": [2]})
+    assert isinstance(found["doorman/b"], ZeroDivisionError)  # told, not raised
+    wait_for(lambda: door.attempts == 1)
+    pool = run.pool("doorman/a")
     with pytest.raises(TerminalDeliveryError, match="login refused"), pool.lease() as lease:
         lease.session()
+    assert door.attempts == 1  # the refusal is remembered for the run
     with pytest.raises(ZeroDivisionError):
-        registry.get("run-2", "doorman/b", lambda _: 1 / 0)  # type: ignore[arg-type,return-value]
+        run.pool("doorman/b")
+    run.close()
 
 
 def test_a_run_ends_only_after_its_warm_up_and_closes_what_it_opened() -> None:
-    registry, door = PoolRegistry(), Doorman()
+    door = Doorman()
+    run = a_run(lambda _: door)
     door.hold.clear()  # the server is slow to let us in
-    registry.warm("run-1", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
-    ending = threading.Thread(target=registry.close_run, args=("run-1",))
+    run.destinations({"doorman/a": [1]})
+    wait_for(lambda: door.attempts == 1)
+    ending = threading.Thread(target=run.close)
     ending.start()
     time.sleep(0.05)
     assert ending.is_alive()  # it waits for the login on its way
@@ -239,10 +273,10 @@ def test_a_session_returned_after_its_pool_closed_is_closed_not_kept() -> None:
 
 
 def test_a_runs_budget_closes_idle_sessions_of_other_destinations_to_make_room() -> None:
-    registry = PoolRegistry()
-    budget = registry.budget("run", limit=2)
     doors = {name: Doorman() for name in ("a", "b", "c")}
-    first, second, third = (registry.get("run", name, doors.get) for name in doors)  # type: ignore[arg-type]
+    run = a_run(doors.__getitem__, sessions=2)
+    budget = run.budget
+    first, second, third = (run.pool(name) for name in doors)
     for pool in (first, second):
         with pool.lease() as lease:
             lease.session()
@@ -251,15 +285,15 @@ def test_a_runs_budget_closes_idle_sessions_of_other_destinations_to_make_room()
         lease.session()
     assert budget.open == 2 and budget.peak == 2
     assert len(first._idle) + len(second._idle) == 1
-    registry.close_run("run")
+    run.close()
     assert budget.open == 0
 
 
 def test_sessions_in_use_are_never_closed_for_another_which_waits_instead() -> None:
-    registry = PoolRegistry()
-    budget = registry.budget("run", limit=1)
     doors = {name: Doorman() for name in ("a", "b")}
-    busy, waiting = (registry.get("run", name, doors.get) for name in doors)  # type: ignore[arg-type]
+    run = a_run(doors.__getitem__, sessions=1)
+    budget = run.budget
+    busy, waiting = (run.pool(name) for name in doors)
     opened = threading.Event()
 
     def second() -> None:
@@ -274,7 +308,7 @@ def test_sessions_in_use_are_never_closed_for_another_which_waits_instead() -> N
         assert not opened.wait(0.3)  # the budget is spent by a session in use
     thread.join(timeout=5)  # once it is idle, it is closed for the waiting one
     assert opened.is_set() and budget.peak == 1
-    registry.close_run("run")
+    run.close()
 
 
 def test_folder_sessions_take_no_place_in_the_budget_and_stay_open_for_the_run(
@@ -282,12 +316,12 @@ def test_folder_sessions_take_no_place_in_the_budget_and_stay_open_for_the_run(
 ) -> None:
     """A local folder opens no connection: its sessions neither wait for the network budget nor
     are closed to make room in it, so a run's later batches and manifests reuse them."""
-    registry = PoolRegistry()
-    budget = registry.budget("run", limit=1)
     door = Doorman()
-    remote = registry.get("run", "doorman/a", lambda _: door)  # type: ignore[arg-type,return-value]
-    folders = [registry.get("run", name, lambda name: LocalDestination(root=tmp_path / name))
-               for name in ("b", "c", "d")]  # fmt: skip
+    run = a_run(lambda name: door if name == "a" else LocalDestination(root=tmp_path / name),
+                sessions=1)  # fmt: skip
+    budget = run.budget
+    remote = run.pool("a")
+    folders = [run.pool(name) for name in ("b", "c", "d")]
     opened: list[object] = []
 
     def open_folders() -> None:
@@ -308,5 +342,5 @@ def test_folder_sessions_take_no_place_in_the_budget_and_stay_open_for_the_run(
         with pool.lease() as folder:
             assert folder.session() is session  # none closed to make room
     assert door.attempts == 1
-    registry.close_run("run")
+    run.close()
     assert budget.open == 0 and door.closed == door.opened

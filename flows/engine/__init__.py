@@ -1,99 +1,40 @@
-"""The sending engine behind the delivery flow. The flow calls only this interface; what may
-happen at once (`limits`), how sessions are pooled and budgeted (`sessions`, `budget`), how a
-page becomes lanes and waves (`waves`), how a wave is sent in batches and rounds (`sending`)
-and how manifests are written (`manifests`) stay inside.
+"""The sending engine behind the delivery flow. The flow calls only this interface:
 
-    open_run(run, limits)            the run's share of the process's sessions
-    destinations(run, claimed)       the page's blocks, read together (an exception for one
-                                     that cannot be used)
-    warm(run, claimed, limits)       open the first lanes' sessions in the background
-    plan(runner, ready, batch)       the page's upload tasks: lanes, wave by wave
-    send(run, lanes, batch, limits)  -> reports, one per destination
-    manifests_owed(run, project, destinations)  whether manifests are owed (an earlier run's too)
-    write_manifests(run)             last: the destinations whose manifest was not written
-    close_run(run)                   close the run's sessions
+    with engine.run(run_id, limits) as run:       the run's engine in this process; closes
+                                                  every session it opened when the run ends
+        run.destinations(claimed)                 a page's blocks, read together (an exception
+                                                  for one that cannot be used); opens the first
+                                                  sessions while the page's paths render
+        run.plan(ready, batch)                    the page's upload tasks: lanes, wave by wave
+        run.send(lanes, batch)                    -> a report per destination
+        run.manifests_owed(project, destinations) whether manifests are owed (an earlier run's
+                                                  too)
+        run.write_manifests()                     last: the destinations whose manifest was not
+                                                  written
+
+A `Run` passed to a task on a Dask worker arrives there as its id: the worker joins the run
+with sessions of its own (`runs.joined`), and closes them once unused.
+
+What may happen at once, each bound kept by one mechanism:
+
+    a destination   its `max_connections` sessions, lent to one lane at a time; until one has
+                    opened the others wait for it (`sessions.SessionPool`)
+    a run           its `max_sessions` sessions open, idle ones included, and as many threads
+                    (its lanes) sending and opening sessions ahead (`budget.SessionBudget`,
+                    `runs.Run`)
+    a process       `PATIENT_DELIVERY_MAX_SESSIONS` sessions open over every run; an idle one
+                    is closed when another needs its place (`runs.process_budget`)
+    this machine    its disk writers: the process's threads that send to local folders
+                    (`limits.ProcessLimits`)
+
+The rest stays inside: how a page becomes lanes and waves (`waves`), how a lane sends in
+batches and rounds (`sending`), retries (`retries`) and manifests (`manifests`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Collection
-
-from prefect.task_runners import TaskRunner
-
-from patient_delivery.blocks import load_destination
-from patient_delivery.blocks.base import Destination
-from patient_delivery.flows import runtime
-from patient_delivery.flows.engine import manifests, sending, sessions, waves
 from patient_delivery.flows.engine.limits import RunLimits
+from patient_delivery.flows.engine.runs import Run, run
 from patient_delivery.flows.engine.waves import Lane
-from patient_delivery.flows.reporting import BatchReport
 
-__all__ = [
-    "Lane",
-    "RunLimits",
-    "close_run",
-    "destinations",
-    "manifests_owed",
-    "open_run",
-    "plan",
-    "send",
-    "warm",
-    "write_manifests",
-]  # fmt: skip
-
-
-def open_run(run: str, limits: RunLimits) -> None:
-    """Give the run its share of the process's sessions: at most `limits.sessions` open."""
-    sessions.pools.budget(run, limits.sessions)
-
-
-def destinations(run: str, claimed: Collection[str]) -> dict[str, Destination | Exception]:
-    """Each claimed destination's block, read together; a block that cannot be loaded or is
-    invalid comes back as its exception (the next page tries again)."""
-    return sessions.pools.load(run, claimed)
-
-
-def warm(run: str, claimed: dict[str, list[int]], limits: RunLimits) -> None:
-    """Load the page's blocks together and open, in the background, the sessions of the first
-    `limits.warm_ups` destinations (as many per destination as its lanes can use), so the
-    first uploads find them ready; the rest open as lanes reach them."""
-    sessions.pools.load(run, claimed)
-    for ref, ids in list(claimed.items())[: limits.warm_ups]:
-        lanes = math.ceil(len(ids) / waves.MIN_LANE)
-        sessions.pools.warm(run, ref, load_destination, sessions=lanes)
-
-
-def plan(
-    runner: TaskRunner | None,  # type: ignore[type-arg]
-    ready: dict[str, tuple[list[int], int]],
-    batch: int,
-) -> list[list[Lane]]:
-    """The page's upload tasks, in order: each a wave's lanes (one task on the flow's threads,
-    a bounded few on Dask), the waves interleaving destinations."""
-    return [
-        lanes
-        for wave in waves.plan_waves(ready, batch)
-        for lanes in runtime.split_wave(runner, wave)
-    ]
-
-
-def send(run: str, lanes: list[Lane], batch: int, limits: RunLimits) -> list[BatchReport]:
-    """Send one upload task's lanes (`sending.send_wave`); a report per destination."""
-    return sending.send_wave(run, lanes, batch, limits)
-
-
-def manifests_owed(run: str, project_id: str | None, destinations: tuple[str, ...]) -> bool:
-    """Whether the run owes manifests: for what it delivered, or for earlier runs' files whose
-    manifest could not be written (taken over here, within the run's scope)."""
-    return manifests.owed(run, project_id, destinations)
-
-
-def write_manifests(run: str) -> dict[str, str]:
-    """Write a manifest to each destination the run owes one; each destination whose
-    manifest could not be written, with the reason (its files wait for the next run's)."""
-    return manifests.write_all(run)
-
-
-def close_run(run: str) -> None:
-    sessions.pools.close_run(run)
+__all__ = ["Lane", "Run", "RunLimits", "run"]

@@ -6,9 +6,10 @@ connections), for a local folder an open folder (no connection). Each bound has 
 
     sessions       destination sessions open at once, idle ones included (the process's, from
                    `PATIENT_DELIVERY_MAX_SESSIONS`; a run's, from its `max_sessions`, within it)
-    lanes          lanes sending at once, one thread each: one per session, never more
-    disk writers   sends at once to folders on this machine, which wait on its disk and CPU
-                   rather than on a peer: a few at once are as fast as many
+    lanes          a run's threads sending (and opening sessions ahead): one per session it
+                   may have open
+    disk writers   the process's threads sending to folders on this machine, which wait on its
+                   disk and CPU rather than on a peer: a few at once are as fast as many
     warm-ups       destinations whose first sessions open while a page's paths render: no
                    more than the run may have open
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from patient_delivery.settings import get_settings
@@ -32,15 +33,13 @@ the ledger's lock."""
 
 
 class ProcessLimits:
-    """The process's bounds, over every destination and run, and the semaphores that hold them."""
+    """The process's bounds, over every destination and run."""
 
     def __init__(self, sessions: int, disk_writers: int = DISK_WRITERS) -> None:
         self.sessions = max(1, sessions)
         self.disk_writers = max(1, disk_writers)
-        self.lane_slots = threading.BoundedSemaphore(self.sessions)
-        """A place for each lane sending, over every task and run."""
-        self.disk_slots = threading.BoundedSemaphore(self.disk_writers)
-        """A place for each send to a folder on this machine."""
+        self.disk = ThreadPoolExecutor(self.disk_writers, thread_name_prefix="disk-writer")
+        """The threads that send to folders on this machine, shared by every run."""
 
 
 @functools.cache
@@ -60,8 +59,8 @@ class RunLimits:
             raise ValueError("max_sessions: at least 1")
 
     def lanes(self, on_this_machine: bool = False) -> int:
-        """Lanes one upload task sends at once: one per session; for folders on this machine
-        no more than the process's disk writers (fewer, fuller ledger batches)."""
+        """Lanes the run sends at once: one per session; to folders on this machine no more
+        than the process's disk writers (fewer, fuller ledger batches)."""
         return min(self.sessions, process().disk_writers) if on_this_machine else self.sessions
 
     @property

@@ -8,17 +8,16 @@ that could not be written is owed: its files are listed by the next run's manife
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from patient_delivery import ledger, manifests
-from patient_delivery.blocks import DeliveryError, load_destination
-from patient_delivery.flows.engine import sessions
+from patient_delivery.blocks import DeliveryError
 from patient_delivery.manifests import Drop, Written
 from patient_delivery.store import open_store
 
-THREADS = 8
-"""Manifests written at once (each to its own destination)."""
+if TYPE_CHECKING:
+    from patient_delivery.flows.engine.runs import Run
 
 
 def owed(run_id: str, project_id: str | None, destinations: tuple[str, ...]) -> bool:
@@ -31,18 +30,18 @@ def owed(run_id: str, project_id: str | None, destinations: tuple[str, ...]) -> 
     return manifests.owed(store, run_id)
 
 
-def write_all(run_id: str) -> dict[str, str]:
-    """Write the run's manifests and settle them in the ledger (one transaction); each
-    destination whose manifest could not be written, with the reason (its files wait for the
-    next run's manifest)."""
+def write_all(run: Run) -> dict[str, str]:
+    """Write the run's manifests, side by side on its lanes, and settle them in the ledger (one
+    transaction); each destination whose manifest could not be written, with the reason (its
+    files wait for the next run's manifest)."""
     store = open_store()
     moment = datetime.now(UTC)
-    drops = manifests.drops(store, run_id)
-    with ThreadPoolExecutor(max(1, min(THREADS, len(drops)))) as pool:
-        results = list(pool.map(lambda drop: _write(run_id, drop, moment), drops))
+    drops = manifests.drops(store, run.id)
+    writing = [run.submit([d.destination], lambda d=d: _write(run, d, moment)) for d in drops]
+    results = [future.result() for future in writing]
     outcomes = list(zip(drops, results, strict=True))
     manifests.settle(
-        store, run_id,
+        store, run.id,
         written=[r for _, r in outcomes if isinstance(r, Written)],
         released=[d for d, r in outcomes if isinstance(r, str)],
         off=[d for d, r in outcomes if r is None],
@@ -50,18 +49,17 @@ def write_all(run_id: str) -> dict[str, str]:
     return {drop.destination: r for drop, r in outcomes if isinstance(r, str)}
 
 
-def _write(run_id: str, drop: Drop, moment: datetime) -> Written | str | None:
+def _write(run: Run, drop: Drop, moment: datetime) -> Written | str | None:
     """Write one manifest: what was written, the reason it could not be, or None (off)."""
     try:
-        pool = sessions.pools.get(run_id, drop.destination, load_destination)
+        pool = run.pool(drop.destination)
         path = pool.destination.render_manifest_path(
-            drop.organization_id, drop.project_id, moment, run_id
+            drop.organization_id, drop.project_id, moment, run.id
         )
         if not path:
             return None
-        content = manifests.document(drop, run_id, moment)
-        writing = sessions.pools.writing(run_id, [drop.destination], load_destination)
-        with writing, pool.lease() as lease:
+        content = manifests.document(drop, run.id, moment)
+        with pool.lease() as lease:
             sent = lease.session().upload(path, content, manifests.sha256(content))
     except DeliveryError as exc:
         return str(exc)

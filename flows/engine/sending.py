@@ -20,7 +20,7 @@ backoff.
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import math
 import os
 import socket
@@ -28,14 +28,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from patient_delivery import ledger
-from patient_delivery.blocks import DeliveryError, Receipt, load_destination
+from patient_delivery.blocks import DeliveryError, Receipt
 from patient_delivery.blocks.contract import DestinationSession, Upload
-from patient_delivery.flows.engine import limits, sessions, waves
+from patient_delivery.flows.engine import waves
 from patient_delivery.flows.engine.retries import retry_again, wait_before
 from patient_delivery.flows.engine.sessions import Lease, SessionPool
 from patient_delivery.flows.engine.waves import Lane
@@ -43,22 +43,21 @@ from patient_delivery.flows.reporting import BatchReport
 from patient_delivery.ledger import Outcome, UploadItem
 from patient_delivery.store import Store, open_store
 
+if TYPE_CHECKING:
+    from patient_delivery.flows.engine.runs import Run
+
 Document = tuple[UploadItem, bytes]
 
 
-def send_wave(
-    claimant: str, lanes: list[Lane], batch_size: int, run_limits: limits.RunLimits
-) -> list[BatchReport]:
-    """Send a wave of lanes, of one destination or many, at most `run_limits.lanes()` at once,
-    in the order given (the plan interleaves destinations, so none waits behind another's backlog).
-    Destinations with few documents share ledger batches (`waves.shared_batches`). Each
-    batch's outcomes go to the ledger as it ends. A report per destination: counts and
-    reasons, never content."""
+def send_wave(run: Run, lanes: list[Lane], batch_size: int) -> list[BatchReport]:
+    """Send a wave of lanes, of one destination or many, on the run's lanes (the process's disk
+    writers for folders on this machine), in the order given: the plan interleaves
+    destinations, so none waits behind another's backlog. Destinations with few documents share
+    ledger batches (`waves.shared_batches`). Each batch's outcomes go to the ledger as it ends.
+    A report per destination: counts and reasons, never content."""
     store = open_store()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    sessions.pools.budget(claimant, run_limits.sessions)  # on a Dask worker, the first word of it
-    here = sessions.pools.on_this_machine(claimant, {ref for ref, _ in lanes}, load_destination)
-    at_once = run_limits.lanes(on_this_machine=here)
+    at_once = run.limits.lanes(on_this_machine=run.on_this_machine({ref for ref, _ in lanes}))
     by_destination: dict[str, list[int]] = {}
     lane_counts: Counter[str] = Counter()
     for ref, ids in lanes:
@@ -68,23 +67,16 @@ def send_wave(
     reports = {ref: BatchReport(ref, worker=worker) for ref in by_destination}
 
     def send(unit: list[Lane]) -> list[BatchReport]:
-        references = [ref for ref, _ in unit]
-        with sessions.pools.writing(claimant, references, load_destination), lane_slots:
-            if len(unit) > 1:
-                return _send_batch(store, claimant, unit, worker)
-            ref = unit[0][0]
-            return [_send_lane(store, ref, claimant, shares[ref], worker)]
+        if len(unit) > 1:
+            return _send_batch(store, run, unit, worker)
+        ref = unit[0][0]
+        return [_send_lane(store, run, ref, shares[ref], worker)]
 
-    lane_slots = limits.process().lane_slots
     units = waves.shared_batches(lanes, batch_size, at_once)
-    threads = max(1, min(at_once, len(units)))
-    # Each unit runs in the task's context: on a Dask worker, Prefect's settings (which API,
-    # which server) live there, not in the process.
-    contexts = [contextvars.copy_context() for _ in units]
-    with ThreadPoolExecutor(threads, thread_name_prefix="upload-lane") as pool:
-        for unit_reports in pool.map(contextvars.Context.run, contexts, [send] * len(units), units):
-            for report in unit_reports:
-                reports[report.destination].absorb(report)
+    sent = [run.submit([ref for ref, _ in unit], functools.partial(send, unit)) for unit in units]
+    for future in sent:
+        for report in future.result():
+            reports[report.destination].absorb(report)
     return list(reports.values())
 
 
@@ -122,21 +114,21 @@ class Shares:
 
 
 def _send_lane(
-    store: Store, destination_ref: str, claimant: str, shares: Shares, worker: str
+    store: Store, run: Run, destination_ref: str, shares: Shares, worker: str
 ) -> BatchReport:
     """One connection's batches of one destination, one after another."""
     report = BatchReport(destination_ref, worker=worker)
     for batch in shares.batches():
-        for part in _send_batch(store, claimant, [(destination_ref, batch)], worker):
+        for part in _send_batch(store, run, [(destination_ref, batch)], worker):
             report.absorb(part)
     return report
 
 
-def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> list[BatchReport]:
+def _send_batch(store: Store, run: Run, batch: list[Lane], worker: str) -> list[BatchReport]:
     """Send one ledger batch, of one destination or of several small ones (one after another,
     each over a session of its own), and record every outcome in one transaction (also when
     sending broke off: what was not answered fails with the reason, and the next run sends it)."""
-    started = ledger.start_batch(store, claimant, [i for _, ids in batch for i in ids])
+    started = ledger.start_batch(store, run.id, [i for _, ids in batch for i in ids])
     items = {item.delivery_id: item for item in started}
     consent = Consent(store, list(items))
     outcomes: list[Outcome] = []
@@ -146,13 +138,13 @@ def _send_batch(store: Store, claimant: str, batch: list[Lane], worker: str) -> 
             report = BatchReport(ref, worker=worker)
             ours = [items[i] for i in ids if i in items]
             report.began = time.time()
-            sent = _send_to(ref, claimant, ours, read(ours), consent) if ours else []
+            sent = _send_to(run, ref, ours, read(ours), consent) if ours else []
             report.ended = time.time()
             report.skipped = len(ids) - len(sent)
             report.count(sent)
             outcomes += sent
             reports.append(report)
-    ledger.record_outcomes(store, claimant, outcomes)
+    ledger.record_outcomes(store, run.id, outcomes)
     return reports
 
 
@@ -181,8 +173,8 @@ class Consent:
 
 
 def _send_to(
+    run: Run,
     destination_ref: str,
-    claimant: str,
     items: list[UploadItem],
     documents: Iterator[Document],
     consent: Consent,
@@ -191,7 +183,7 @@ def _send_to(
     (none for a withdrawn one), whatever breaks."""
     outcomes: list[Outcome] = []
     try:
-        pool = sessions.pools.get(claimant, destination_ref, load_destination)
+        pool = run.pool(destination_ref)
         with pool.lease() as lease:
             for outcome in send_documents(lease, pool, documents, consent):
                 outcomes.append(outcome)  # one by one: kept if a later document raises

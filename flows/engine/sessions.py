@@ -1,31 +1,28 @@
-"""Destination sessions shared by a run's upload tasks: opened once, reused, bounded.
+"""A destination's sessions within a run: opened once, reused, bounded.
 
 Opening a session is the expensive part of a delivery (an SSH handshake and login, an STS
 AssumeRole), so a run keeps up to `max_connections` sessions per destination and lends them to
 its upload batches in turn. The same bound is the per-destination concurrency limit: a batch
-waits for a free session. A session that failed is dropped and reopened on next use. Once two
-documents in a row have used up their retries on temporary errors, the destination counts as
-down for the rest of the run: its other deliveries fail at once and wait for the next run.
+waits for a free session. Until one session has opened, the others wait for it, so a
+destination that refuses (a wrong password, a changed host key) is asked once per run. A
+session that failed is dropped and reopened on next use. Once two documents in a row have used
+up their retries on temporary errors, the destination counts as down for the rest of the run:
+its other deliveries fail at once and wait for the next run.
 
-Over every destination and run, a process keeps at most its `limits.process().sessions` open
-(`SessionBudget`), a run at most its own: a session waiting idle in its pool keeps its place
-until another needs it, and is then closed to make room. Sends to this machine's own folders
-are bounded apart, by the process's disk writers (`PoolRegistry.writing`).
+Every session opens within a budget (`budget.SessionBudget`: the run's, within the process's);
+sessions of folders on this machine open no connection and take no place in one.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
-from patient_delivery.blocks import load_destinations
 from patient_delivery.blocks.base import Destination
 from patient_delivery.blocks.contract import DeliveryError, DestinationSession
-from patient_delivery.flows.engine import limits, retries
+from patient_delivery.flows.engine import retries
 from patient_delivery.flows.engine.budget import Closing, Opened, SessionBudget
 
 
@@ -62,7 +59,8 @@ class Lease:
 
 
 class SessionPool:
-    """At most `destination.max_connections` sessions of one destination, reused across batches."""
+    """At most `destination.max_connections` sessions of one destination, reused across batches,
+    each opened within `budget` (none: `FOLDER_SESSIONS`, no bound)."""
 
     def __init__(
         self,
@@ -71,10 +69,10 @@ class SessionPool:
         on_idle: Callable[[SessionPool], None] | None = None,
     ) -> None:
         self.destination = destination
-        self.budget = budget if budget is not None else process_budget()
+        self.budget = budget if budget is not None else FOLDER_SESSIONS
         self._on_idle = on_idle
-        """Told when a session starts waiting idle here (the registry's list of pools to take
-        idle sessions from)."""
+        """Told when a session starts waiting idle here (the run's list of pools to take idle
+        sessions from)."""
         self._limit = destination.max_connections
         self._idle: list[Opened] = []
         self._lent = 0
@@ -169,19 +167,6 @@ class SessionPool:
             self._give_back(lease)
         return True
 
-    def open_some(self, count: int) -> None:
-        """Open up to `count` sessions for the next leases: the first alone, so that a
-        destination refusing it is not asked again by the others at once; then the rest side
-        by side."""
-        if count < 1 or not self.open_one():
-            return
-        others = [threading.Thread(target=self.open_one, name="session-warm-up", daemon=True)
-                  for _ in range(min(count, self._limit) - 1)]  # fmt: skip
-        for thread in others:
-            thread.start()
-        for thread in others:
-            thread.join()
-
     def take_idle(self) -> tuple[Closing | None, bool]:
         """Hand over one idle session (the longest idle), to be closed by the caller; and
         whether others are still idle."""
@@ -202,190 +187,7 @@ class SessionPool:
             Closing(opened, self.budget).close()
 
 
-IDLE_SECONDS = 120.0
-"""A run's pool unused this long is closed when another is asked for: on Dask workers the flow's
-`close_run` cannot reach the pools, so they close themselves this way."""
-
-
-class PoolRegistry:
-    """The pools of each running flow, keyed by destination; closed when the run ends (in the
-    flow's process) or after `IDLE_SECONDS` unused (in any other, e.g. a Dask worker)."""
-
-    def __init__(self) -> None:
-        self._pools: dict[tuple[str, str], SessionPool] = {}
-        self._used: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-        self._warming: dict[tuple[str, str], threading.Thread] = {}
-        """Each run's warm-up per destination: one, however many pages the run claims."""
-        self._budgets: dict[str, SessionBudget] = {}
-        self._swept = time.monotonic()
-        self._with_idle: dict[SessionPool, str] = {}
-        """The pools that may have an idle session, with their run, in the order they had one:
-        where a budget takes a session to close, without looking through every pool."""
-
-    def budget(self, run: str, limit: int | None = None) -> SessionBudget:
-        """The run's session budget (within the process's), made on first use with `limit`
-        (default: the process's own)."""
-        with self._lock:
-            made = self._budgets.get(run)
-            if made is None:
-                made = self._budgets[run] = SessionBudget(
-                    limit or process_budget().limit,
-                    idle=lambda: self.take_idle(run),
-                    parent=process_budget(),
-                )
-            return made
-
-    def get(self, run: str, reference: str, load: Callable[[str], Destination]) -> SessionPool:
-        now = time.monotonic()
-        with self._lock:
-            closing = self._sweep(now)
-            pool = self._pools.get((run, reference))
-        if pool is None:
-            made = self._pool(run, load(reference))
-            with self._lock:
-                pool = self._pools.setdefault((run, reference), made)
-        with self._lock:
-            self._used[(run, reference)] = now
-        for old in closing:
-            old.close()
-        return pool
-
-    def on_this_machine(
-        self, run: str, references: Iterable[str], load: Callable[[str], Destination]
-    ) -> bool:
-        """Whether every one of these destinations writes on this machine (none sends over a
-        network); False when a block cannot be loaded (its send reports why)."""
-        try:
-            return all(
-                not self.get(run, reference, load).destination.sends_over_network
-                for reference in references
-            )
-        except Exception:
-            return False
-
-    def writing(
-        self, run: str, references: Iterable[str], load: Callable[[str], Destination]
-    ) -> AbstractContextManager[object]:
-        """A place among the process's disk writers when every one of these destinations
-        writes on this machine; otherwise nothing to wait for. Taken before a lane's slot, so
-        writers waiting for the disk never hold places that network sends could use."""
-        local = self.on_this_machine(run, references, load)
-        return limits.process().disk_slots if local else nullcontext()
-
-    def _sweep(self, now: float) -> list[SessionPool]:
-        """Take out the pools unused for `IDLE_SECONDS` (looked for at most every tenth of
-        that, so that a run with many destinations does not scan them all on every batch)."""
-        if now - self._swept < IDLE_SECONDS / 10:
-            return []
-        self._swept = now
-        stale = [key for key, used in self._used.items()
-                 if now - used > IDLE_SECONDS and self._pools[key].idle()]  # fmt: skip
-        for key in stale:
-            del self._used[key]
-        closing = [self._pools.pop(key) for key in stale]
-        for pool in closing:
-            self._with_idle.pop(pool, None)
-        return closing
-
-    def load(self, run: str, references: Iterable[str]) -> dict[str, Destination | Exception]:
-        """Each destination of a run, its pool made on first use; those not yet loaded in
-        this run are read together (`blocks.load_destinations`: a few API calls however many
-        there are). A block that cannot be loaded is returned as its exception, and tried
-        again by the next page."""
-        found: dict[str, Destination | Exception] = {}
-        with self._lock:
-            for reference in references:
-                pool = self._pools.get((run, reference))
-                if pool is not None:
-                    found[reference] = pool.destination
-        missing = [r for r in references if r not in found]
-        loaded = load_destinations(missing) if missing else {}
-        budget, now = self.budget(run), time.monotonic()
-        with self._lock:
-            for reference, destination in loaded.items():
-                found[reference] = destination
-                if isinstance(destination, Destination):
-                    self._pools.setdefault((run, reference), self._pool(run, destination, budget))
-                    self._used[(run, reference)] = now
-        return found
-
-    def _pool(
-        self, run: str, destination: Destination, budget: SessionBudget | None = None
-    ) -> SessionPool:
-        def had_idle(pool: SessionPool) -> None:
-            with self._lock:
-                self._with_idle[pool] = run
-
-        if not destination.sends_over_network:  # a folder here: no connection to count
-            return SessionPool(destination, FOLDER_SESSIONS)
-        return SessionPool(destination, budget or self.budget(run), on_idle=had_idle)
-
-    def take_idle(self, run: str | None = None) -> Closing | None:
-        """An idle session of the run's pools (of any pool, without `run`), the pool that had
-        one first, handed over to be closed to make room in a budget."""
-        while True:
-            with self._lock:
-                pool = next((p for p, r in self._with_idle.items() if run in (None, r)), None)
-                if pool is None:
-                    return None
-                owner = self._with_idle.pop(pool)
-            idle, more = pool.take_idle()
-            if more:
-                with self._lock:
-                    self._with_idle.setdefault(pool, owner)
-            if idle is not None:
-                return idle
-
-    def warm(
-        self, run: str, reference: str, load: Callable[[str], Destination], sessions: int = 1
-    ) -> None:
-        """Load a destination and open up to `sessions` of its sessions in the background, while
-        the run renders paths: its uploads then find their SSH logins or the S3 client (an STS
-        call and botocore's models) done instead of waiting for them. Only where uploads run in
-        this process; a failure is met again, and reported, by an upload.
-        """
-
-        def open_some() -> None:
-            with suppress(Exception):
-                self.get(run, reference, load).open_some(sessions)
-
-        with self._lock:
-            if (run, reference) in self._warming:  # once per run and destination
-                return
-            thread = threading.Thread(target=open_some, name="session-warm-up", daemon=True)
-            self._warming[(run, reference)] = thread
-            thread.start()  # under the lock, so close_run never joins one not yet started
-
-    def close_run(self, run: str) -> None:
-        with self._lock:
-            warming = [t for (r, _), t in self._warming.items() if r == run]
-            self._warming = {k: t for k, t in self._warming.items() if k[0] != run}
-        for thread in warming:  # before closing, so no session opens after its pool closed
-            thread.join()
-        with self._lock:
-            pools = [p for (r, _), p in self._pools.items() if r == run]
-            self._pools = {k: v for k, v in self._pools.items() if k[0] != run}
-            self._used = {k: v for k, v in self._used.items() if k[0] != run}
-            self._budgets.pop(run, None)
-            self._with_idle = {p: r for p, r in self._with_idle.items() if r != run}
-        for pool in pools:
-            pool.close()
-
-
 FOLDER_SESSIONS = SessionBudget(sys.maxsize, idle=lambda: None)
 """Sessions of destinations on this machine (local folders) open no connection, so they take no
 place in a session budget: they stay open for the run's later batches and its manifests,
 and closing one would make no room for a network session. The disk writers bound their sends."""
-
-
-@functools.cache
-def process_budget() -> SessionBudget:
-    """The sessions this process may have open at once, over every destination and run."""
-    return SessionBudget(limits.process().sessions, idle=lambda: pools.take_idle())
-
-
-pools = PoolRegistry()
-"""The sessions of the runs in this process (the flow's, or a Dask worker's), shared by their
-upload tasks. Used through the module (`sessions.pools`), so that the flow and its tasks pickle
-for Dask without it: each process has its own."""

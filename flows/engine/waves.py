@@ -4,6 +4,7 @@
                       connection in a wave; a wave interleaves every destination's lanes
     shared_batches -> a wave's lanes as units of work for its threads: a destination with many
                       documents keeps its lanes; destinations with few share one ledger batch
+    split          -> a wave's lanes as several upload tasks (on Dask)
 
 Pure planning: no I/O, no Prefect.
 """
@@ -69,6 +70,15 @@ def shared_batches(lanes: list[Lane], batch_size: int, threads: int) -> list[lis
     if shared:
         units.append(shared)
     return units
+
+
+def split(lanes: list[Lane], tasks: int) -> list[list[Lane]]:
+    """A wave's lanes as up to `tasks` upload tasks, dealt out in turn so that each task serves
+    several destinations."""
+    if tasks <= 1 or len(lanes) <= 1:
+        return [lanes] if lanes else []
+    tasks = min(tasks, len(lanes))
+    return [lanes[start::tasks] for start in range(tasks)]
 
 
 def interleave(groups: list[list[Lane]]) -> list[Lane]:
