@@ -1,5 +1,5 @@
 """Destination blocks: create (`block_options`: one command per block type), list, show, test,
-and an SFTP server's host key to pin."""
+an SFTP server's host key to pin, and resume a destination whose deliveries wait."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from patient_delivery.cli.block_options import DestinationGroup
 from patient_delivery.cli.common import (
     app,
     console,
+    current_store,
     errors,
     fail,
     prefect,
@@ -140,3 +141,16 @@ def destination_test(reference: Annotated[str, typer.Argument(help="e.g. local-d
         console.print(f"  {mark} {check.step} {check.detail}", highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@destination_app.command("resume")
+def destination_resume(reference: Annotated[str, typer.Argument(help="e.g. sftp-destination/x")]):
+    """Let the next run send a waiting destination's deliveries now, instead of at the end of
+    its wait (a run resumes a destination whose block can be used again by itself)."""
+    from patient_delivery import destination_health
+
+    waited = destination_health.resume(current_store(), [reference])
+    if waited:
+        console.print(f"{reference}: resumed; the next run sends what waited", highlight=False)
+    else:
+        console.print(f"{reference}: nothing waits for it", highlight=False)

@@ -31,7 +31,7 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner
 
 from patient_delivery import destination_health, ledger
-from patient_delivery.blocks import problem
+from patient_delivery.blocks import load_destinations, problem
 from patient_delivery.documents import DataType
 from patient_delivery.flows import engine, reporting, runtime
 from patient_delivery.flows.engine import Lane, Run, RunLimits
@@ -101,8 +101,9 @@ def render(run: Run, claimed: dict[str, list[int]]) -> dict[str, Rendered]:
     pages: dict[str, Rendered] = {}
     templates = {}
     for ref, destination in destinations.items():
-        if isinstance(destination, Exception):  # parked: the next run tries again
+        if isinstance(destination, Exception):  # parked: no run claims them for a while
             reason = problem(ref, destination)
+            destination_health.park(store, ref, reason)  # first, so no other run takes them
             parked = ledger.park_claimed(store, run.id, claimed[ref], reason)
             get_run_logger().error("%s; %d deliveries parked", reason, parked)
             pages[ref] = Rendered(RenderResult(), parked=(reason, parked))
@@ -237,7 +238,8 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     )  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
     failing_before = destination_health.failing(open_store(), claimant)
-    summary = RunSummary(flow_run_id=claimant, failing_before=failing_before)
+    summary = RunSummary(flow_run_id=claimant, failing_before=failing_before,
+                         waiting=_resume_usable_blocks(open_store(), work))  # fmt: skip
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
     left = max_documents if max_documents is not None else float("inf")
@@ -271,6 +273,22 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     if summary.failed:  # only destinations failing before this run: their own alert tells
         return Completed(message=summary.still_failing_note(), data=summary)
     return summary
+
+
+def _resume_usable_blocks(store: Store, work: WorkFilter) -> dict[str, str]:
+    """Resume the waiting destinations (of the run's scope) whose blocks can be used again, so
+    this run sends what waited for them; the others, with the reason they wait."""
+    waiting = {ref: reason for ref, (reason, _) in destination_health.waiting(store).items()
+               if not work.destinations or ref in work.destinations}  # fmt: skip
+    if not waiting:
+        return {}
+    usable = [ref for ref, block in load_destinations(waiting).items()
+              if not isinstance(block, Exception)]  # fmt: skip
+    if usable:
+        destination_health.resume(store, usable)
+        get_run_logger().info("block usable again: %s; its deliveries go in this run",
+                              ", ".join(sorted(usable)))  # fmt: skip
+    return {ref: reason for ref, reason in waiting.items() if ref not in usable}
 
 
 def _linger(claimant: str, work: WorkFilter, seconds: float, started: float) -> int:

@@ -97,6 +97,9 @@ class RunSummary:
     """Destinations whose manifest could not be written, with the reason."""
     failing_before: dict[str, datetime] = field(default_factory=dict)
     """Destinations earlier runs already found failing (nothing delivered), since when."""
+    waiting: dict[str, str] = field(default_factory=dict)
+    """Destinations whose deliveries wait (their block still cannot be used), with the reason:
+    this run did not claim them."""
 
     def add(self, report: BatchReport) -> None:
         if report.worker:
@@ -117,7 +120,7 @@ class RunSummary:
         for destination, why in self.manifests_failed.items():
             parts.append(f"manifest not written to {destination}: {why}")
         line = "; ".join(parts) or f"{self.delivered} delivered"
-        return line + self.parked_note() if self.parked else line
+        return line + self.parked_note()
 
     def still_failing(self) -> list[BatchReport]:
         """Destinations failing as they were before this run: failures, nothing delivered, and
@@ -148,9 +151,11 @@ class RunSummary:
     def parked_note(self) -> str:
         """What waits for a destination block to be fixed, as a clause (empty when nothing)."""
         blocked = [r.destination for r in self.destinations.values() if r.parked]
-        if not blocked:
-            return ""
-        return f"; {self.parked} parked until their block is fixed ({', '.join(blocked)})"
+        note = f"; {self.parked} parked until their block is fixed ({', '.join(blocked)})"
+        waiting = [ref for ref in self.waiting if ref not in blocked]
+        if waiting:
+            note += f"; waiting for their block to be fixed: {', '.join(waiting)}"
+        return note if blocked or waiting else ""
 
     @property
     def delivered(self) -> int:
@@ -270,6 +275,10 @@ def publish(summary: RunSummary) -> None:
     rows = [{k: v for k, v in row.items() if k != REASONS} for row in summary.rows()]
     parked = f", {summary.parked} parked until their block is fixed" if summary.parked else ""
     description = f"Delivery run: {summary.delivered} delivered, {summary.failed} failed{parked}."
+    if summary.waiting:
+        description += "\n\nWaiting for their block to be fixed (not claimed by this run):\n\n"
+        description += "\n".join(f"- {_markdown(ref)}: {_markdown(why)}"
+                                  for ref, why in summary.waiting.items())  # fmt: skip
     failing = [r for r in summary.destinations.values() if r.reasons]
     if failing:
         description += "\n\nWhy sends failed:\n\n" + "\n".join(

@@ -5,18 +5,27 @@ failing (since then, found by that run); a run that delivers anything to it clea
 A later run whose only failures are at destinations noted before it began ends Completed: the
 "keeps failing" alert covers those, and the runs that deliver every other organization's
 updates stay green. A destination newly failing still fails its run.
+
+A destination whose deliveries no run can send (its block cannot be used) is made to **wait**:
+until a time, no run claims its deliveries (`ledger.claim`), so overlapping runs do not take
+turns parking the same ones. A run that starts checks whether the waiting destinations' blocks
+can be used again and resumes those; `destination resume` does it by hand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from patient_delivery.store import Store
-from patient_delivery.store.models import DestinationFailing
+from patient_delivery.store.models import DestinationFailing, DestinationWaiting
+
+PARKED_WAIT = timedelta(minutes=5)
+"""How long the deliveries of a destination whose block cannot be used wait before a run claims
+them again, when nobody fixed the block meanwhile (a fixed block is resumed at a run's start)."""
 
 
 def failing(store: Store, run: str) -> dict[str, datetime]:
@@ -58,3 +67,46 @@ def note(
                                                    reason=reason[:500]))  # fmt: skip
             except IntegrityError:
                 pass
+
+
+def wait(store: Store, destination: str, reason: str, until: datetime) -> None:
+    """Let no run claim the destination's deliveries until `until` (later, if it already
+    waits longer), with the reason."""
+    with store.session() as session:
+        row = session.get(DestinationWaiting, destination, with_for_update=True)
+        if row is None:
+            try:
+                with session.begin_nested():  # another run may note it at the same moment
+                    session.add(DestinationWaiting(destination=destination, reason=reason[:500],
+                                                   until=until))  # fmt: skip
+            except IntegrityError:
+                pass
+        else:
+            row.reason, row.until = reason[:500], max(row.until, until)
+
+
+def park(store: Store, destination: str, reason: str) -> None:
+    """The destination's block cannot be used: its deliveries wait `PARKED_WAIT`."""
+    wait(store, destination, reason, datetime.now(UTC) + PARKED_WAIT)
+
+
+def waiting(store: Store) -> dict[str, tuple[str, datetime]]:
+    """The destinations whose deliveries wait now: the reason, and until when."""
+    now = datetime.now(UTC)
+    with store.session() as session:
+        rows = session.execute(
+            select(DestinationWaiting.destination, DestinationWaiting.reason,
+                   DestinationWaiting.until).where(DestinationWaiting.until > now)
+        )  # fmt: skip
+        return {destination: (reason, until) for destination, reason, until in rows}
+
+
+def resume(store: Store, destinations: Collection[str]) -> int:
+    """Let runs claim these destinations' deliveries again; how many destinations waited."""
+    if not destinations:
+        return 0
+    with store.session() as session:
+        result = session.execute(
+            delete(DestinationWaiting).where(DestinationWaiting.destination.in_(list(destinations)))
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]

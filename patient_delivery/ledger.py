@@ -36,6 +36,7 @@ from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
     DeliveryStatus,
+    DestinationWaiting,
     Disclosure,
     DocumentContent,
     DocumentVersion,
@@ -172,6 +173,10 @@ def _claimable(now: datetime, claimant: str, work: WorkFilter):  # type: ignore[
         ),
         # What this run already tried and failed waits for the next run: a run always ends.
         or_(Delivery.flow_run_id.is_(None), Delivery.flow_run_id != claimant),
+        # What no run can send (its destination waits) is left to every run alike.
+        Delivery.destination.not_in(
+            select(DestinationWaiting.destination).where(DestinationWaiting.until > now)
+        ),
     )
     if work.project_id:
         condition = and_(condition, Delivery.project_id == work.project_id)
@@ -227,16 +232,20 @@ def claim(
     lease = lease if lease is not None else default_lease()
     eligible = _claimable(now, claimant, work)
     with store.session() as session:
+        # Materialized on PostgreSQL: a subquery with LIMIT and SKIP LOCKED that the planner
+        # runs more than once would take more than `limit` rows.
         candidates = (
             select(Delivery.id)
             .where(eligible)
             .order_by(Delivery.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
+            .cte("candidates")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
         )
         session.execute(
             update(Delivery)
-            .where(Delivery.id.in_(candidates.scalar_subquery()), eligible)
+            .where(Delivery.id.in_(select(candidates.c.id)), eligible)
             .values(
                 status=DeliveryStatus.PENDING,
                 claimed_by=claimant,

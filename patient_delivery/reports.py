@@ -12,6 +12,7 @@ from datetime import datetime
 import pandas as pd
 from sqlalchemy import case, func, select
 
+from patient_delivery import destination_health
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
@@ -112,8 +113,9 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
 
 
 def status_counts(store: Store) -> pd.DataFrame:
-    """Deliveries per destination and status: what is owed, sent and failing; and for a
-    destination that runs deliver nothing to, since when (`destination_health`)."""
+    """Deliveries per destination and status: what is owed, sent and failing; for a
+    destination that runs deliver nothing to, since when; for one whose deliveries wait, until
+    when (`destination_health`)."""
     statement = select(Delivery.destination, Delivery.status, func.count()).group_by(
         Delivery.destination, Delivery.status
     )
@@ -129,6 +131,9 @@ def status_counts(store: Store) -> pd.DataFrame:
                                               DestinationFailing.since)).all())  # fmt: skip
     # Since when a destination has taken nothing and failed: empty for one that delivers.
     table["failing_since"] = pd.to_datetime(table["destination"].map(failing), utc=True)
+    # Until when no run claims its deliveries (its block cannot be used): empty when none wait.
+    waiting = {ref: until for ref, (_, until) in destination_health.waiting(store).items()}
+    table["waiting_until"] = pd.to_datetime(table["destination"].map(waiting), utc=True)
     return table
 
 

@@ -337,7 +337,7 @@ def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_sta
 ) -> None:
     root = tmp_path / "org-folder"
     ingest.subscribe(store, project, save_local(root))
-    unusable = "local-destination/never-created"
+    unusable = f"local-destination/never-created-{uuid.uuid4().hex[:8]}"
     if block == "invalid":
         unusable = save_local(tmp_path / "other")
         save_as_the_ui_would(unusable, {"root": "relative/x", "path_template": "/{orgId}/{bogus}"})
@@ -365,8 +365,52 @@ def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_sta
         assert parked.last_error.startswith(f"block {unusable} is invalid: ")
         assert "path_template: " in parked.last_error and "; root: " in parked.last_error
         assert "relative/x" not in parked.last_error  # fields named, values never
-    assert deliver().parked == 1  # it waits, run after run, until the block is fixed
+    # It waits for every run: the next claims none of it, and says why it waits.
+    again = deliver()
+    assert (again.delivered, again.failed, again.parked) == (0, 0, 0)
+    assert list(again.waiting) == [unusable] and "waiting for their block" in again.headline()
     assert rows(store, status="failed")[0].attempts == 0
+    # Fixed, the next run resumes it and delivers what waited, once.
+    fixed = tmp_path / "fixed"
+    name = unusable.split("/")[1]
+    LocalDestination(root=fixed).save(name, overwrite=True)
+    last = deliver()
+    assert (last.delivered, last.failed, last.parked, last.waiting) == (1, 0, 0, {})
+    assert len(files_under(fixed)) == 1 and rows(store, status="failed") == []
+
+
+def test_what_one_run_parked_no_other_run_claims_until_it_is_resumed(
+    store: Store, project: str, tmp_path: Path
+) -> None:
+    """Runs that overlap must not pass a destination's parked deliveries back and forth: once
+    parked, every run leaves them (and counts none of them as owed) until the destination
+    is resumed, by a run that finds its block fixed or by `destination resume`."""
+    from patient_delivery import destination_health
+    from tests.test_cli import run
+
+    ingest.subscribe(store, project, save_local(tmp_path / "healthy"))
+    unusable = f"local-destination/never-created-{uuid.uuid4().hex[:8]}"
+    ingest.subscribe(store, project, unusable)
+    for _ in range(3):
+        patient = ingest.add_patient(store, project)
+        ingest.put_document(store, patient, "ccda", CCDA)
+
+    first = ledger.claim(store, "run-a")
+    assert len(first[unusable]) == 3
+    destination_health.park(store, unusable, "no destination block")
+    ledger.park_claimed(store, "run-a", first[unusable], "no destination block")
+    for other in ("run-b", "run-c"):
+        assert ledger.claim(store, other) == {}  # the healthy ones are run-a's
+        assert ledger.count_owed(store, other) == 0
+    assert unusable in destination_health.waiting(store)
+    from patient_delivery.reports import status_counts
+
+    until = status_counts(store).set_index("destination")["waiting_until"]
+    assert until.notna()[unusable] and until.isna().sum() == 1  # the healthy one waits not
+
+    assert "resumed" in run("destination", "resume", unusable)
+    assert sorted(ledger.claim(store, "run-b")[unusable]) == sorted(first[unusable])
+    assert "nothing waits" in run("destination", "resume", unusable)
 
 
 def test_filters_and_batches_deliver_exactly_what_was_asked(

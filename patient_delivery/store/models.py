@@ -201,6 +201,19 @@ class DestinationFailing(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
 
+class DestinationWaiting(Base):
+    """A destination whose deliveries wait, for every run, until `until` (or until its block
+    can be used again, which a run checks when it starts): no run claims them meanwhile, so
+    runs that cannot send them do not pass them back and forth."""
+
+    __tablename__ = "destinations_waiting"
+
+    destination: Mapped[str] = mapped_column(String(255), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    since: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    until: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class ShareWithdrawal(Base):
     """A patient stopped sharing with a project: append-only (who recorded it, when, why). The
     share itself is removed, so nothing of theirs is queued, sent or served to it again."""
