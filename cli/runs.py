@@ -82,6 +82,8 @@ def deliver(
     _deployment_options(deployment, watch, name)
     in_scope(project_id=project, patient_ids=patient or (), destinations=destination or ())
     _check_types(data_type)
+    if dask:
+        _check_dask(dask)
     prefect()
     parameters = {
         "project": project,
@@ -104,6 +106,16 @@ def deliver(
     print_summary(summary)
     if summary.failed or summary.manifests_failed:
         raise typer.Exit(1)
+
+
+def _check_dask(address: str) -> None:
+    """Refuse (exit 2) a Dask address this process cannot use, before anything is claimed."""
+    from patient_delivery.flows.runtime import check_dask_address
+
+    try:
+        check_dask_address(address)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
 
 
 @contextmanager

@@ -66,11 +66,45 @@ def task_runner(dask_address: str | None = None) -> TaskRunner:  # type: ignore[
     address = dask_address or get_settings().dask_address
     if not address:
         return ThreadPoolTaskRunner(max_workers=THREADS)
+    check_dask_address(address)
     from prefect_dask import DaskTaskRunner
 
     if address == "local":
         return DaskTaskRunner(cluster_kwargs=LOCAL_CLUSTER)
     return DaskTaskRunner(address=address)
+
+
+DASK_TLS_SETTINGS = {
+    "ca-file": "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+    "client.cert": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+}
+"""What a client needs to reach a `tls://` scheduler: the CA that signed the cluster's
+certificates, and a certificate of its own (its key beside it, or in
+`DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY`)."""
+
+
+def check_dask_address(address: str) -> None:
+    """Refuse, before a run claims anything, a Dask address this process cannot use: `local`,
+    `tcp://host:port`, or `tls://host:port` with Dask's TLS configuration in place (its files
+    readable). A ValueError names the setting, never a file's content."""
+    import dask.config
+
+    if address == "local":
+        return
+    scheme, found, rest = address.partition("://")
+    if not found or scheme not in ("tcp", "tls") or not rest:
+        raise ValueError("dask: give `local`, tcp://host:port or tls://host:port")
+    if scheme != "tls":
+        return
+    for key, variable in DASK_TLS_SETTINGS.items():
+        path = dask.config.get(f"distributed.comm.tls.{key}", None)
+        if not path:
+            raise ValueError(f"dask: tls:// needs Dask's TLS configuration: set {variable}")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"dask: {variable} cannot be read ({exc.strerror})") from None
 
 
 def send_pending_events(seconds: float = 10.0) -> None:

@@ -6,12 +6,14 @@ import csv
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from loopback.servers import free_port
+from patient_delivery import ingest
 from patient_delivery.cli import app
 from patient_delivery.store import Store
 
@@ -295,3 +297,35 @@ def test_events_prefect_cannot_take_are_one_warning_and_the_document_is_stored(
     assert done.stdout.decode().startswith("stored ccda version 1")
     lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: 1 event(s) not sent to Prefect"), lines
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("address", "tls", "says"),
+    [
+        ("tls://127.0.0.1:1", {}, "set DASK_DISTRIBUTED__COMM__TLS__CA_FILE"),
+        ("tls://127.0.0.1:1", {"ca-file": "MISSING", "client": {"cert": "MISSING"}},
+         "DASK_DISTRIBUTED__COMM__TLS__CA_FILE cannot be read"),
+        ("ftp://127.0.0.1:1", {}, "give `local`, tcp://host:port or tls://host:port"),
+    ],
+)  # fmt: skip
+def test_a_dask_address_this_process_cannot_use_is_refused_before_anything_is_claimed(
+    store: Store, tmp_path: Path, address: str, tls: dict[str, object], says: str
+) -> None:
+    import dask.config
+
+    from patient_delivery.store.models import Delivery
+
+    ingest.add_organization(store, "Acme", "acme")
+    project = ingest.add_project(store, "acme", "Study", "study")
+    ingest.subscribe(store, project, f"local-destination/t-{uuid.uuid4().hex[:8]}")
+    ingest.put_document(store, ingest.add_patient(store, project), "ccda", CCDA)
+    missing = str(tmp_path / "nowhere.pem")
+    settings = {key: (missing if value == "MISSING" else value) for key, value in tls.items()}
+    if "client" in settings:
+        settings["client"] = {"cert": missing}
+    with dask.config.set({"distributed.comm.tls": settings} if settings else {}):
+        refused = run("deliver", "--dask", address, code=2)
+    assert refused.count("\n") == 1 and says in refused and missing not in refused
+    with store.session() as session:
+        assert session.query(Delivery).filter(Delivery.claimed_by.is_not(None)).count() == 0
