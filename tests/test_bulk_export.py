@@ -131,6 +131,13 @@ def test_types_since_and_the_whole_organization(exporting: tuple[World, str]) ->
     patients = next(e for e in manifest["output"] if e["type"] == "Patient")
     assert patients["count"] == len({p for p in world.patients()})  # every acme patient once
 
+    # Repeated, the values are one comma-separated list (the Bulk Data IG), not the last one.
+    repeated = call(world, "GET", "Patient/$export", token, headers={"Prefer": "respond-async"},
+                    params=[("_type", "Patient"), ("_type", "Condition")])  # fmt: skip
+    done = finished(world, token, repeated.headers["Content-Location"])
+    assert done.headers["Content-Type"] == "application/json"  # the IG's type for a manifest
+    assert {entry["type"] for entry in done.json()["output"]} == {"Patient", "Condition"}
+
     later = (utcnow() + timedelta(days=1)).isoformat()
     started = kick_off(world, token, "Group/study/$export", _since=later)
     manifest = finished(world, token, started.headers["Content-Location"]).json()

@@ -62,6 +62,9 @@ class Service:
     def token(self, scope: str = "system/*.rs") -> str:
         answer = self.ask(scope=scope)
         assert answer.status_code == 200, answer.text
+        # RFC 6749 5.1: a token answer is never cached, by HTTP/1.1 or 1.0 caches
+        cached = (answer.headers["Cache-Control"], answer.headers["Pragma"])
+        assert cached == ("no-store", "no-cache")
         return answer.json()["access_token"]
 
 
@@ -147,6 +150,11 @@ def test_assertions_that_must_be_refused_are(world: World, service: Service) -> 
     assert "used" in replay.json()["error_description"]
     wrong_grant = httpx.post(service.token_url, data={"grant_type": "password"})
     assert wrong_grant.json()["error"] == "unsupported_grant_type"
+    no_grant = httpx.post(service.token_url, data={"scope": "system/*.rs"})  # RFC 6749 5.2
+    assert (no_grant.status_code, no_grant.json()["error"]) == (400, "invalid_request")
+    no_such_type = service.ask(scope="system/Foo.rs")
+    assert (no_such_type.status_code, no_such_type.json()["error"]) == (400, "invalid_scope")
+    assert "does not serve" in no_such_type.json()["error_description"]
     too_wide = service.ask(scope="system/*.cruds")
     assert (too_wide.status_code, too_wide.json()["error"]) == (400, "invalid_scope")
     as_json = httpx.post(service.token_url, json={"grant_type": "client_credentials"})
@@ -161,6 +169,10 @@ def test_a_revoked_client_loses_its_tokens_at_their_next_request(
     smart.revoke_client(world.store, service.client_id)
     refused = read(world, "Patient", token)
     assert refused.status_code == 401 and refused.json()["resourceType"] == "OperationOutcome"
+    # RFC 6750 3.1: a token sent and refused is named invalid; no token at all, only the scheme
+    assert refused.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    anonymous = httpx.get(f"{world.api.url}/fhir/Patient")
+    assert (anonymous.status_code, anonymous.headers["WWW-Authenticate"]) == (401, "Bearer")
     assert service.ask().status_code == 401  # and it gets no new one
 
 

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from patient_delivery.pull import smart
-from patient_delivery.pull.records import RESOURCE_TYPES
+from patient_delivery.pull.resource_types import SERVED_TYPES
 from patient_delivery.store import Store
 
 FORM = "application/x-www-form-urlencoded"
@@ -39,7 +39,7 @@ def smart_configuration(base_url: str) -> dict[str, Any]:
         "scopes_supported": [
             "system/*.rs",
             "system/*.read",
-            *(f"system/{kind}.rs" for kind in sorted(RESOURCE_TYPES)),
+            *(f"system/{kind}.rs" for kind in sorted(SERVED_TYPES)),
         ],
         "capabilities": ["client-confidential-asymmetric"],
     }

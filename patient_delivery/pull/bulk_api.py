@@ -30,7 +30,9 @@ from patient_delivery.store import Store
 NDJSON = "application/fhir+ndjson"
 RETRY_SECONDS = 2
 KICK_OFF = frozenset({"_type", "_since", "_outputFormat"})
-Types = Annotated[str | None, Query(alias="_type")]
+Types = Annotated[list[str] | None, Query(alias="_type")]
+"""`_type`, given once with commas or repeated: the Bulk Data IG treats repeated values as one
+comma-separated list."""
 Format = Annotated[str | None, Query(alias="_outputFormat")]
 
 
@@ -39,9 +41,11 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
     router = APIRouter(prefix="/fhir")
     public = base_url.rstrip("/") + "/fhir"
 
-    async def kick_off(request: Request, who: Who, project_id: str | None, types: str | None,
-                       since: datetime | None, output_format: str | None) -> Response:  # fmt: skip
+    async def kick_off(request: Request, who: Who, project_id: str | None,
+                       repeated: list[str] | None, since: datetime | None,
+                       output_format: str | None) -> Response:  # fmt: skip
         applied(request, KICK_OFF)
+        types = ",".join(repeated) if repeated else None
         if "respond-async" not in request.headers.get("prefer", "").replace(" ", "").lower():
             raise FhirError(400, "required", "a bulk export needs the header Prefer: respond-async")
         if since is not None:
@@ -93,9 +97,10 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
         def file_url(name: str) -> str:
             return f"{public}/$export-file/{export_id}/{name}"
 
+        # The manifest is plain JSON, not a FHIR resource: the IG names application/json.
         return FhirResponse(exports.manifest(store, row, who, file_url), headers={
             "Expires": format_datetime(row.expires_at.astimezone(UTC), usegmt=True),
-        })  # fmt: skip
+        }, media_type="application/json")  # fmt: skip
 
     @router.delete("/$export-status/{export_id}")
     def export_cancel(export_id: str, who: Who) -> Response:

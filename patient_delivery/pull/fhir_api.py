@@ -121,8 +121,14 @@ def current_caller(request: Request) -> Caller:
     store = request.app.state.records.store
     found = authenticate(store, key.strip()) if scheme.lower() == "bearer" else None
     if found is None:
+        # RFC 6750 3.1: a token that was sent but is expired, revoked or unknown is named so
+        given = scheme.lower() == "bearer" and key.strip()
+        challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if given else None
         raise FhirError(
-            401, "login", "a valid API key or access token is required (Authorization: Bearer)"
+            401,
+            "login",
+            "a valid API key or access token is required (Authorization: Bearer)",
+            challenge,
         )
     request.state.accessor = found.accessor  # for the access log
     return found

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from patient_delivery.ledger import read_content
 from patient_delivery.pull.keys import Caller
+from patient_delivery.pull.resource_types import RESOURCE_TYPES
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Disclosure,
@@ -32,17 +33,6 @@ from patient_delivery.store.models import (
     Share,
     utcnow,
 )
-
-RESOURCE_TYPES = sorted({
-    "AllergyIntolerance", "CarePlan", "CareTeam", "Claim", "Condition", "Coverage", "Device",
-    "DiagnosticReport", "DocumentReference", "Encounter", "ExplanationOfBenefit", "Goal",
-    "ImagingStudy", "Immunization", "Location", "Medication", "MedicationAdministration",
-    "MedicationDispense", "MedicationRequest", "MedicationStatement", "Observation",
-    "Organization", "Practitioner", "PractitionerRole", "Procedure", "Provenance",
-    "ServiceRequest", "SupplyDelivery",
-})  # fmt: skip
-"""The R4 resource types of the Patient compartment that stored bundles carry: the only ones
-the FHIR API and the MCP tools search."""
 
 MAX_OFFSET = 10_000_000
 """Largest offset a page of patients or resources may start at (past every real record): a

@@ -81,6 +81,7 @@ def create_app(
         key or client ID (never the key or token, a path value or a parameter)."""
         response: Response = await call_next(request)
         response.headers["Cache-Control"] = "no-store"
+        response.headers["Pragma"] = "no-cache"  # RFC 6749 5.1, for HTTP/1.0 caches
         response.headers["X-Content-Type-Options"] = "nosniff"
         if response.status_code >= 400:
             route = getattr(request.scope.get("route"), "path", None)

@@ -26,6 +26,7 @@ import jwt
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from patient_delivery.pull.resource_types import SERVED_TYPES
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
     AccessToken,
@@ -101,10 +102,13 @@ def check_scopes(text: str) -> frozenset[str]:
     `ClientError` naming the first that is not one (read-only: `r`, `s`, `rs` or `read`)."""
     scopes = frozenset(text.split())
     for scope in sorted(scopes):
-        if not _SCOPE.fullmatch(scope):
+        match = _SCOPE.fullmatch(scope)
+        if not match:
             raise ClientError(
                 f"scope {scope[:80]!r} is not a read-only system scope (e.g. system/*.rs)"
             )
+        if match.group(1) != "*" and match.group(1) not in SERVED_TYPES:
+            raise ClientError(f"scope {scope[:80]!r} names a resource type the API does not serve")
     if not scopes:
         raise ClientError("no scopes given (e.g. system/*.rs)")
     return scopes
@@ -203,7 +207,9 @@ def issue_token(
 ) -> Grant:
     """Answer a token request (the form's fields), or raise `TokenRefused`."""
     now = now or utcnow()
-    if form.get("grant_type") != "client_credentials":
+    if not form.get("grant_type"):  # RFC 6749 5.2: a required parameter is missing
+        raise TokenRefused("invalid_request", "grant_type is required (client_credentials)")
+    if form["grant_type"] != "client_credentials":
         raise TokenRefused("unsupported_grant_type", "grant_type must be client_credentials")
     if form.get("client_assertion_type") != ASSERTION_TYPE:
         raise TokenRefused("invalid_request", f"client_assertion_type must be {ASSERTION_TYPE}")
