@@ -246,7 +246,9 @@ def test_missing_wrong_and_revoked_keys_are_refused(world: World) -> None:
         response = world.get(f"Patient/{patient_id}", key=presented)
         assert response.status_code == 401, presented
         assert response.json()["issue"][0]["code"] == "login"
-        assert response.headers["www-authenticate"] == "Bearer"
+        # RFC 6750 3.1: a key sent and refused is named invalid; none sent, only the scheme
+        challenge = "Bearer" if presented is None else 'Bearer error="invalid_token"'
+        assert response.headers["www-authenticate"] == challenge, presented
     bad = world.get("Condition", _count="many", patient=patient_id)
     assert bad.status_code == 400 and "_count" in bad.json()["issue"][0]["diagnostics"]
     assert world.get("Spaceship", patient=patient_id).status_code == 404
