@@ -18,6 +18,9 @@ class DeliveryError(Exception):
     retryable: bool = False
     leftover: str | None = None
     """A temporary file (relative path) the failed attempt could not remove, for a retry to."""
+    most_attempts: int | None = None
+    """Most sends of a document this failure allows in one run (None: the retry policy's),
+    for a failure that retrying rarely mends."""
 
 
 class TransientDeliveryError(DeliveryError):

@@ -297,6 +297,11 @@ class StrictV3SftpServer(SftpServer):
 
     name = "strict-v3"
 
+    def __init__(self, file_size_limit: int | None = None) -> None:
+        """`file_size_limit`: bytes any file may grow to, as a quota or a full disk allows."""
+        self.extra = (f"fsize={file_size_limit}",) if file_size_limit else ()
+        super().__init__()
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "loopback.strict_sftp"]
 

@@ -8,13 +8,18 @@ folder is served as `/` to one user with a password, on 127.0.0.1.
 Built on paramiko's server framework (`SFTPServerInterface`, `SFTPHandle`), in a process of its
 own so that a test can SIGKILL it:
 
-    python -m loopback.strict_sftp PORT ROOT HOST_KEY_FILE USER   # the password on stdin
+    python -m loopback.strict_sftp PORT ROOT HOST_KEY_FILE USER [fsize=BYTES]   # password on stdin
+
+`fsize=BYTES` limits the size of any file the server writes (`RLIMIT_FSIZE`), as a quota or a
+full disk would: a write past it fails, and the server answers a plain failure.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import resource
+import signal
 import socket
 import sys
 import threading
@@ -165,6 +170,11 @@ def _serve(connection: socket.socket, host_key: paramiko.PKey, login: Login) -> 
 
 def main() -> None:
     port, root, host_key_file, user = sys.argv[1:5]
+    for option in sys.argv[5:]:
+        if option.startswith("fsize="):
+            limit = int(option.removeprefix("fsize="))
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     StrictV3.root = Path(root).resolve()
     password = sys.stdin.readline().rstrip("\n")
     host_key = paramiko.Ed25519Key.from_private_key_file(host_key_file)

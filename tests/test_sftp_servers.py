@@ -188,3 +188,36 @@ def test_a_server_offering_only_sha1_algorithms_is_refused_with_the_reason() -> 
         assert not report.ok and "not supported" in report.checks[-1].detail
     finally:
         server.stop()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_full_disk_on_a_strict_server_says_its_usual_causes_and_is_retried_once(
+    store: Store,
+) -> None:
+    """The strict server answers a write past its space with a bare failure: the reason names
+    what usually causes it, and the document is sent twice in the run, not four times."""
+    from loopback.servers import StrictV3SftpServer
+    from patient_delivery import ingest
+    from patient_delivery.flows.deliver import deliver
+
+    server = StrictV3SftpServer(file_size_limit=4096)
+    try:
+        on_disk, root = server.make_folder(f"full-{uuid.uuid4().hex[:10]}")
+        name = f"full-{uuid.uuid4().hex[:8]}"
+        block(server, root).save(name)
+        ingest.add_organization(store, "Acme", "acme")
+        project = ingest.add_project(store, "acme", "Study", "study")
+        ingest.subscribe(store, project, f"sftp-destination/{name}")
+        document = CCDA.replace(b"%d", b"x" * 20_000)  # past what the disk holds
+        ingest.put_document(store, ingest.add_patient(store, project), "ccda", document)
+
+        summary = deliver()
+
+        assert (summary.delivered, summary.failed) == (0, 1)
+        with store.session() as session:
+            [row] = session.scalars(select(Delivery)).all()
+        assert row.attempts == 2
+        assert "a full disk, a quota or a read-only folder are usual" in (row.last_error or "")
+        assert not [p for p in on_disk.rglob("*.xml") if p.is_file()]  # nothing at a final name
+    finally:
+        server.stop()

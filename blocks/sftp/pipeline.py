@@ -302,7 +302,14 @@ def status_error(reply: Reply) -> OSError | None:
         return OSError(errno.ENOENT, text)
     if code == sftp_protocol.PERMISSION_DENIED:
         return OSError(errno.EACCES, text)  # a PermissionError
+    if code in (sftp_protocol.FAILURE, sftp_protocol.BAD_MESSAGE):
+        return GenericFailure(text)
     return OSError(text)
+
+
+class GenericFailure(OSError):
+    """A request the server failed without a cause: SFTP version 3's generic failure, or "bad
+    message" from servers that answer so when a write fails (a full disk, a quota)."""
 
 
 def write_size(sftp: paramiko.SFTPClient, handle: bytes, limits: Limits) -> int:

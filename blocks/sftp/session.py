@@ -298,9 +298,20 @@ def _sftp_error(exc: OSError, step: str = "the request") -> DeliveryError:
         return TransientDeliveryError("the SFTP server did not answer in time")
     if exc.errno == errno.ENOSPC:
         return TerminalDeliveryError("the SFTP server's disk is full")
-    # OpenSSH answers most refusals (disk full, quota, read-only) with a bare "Failure", which
-    # says nothing of the cause: it is passed on as the server gave it.
     reason = exc.strerror or (str(exc.args[0]) if exc.args else type(exc).__name__)
-    if reason == "Failure":  # SFTP v3's generic answer: the server gives no cause
-        reason = "Failure, no cause given: a full disk, a quota or a read-only folder are usual"
+    if isinstance(exc, pipeline.GenericFailure) or reason == "Failure":
+        # SFTP v3's generic answer (OpenSSH's "Failure", others' "Bad message"): the server
+        # gives no cause, and a full disk or a quota is the usual one, which a retry seldom
+        # mends: one retry, not the policy's three.
+        error = TransientDeliveryError(
+            f"the SFTP server refused {step} without a cause ({reason}): a full disk, a quota "
+            f"or a read-only folder are usual"
+        )
+        error.most_attempts = GENERIC_FAILURE_ATTEMPTS
+        return error
     return TransientDeliveryError(f"the SFTP server refused {step} ({reason})")
+
+
+GENERIC_FAILURE_ATTEMPTS = 2
+"""Sends of a document in one run when the server fails it without a cause: a first and one
+retry (a dropped connection or a busy server may clear; a full disk will not)."""

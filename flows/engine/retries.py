@@ -27,7 +27,7 @@ def wait_before(attempt: int) -> float:
     return min(LONGEST_WAIT, FIRST_WAIT * 2**attempt) * random.uniform(0.5, 1.5)
 
 
-def retry_again(attempts: int) -> bool:
+def retry_again(attempts: int, most: int | None = None) -> bool:
     """Whether a document that failed temporarily after `attempts` sends is sent again in this
-    run."""
-    return attempts < ATTEMPTS
+    run (`most`: fewer sends, where its failure allows fewer)."""
+    return attempts < min(ATTEMPTS, most or ATTEMPTS)

@@ -235,7 +235,7 @@ def send_documents(
         yield from this_round.send(lease)
         retries = []
         for retry in this_round.owed_next:
-            if retry_again(retry.attempts):
+            if retry_again(retry.attempts, retry.error.most_attempts):
                 retries.append(retry)
                 continue
             lease.gave_up(str(retry.error))
