@@ -82,8 +82,7 @@ def deliver(
     _deployment_options(deployment, watch, name)
     in_scope(project_id=project, patient_ids=patient or (), destinations=destination or ())
     _check_types(data_type)
-    if dask:
-        _check_dask(dask)
+    _check_dask(dask)
     prefect()
     parameters = {
         "project": project,
@@ -108,12 +107,16 @@ def deliver(
         raise typer.Exit(1)
 
 
-def _check_dask(address: str) -> None:
-    """Refuse (exit 2) a Dask address this process cannot use, before anything is claimed."""
+def _check_dask(address: str | None) -> None:
+    """Refuse (exit 2) a Dask address this process cannot use, given or from the settings
+    (`PATIENT_DELIVERY_DASK_ADDRESS`), before the flow loads or anything is claimed."""
     from patient_delivery.flows.runtime import check_dask_address
+    from patient_delivery.settings import get_settings
 
+    address = address or get_settings().dask_address
     try:
-        check_dask_address(address)
+        if address:
+            check_dask_address(address)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
 

@@ -310,10 +310,16 @@ def test_events_prefect_cannot_take_are_one_warning_and_the_document_is_stored(
     ],
 )  # fmt: skip
 def test_a_dask_address_this_process_cannot_use_is_refused_before_anything_is_claimed(
-    store: Store, tmp_path: Path, address: str, tls: dict[str, object], says: str
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    address: str,
+    tls: dict[str, object],
+    says: str,
 ) -> None:
     import dask.config
 
+    from patient_delivery.settings import get_settings
     from patient_delivery.store.models import Delivery
 
     ingest.add_organization(store, "Acme", "acme")
@@ -326,6 +332,14 @@ def test_a_dask_address_this_process_cannot_use_is_refused_before_anything_is_cl
         settings["client"] = {"cert": missing}
     with dask.config.set({"distributed.comm.tls": settings} if settings else {}):
         refused = run("deliver", "--dask", address, code=2)
+        monkeypatch.setenv("PATIENT_DELIVERY_DASK_ADDRESS", address)  # or from the settings
+        get_settings.cache_clear()
+        try:
+            from_settings = run("deliver", code=2)
+        finally:
+            monkeypatch.delenv("PATIENT_DELIVERY_DASK_ADDRESS")
+            get_settings.cache_clear()
     assert refused.count("\n") == 1 and says in refused and missing not in refused
+    assert from_settings == refused
     with store.session() as session:
         assert session.query(Delivery).filter(Delivery.claimed_by.is_not(None)).count() == 0
