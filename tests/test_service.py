@@ -229,7 +229,13 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
     triggered = [run for run in runs if not run["auto_scheduled"]]
     assert 1 <= len(triggered) <= 2, [(r["name"], r["state"]["type"]) for r in triggered]
     ran = [run["name"] for run in triggered if run["state"]["type"] == "COMPLETED"]
-    assert ran and set(ran) == {"deliver all-projects, trigger: patient data updated"}, ran
+    states = [(r["name"], r["state"]["type"], r["state"].get("message")) for r in triggered]
+    arrived = len(list(root.rglob("*.xml")))
+    assert ran and set(ran) == {"deliver all-projects, trigger: patient data updated"}, (
+        states,
+        f"{arrived} of 50 files arrived",
+        (tmp_path / "worker.log").read_text()[-3000:],
+    )
     delivered = sorted(p.read_bytes() for p in root.rglob("*.xml"))
     assert delivered == sorted(f.read_bytes() for f in files)  # each once, nothing else
     ledger = json.loads(cli(env, "deliveries", "--json"))["deliveries"]
