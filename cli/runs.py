@@ -82,8 +82,8 @@ def deliver(
     _deployment_options(deployment, watch, name)
     in_scope(project_id=project, patient_ids=patient or (), destinations=destination or ())
     _check_types(data_type)
-    _check_dask(dask)
     prefect()
+    _check_dask(dask)
     parameters = {
         "project": project,
         "destination": destination,
@@ -109,7 +109,8 @@ def deliver(
 
 def _check_dask(address: str | None) -> None:
     """Refuse (exit 2) a Dask address this process cannot use, given or from the settings
-    (`PATIENT_DELIVERY_DASK_ADDRESS`), before the flow loads or anything is claimed."""
+    (`PATIENT_DELIVERY_DASK_ADDRESS`), before the flow loads or anything is claimed (after
+    `prefect()`: the settings import Prefect, whose local defaults must come first)."""
     from patient_delivery.flows.runtime import check_dask_address
     from patient_delivery.settings import get_settings
 
