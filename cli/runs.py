@@ -115,9 +115,10 @@ def _check_dask(address: str | None) -> None:
     from patient_delivery.settings import get_settings
 
     address = address or get_settings().dask_address
+    if not address:
+        return
     try:
-        if address:
-            check_dask_address(address)
+        check_dask_address(address)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
 

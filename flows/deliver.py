@@ -3,9 +3,11 @@ record what happened.
 
     gather    -> claim owed deliveries from the ledger (IDs only), a page at a time; the run
                  goes on for updates that arrived while it sent (up to `FOLLOW_UPS` pages),
-                 and, with `linger_seconds`, for those that arrive soon after
+                 and, with `linger_seconds`, for those that arrive soon after; first, it
+                 resumes the waiting destinations whose blocks were fixed
     render    -> per destination: give each delivery its path, once; a bad value fails only
-                 it; a destination whose block cannot be used has its deliveries parked
+                 it; a destination whose block cannot be used has its deliveries parked, and
+                 no run claims them for a while (`destination_health`)
     upload    -> per destination, a lane per connection (`flows.engine`); each batch writes its
                  outcomes to the ledger as it ends, so a crash loses nothing
     manifests -> last, one per destination and project delivered to (and any an earlier run

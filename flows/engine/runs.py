@@ -88,37 +88,39 @@ class Run:
         for). Where uploads run here, the first `limits.warm_ups` destinations start opening
         sessions for their deliveries' lanes while the caller goes on (renders their paths)."""
         references = list(claimed)
+        found = self._loaded(references)
+        if self.uploads_here:
+            for ref in references[: self.limits.warm_ups]:
+                if not isinstance(found[ref], Exception):
+                    self._warm(ref, math.ceil(len(claimed[ref]) / waves.MIN_LANE))
+        return {ref: pool if isinstance(pool, Exception) else pool.destination
+                for ref, pool in found.items()}  # fmt: skip
+
+    def pool(self, reference: str) -> SessionPool:
+        """The destination's session pool, its block loaded on first use (raises if it cannot
+        be)."""
+        found = self._loaded([reference])[reference]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def _loaded(self, references: list[str]) -> dict[str, SessionPool | Exception]:
+        """Each destination's pool, made for those not yet loaded in this run, whose blocks
+        are read together; a block that cannot be used comes back as its exception."""
         with self._lock:
-            found: dict[str, Destination | Exception] = {
-                ref: self._pools[ref].destination for ref in references if ref in self._pools
+            found: dict[str, SessionPool | Exception] = {
+                ref: self._pools[ref] for ref in references if ref in self._pools
             }
         missing = [ref for ref in references if ref not in found]
         loaded = self._load(missing) if missing else {}
         with self._lock:
             for ref, destination in loaded.items():
-                found[ref] = destination
-                if not isinstance(destination, Exception):
-                    self._pools.setdefault(ref, self._pool(destination))
+                if isinstance(destination, Exception):
+                    found[ref] = destination
+                else:
+                    found[ref] = self._pools.setdefault(ref, self._pool(destination))
         self.used = time.monotonic()
-        if self.uploads_here:
-            for ref in references[: self.limits.warm_ups]:
-                if not isinstance(found.get(ref), Exception):
-                    self._warm(ref, math.ceil(len(claimed[ref]) / waves.MIN_LANE))
         return found
-
-    def pool(self, reference: str) -> SessionPool:
-        """The destination's session pool, its block loaded on first use (raises if it cannot
-        be)."""
-        with self._lock:
-            pool = self._pools.get(reference)
-        if pool is None:
-            destination = self._load([reference])[reference]
-            if isinstance(destination, Exception):
-                raise destination
-            with self._lock:
-                pool = self._pools.setdefault(reference, self._pool(destination))
-        self.used = time.monotonic()
-        return pool
 
     def _pool(self, destination: Destination) -> SessionPool:
         if not destination.sends_over_network:  # a folder here: no connection to count
