@@ -27,6 +27,23 @@ from tests.test_local_destination import FolderRemote
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+class PrefectApi(httpx.Client):
+    """The server's REST API, asked as Prefect's own client asks it: a 503 (the server's answer
+    while its SQLite database is busy) is asked again after a pause, a few times."""
+
+    def send(self, request: httpx.Request, **kwargs: object) -> httpx.Response:
+        for pause in (0.5, 1, 2, 4, 8):
+            response = super().send(request, **kwargs)  # type: ignore[arg-type]
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(pause)
+        return super().send(request, **kwargs)  # type: ignore[arg-type]
+
+
+api = PrefectApi()
 CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>service</title></ClinicalDocument>'
 
 
@@ -95,7 +112,7 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def deployments(server: PrefectServer) -> dict[str, dict]:
-    response = httpx.post(f"{server.url}/deployments/filter", json={}, timeout=30)
+    response = api.post(f"{server.url}/deployments/filter", json={}, timeout=30)
     response.raise_for_status()
     return {d["name"]: d for d in response.json()}
 
@@ -104,7 +121,7 @@ def wait_for_run(server: PrefectServer, run_id: str, seconds: float = 120) -> st
     deadline = time.monotonic() + seconds
     state = "PENDING"
     while time.monotonic() < deadline:
-        run = httpx.get(f"{server.url}/flow_runs/{run_id}", timeout=30).json()
+        run = api.get(f"{server.url}/flow_runs/{run_id}", timeout=30).json()
         state = run["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return state
@@ -130,7 +147,7 @@ def settled(server: PrefectServer, seconds: float = 90) -> None:
     last page): a worker stopped under one would leave it holding the one-at-a-time slot."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        going = httpx.post(f"{server.url}/flow_runs/filter", timeout=30, json={
+        going = api.post(f"{server.url}/flow_runs/filter", timeout=30, json={
             "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
         }).json()  # fmt: skip
         if not going:
@@ -183,9 +200,9 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         assert address.endswith(f"/runs/flow-run/{run_id}")
         state = wait_for_run(deployed, run_id)
         assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
-        named = httpx.get(f"{deployed.url}/flow_runs/{run_id}", timeout=30).json()["name"]
+        named = api.get(f"{deployed.url}/flow_runs/{run_id}", timeout=30).json()["name"]
         assert named == "backfill study (dry run), on demand"  # what it does, who started it
-        artifacts = httpx.post(f"{deployed.url}/artifacts/filter", timeout=30, json={
+        artifacts = api.post(f"{deployed.url}/artifacts/filter", timeout=30, json={
             "artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["backfill-plan"]}}
         }).json()  # fmt: skip
         assert "nothing sent: 1 resend" in artifacts[0]["description"]
@@ -195,7 +212,7 @@ def test_deployments_exist_and_an_update_event_gets_the_document_delivered(
         ended = watched.splitlines()[-1]  # the state and the run's headline, not "None"
         assert ended.startswith("Completed: Delivery run: ") and " delivered, " in ended
         watched_id = watched.splitlines()[0].rsplit("(", 1)[1].rstrip(")")
-        named = httpx.get(f"{deployed.url}/flow_runs/{watched_id}", timeout=30).json()["name"]
+        named = api.get(f"{deployed.url}/flow_runs/{watched_id}", timeout=30).json()["name"]
         assert named == "nightly fix"  # a name given by a person is kept
         settled(deployed)
     finally:
@@ -220,7 +237,7 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
             time.sleep(0.5)
         time.sleep(15)  # past the trigger's window: any run it would still start has started
         settled(deployed)  # and the runs it started have ended (they linger 15 s)
-        runs = httpx.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+        runs = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
             "deployments": {"id": {"any_": [deployments(deployed)["deliver-updates"]["id"]]}},
             "flow_runs": {"expected_start_time": {"after_": _iso(started)}},
         }).json()  # fmt: skip
@@ -245,11 +262,11 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
 
 def save_block_as_the_ui_does(server: PrefectServer, slug: str, name: str, data: dict) -> None:
     """What the Prefect UI's block form sends on Save: the values as typed, no model in between."""
-    kind = httpx.get(f"{server.url}/block_types/slug/{slug}", timeout=30).json()
-    [schema] = httpx.post(f"{server.url}/block_schemas/filter", timeout=30, json={
+    kind = api.get(f"{server.url}/block_types/slug/{slug}", timeout=30).json()
+    [schema] = api.post(f"{server.url}/block_schemas/filter", timeout=30, json={
         "block_schemas": {"block_type_id": {"any_": [kind["id"]]}}, "limit": 1,
     }).json()  # fmt: skip
-    saved = httpx.post(f"{server.url}/block_documents/", timeout=30, json={
+    saved = api.post(f"{server.url}/block_documents/", timeout=30, json={
         "name": name, "data": data, "block_schema_id": schema["id"], "block_type_id": kind["id"],
     })  # fmt: skip
     assert saved.status_code == 201, saved.text  # Prefect stores it: nothing checks the rules
@@ -261,11 +278,11 @@ def test_the_block_schema_carries_the_rules_a_form_can_check(deployed: PrefectSe
     refuses the values the UI stored above; the same rules pass every default."""
 
     def refused(values: dict, slug: str = "local-destination") -> set[str]:
-        kind = httpx.get(f"{deployed.url}/block_types/slug/{slug}", timeout=30).json()
-        [schema] = httpx.post(f"{deployed.url}/block_schemas/filter", timeout=30, json={
+        kind = api.get(f"{deployed.url}/block_types/slug/{slug}", timeout=30).json()
+        [schema] = api.post(f"{deployed.url}/block_schemas/filter", timeout=30, json={
             "block_schemas": {"block_type_id": {"any_": [kind["id"]]}}, "limit": 1,
         }).json()  # fmt: skip
-        answer = httpx.post(f"{deployed.url}/ui/schemas/validate", timeout=30,
+        answer = api.post(f"{deployed.url}/ui/schemas/validate", timeout=30,
                             json={"schema": schema["fields"], "values": values}).json()  # fmt: skip
         return {error["property"] for error in answer["errors"]}
 
@@ -303,7 +320,7 @@ def test_the_run_forms_take_the_clis_options_each_typed(deployed: PrefectServer)
         assert options <= set(fields), (deployment, options - set(fields))
         if deployment != "redeliver":
             assert fields["data_type"]["items"]["enum"] == ["ccda", "fhir"]
-        answer = httpx.post(f"{deployed.url}/ui/schemas/validate", timeout=30, json={
+        answer = api.post(f"{deployed.url}/ui/schemas/validate", timeout=30, json={
             "schema": schema, "values": {"project": "study", "data_type": ["pdf"]}
             if deployment != "redeliver" else {"project": 7},
         }).json()  # fmt: skip
@@ -340,7 +357,7 @@ def test_a_destination_saved_from_the_ui_is_checked_at_once(
             < 3
         ):
             time.sleep(1)
-            runs = httpx.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+            runs = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
                 "deployments": {"id": {"any_": [deployments(deployed)["check-destination"]["id"]]}},
                 "flow_runs": {"expected_start_time": {"after_": since}},
             }).json()  # fmt: skip
@@ -360,7 +377,7 @@ def test_a_destination_saved_from_the_ui_is_checked_at_once(
     deadline = time.monotonic() + 60  # the server stores events a moment after taking them
     while not announced and time.monotonic() < deadline:
         time.sleep(0.5)
-        events = httpx.post(f"{deployed.url}/events/filter", timeout=30, json={
+        events = api.post(f"{deployed.url}/events/filter", timeout=30, json={
             "filter": {"event": {"name": ["patient-delivery.destination.unusable"]},
                        "occurred": {"since": since}},
         }).json()["events"]  # fmt: skip
@@ -400,7 +417,7 @@ def test_commands_exit_with_their_events_sent_and_seed_announces_what_it_stores(
     deadline = time.monotonic() + 60  # the server stores events a moment after taking them
     while len(announced) < 7 and time.monotonic() < deadline:
         time.sleep(0.5)
-        page = httpx.post(f"{server.url}/events/filter", timeout=30, json={
+        page = api.post(f"{server.url}/events/filter", timeout=30, json={
             "filter": {"event": {"name": ["patient.data.updated"]},
                        "occurred": {"since": since}, "order": "ASC"},
             "limit": 50,
@@ -518,7 +535,7 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
 
 def alert_names(server: PrefectServer) -> list[str]:
     """The names of our alert automations on the server (not the deployments' triggers)."""
-    automations = httpx.post(f"{server.url}/automations/filter", json={}, timeout=30).json()
+    automations = api.post(f"{server.url}/automations/filter", json={}, timeout=30).json()
     return [a["name"] for a in automations if a["name"].startswith("patient delivery ")]
 
 
