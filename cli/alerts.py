@@ -16,15 +16,28 @@ alerts_app = typer.Typer(help="Alerts (Prefect automations).", no_args_is_help=T
 app.add_typer(alerts_app, name="alerts")
 
 
-def _ours() -> list[dict[str, Any]]:
-    """The automations of flows/alerts.yaml."""
+def _alerts_file() -> dict[str, Any]:
     from importlib.resources import files
 
     import yaml
 
-    return yaml.safe_load(files("patient_delivery.flows").joinpath("alerts.yaml").read_text())[
-        "automations"
-    ]
+    return yaml.safe_load(files("patient_delivery.flows").joinpath("alerts.yaml").read_text())
+
+
+def _ours() -> list[dict[str, Any]]:
+    """The automations of flows/alerts.yaml."""
+    return _alerts_file()["automations"]
+
+
+def _remove_retired(client: SyncPrefectClient) -> int:
+    """Delete the automations of alerts earlier versions installed and this one replaced."""
+    removed = 0
+    for name in _alerts_file().get("retired", []):
+        for automation in _installed(client, name):
+            client.delete_automation(automation.id)
+            console.print(f"removed retired automation {name!r} ({automation.id})")
+            removed += 1
+    return removed
 
 
 def _installed(client: SyncPrefectClient, name: str) -> list[Any]:
@@ -65,6 +78,7 @@ def alerts_install(
             else:
                 client.update_automation(first.id, automation)
                 console.print(f"updated automation {spec['name']!r} ({first.id})")
+        _remove_retired(client)
 
 
 @alerts_app.command("list")
@@ -109,4 +123,5 @@ def alerts_remove() -> None:
             for automation in _installed(client, spec["name"]):
                 client.delete_automation(automation.id)
                 removed += 1
+        removed += _remove_retired(client)
     console.print(f"removed {removed} automation(s)")

@@ -145,8 +145,9 @@ def destination_test(reference: Annotated[str, typer.Argument(help="e.g. local-d
 
 @destination_app.command("resume")
 def destination_resume(reference: Annotated[str, typer.Argument(help="e.g. sftp-destination/x")]):
-    """Let the next run send a waiting destination's deliveries now, instead of at the end of
-    its wait (a run resumes a destination whose block can be used again by itself)."""
+    """Let the next run send a waiting destination's deliveries now: one whose block could not
+    be used, instead of at the end of its wait, or one down, instead of after its next probe
+    (a run resumes by itself a block usable again, or a destination a probe reaches)."""
     from patient_delivery import destination_health
 
     waited = destination_health.resume(current_store(), [reference])

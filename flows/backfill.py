@@ -17,6 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from patient_delivery import backfill as backfills
+from patient_delivery import destination_health
 from patient_delivery.documents import DataType
 from patient_delivery.flows import runtime
 from patient_delivery.flows.deliver import deliver
@@ -160,7 +161,8 @@ def redeliver(
     full: bool = False,
     dry_run: bool = False,
 ) -> dict[str, int]:
-    """Send again what failed or was left pending; with `full`, every newest document of the
+    """Send again what failed or was left pending (destinations down are probed at once, and
+    those reached take part); with `full`, every newest document of the
     project to that destination, at the paths it had (an organization that lost its files).
     The parameters are the CLI's `redeliver` options.
 
@@ -180,5 +182,7 @@ def redeliver(
             project_id=project, destinations=(destination,) if destination else ()
         )
         return plan(request, dry_run=True)
+    # Asked for: destinations down are probed at once, not at their next probe.
+    destination_health.probe_now(open_store(), [destination] if destination else None)
     summary = deliver(project=project, destination=[destination] if destination else None)
     return {"delivered": summary.delivered, "failed": summary.failed}

@@ -4,7 +4,8 @@ record what happened.
     gather    -> claim owed deliveries from the ledger (IDs only), a page at a time; the run
                  goes on for updates that arrived while it sent (up to `FOLLOW_UPS` pages),
                  and, with `linger_seconds`, for those that arrive soon after; first, it
-                 resumes the waiting destinations whose blocks were fixed
+                 resumes the waiting destinations whose blocks were fixed, and those down
+                 that a probe reaches (`flows.waiting`)
     render    -> per destination: give each delivery its path, once; a bad value fails only
                  it; a destination whose block cannot be used has its deliveries parked, and
                  no run claims them for a while (`destination_health`)
@@ -13,7 +14,8 @@ record what happened.
     manifests -> last, one per destination and project delivered to (and any an earlier run
                  could not write)
     record    -> the run's summary: a table artifact, an event per failing destination, a red
-                 run when anything failed
+                 run when anything new failed; a destination failing `down_after_runs` runs in
+                 a row is down, skipped by runs until a probe reaches it
 
 Tasks carry delivery IDs, destination names and counts. Document content is read inside the
 upload task, one document at a time, and never becomes a parameter, result, log or artifact.
@@ -33,9 +35,9 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner
 
 from patient_delivery import destination_health, ledger
-from patient_delivery.blocks import load_destinations, problem
+from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
-from patient_delivery.flows import engine, reporting, runtime
+from patient_delivery.flows import engine, reporting, runtime, waiting
 from patient_delivery.flows.engine import Lane, Run, RunLimits
 from patient_delivery.flows.parameters import NotGiven
 from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary, WaveReports
@@ -156,9 +158,14 @@ def record(summary: RunSummary) -> None:
     if summary.failed or summary.parked:
         reporting.announce_failing_destinations(summary)
     reports = summary.destinations.values()
-    failing_at = {r.destination: r.reasons_text() for r in reports if r.failed and not r.delivered}
+    failing_at = {r.destination: r.reasons_text() for r in reports if r.destination_failing}
     delivered_to = [r.destination for r in reports if r.delivered]
-    destination_health.note(open_store(), summary.flow_run_id, delivered_to, failing_at)
+    noted = destination_health.note(open_store(), summary.flow_run_id, delivered_to, failing_at)
+    reporting.announce_health(noted)
+    for destination in noted.down:  # its reason stands in the wave's ERROR line
+        get_run_logger().warning("%s is down: runs skip it until a probe reaches it", destination)
+    if noted.back:
+        get_run_logger().info("back: %s", ", ".join(noted.back))
     get_run_logger().info(
         "run finished: %d delivered, %d failed, to %d destination(s)%s",
         summary.delivered, summary.failed, len(summary.destinations), summary.parked_note(),
@@ -240,8 +247,9 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
     )  # refused before anything runs
     claimant = str(flow_run.id or uuid.uuid4())
     failing_before = destination_health.failing(open_store(), claimant)
+    still = waiting.resume_what_can_go(open_store(), work)
     summary = RunSummary(flow_run_id=claimant, failing_before=failing_before,
-                         waiting=_resume_usable_blocks(open_store(), work))  # fmt: skip
+                         waiting=still.unusable, down=still.down)  # fmt: skip
     owed = ledger.count_owed(open_store(), claimant, work)
     progress = Progress(min(owed, max_documents) if max_documents is not None else owed)
     left = max_documents if max_documents is not None else float("inf")
@@ -274,23 +282,9 @@ def _deliver(work: WorkFilter, sizes: Sizes, max_documents: int | None) -> RunSu
         return Failed(message=summary.headline(), data=summary)
     if summary.failed:  # only destinations failing before this run: their own alert tells
         return Completed(message=summary.still_failing_note(), data=summary)
+    if summary.down or summary.waiting:  # the run's message names what it did not claim
+        return Completed(message=summary.headline(), data=summary)
     return summary
-
-
-def _resume_usable_blocks(store: Store, work: WorkFilter) -> dict[str, str]:
-    """Resume the waiting destinations (of the run's scope) whose blocks can be used again, so
-    this run sends what waited for them; the others, with the reason they wait."""
-    waiting = {ref: reason for ref, (reason, _) in destination_health.waiting(store).items()
-               if not work.destinations or ref in work.destinations}  # fmt: skip
-    if not waiting:
-        return {}
-    usable = [ref for ref, block in load_destinations(waiting).items()
-              if not isinstance(block, Exception)]  # fmt: skip
-    if usable:
-        destination_health.resume(store, usable)
-        get_run_logger().info("block usable again: %s; its deliveries go in this run",
-                              ", ".join(sorted(usable)))  # fmt: skip
-    return {ref: reason for ref, reason in waiting.items() if ref not in usable}
 
 
 def _linger(claimant: str, work: WorkFilter, seconds: float, started: float) -> int:
@@ -317,7 +311,9 @@ def _deliver_page(
     started = time.perf_counter()
     pages = render(run, claimed)
     for ref, page in pages.items():
-        summary.add(BatchReport(ref, failed=page.result.failed.total(), reasons=page.result.failed))
+        unrendered = page.result.failed.total()
+        summary.add(BatchReport(ref, failed=unrendered, unrendered=unrendered,
+                                reasons=page.result.failed))  # fmt: skip
         if page.parked:
             reason, count = page.parked
             summary.add(BatchReport(ref, parked=count, reasons=Counter({reason: count})))

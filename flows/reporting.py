@@ -17,6 +17,7 @@ from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from patient_delivery.destination_health import Noted
 from patient_delivery.flows import runtime
 from patient_delivery.ledger import Outcome
 
@@ -34,6 +35,9 @@ class BatchReport:
     """Deliveries left for a later run because the destination's block cannot be used (missing
     or invalid): a problem of that destination's setup, alerted on its own, not a failed send."""
     skipped: int = 0
+    unrendered: int = 0
+    """Of `failed`: deliveries whose path could not be rendered from their own values, a
+    problem of those documents, not of the destination."""
     bytes: int = 0
     began: float | None = None
     ended: float | None = None
@@ -55,6 +59,11 @@ class BatchReport:
         """Wall-clock time from its first send to its last, over every lane."""
         return (self.ended - self.began) if self.began and self.ended else 0.0
 
+    @property
+    def destination_failing(self) -> bool:
+        """Whether sends to it failed and none went through: trouble of the destination."""
+        return self.failed > self.unrendered and not self.delivered
+
     def reasons_text(self) -> str:
         """Why its sends failed, each reason with its count, most frequent first."""
         return "; ".join(f"{n} x {why}" for why, n in self.reasons.most_common())
@@ -65,6 +74,7 @@ class BatchReport:
         self.failed += other.failed
         self.parked += other.parked
         self.skipped += other.skipped
+        self.unrendered += other.unrendered
         self.bytes += other.bytes
         if other.began is not None:
             self.began = min(self.began or other.began, other.began)
@@ -100,6 +110,8 @@ class RunSummary:
     waiting: dict[str, str] = field(default_factory=dict)
     """Destinations whose deliveries wait (their block still cannot be used), with the reason:
     this run did not claim them."""
+    down: dict[str, str] = field(default_factory=dict)
+    """Destinations down, skipped by this run: since when, why, and the next probe."""
 
     def add(self, report: BatchReport) -> None:
         if report.worker:
@@ -126,9 +138,11 @@ class RunSummary:
         """Destinations failing as they were before this run: failures, nothing delivered, and
         already so for an earlier run. Known trouble: their own alert covers them, and they do
         not make the run fail."""
-        known = self.failing_before
-        return [r for r in self.destinations.values()
-                if r.failed and not r.delivered and r.destination in known]  # fmt: skip
+        return [
+            r
+            for r in self.destinations.values()
+            if r.destination_failing and not r.unrendered and r.destination in self.failing_before
+        ]
 
     def new_trouble(self) -> bool:
         """Whether the run found something to fail for: a failure at a destination that was
@@ -145,17 +159,20 @@ class RunSummary:
         return (
             f"{self.delivered} delivered; {sum(r.failed for r in known)} not delivered to "
             f"{', '.join(r.destination for r in known)}, failing since "
-            f"{since:%Y-%m-%d %H:%M} UTC (alert: keeps failing); {SEE_FAILED}"
+            f"{since:%Y-%m-%d %H:%M} UTC; {SEE_FAILED}{self.parked_note()}"
         )
 
     def parked_note(self) -> str:
-        """What waits for a destination block to be fixed, as a clause (empty when nothing)."""
+        """What waits for a destination block to be fixed or for a destination down to be
+        reached, as a clause (empty when nothing)."""
         blocked = [r.destination for r in self.destinations.values() if r.parked]
         note = f"; {self.parked} parked until their block is fixed ({', '.join(blocked)})"
         waiting = [ref for ref in self.waiting if ref not in blocked]
         if waiting:
             note += f"; waiting for their block to be fixed: {', '.join(waiting)}"
-        return note if blocked or waiting else ""
+        if self.down:
+            note += f"; down, skipped until a probe reaches them: {', '.join(self.down)}"
+        return note if blocked or waiting or self.down else ""
 
     @property
     def delivered(self) -> int:
@@ -279,6 +296,10 @@ def publish(summary: RunSummary) -> None:
         description += "\n\nWaiting for their block to be fixed (not claimed by this run):\n\n"
         description += "\n".join(f"- {_markdown(ref)}: {_markdown(why)}"
                                   for ref, why in summary.waiting.items())  # fmt: skip
+    if summary.down:
+        description += "\n\nDown (skipped by this run until a probe reaches them):\n\n"
+        description += "\n".join(f"- {_markdown(ref)}: {_markdown(why)}"
+                                  for ref, why in summary.down.items())  # fmt: skip
     failing = [r for r in summary.destinations.values() if r.reasons]
     if failing:
         description += "\n\nWhy sends failed:\n\n" + "\n".join(
@@ -300,13 +321,22 @@ def _markdown(text: str) -> str:
 
 
 def announce_failing_destinations(summary: RunSummary) -> None:
-    """One event per destination with failures, for the "keeps failing" alert, and one per
-    destination whose block cannot be used, for its own alert (counts and reasons only)."""
+    """One event per destination with failures, and one per destination whose block cannot be
+    used, for its own alert (counts and reasons only)."""
     for report in summary.destinations.values():
         if report.parked:
             _announce(report, "unusable", {"parked": report.parked})
         if report.failed:
             _announce(report, "failed", {"failed": report.failed, "delivered": report.delivered})
+
+
+def announce_health(noted: Noted) -> None:
+    """One event per destination that went down (for the "down" alert), and one per
+    destination down that took deliveries again (the "back" alert): once each, not per run."""
+    for destination, reason in noted.down.items():
+        _emit_destination(destination, "down", {"reason": reason})
+    for destination, since in noted.back.items():
+        _emit_destination(destination, "back", {"failing_since": since.isoformat()})
 
 
 def announce_unusable(destination: str, reason: str) -> None:

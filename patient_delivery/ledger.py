@@ -30,13 +30,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from patient_delivery import destination_health
 from patient_delivery.paths import PathValueError, format_timestamp
 from patient_delivery.settings import get_settings
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
     Delivery,
     DeliveryStatus,
-    DestinationWaiting,
     Disclosure,
     DocumentContent,
     DocumentVersion,
@@ -174,9 +174,7 @@ def _claimable(now: datetime, claimant: str, work: WorkFilter):  # type: ignore[
         # What this run already tried and failed waits for the next run: a run always ends.
         or_(Delivery.flow_run_id.is_(None), Delivery.flow_run_id != claimant),
         # What no run can send (its destination waits) is left to every run alike.
-        Delivery.destination.not_in(
-            select(DestinationWaiting.destination).where(DestinationWaiting.until > now)
-        ),
+        Delivery.destination.not_in(destination_health.waiting_destinations(now)),
     )
     if work.project_id:
         condition = and_(condition, Delivery.project_id == work.project_id)

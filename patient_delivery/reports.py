@@ -114,8 +114,8 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
 
 def status_counts(store: Store) -> pd.DataFrame:
     """Deliveries per destination and status: what is owed, sent and failing; for a
-    destination that runs deliver nothing to, since when; for one whose deliveries wait, until
-    when (`destination_health`)."""
+    destination that runs deliver nothing to, since when; for one down, since when; for one
+    whose deliveries wait, until when (`destination_health`)."""
     statement = select(Delivery.destination, Delivery.status, func.count()).group_by(
         Delivery.destination, Delivery.status
     )
@@ -131,9 +131,14 @@ def status_counts(store: Store) -> pd.DataFrame:
                                               DestinationFailing.since)).all())  # fmt: skip
     # Since when a destination has taken nothing and failed: empty for one that delivers.
     table["failing_since"] = pd.to_datetime(table["destination"].map(failing), utc=True)
-    # Until when no run claims its deliveries (its block cannot be used): empty when none wait.
-    waiting = {ref: until for ref, (_, until) in destination_health.waiting(store).items()}
-    table["waiting_until"] = pd.to_datetime(table["destination"].map(waiting), utc=True)
+    waiting = destination_health.waiting(store)
+    # Since when runs skip it (down until a probe reaches it): empty for one that is not down.
+    down = {ref: wait.since for ref, wait in waiting.items() if wait.down}
+    table["down_since"] = pd.to_datetime(table["destination"].map(down), utc=True)
+    # Until when no run claims its deliveries: the end of a wait for a block to be fixed, or
+    # the next probe of a destination down. Empty when none wait.
+    until = {ref: wait.until for ref, wait in waiting.items()}
+    table["waiting_until"] = pd.to_datetime(table["destination"].map(until), utc=True)
     return table
 
 

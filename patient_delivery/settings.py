@@ -75,6 +75,27 @@ class Settings(BaseSettings):
             "imported (a worker's run process)."
         ),
     )
+    down_after_runs: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "A destination that this many runs in a row failed at and delivered nothing to is "
+            "marked down: runs skip it and its deliveries wait until a probe reaches it."
+        ),
+    )
+    probe_first_seconds: int = Field(
+        default=60,
+        ge=1,
+        description=(
+            "Seconds from a destination going down to its first probe; each failed probe "
+            "waits as long as the destination has been down, at most `probe_most_seconds`."
+        ),
+    )
+    probe_most_seconds: int = Field(
+        default=1800,
+        ge=1,
+        description="Most seconds between two probes of a destination that is down.",
+    )
     mcp_sessions_per_organization: int = Field(
         default=50,
         ge=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -805,45 +806,96 @@ def test_an_unreachable_destination_has_a_red_upload_task_and_one_error_line_wit
     assert all("failure reasons" not in row for row in json.loads(str(card.data)))
 
 
-@pytest.mark.usefixtures("sshd")
-def test_a_destination_already_failing_does_not_turn_the_next_runs_red(
-    store: Store, project: str, tmp_path: Path, sshd
-) -> None:  # type: ignore[no-untyped-def]
-    """One organization's server is unreachable. The run that finds it so fails (new trouble);
-    the runs after it, which deliver the healthy destination's updates, end Completed with a
-    message naming the destination still failing and since when. Once it delivers again, a
-    new outage fails its run again."""
-    from loopback.servers import free_port
+def test_a_server_stopped_is_down_skipped_probed_and_back_with_what_waited(
+    store: Store, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One organization's SFTP server is stopped. The run that finds it so fails and raises
+    the "down" event; the runs after it end Completed, deliver the healthy destination's
+    updates, name it as down and never try it (its deliveries wait: no try counted); a probe
+    due while it is still stopped leaves it down; once it runs again, the next probe finds it
+    and that run delivers every waiting document once and raises the "back" event. One event
+    of each, however many runs."""
+    from loopback.servers import SshServer
+    from patient_delivery.reports import status_counts
+    from patient_delivery.settings import get_settings
     from tests.test_sftp_destination import sftp_block
 
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    folder = sshd.make_folder(name)
-    sftp_block(sshd, folder, port=free_port(), connect_timeout=2).save(name)
-    dead, healthy = f"sftp-destination/{name}", save_local(tmp_path / "org")
-    ingest.subscribe(store, project, dead)
-    ingest.subscribe(store, project, healthy)
+    monkeypatch.setenv("PATIENT_DELIVERY_PROBE_FIRST_SECONDS", "1")
+    monkeypatch.setenv("PATIENT_DELIVERY_PROBE_MOST_SECONDS", "2")
+    get_settings.cache_clear()
+    server = SshServer(user_home=False)
+    try:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        folder = server.make_folder(name)
+        sftp_block(server, folder, connect_timeout=2).save(name)
+        dead, healthy = f"sftp-destination/{name}", save_local(tmp_path / "org")
+        ingest.subscribe(store, project, dead)
+        ingest.subscribe(store, project, healthy)
+        started = datetime.now(UTC)
 
-    def update_and_deliver() -> tuple[str, str | None, int]:
-        patient = ingest.add_patient(store, project, f"MRN-{uuid.uuid4().hex[:6]}")
-        ingest.put_document(store, patient, "ccda", CCDA)
-        state = deliver_state()
-        summary = state.result(raise_on_failure=False)
-        return state.type.value, state.message, summary.destinations[healthy].delivered
+        def update_and_deliver() -> tuple[str, str, int, int]:
+            patient = ingest.add_patient(store, project, f"MRN-{uuid.uuid4().hex[:6]}")
+            ingest.put_document(store, patient, "ccda", CCDA)
+            state = deliver_state()
+            summary = state.result(raise_on_failure=False)
+            sent = summary.destinations.get(dead)
+            to_dead = sent.delivered if sent else 0
+            return (
+                state.type.value,
+                state.message or "",
+                summary.destinations[healthy].delivered,
+                to_dead,
+            )
 
-    first = update_and_deliver()
-    assert first[0] == "FAILED" and first[2] == 1  # new trouble: the run is red
-    second = update_and_deliver()
-    assert second[0] == "COMPLETED" and second[2] == 1, second  # the healthy one still gets its
-    assert second[1] and f"not delivered to {dead}, failing since " in second[1]
-    assert "keeps failing" in second[1]
-    from patient_delivery.reports import status_counts
+        server.crash()
+        first = update_and_deliver()
+        assert first[0] == "FAILED" and first[2] == 1, first  # new trouble: the run is red
+        down = status_counts(store).set_index("destination")["down_since"]
+        assert down.notna()[dead] and down.isna()[healthy]  # `status` says since when
+        tries = {row.id: row.attempts for row in rows(store, destination=dead)}
 
-    since = status_counts(store).set_index("destination")["failing_since"]
-    assert since.notna()[dead] and since.isna()[healthy]  # `status` says since when
-    sftp_block(sshd, folder).save(name, overwrite=True)  # the organization fixed its server
-    fixed = update_and_deliver()
-    assert fixed[0] == "COMPLETED" and "failing" not in (fixed[1] or "")
-    assert status_counts(store).set_index("destination")["failing_since"].isna().all()
-    sftp_block(sshd, folder, port=free_port(), connect_timeout=2).save(name, overwrite=True)
-    again = update_and_deliver()
-    assert again[0] == "FAILED", again  # down again: new trouble
+        second = update_and_deliver()
+        assert second[0] == "COMPLETED" and second[2] == 1, second  # the healthy one still gets its
+        assert f"down, skipped until a probe reaches them: {dead}" in second[1], second
+        waited = rows(store, destination=dead)
+        assert {row.id: row.attempts for row in waited if row.id in tries} == tries  # not tried
+        assert [row.status for row in waited if row.id not in tries] == ["queued"]
+
+        time.sleep(1.5)  # the first probe is due; the server still stopped
+        probed = update_and_deliver()
+        assert probed[0] == "COMPLETED" and probed[3] == 0 and dead in probed[1], probed
+
+        server.start()
+        time.sleep(2.5)  # the next probe is due
+        back = update_and_deliver()
+        assert back[0] == "COMPLETED" and back[3] == 4, back  # every waiting document, once
+        assert "down" not in back[1]
+        landed = {row.path for row in rows(store, destination=dead) if row.status == "delivered"}
+        assert len(landed) == 4 and all(
+            (folder / str(path).lstrip("/")).is_file() for path in landed
+        )
+        assert len(list(folder.rglob("*.xml"))) == 4  # nothing twice
+        assert status_counts(store).set_index("destination")["down_since"].isna().all()
+        assert _events(dead, started, "back") == 1
+        assert _events(dead, started, "down") == 1  # once, for three runs it was down in
+    finally:
+        server.stop()
+
+
+def _events(destination: str, since: datetime, what: str) -> int:
+    """How many `patient-delivery.destination.<what>` events the server holds for it (they
+    take a few seconds to be stored: waits up to 30 s for the first)."""
+    from prefect.client.orchestration import get_client
+
+    query = {"filter": {
+        "event": {"name": [f"patient-delivery.destination.{what}"]},
+        "resource": {"id": [f"patient-delivery.destination.{destination}"]},
+        "occurred": {"since": since.isoformat()},
+    }}  # fmt: skip
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            found = client.request("POST", "/events/filter", json=query).json()["events"]
+            if found or time.monotonic() > deadline:
+                return len(found)
+            time.sleep(0.5)

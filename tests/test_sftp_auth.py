@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -136,12 +135,16 @@ def test_a_key_the_server_does_not_hold_is_refused_naming_the_key_it_presented(
 
 @pytest.mark.usefixtures("prefect_api")
 def test_a_refused_password_is_tried_once_per_run_however_many_lanes(
-    sshd: SshServer, store: Store, tmp_path: Path
+    sshd: SshServer, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run of 200 documents over up to 8 connections, with a wrong password: sshd's log
     shows one failed login for the run (not one per lane or warm-up: an account lockout
-    policy counts each), every document failed with the reason, and the next run tries once
-    again."""
+    policy counts each), every document failed with the reason. The destination is then
+    down: the next run tries no login at all, and a probe due tries one."""
+    from patient_delivery.settings import get_settings
+
+    monkeypatch.setenv("PATIENT_DELIVERY_PROBE_FIRST_SECONDS", "1")
+    get_settings.cache_clear()
     ingest.add_organization(store, "Acme Research", "acme")
     project = ingest.add_project(store, "acme", "Study", "study")
     name = f"wrong-{uuid.uuid4().hex[:8]}"
@@ -156,9 +159,14 @@ def test_a_refused_password_is_tried_once_per_run_however_many_lanes(
     def failed_logins() -> int:
         return sshd.log.read_text().count(f"Failed password for {SFTP_USER} ")
 
-    for _run in range(2):
+    def logins_in_a_run() -> tuple[int, int]:
         before = failed_logins()
         summary = deliver()
         time.sleep(0.5)  # sshd writes its log line as it closes the connection
-        assert (summary.delivered, summary.failed) == (0, 200)
-        assert failed_logins() - before == 1
+        assert summary.delivered == 0
+        return summary.failed, failed_logins() - before
+
+    assert logins_in_a_run() == (200, 1)
+    assert logins_in_a_run() == (0, 0)  # down: skipped, its deliveries wait
+    time.sleep(1.2)  # a probe is due
+    assert logins_in_a_run() == (0, 1)  # the probe's login, refused: still down

@@ -199,12 +199,15 @@ class DestinationFailing(Base):
     since: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     first_run: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(Text)
+    runs: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Runs in a row that failed at it and delivered nothing to it."""
 
 
 class DestinationWaiting(Base):
-    """A destination whose deliveries wait, for every run, until `until` (or until its block
-    can be used again, which a run checks when it starts): no run claims them meanwhile, so
-    runs that cannot send them do not pass them back and forth."""
+    """A destination whose deliveries wait for every run: no run claims them meanwhile, so
+    runs that cannot send them do not pass them back and forth. An `unusable` block's wait
+    ends at `until` (or when a run starting finds the block usable again); a destination
+    `down` waits until a probe reaches it, the next one due at `until`."""
 
     __tablename__ = "destinations_waiting"
 
@@ -212,6 +215,7 @@ class DestinationWaiting(Base):
     reason: Mapped[str] = mapped_column(Text)
     since: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     until: Mapped[datetime] = mapped_column(UtcDateTime)
+    kind: Mapped[str] = mapped_column(String(16), default="unusable", server_default="unusable")
 
 
 class ShareWithdrawal(Base):
