@@ -82,6 +82,16 @@ class Destination(Block, ABC):
         title="Max connections",
         description="Most uploads to run at once to this destination (one connection each).",
     )
+    lag_objective_minutes: int = Field(
+        default=15,
+        ge=1,
+        le=7 * 24 * 60,
+        title="Lag objective (minutes)",
+        description=(
+            "How long an update may wait to land here: when the oldest delivery owed to this "
+            'destination is older, the "destination behind" alert fires (at most once an hour).'
+        ),
+    )
 
     manifest_template: str = Field(
         default=DEFAULT_MANIFEST_TEMPLATE,

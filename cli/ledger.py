@@ -149,7 +149,8 @@ def status(as_json: Json = False) -> None:
         print_json({"destinations": records(counts), "recent_runs": records(runs)})
         return
     print_frame(counts, "deliveries by destination and status",
-                ("destination", "failed", "failing_since", "down_since", "waiting_until"),
+                ("destination", "failed", "oldest_owed_s", "lag_p95_1h_s", "down_since",
+                 "waiting_until"),
                 more="--json")  # fmt: skip
     print_frame(runs, "recent runs (by the ledger rows they last touched)",
                 ("flow_run_id", "delivered", "failed"), more="--json")  # fmt: skip

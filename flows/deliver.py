@@ -37,7 +37,7 @@ from prefect.task_runners import TaskRunner
 from patient_delivery import destination_health, ledger
 from patient_delivery.blocks import problem
 from patient_delivery.documents import DataType
-from patient_delivery.flows import engine, reporting, runtime, waiting
+from patient_delivery.flows import engine, lag, reporting, runtime, waiting
 from patient_delivery.flows.engine import Lane, Run, RunLimits
 from patient_delivery.flows.parameters import NotGiven
 from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary, WaveReports
@@ -153,7 +153,8 @@ def write_manifests(run: Run) -> dict[str, str]:
 @task(name="record")
 def record(summary: RunSummary) -> None:
     """Publish the run's summary; announce each destination with failures or an unusable block
-    (counts only); note which destinations are failing and which are healthy again."""
+    (counts only); note which destinations are failing, down or back; publish how far behind
+    its destinations are."""
     reporting.publish(summary)
     if summary.failed or summary.parked:
         reporting.announce_failing_destinations(summary)
@@ -166,6 +167,7 @@ def record(summary: RunSummary) -> None:
         get_run_logger().warning("%s is down: runs skip it until a probe reaches it", destination)
     if noted.back:
         get_run_logger().info("back: %s", ", ".join(noted.back))
+    lag.publish([*summary.destinations, *summary.down, *summary.waiting])
     get_run_logger().info(
         "run finished: %d delivered, %d failed, to %d destination(s)%s",
         summary.delivered, summary.failed, len(summary.destinations), summary.parked_note(),

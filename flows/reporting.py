@@ -339,6 +339,14 @@ def announce_health(noted: Noted) -> None:
         _emit_destination(destination, "back", {"failing_since": since.isoformat()})
 
 
+def announce_behind(destination: str, oldest_owed_seconds: float, objective_minutes: int) -> None:
+    """The oldest delivery owed to a destination is older than its lag objective."""
+    _emit_destination(destination, "behind", {
+        "oldest_owed_minutes": round(oldest_owed_seconds / 60, 1),
+        "objective_minutes": objective_minutes,
+    })  # fmt: skip
+
+
 def announce_unusable(destination: str, reason: str) -> None:
     """A destination's block cannot be used, found before any delivery was parked for it."""
     _emit_destination(destination, "unusable", {"parked": 0, "reason": reason})

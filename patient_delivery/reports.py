@@ -6,8 +6,9 @@ never uses pandas.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 from sqlalchemy import case, func, select
@@ -115,7 +116,7 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
 def status_counts(store: Store) -> pd.DataFrame:
     """Deliveries per destination and status: what is owed, sent and failing; for a
     destination that runs deliver nothing to, since when; for one down, since when; for one
-    whose deliveries wait, until when (`destination_health`)."""
+    whose deliveries wait, until when (`destination_health`); how far behind each is (`lag`)."""
     statement = select(Delivery.destination, Delivery.status, func.count()).group_by(
         Delivery.destination, Delivery.status
     )
@@ -139,7 +140,50 @@ def status_counts(store: Store) -> pd.DataFrame:
     # the next probe of a destination down. Empty when none wait.
     until = {ref: wait.until for ref, wait in waiting.items()}
     table["waiting_until"] = pd.to_datetime(table["destination"].map(until), utc=True)
-    return table
+    return table.merge(lag(store), on="destination", how="left")
+
+
+OWED = (DeliveryStatus.QUEUED, DeliveryStatus.PENDING, DeliveryStatus.FAILED)
+LAG_WINDOWS = {"1h": timedelta(hours=1), "1d": timedelta(days=1)}
+LAG_COLUMNS = ["destination", "oldest_owed_s", *(
+    f"lag_{q}_{w}_s" for w in LAG_WINDOWS for q in ("p50", "p95")
+), "landed_1d"]  # fmt: skip
+
+
+def lag(store: Store, destinations: Collection[str] | None = None) -> pd.DataFrame:
+    """How far behind each destination is, in seconds: the age of its oldest owed delivery
+    (empty when nothing is owed), and from each update's arrival to its file landing, the
+    median and 95th percentile over the deliveries that landed in the last hour and day."""
+    now = datetime.now(UTC)
+    oldest = select(Delivery.destination, func.min(Delivery.created_at)).where(
+        Delivery.status.in_(OWED)
+    )
+    landed = select(Delivery.destination, Delivery.created_at, Delivery.delivered_at).where(
+        Delivery.status == DeliveryStatus.DELIVERED,
+        Delivery.delivered_at >= now - max(LAG_WINDOWS.values()),
+    )
+    if destinations is not None:
+        oldest = oldest.where(Delivery.destination.in_(list(destinations)))
+        landed = landed.where(Delivery.destination.in_(list(destinations)))
+    with store.session() as session:
+        owed = session.execute(oldest.group_by(Delivery.destination)).all()
+        times = pd.DataFrame(session.execute(landed).all(),
+                             columns=["destination", "created", "landed"])  # fmt: skip
+    table = pd.DataFrame(owed, columns=["destination", "oldest"]).set_index("destination")
+    table["oldest_owed_s"] = (
+        now - pd.to_datetime(table.pop("oldest"), utc=True)
+    ).dt.total_seconds()
+    times["landed"] = pd.to_datetime(times["landed"], utc=True)
+    times["seconds"] = (
+        times["landed"] - pd.to_datetime(times["created"], utc=True)
+    ).dt.total_seconds()
+    for window, span in LAG_WINDOWS.items():
+        recent = times[times["landed"] >= now - span].groupby("destination")["seconds"]
+        for name, share in (("p50", 0.5), ("p95", 0.95)):
+            table = table.join(recent.quantile(share).rename(f"lag_{name}_{window}_s"), how="outer")
+    table = table.join(times.groupby("destination").size().rename("landed_1d"), how="outer")
+    table["landed_1d"] = table["landed_1d"].fillna(0).astype(int)
+    return table.round(1).rename_axis("destination").reset_index()[LAG_COLUMNS]
 
 
 def recent_runs(store: Store, limit: int = 10) -> pd.DataFrame:

@@ -882,9 +882,53 @@ def test_a_server_stopped_is_down_skipped_probed_and_back_with_what_waited(
         server.stop()
 
 
-def _events(destination: str, since: datetime, what: str) -> int:
+@pytest.mark.usefixtures("sshd")
+def test_lag_is_shown_per_destination_and_a_destination_behind_its_objective_alerts(
+    store: Store, project: str, tmp_path: Path, sshd
+) -> None:  # type: ignore[no-untyped-def]
+    """`status --json` and the run's `delivery-lag` artifact give each destination's oldest
+    owed age and its update-to-landed percentiles; a destination whose oldest owed delivery is
+    older than its block's objective raises the "behind" event (its payload: minutes only)."""
+    from prefect.artifacts import Artifact
+    from typer.testing import CliRunner
+
+    from loopback.servers import free_port
+    from patient_delivery.cli import app
+    from tests.test_sftp_destination import sftp_block
+
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    sftp_block(sshd, Path("/in"), port=free_port(), connect_timeout=2,
+               lag_objective_minutes=1).save(name)  # no server there: nothing lands  # fmt: skip
+    late, healthy = f"sftp-destination/{name}", save_local(tmp_path / "org")
+    ingest.subscribe(store, project, late)
+    ingest.subscribe(store, project, healthy)
+    for number in range(3):
+        patient = ingest.add_patient(store, project, f"MRN-{number}")
+        ingest.put_document(store, patient, "ccda", CCDA)
+    with store.session() as session:  # these updates arrived five minutes ago
+        for row in session.scalars(select(Delivery)):
+            row.created_at = datetime.now(UTC) - timedelta(minutes=5)
+    started = datetime.now(UTC)
+    deliver_state()
+
+    shown = CliRunner().invoke(app, ["status", "--json"])
+    assert shown.exit_code == 0, shown.output
+    lags = {row["destination"]: row for row in json.loads(shown.output)["destinations"]}
+    assert lags[healthy]["oldest_owed_s"] is None and lags[healthy]["landed_1d"] == 3
+    assert 290 < lags[healthy]["lag_p50_1h_s"] <= lags[healthy]["lag_p95_1d_s"] < 600
+    assert 290 < lags[late]["oldest_owed_s"] < 600 and lags[late]["landed_1d"] == 0
+    assert lags[late]["lag_p95_1h_s"] is None
+    card = Artifact.get("delivery-lag")
+    assert card is not None and {row["destination"] for row in json.loads(str(card.data))} == {
+        late, healthy,
+    }  # fmt: skip
+    assert _events(late, started, "behind") == 1  # stored, and so is any of the same run:
+    assert _events(healthy, started, "behind", wait=0) == 0
+
+
+def _events(destination: str, since: datetime, what: str, wait: float = 30) -> int:
     """How many `patient-delivery.destination.<what>` events the server holds for it (they
-    take a few seconds to be stored: waits up to 30 s for the first)."""
+    take a few seconds to be stored: waits up to `wait` seconds for the first)."""
     from prefect.client.orchestration import get_client
 
     query = {"filter": {
@@ -892,7 +936,7 @@ def _events(destination: str, since: datetime, what: str) -> int:
         "resource": {"id": [f"patient-delivery.destination.{destination}"]},
         "occurred": {"since": since.isoformat()},
     }}  # fmt: skip
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     with get_client(sync_client=True) as client:
         while True:
             found = client.request("POST", "/events/filter", json=query).json()["events"]

@@ -499,7 +499,7 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
             "'body': '{{body}}'}).save('ops-hook', overwrite=True)"
         ))  # fmt: skip
         installed = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
-        assert installed.count("created automation") == 5
+        assert installed.count("created automation") == 6
         retired = "patient delivery destination keeps failing"  # an earlier version's alert
         api.post(f"{server.url}/automations/", timeout=30, json={
             "name": retired, "actions": [{"type": "do-nothing"}],
@@ -507,11 +507,11 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
                         "threshold": 1, "within": 0},
         }).raise_for_status()  # fmt: skip
         again = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
-        assert again.count("updated automation") == 5 and "created" not in again
+        assert again.count("updated automation") == 6 and "created" not in again
         assert f"removed retired automation '{retired}'" in again
-        assert len(alert_names(server)) == len(set(alert_names(server))) == 5  # one of each
+        assert len(alert_names(server)) == len(set(alert_names(server))) == 6  # one of each
         listed = json.loads(cli(env, "alerts", "list", "--json"))["alerts"]
-        assert [(a["installed"], a["enabled"]) for a in listed] == [(True, True)] * 5
+        assert [(a["installed"], a["enabled"]) for a in listed] == [(True, True)] * 6
 
         patient = project_with_folder(env, "alert-folder", tmp_path / "org", "../escape",
                                       "--template", "{projectId}/{externalId}")  # fmt: skip
@@ -527,7 +527,7 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
         alert = json.dumps(received[0])
         assert "failed" in alert and "1 of 1 deliveries failed" in alert
         assert "service" not in alert and "escape" not in alert  # no content, no externalId
-        assert "removed 5 automation(s)" in cli(env, "alerts", "remove")
+        assert "removed 6 automation(s)" in cli(env, "alerts", "remove")
         assert alert_names(server) == []
         assert "no" in cli(env, "alerts", "list")
         missing = subprocess.run(
