@@ -5,16 +5,20 @@ root...): a block saved from the UI is stored as typed. The `check-destination` 
 on every save of one of our destination blocks and loads it as a delivery run would. A block
 that breaks its rules ends the run Failed with the fields and rules it broke (never their
 values) and raises `patient-delivery.destination.unusable`, whose alert tells the people who
-fix it, before a delivery run has to park anything for it.
+fix it, before a delivery run has to park anything for it. A valid block saved for a
+destination that is down (a new password, a host key pinned again) has its probe made due, so
+the next run tries it instead of waiting out the backoff.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from patient_delivery import destination_health
 from patient_delivery.blocks.loading import BlockProblem
 from patient_delivery.blocks.loading import check_destination as load_checked
 from patient_delivery.flows import reporting
+from patient_delivery.store import open_store
 
 CHECK_SECONDS = 300.0
 """A check reads one block from Prefect; five minutes means something is wrong with Prefect."""
@@ -39,4 +43,7 @@ def check_destination(destination: str) -> str:
         reporting.announce_unusable(destination, str(problem))
         raise DestinationUnusable(str(problem)) from None
     get_run_logger().info("%s is valid", destination)
+    if destination_health.probe_now(open_store(), [destination]):  # a fix, likely: try it now
+        get_run_logger().info("%s is down: the next run probes it", destination)
+        return f"{destination} is valid; it is down, and the next run probes it"
     return f"{destination} is valid"

@@ -926,6 +926,25 @@ def test_lag_is_shown_per_destination_and_a_destination_behind_its_objective_ale
     assert _events(healthy, started, "behind", wait=0) == 0
 
 
+def test_a_valid_block_saved_for_a_destination_down_is_probed_by_the_next_run(
+    store: Store, tmp_path: Path
+) -> None:
+    """The organization's fix (a block saved again, found valid by `check-destination`) makes
+    the probe of a destination down due now, instead of after its backoff."""
+    from patient_delivery import destination_health
+    from patient_delivery.flows.destination_check import check_destination
+
+    reference = save_local(tmp_path / "org")
+    noted = destination_health.note(store, "run-1", [], {reference: "1 x cannot reach it"})
+    assert list(noted.down) == [reference]
+    assert destination_health.probes_due(store) == []  # its first probe is a minute away
+    assert check_destination(reference).endswith("it is down, and the next run probes it")
+    assert destination_health.probes_due(store) == [reference]  # taken by one run
+    assert destination_health.probes_due(store) == []  # and by no other at the same time
+    destination_health.resume(store, [reference])
+    assert check_destination(reference) == f"{reference} is valid"  # no longer down
+
+
 def _events(destination: str, since: datetime, what: str, wait: float = 30) -> int:
     """How many `patient-delivery.destination.<what>` events the server holds for it (they
     take a few seconds to be stored: waits up to `wait` seconds for the first)."""
