@@ -124,7 +124,10 @@ def test_fhirclient_reads_a_patient_and_searches_resources_page_by_page(world: W
     smart = client.FHIRClient(settings={"app_id": "tests", "api_base": f"{world.api.url}/fhir/"})
     smart.server.session.headers["Authorization"] = f"Bearer {world.key}"
     smart.prepare()  # reads and parses our CapabilityStatement
-    assert smart.ready
+    # It names the SMART token endpoint: the client would get a token itself (test_smart);
+    # here it reads with the organization's API key, sent as a bearer token.
+    assert smart.server.capabilityStatement.fhirVersion == "4.0.1"
+    assert smart.server.auth.auth_type == "oauth2" and not smart.ready
     candidates = {pid: world.exported(sid, pid) for pid, sid in world.patients().items()}
     patient_id = max(candidates, key=lambda pid: len(candidates[pid]))  # the fullest record
     exported = candidates[patient_id]

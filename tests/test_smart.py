@@ -91,6 +91,30 @@ def test_discovery_says_how_to_ask_for_a_token(world: World) -> None:
     assert rest["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
 
 
+def test_python_fhirclient_finds_the_token_endpoint_in_the_metadata_and_reads(
+    world: World, service: Service
+) -> None:
+    """Python `fhirclient` as shipped: given its client_id, a signed assertion and a scope, it
+    reads /fhir/metadata, finds the token endpoint there (the SMART `oauth-uris` extension),
+    gets a token with the assertion and reads the organization's patients with it."""
+    from fhirclient import client
+    from fhirclient.models.patient import Patient
+
+    reader = client.FHIRClient(settings={
+        "app_id": service.client_id, "api_base": f"{world.api.url}/fhir",
+        "jwt_token": service.assertion(), "scope": "system/*.rs",
+    })  # fmt: skip
+    reader.prepare()  # the CapabilityStatement: OAuth 2 with a JWT, not "no auth"
+    assert reader.server.auth.auth_type == "oauth2"
+    reader.authorize()
+    found = Patient.where({"_count": "500"}).perform(reader.server)
+    expected = world.get("Patient", _count="500").json()
+    assert found.total == expected["total"] > 0
+    assert [e.resource.id for e in found.entry] == [e["resource"]["id"] for e in expected["entry"]]
+    patient_id = next(iter(world.patients()))
+    assert Patient.read(patient_id, reader.server).id == patient_id
+
+
 @pytest.mark.parametrize("kind", ["RSA", "EC"])
 def test_a_service_gets_a_token_and_reads_what_its_api_key_reads(
     world: World, store: Store, kind: str
@@ -260,18 +284,3 @@ def test_a_key_set_that_cannot_be_used_is_one_line_and_exit_2(world: World, tmp_
     ):  # fmt: skip
         output = run(*args, code=2)
         assert said in output and len(output.strip().splitlines()) == 1, (args, output)
-
-
-def test_a_fhir_client_library_reads_with_the_token(world: World, service: Service) -> None:
-    """fhirclient (SMART on FHIR's Python client), given the service's token, reads as with
-    a key: the server's CapabilityStatement, then a patient."""
-    from fhirclient import client
-    from fhirclient.models.patient import Patient as FhirPatient
-
-    reader = client.FHIRClient(settings={"app_id": "etl", "api_base": f"{world.api.url}/fhir/"})
-    reader.server.session.headers["Authorization"] = f"Bearer {service.token()}"
-    reader.prepare()
-    assert reader.ready
-    patient_id = next(iter(world.patients()))
-    patient = FhirPatient.read(patient_id, reader.server)
-    assert patient.id == patient_id

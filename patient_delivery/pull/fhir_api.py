@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from patient_delivery.pull.auth_api import token_url
 from patient_delivery.pull.keys import Caller, authenticate
 from patient_delivery.pull.records import MAX_OFFSET, RESOURCE_TYPES, FhirRecord, Records
 
@@ -33,6 +34,7 @@ SMART_ON_FHIR = {
     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
     "code": "SMART-on-FHIR",
 }
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 CHANNEL = "fhir-api"
 MAX_COUNT = 500
 PAGING = frozenset({"_count", "_offset"})
@@ -73,6 +75,7 @@ def capability_statement(base: str) -> dict[str, Any]:
         {"name": "_count", "type": "number"},
     ]
     everything = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+    token = {"url": "token", "valueUri": token_url(base.removesuffix("/fhir"))}
     resources: list[dict[str, Any]] = [
         {
             "type": "Patient",
@@ -101,6 +104,8 @@ def capability_statement(base: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "security": {
+                    # Where clients that read it (Python fhirclient) find the token endpoint.
+                    "extension": [{"url": OAUTH_URIS, "extension": [token]}],
                     "service": [{"coding": [SMART_ON_FHIR]}],
                     "description": (
                         "Bearer token: an organization's API key, or an access token from "

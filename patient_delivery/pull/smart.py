@@ -296,15 +296,27 @@ def _verified(
 
 def _granted(allowed: frozenset[str], requested: str) -> frozenset[str]:
     """The scopes to grant: each requested one the client may have (a `system/*` scope of
-    the client's covers every type's)."""
+    the client's covers every type's). Launch and identity scopes, which mean nothing without
+    a user (Python fhirclient asks for `launch/patient` by default), are left out, as RFC 6749
+    3.3 allows; the answer's `scope` says what was granted."""
+    system = " ".join(s for s in requested.split() if not _launch_context(s))
     try:
-        wanted = check_scopes(requested)
+        wanted = check_scopes(system)
     except ClientError as exc:
         raise TokenRefused("invalid_scope", str(exc)) from None
     granted = frozenset(s for s in wanted if s in allowed or _covered(s, allowed))
     if not granted:
         raise TokenRefused("invalid_scope", "none of the requested scopes is granted to the client")
     return granted
+
+
+LAUNCH_CONTEXT = frozenset({"launch", "openid", "fhirUser", "profile", "offline_access",
+                            "online_access"})  # fmt: skip
+"""SMART's scopes for an app launched by a user, besides the `launch/...` ones."""
+
+
+def _launch_context(scope: str) -> bool:
+    return scope in LAUNCH_CONTEXT or scope.startswith("launch/")
 
 
 def _covered(scope: str, allowed: frozenset[str]) -> bool:
