@@ -79,11 +79,6 @@ def print_json(document: object) -> None:
     sys.stdout.write(json.dumps(document, default=fallback, indent=2) + "\n")
 
 
-def records(frame: pd.DataFrame) -> list[dict[str, object]]:
-    """A table's rows as JSON-ready records: missing values as null."""
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
-
 def print_frame(
     frame: pd.DataFrame, title: str, keep: Sequence[str] = (), more: str | None = "--json or --csv"
 ) -> None:
@@ -275,6 +270,8 @@ def written(
                 text.to_csv(out, index=False, **iso)
             errors.print(f"{len(frame)} rows written to {csv}", highlight=False)
     if as_json:
+        from patient_delivery.reports import records
+
         print_json({title: records(frame)})
     return bool(csv or as_json)
 

@@ -22,7 +22,6 @@ from patient_delivery.cli.common import (
     parse_when,
     print_frame,
     print_json,
-    records,
     written,
 )
 
@@ -110,7 +109,12 @@ def disclosures(
 ) -> None:
     """Every send of a patient's records (re-sends included) and every read through the pull
     API: the accounting of disclosures."""
-    from patient_delivery.reports import LedgerQuery, disclosures_frame, withdrawals_frame
+    from patient_delivery.reports import (
+        LedgerQuery,
+        disclosures_frame,
+        records,
+        withdrawals_frame,
+    )
 
     in_scope(project_id=project, patient_ids=[patient] if patient else ())
     on_terminal = not (csv or as_json)
@@ -141,7 +145,7 @@ def disclosures(
 @app.command()
 def status(as_json: Json = False) -> None:
     """Deliveries per destination and status, and the latest runs (from the ledger)."""
-    from patient_delivery.reports import recent_runs, status_counts
+    from patient_delivery.reports import recent_runs, records, status_counts
 
     store = current_store()
     counts, runs = status_counts(store), recent_runs(store)

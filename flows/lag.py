@@ -8,7 +8,7 @@ from collections.abc import Collection
 
 from patient_delivery.blocks import load_destinations
 from patient_delivery.flows import reporting, runtime
-from patient_delivery.reports import lag
+from patient_delivery.reports import lag, records
 from patient_delivery.store import open_store
 
 SOONEST_OBJECTIVE_SECONDS = 60
@@ -21,8 +21,7 @@ def publish(destinations: Collection[str]) -> None:
     table = lag(open_store(), destinations)
     if table.empty:
         return
-    rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    runtime.create_table(rows, key="delivery-lag", description=(
+    runtime.create_table(records(table), key="delivery-lag", description=(
         "How far behind each destination is, in seconds: the age of its oldest owed delivery, "
         "and update-to-landed times (median, 95th percentile) over the last hour and day."
     ))  # fmt: skip

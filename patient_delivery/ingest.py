@@ -21,6 +21,7 @@ from patient_delivery.events import emit_data_updated, emit_share_withdrawn, eve
 from patient_delivery.ledger import enqueue_heads, enqueue_version
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
+    UNSENT,
     Delivery,
     DeliveryStatus,
     DocumentContent,
@@ -175,9 +176,7 @@ def unshare_patient(
             .where(
                 Delivery.project_id == project_id,
                 Delivery.patient_id == patient_id,
-                Delivery.status.in_(
-                    [DeliveryStatus.QUEUED, DeliveryStatus.PENDING, DeliveryStatus.FAILED]
-                ),
+                Delivery.status.in_(UNSENT),
             )
             .values(  # a run's claim stays: what it sent meanwhile is still recorded as sent
                 status=DeliveryStatus.WITHDRAWN, last_error="consent withdrawn", updated_at=utcnow()

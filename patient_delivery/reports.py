@@ -16,6 +16,7 @@ from sqlalchemy import case, func, select
 from patient_delivery import destination_health
 from patient_delivery.store import Store
 from patient_delivery.store.models import (
+    UNSENT,
     Delivery,
     DeliveryStatus,
     DestinationFailing,
@@ -113,6 +114,11 @@ def deliveries_frame(store: Store, query: LedgerQuery = LedgerQuery()) -> pd.Dat
     return pd.DataFrame(rows, columns=DISCLOSURE_COLUMNS)
 
 
+def records(frame: pd.DataFrame) -> list[dict[str, object]]:
+    """A table's rows as JSON-ready records: missing values as null (`--json`, artifacts)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
 def status_counts(store: Store) -> pd.DataFrame:
     """Deliveries per destination and status: what is owed, sent and failing; for a
     destination that runs deliver nothing to, since when; for one down, since when; for one
@@ -143,7 +149,6 @@ def status_counts(store: Store) -> pd.DataFrame:
     return table.merge(lag(store), on="destination", how="left")
 
 
-OWED = (DeliveryStatus.QUEUED, DeliveryStatus.PENDING, DeliveryStatus.FAILED)
 LAG_WINDOWS = {"1h": timedelta(hours=1), "1d": timedelta(days=1)}
 LAG_COLUMNS = ["destination", "oldest_owed_s", *(
     f"lag_{q}_{w}_s" for w in LAG_WINDOWS for q in ("p50", "p95")
@@ -156,7 +161,7 @@ def lag(store: Store, destinations: Collection[str] | None = None) -> pd.DataFra
     median and 95th percentile over the deliveries that landed in the last hour and day."""
     now = datetime.now(UTC)
     oldest = select(Delivery.destination, func.min(Delivery.created_at)).where(
-        Delivery.status.in_(OWED)
+        Delivery.status.in_(UNSENT)
     )
     landed = select(Delivery.destination, Delivery.created_at, Delivery.delivered_at).where(
         Delivery.status == DeliveryStatus.DELIVERED,

@@ -145,6 +145,10 @@ class DeliveryStatus(enum.StrEnum):
     WITHDRAWN = "withdrawn"  # the patient stopped sharing with the project before it was sent
 
 
+UNSENT = (DeliveryStatus.QUEUED, DeliveryStatus.PENDING, DeliveryStatus.FAILED)
+"""Deliveries still owed: not sent yet, and neither superseded nor withdrawn."""
+
+
 class Delivery(Base):
     """One document version to one destination for one project: queue entry and ledger row."""
 
