@@ -135,16 +135,14 @@ def test_a_key_the_server_does_not_hold_is_refused_naming_the_key_it_presented(
 
 @pytest.mark.usefixtures("prefect_api")
 def test_a_refused_password_is_tried_once_per_run_however_many_lanes(
-    sshd: SshServer, store: Store, monkeypatch: pytest.MonkeyPatch
+    sshd: SshServer, store: Store
 ) -> None:
     """A run of 200 documents over up to 8 connections, with a wrong password: sshd's log
     shows one failed login for the run (not one per lane or warm-up: an account lockout
     policy counts each), every document failed with the reason. The destination is then
     down: the next run tries no login at all, and a probe due tries one."""
-    from patient_delivery.settings import get_settings
+    from patient_delivery import destination_health
 
-    monkeypatch.setenv("PATIENT_DELIVERY_PROBE_FIRST_SECONDS", "1")
-    get_settings.cache_clear()
     ingest.add_organization(store, "Acme Research", "acme")
     project = ingest.add_project(store, "acme", "Study", "study")
     name = f"wrong-{uuid.uuid4().hex[:8]}"
@@ -168,5 +166,5 @@ def test_a_refused_password_is_tried_once_per_run_however_many_lanes(
 
     assert logins_in_a_run() == (200, 1)
     assert logins_in_a_run() == (0, 0)  # down: skipped, its deliveries wait
-    time.sleep(1.2)  # a probe is due
+    destination_health.probe_now(store)  # its probe due (a minute after it went down)
     assert logins_in_a_run() == (0, 1)  # the probe's login, refused: still down
