@@ -56,9 +56,15 @@ NOT_RUN = {
 SHELL = ("bash", "sh", "shell")
 
 SERVING = re.compile(r"^(patient-delivery (serve|listen)|prefect (server|worker) start)\b")
-"""Commands that run until stopped: started, and passed once they are still up after
-`SERVING_SECONDS` (or ended with 0); stopped when the walk ends."""
-SERVING_SECONDS = 8.0
+"""Commands that run until stopped: started, and passed once they say they are ready (or ended
+with 0); stopped when the walk ends."""
+READY = {
+    "patient-delivery serve": "FHIR at ",
+    "patient-delivery listen": "listening for patient.data.updated",
+    "prefect worker start": "started!",
+}
+"""What each command prints once it serves, as a reader waits for it."""
+SERVING_SECONDS = 60.0
 PREFECT_SERVER_SECONDS = 120.0
 """How long the walk waits for `prefect server start` to answer, as a reader waits for it to
 print its dashboard's address."""
@@ -136,7 +142,7 @@ class Walk:
 
     def _serve(self, command: str) -> subprocess.CompletedProcess[str]:
         """Start a command that runs until stopped (its output to a file: a pipe nobody reads
-        would stall it); it passes while it is still up after `SERVING_SECONDS`, or for the
+        would stall it); it passes once it prints that it is ready (`READY`), or for the
         Prefect server, once its API answers."""
         log = self.logs / f"serving-{len(self.background)}.log"
         with log.open("w") as out:
@@ -145,25 +151,32 @@ class Walk:
                 stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             )  # fmt: skip
         self.background.append(server)
-        ready = _api_answers if command.startswith("prefect server start") else None
-        seconds = PREFECT_SERVER_SECONDS if ready else SERVING_SECONDS
+        markers = [said for start, said in READY.items() if command.startswith(start)]
+        api = self.env.get("PREFECT_API_URL", "")
+        if command.startswith("prefect server start"):
+            ready, seconds = (lambda: _api_answers(api)), PREFECT_SERVER_SECONDS
+        else:
+            assert markers, f"what does {command!r} print once it is ready? (READY)"
+            ready, seconds = (lambda: markers[0] in log.read_text()), SERVING_SECONDS
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and server.poll() is None:
-            if ready and ready(self.env["PREFECT_API_URL"]):
+            if ready():
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         else:
-            if ready and server.poll() is None:  # up, yet its API never answered
+            if server.poll() is None:  # up, yet it never said it was ready
                 return subprocess.CompletedProcess(command, 1, "", log.read_text()[-2000:])
         code = server.returncode if server.poll() is not None else 0
         return subprocess.CompletedProcess(command, code, "", log.read_text()[-2000:])
 
     def stop(self) -> None:
-        for process in self.background:
+        for process in self.background:  # all at once: each takes seconds to end
             with contextlib.suppress(ProcessLookupError):  # its children, also if it ended
                 os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5  # a process worker may ignore SIGTERM
+        for process in self.background:
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
