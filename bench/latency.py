@@ -1,16 +1,22 @@
-"""How the delivery deployment's collision strategy handles a trickle and a burst of updates.
+"""Update-to-landed latency in the deployed setup: one update, a burst, a trickle.
 
-    uv run --group dev python bench/collisions.py     # CANCEL_NEW:15, CANCEL_NEW:0, ENQUEUE:0
-    uv run --group dev python bench/collisions.py --updates 20 --over 30 --setups ENQUEUE:15
+    uv run --group dev python bench/latency.py                  # both setups, a table
+    uv run --group dev python bench/latency.py --setups listen --json
 
-For each setup (STRATEGY:LINGER, the collision strategy and the runs' `linger_seconds`): a real
-`prefect server start` on loopback, `prefect deploy --all` from this checkout's prefect.yaml
-(with only those two changed), a process worker, a project
-subscribed to a local folder. Then a trickle (one `document put` every OVER/UPDATES seconds)
-and a burst (one `import` of UPDATES patients). For each, it prints the delivery runs the
-trigger asked for, how many started a process, how many of those found nothing to send, how
-many were cancelled before starting, and how long an update waited for its file (median and
-worst). The schedule's own runs are left out. Every update's file must arrive.
+For each setup, the production shape the README documents: a real `prefect server start` on
+loopback, the block types, a process work pool, `prefect deploy --all` from this checkout's
+prefect.yaml, `prefect worker start --limit 4`, a project subscribed to a local folder, and
+- `listen`: `patient-delivery listen` beside the worker (it pauses the update trigger);
+- `worker`: the worker alone, runs started by the deployment's update trigger.
+Then single updates (`--singles`, `--gap` seconds apart), one `import` of `--burst` patients,
+and a trickle (`--trickle` updates, one `document put` every `--over / --trickle` seconds).
+
+An update's latency runs from its document version's creation (the store's clock) to its file's
+modification time in the folder. For each scenario it prints min, median, p95 and max, the
+delivery runs updates started (listener runs, and deployment runs the trigger asked for, the
+schedule's left out), how many of those delivered nothing (`idle_runs`) and how many were
+cancelled before starting. With `--json`: one object per scenario. Every update's file must
+arrive, once.
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,7 +44,7 @@ from loopback.servers import PrefectServer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SETTLE_SECONDS = 20.0
-"""After the last file: past the trigger's 10 s window, so every run it would start has."""
+"""After the last file: past the trigger's 10 s window and a run's 15 s linger."""
 
 
 def document(label: str) -> bytes:
@@ -47,9 +54,9 @@ def document(label: str) -> bytes:
 
 
 class Service:
-    """One strategy's server, deployments, worker, store and receiving folder."""
+    """One setup's server, deployments, worker (and listener), store and receiving folder."""
 
-    def __init__(self, strategy: str, linger: float, work: Path) -> None:
+    def __init__(self, setup: str, work: Path) -> None:
         self.work = work
         self.server = PrefectServer()
         self.env = {
@@ -57,32 +64,32 @@ class Service:
             "PATIENT_DELIVERY_HOME": str(work / "home"),
             "PATIENT_DELIVERY_STORE_URL": f"sqlite:///{work / 'store.db'}",
             "PATIENT_DELIVERY_CHECKOUT": str(ROOT),
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_WORKER_PREFETCH_SECONDS": "0",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-        for deployment in config["deployments"]:
-            if deployment["name"] == "deliver-updates":
-                deployment["concurrency_limit"]["collision_strategy"] = strategy
-                deployment["parameters"]["linger_seconds"] = linger
-        variant = work / "prefect.yaml"
-        variant.write_text(yaml.safe_dump(config))
         self.prefect("block", "register", "-m", "patient_delivery.blocks")
         self.prefect("work-pool", "create", "patient-delivery", "--type", "process")
-        self.prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(variant))
+        self.prefect("--no-prompt", "deploy", "--all")
         self.deployment_id = self.deployments()["deliver-updates"]
         self.folder = work / "org-folder"
         self.cli("org", "add", "Acme", "--id", "acme")
         self.cli("project", "add", "acme", "Study", "--id", "study")
         self.cli("destination", "local", "bench-folder", "--root", str(self.folder))
         self.cli("subscribe", "study", "local-destination/bench-folder")
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "patient-delivery"],
-            env=self.env, cwd=ROOT, stdout=(work / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        time.sleep(3)
+        worker = ["worker", "start", "--pool", "patient-delivery", "--limit", "4"]
+        self.processes = [self.start("worker.log", sys.executable, "-m", "prefect", *worker)]
+        if setup == "listen":
+            log = work / "listen.log"
+            self.processes.append(self.start("listen.log", str(BIN / "patient-delivery"), "listen"))
+            deadline = time.monotonic() + 60
+            while "listening" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        time.sleep(3)  # the worker registers, the listener pauses the trigger
+        self.listener = setup == "listen"
+
+    def start(self, log: str, *command: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=self.env, cwd=ROOT,
+                                stdout=(self.work / log).open("wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
 
     def run(self, *command: str, stdin: bytes | None = None) -> str:
         done = subprocess.run(command, env=self.env, cwd=ROOT, input=stdin,
@@ -101,115 +108,156 @@ class Service:
         found = httpx.post(f"{self.server.url}/deployments/filter", json={}, timeout=30).json()
         return {d["name"]: d["id"] for d in found}
 
-    def files(self) -> dict[str, float]:
-        """Each delivered file's title and the time it landed (its modification time)."""
-        landed = {}
-        for path in self.folder.rglob("*.xml") if self.folder.exists() else []:
-            title = path.read_text().split("<title>")[1].split("</title>")[0]
-            landed[title] = path.stat().st_mtime
-        return landed
+    def landed(self) -> dict[str, tuple[float, float, str]]:
+        """Each delivered file's title: its version's creation, its landing (mtime), its run."""
+        from sqlalchemy import select
+
+        from patient_delivery.store import open_store
+        from patient_delivery.store.models import Delivery, DocumentVersion
+
+        statement = (
+            select(DocumentVersion.created_at, Delivery.path, Delivery.flow_run_id)
+            .join(DocumentVersion, DocumentVersion.id == Delivery.version_id)
+            .where(Delivery.status == "delivered")
+        )
+        with open_store(self.env["PATIENT_DELIVERY_STORE_URL"]).session() as session:
+            rows = session.execute(statement).all()
+        found = {}
+        for created, path, run in rows:
+            file = self.folder / path
+            title = file.read_text().split("<title>")[1].split("</title>")[0]
+            found[title] = (created.timestamp(), file.stat().st_mtime, run)
+        return found
 
     def runs_since(self, moment: float) -> list[dict]:
+        """Delivery runs updates started: the trigger's (scheduled ones left out) and the
+        listener's (no deployment)."""
         after = datetime.fromtimestamp(moment, UTC).isoformat()
-        return httpx.post(f"{self.server.url}/flow_runs/filter", timeout=30, json={
+        asked = httpx.post(f"{self.server.url}/flow_runs/filter", timeout=30, json={
             "deployments": {"id": {"any_": [self.deployment_id]}},
             "flow_runs": {"expected_start_time": {"after_": after}},
         }).json()  # fmt: skip
+        listener = httpx.post(f"{self.server.url}/flow_runs/filter", timeout=30, json={
+            "flows": {"name": {"any_": ["deliver-updates"]}},
+            "flow_runs": {"deployment_id": {"is_null_": True}, "start_time": {"after_": after}},
+        }).json()  # fmt: skip
+        return [run for run in asked if not run["auto_scheduled"]] + listener
 
     def stop(self) -> None:
-        os.killpg(self.worker.pid, 15)
-        try:
-            self.worker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.worker.pid, 9)
-            self.worker.wait()
+        for process in reversed(self.processes):
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         self.server.stop()
 
 
-def trickle(service: Service, updates: int, over: float) -> dict[str, float]:
-    """One new patient's document every `over / updates` seconds; when each was stored."""
-    sent = {}
-    gap = over / updates
-    start = time.monotonic()
-    for i in range(updates):
-        time.sleep(max(0.0, start + i * gap - time.monotonic()))
+def singles(service: Service, count: int, gap: float) -> list[str]:
+    """`count` updates, each alone: one `document put`, then `gap` seconds."""
+    titles = []
+    for i in range(count):
         patient = service.cli("patient", "add", "study").strip()
-        sent[f"trickle {i}"] = time.time()
-        service.cli("document", "put", patient, "ccda", "-", stdin=document(f"trickle {i}"))
-    return sent
+        titles.append(f"single {i}")
+        service.cli("document", "put", patient, "ccda", "-", stdin=document(titles[-1]))
+        time.sleep(gap)
+    return titles
 
 
-def burst(service: Service, updates: int) -> dict[str, float]:
-    """One import of `updates` new patients' documents; when the import began."""
+def trickle(service: Service, updates: int, over: float) -> list[str]:
+    """One new patient's document every `over / updates` seconds."""
+    patients = [service.cli("patient", "add", "study").strip() for _ in range(updates)]
+    titles, gap, start = [], over / updates, time.monotonic()
+    for i, patient in enumerate(patients):
+        time.sleep(max(0.0, start + i * gap - time.monotonic()))
+        titles.append(f"trickle {i}")
+        service.cli("document", "put", patient, "ccda", "-", stdin=document(titles[-1]))
+    return titles
+
+
+def burst(service: Service, updates: int) -> list[str]:
+    """One import of `updates` new patients' documents."""
     files = []
     for i in range(updates):
         files.append(service.work / f"burst-{i}.xml")
         files[-1].write_bytes(document(f"burst {i}"))
-    began = time.time()
     service.cli("import", "ccda", *map(str, files), "--project", "study")
-    return {f"burst {i}": began for i in range(updates)}
+    return [f"burst {i}" for i in range(updates)]
 
 
-def measure(service: Service, name: str, send) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def p95(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=20, method="inclusive")[18]
+
+
+def measure(service: Service, name: str, send: Callable[[], list[str]]) -> dict[str, object]:
     began = time.time()
-    sent = send()
+    titles = send()
     deadline = time.monotonic() + 300
-    while not set(sent) <= set(service.files()) and time.monotonic() < deadline:
+    while not set(titles) <= set(service.landed()) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(SETTLE_SECONDS)
-    landed = service.files()
-    missing = set(sent) - set(landed)
+    landed = service.landed()
+    missing = set(titles) - set(landed)
     if missing:
         raise SystemExit(f"{name}: {len(missing)} update(s) never arrived")
-    waits = [landed[title] - sent[title] for title in sent]
-    runs = [run for run in service.runs_since(began - 1) if not run["auto_scheduled"]]
-    started = [run for run in runs if run["run_count"]]  # it ran (a cancelled one has a
-    # start time: the moment it was cancelled)
-    ledger = json.loads(service.cli("deliveries", "--json", "--limit", "100000"))["deliveries"]
-    sending = {row["flow_run_id"] for row in ledger if row["status"] == "delivered"}
-    idle = [run for run in started if run["id"] not in sending]
-    unstarted = [run for run in runs if not run["run_count"]]
-    cancelled = [run for run in unstarted if run["state"]["type"] == "CANCELLED"]
+    waits = [landed[t][1] - landed[t][0] for t in titles]
+    runs = service.runs_since(began - 1)
+    started = [run for run in runs if run["run_count"]]  # a cancelled one never ran
+    sending = {run for _, _, run in landed.values()}
     return {
-        "pattern": name,
-        "asked": len(runs),
-        "started": len(started),
-        "found nothing": len(idle),
-        "cancelled unstarted": len(cancelled),
-        "wait median s": round(statistics.median(waits), 1),
-        "wait worst s": round(max(waits), 1),
+        "setup": "listen" if service.listener else "worker",
+        "scenario": name,
+        "updates": len(titles),
+        "min_s": round(min(waits), 2),
+        "median_s": round(statistics.median(waits), 2),
+        "p95_s": round(p95(waits), 2),
+        "max_s": round(max(waits), 2),
+        "runs": len(started),
+        "idle_runs": len([run for run in started if run["id"] not in sending]),
+        "cancelled_runs": len([run for run in runs if not run["run_count"]]),
     }
+
+
+def scenarios(
+    service: Service, args: argparse.Namespace
+) -> list[tuple[str, Callable[[], list[str]]]]:
+    return [
+        ("one", lambda: singles(service, args.singles, args.gap)),
+        (f"burst of {args.burst}", lambda: burst(service, args.burst)),
+        (f"trickle of {args.trickle}", lambda: trickle(service, args.trickle, args.over)),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--updates", type=int, default=50)
-    parser.add_argument("--over", type=float, default=60.0, help="trickle length, seconds")
-    parser.add_argument("--setups", default="CANCEL_NEW:15,CANCEL_NEW:0,ENQUEUE:0")
+    parser.add_argument("--setups", default="listen,worker", help="listen, worker or both")
+    parser.add_argument("--singles", type=int, default=5, help="single updates")
+    parser.add_argument("--gap", type=float, default=20.0, help="seconds after each single")
+    parser.add_argument("--burst", type=int, default=30, help="patients in the burst's import")
+    parser.add_argument("--trickle", type=int, default=10, help="updates in the trickle")
+    parser.add_argument("--over", type=float, default=20.0, help="the trickle's seconds")
+    parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
     args = parser.parse_args()
     rows = []
     for setup in args.setups.split(","):
-        strategy, _, linger = setup.partition(":")
-        work = Path(tempfile.mkdtemp(prefix=f"bench-collisions-{strategy.lower()}-"))
+        work = Path(tempfile.mkdtemp(prefix=f"bench-latency-{setup}-"))
         os.chmod(work, 0o700)
-        service = Service(strategy, float(linger or 0), work)
+        service = Service(setup, work)
         try:
-            for name, send in (
-                ("trickle", lambda s=service: trickle(s, args.updates, args.over)),
-                ("burst", lambda s=service: burst(s, args.updates)),
-            ):
-                row = measure(service, name, send)
-                rows.append({"strategy": strategy, "linger s": float(linger or 0), **row})
-                print(rows[-1], flush=True)
-            delivered = len(service.files())
-            if delivered != 2 * args.updates:
-                raise SystemExit(f"{strategy}: {delivered} files for {2 * args.updates} updates")
+            for name, send in scenarios(service, args):
+                rows.append(measure(service, name, send))
+                if args.json:
+                    print(json.dumps(rows[-1]), flush=True)
         finally:
             service.stop()
             shutil.rmtree(work, ignore_errors=True)
-    import pandas as pd
+    if not args.json:
+        import pandas as pd
 
-    print(pd.DataFrame(rows).to_string(index=False))
+        print(pd.DataFrame(rows).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -290,7 +290,8 @@ def listen(
         float, typer.Option(help="Seconds to wait for a burst of updates to end")
     ] = 0.2,
 ) -> None:
-    """Deliver as soon as ingest announces an update (needs a Prefect server: PREFECT_API_URL)."""
+    """Deliver as soon as ingest announces an update (needs a Prefect server: PREFECT_API_URL).
+    While it runs, the update trigger of the deliver-updates deployment is paused."""
     import os
     import signal
     import threading
@@ -298,14 +299,23 @@ def listen(
     if not os.environ.get("PREFECT_API_URL"):
         raise fail("listen follows a Prefect server's events: set PREFECT_API_URL", code=2)
     prefect()
+    from patient_delivery import ledger
     from patient_delivery.flows.deliver import deliver as run_delivery
+    from patient_delivery.flows.handover import hold_while_running
     from patient_delivery.flows.listener import UpdateListener
+    from patient_delivery.settings import get_settings
+    from patient_delivery.store import open_store
 
     def announce(projects: set[str]) -> None:
         names = ", ".join(sorted(p for p in projects if p)) or "all projects"
         console.print(f"update for {names}: delivering", highlight=False)
 
-    listener = UpdateListener(run_delivery, quiet, on_run=announce)
+    def owed(project: str | None) -> int:
+        return ledger.count_owed(open_store(), "", ledger.WorkFilter(project_id=project))
+
+    silent = get_settings().listener_silent_seconds
+    listener = UpdateListener(run_delivery, quiet, on_run=announce, owed=owed,
+                              hold=lambda stopped: hold_while_running(stopped, silent))  # fmt: skip
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: listener.stopped.set())
 

@@ -96,6 +96,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Most seconds between two probes of a destination that is down.",
     )
+    listener_silent_seconds: int = Field(
+        default=90,
+        ge=15,
+        le=3600,
+        description=(
+            "While `listen` runs, the deployment's update trigger is paused; if the listener "
+            "sends no sign of life for this long (killed, machine gone), Prefect resumes the "
+            "trigger. The listener signs every third of it."
+        ),
+    )
     mcp_sessions_per_organization: int = Field(
         default=50,
         ge=1,

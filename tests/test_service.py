@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from loopback.servers import PrefectServer
+from patient_delivery.flows import handover
 from patient_delivery.store import open_store
 from patient_delivery.store.models import Patient
 from tests.faults import REPORT, check_invariant, sigkill_once_files_arrive
@@ -142,6 +143,26 @@ def deployed(server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) ->
     return server
 
 
+def schedules_active(server: PrefectServer, deployment: dict, active: bool) -> bool:
+    """Turn a deployment's schedules on or off, and when off, delete the runs they scheduled;
+    returns whether they were on. A scheduled run going when a test's trigger fires would take
+    the trigger's work, and its one-at-a-time slot would cancel the triggered run: correct, but
+    not what the test is about."""
+    was = all(schedule["active"] for schedule in deployment["schedules"])
+    for schedule in deployment["schedules"]:
+        answer = api.patch(f"{server.url}/deployments/{deployment['id']}/schedules/"
+                           f"{schedule['id']}", json={"active": active}, timeout=30)  # fmt: skip
+        answer.raise_for_status()
+    if not active:  # runs already due wait for a worker (Late); one starting would take them
+        late = api.post(f"{server.url}/flow_runs/filter", timeout=30, json={
+            "deployments": {"id": {"any_": [deployment["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+        }).json()  # fmt: skip
+        for run in late:
+            api.delete(f"{server.url}/flow_runs/{run['id']}", timeout=30).raise_for_status()
+    return was
+
+
 def settled(server: PrefectServer, seconds: float = 90) -> None:
     """Wait until no delivery run is pending or running (a run lingers for updates after its
     last page): a worker stopped under one would leave it holding the one-at-a-time slot."""
@@ -228,6 +249,9 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
     for i in range(50):  # one import: 50 patients' updates, 50 events within a second or two
         files.append(tmp_path / f"burst-{i}.xml")
         files[-1].write_bytes(CCDA.replace(b"service", f"burst {i}".encode()))
+    updates = deployments(deployed)["deliver-updates"]
+    every_5_minutes = schedules_active(deployed, updates, False)  # only the trigger starts runs
+    settled(deployed)
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         started = time.time()
@@ -238,11 +262,12 @@ def test_a_burst_of_updates_starts_one_or_two_runs_and_each_document_arrives_onc
         time.sleep(15)  # past the trigger's window: any run it would still start has started
         settled(deployed)  # and the runs it started have ended (they linger 15 s)
         runs = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
-            "deployments": {"id": {"any_": [deployments(deployed)["deliver-updates"]["id"]]}},
+            "deployments": {"id": {"any_": [updates["id"]]}},
             "flow_runs": {"expected_start_time": {"after_": _iso(started)}},
         }).json()  # fmt: skip
     finally:
         stop_group(worker)
+        schedules_active(deployed, updates, every_5_minutes)
     triggered = [run for run in runs if not run["auto_scheduled"]]
     assert 1 <= len(triggered) <= 2, [(r["name"], r["state"]["type"]) for r in triggered]
     ran = [run["name"] for run in triggered if run["state"]["type"] == "COMPLETED"]
@@ -429,22 +454,47 @@ def test_commands_exit_with_their_events_sent_and_seed_announces_what_it_stores(
     assert sorted(announced) == sorted(expected)
 
 
-def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
-    server: PrefectServer, env: dict[str, str], tmp_path: Path
-) -> None:
-    root = tmp_path / "org-folder"
-    patient = project_with_folder(env, "listener-folder", root)
-    out = (tmp_path / "listener.log").open("wb")
+def start_listener(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`patient-delivery listen`, once it says it listens (its output appended to `log`)."""
+    ready_before = log.read_text().count("listening") if log.exists() else 0
     listener = subprocess.Popen(
-        [str(BIN / "patient-delivery"), "listen"], env=env, cwd=ROOT, stdout=out,
+        [str(BIN / "patient-delivery"), "listen"], env=env, cwd=ROOT, stdout=log.open("ab"),
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while log.read_text().count("listening") < 1 + ready_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return listener
+
+
+def automation_states(server: PrefectServer) -> dict[str, bool]:
+    """Each automation's name and whether it is enabled."""
+    automations = api.post(f"{server.url}/automations/filter", json={}, timeout=30).json()
+    return {a["name"]: a["enabled"] for a in automations}
+
+
+def test_the_listener_delivers_within_seconds_in_one_run_per_burst_and_no_idle_run(
+    deployed: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The documented setup with `listen`: it pauses the deployment's update trigger while it
+    runs, so an update starts one run (in the listener's warm process), never a worker run
+    too; the trigger is back when the listener stops, or falls silent (killed)."""
+    trigger, fallback = "patient data updated", handover.FALLBACK
+    updates = deployments(deployed)["deliver-updates"]
+    every_5_minutes = schedules_active(deployed, updates, False)
+    root = tmp_path / "org-folder"
+    patient = project_with_folder(env, "listener-folder", root)
+    env = {**env, "PATIENT_DELIVERY_LISTENER_SILENT_SECONDS": "15"}
     log = tmp_path / "listener.log"
+    started = time.time()
+    listener = start_listener(env, log)
     try:
-        deadline = time.monotonic() + 60
-        while "listening" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
         assert "listening" in log.read_text(), log.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while automation_states(deployed).get(trigger) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert automation_states(deployed)[trigger] is False  # the listener holds it
+        assert automation_states(deployed)[fallback] is True
 
         cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
         sent = time.monotonic()
@@ -454,20 +504,57 @@ def test_the_listener_delivers_within_seconds_and_coalesces_bursts(
         assert [p.read_bytes() for p in root.rglob("*.xml")] == [CCDA], log.read_text()[-3000:]
         print(f"\nevent to file through the listener: {latency:.2f} s")
 
-        runs_before = log.read_text().count("delivering")
         files = []
-        for i in range(4):  # one import: four patients' updates announced within milliseconds
+        for i in range(30):  # one import: 30 patients' updates announced within milliseconds
             files.append(tmp_path / f"burst-{i}.xml")
             files[-1].write_bytes(CCDA.replace(b"service", f"burst {i}".encode()))
         cli(env, "import", "ccda", *map(str, files), "--project", "study")
         deadline = time.monotonic() + 60
-        while len(list(root.rglob("*.xml"))) < 5 and time.monotonic() < deadline:
+        while len(list(root.rglob("*.xml"))) < 31 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert len(list(root.rglob("*.xml"))) == 5
-        runs = log.read_text().count("delivering") - runs_before
-        assert 1 <= runs <= 2, log.read_text()[-3000:]  # four updates, coalesced
+        assert len(list(root.rglob("*.xml"))) == 31
+        time.sleep(2)  # any run the burst's last events would start has started
+        settled(deployed)
     finally:
-        stop_group(listener)
+        stop_group(listener)  # SIGTERM: it gives the trigger back as it stops
+    given_back = automation_states(deployed)
+    assert (given_back[trigger], given_back[fallback]) == (True, False)
+    by_workers = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+        "deployments": {"id": {"any_": [updates["id"]]}},
+        "flow_runs": {"expected_start_time": {"after_": _iso(started)}},
+    }).json()  # fmt: skip
+    assert by_workers == []  # the trigger asked for no run while the listener delivered
+    by_listener = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+        "flows": {"name": {"any_": ["deliver-updates"]}},
+        "flow_runs": {"deployment_id": {"is_null_": True},
+                      "start_time": {"after_": _iso(started)}},
+    }).json()  # fmt: skip
+    ledger = json.loads(cli(env, "deliveries", "--json"))["deliveries"]
+    assert sorted(row["status"] for row in ledger) == ["delivered"] * 31
+    delivering = {row["flow_run_id"] for row in ledger}
+    assert {run["id"] for run in by_listener} == delivering  # none idle
+    assert len(by_listener) == 2, [run["name"] for run in by_listener]  # one update, one burst
+
+    listener = start_listener(env, log)  # again, then killed: Prefect resumes the trigger
+    try:
+        deadline = time.monotonic() + 30
+        while automation_states(deployed)[trigger] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert automation_states(deployed)[trigger] is False
+    finally:
+        os.killpg(listener.pid, signal.SIGKILL)
+        listener.wait()
+    killed = time.monotonic()
+    while not automation_states(deployed)[trigger] and time.monotonic() < killed + 60:
+        time.sleep(0.5)
+    states = automation_states(deployed)
+    schedules_active(deployed, updates, every_5_minutes)
+    assert states[trigger] is True, "the fallback did not resume the update trigger"
+    print(f"trigger resumed {time.monotonic() - killed:.0f} s after the listener was killed")
+    deadline = time.monotonic() + 15
+    while automation_states(deployed)[fallback] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert automation_states(deployed)[fallback] is False  # it fired once and paused itself
 
 
 def test_a_failed_run_sends_an_alert_through_the_installed_automation(
