@@ -6,6 +6,7 @@ of the test's own (separate from the in-process test harness of the other tests)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import select
 
 from loopback.servers import PrefectServer
@@ -28,6 +30,10 @@ from tests.test_local_destination import FolderRemote
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.xdist_group("prefect-service")
+"""One pytest-xdist worker runs them all, so one Prefect server and one `prefect deploy` serve
+them (the largest groups go to different workers: `--dist loadgroup` orders them by size)."""
 
 
 class PrefectApi(httpx.Client):
@@ -586,7 +592,7 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
             "'body': '{{body}}'}).save('ops-hook', overwrite=True)"
         ))  # fmt: skip
         installed = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
-        assert installed.count("created automation") == 6
+        assert installed.count("created automation") == 7
         retired = "patient delivery destination keeps failing"  # an earlier version's alert
         api.post(f"{server.url}/automations/", timeout=30, json={
             "name": retired, "actions": [{"type": "do-nothing"}],
@@ -594,11 +600,11 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
                         "threshold": 1, "within": 0},
         }).raise_for_status()  # fmt: skip
         again = cli(env, "alerts", "install", "--notify", "custom-webhook/ops-hook")
-        assert again.count("updated automation") == 6 and "created" not in again
+        assert again.count("updated automation") == 7 and "created" not in again
         assert f"removed retired automation '{retired}'" in again
-        assert len(alert_names(server)) == len(set(alert_names(server))) == 6  # one of each
+        assert len(alert_names(server)) == len(set(alert_names(server))) == 7  # one of each
         listed = json.loads(cli(env, "alerts", "list", "--json"))["alerts"]
-        assert [(a["installed"], a["enabled"]) for a in listed] == [(True, True)] * 6
+        assert [(a["installed"], a["enabled"]) for a in listed] == [(True, True)] * 7
 
         patient = project_with_folder(env, "alert-folder", tmp_path / "org", "../escape",
                                       "--template", "{projectId}/{externalId}")  # fmt: skip
@@ -614,7 +620,7 @@ def test_a_failed_run_sends_an_alert_through_the_installed_automation(
         alert = json.dumps(received[0])
         assert "failed" in alert and "1 of 1 deliveries failed" in alert
         assert "service" not in alert and "escape" not in alert  # no content, no externalId
-        assert "removed 6 automation(s)" in cli(env, "alerts", "remove")
+        assert "removed 7 automation(s)" in cli(env, "alerts", "remove")
         assert alert_names(server) == []
         assert "no" in cli(env, "alerts", "list")
         missing = subprocess.run(
@@ -678,3 +684,99 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
     REPORT.record("delivery process SIGKILLed mid-run (local folder)", figures,
                   {"SIGKILL of the delivery process": 1})  # fmt: skip
     assert (figures.delivered, figures.lost, figures.duplicated, figures.partial) == (800, 0, 0, 0)
+
+
+def flow_run_processes(run_id: str) -> list[int]:
+    """The PIDs of the processes running flow run `run_id` (Prefect puts its ID in their
+    environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.split(b"\0"):
+            found.append(int(proc.name))
+    return found
+
+
+CRASHED_MESSAGE = next(
+    action["message"]
+    for automation in yaml.safe_load((ROOT / "flows" / "alerts.yaml").read_text())["automations"]
+    for action in automation["actions"]
+    if action["type"] == "change-flow-run-state"
+)
+
+
+def test_a_run_whose_worker_died_is_crashed_and_the_next_run_is_not_refused(
+    deployed: PrefectServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker's machine dies under a deliver-updates run (the worker and the run's process
+    SIGKILLed): the installed automation marks the run Crashed once its heartbeats stop, so the
+    one-at-a-time slot is free and the next update's run delivers, instead of being cancelled
+    until Prefect's 5-minute slot lease ends."""
+    root = tmp_path / "org-folder"
+    patient = project_with_folder(env, "zombie-folder", root)
+    run(env, sys.executable, "-c", (
+        "from prefect.blocks.notifications import CustomWebhookNotificationBlock as W;"
+        "W(name='ops', url='http://127.0.0.1:9/nowhere').save('zombie-hook', overwrite=True)"
+    ))  # fmt: skip
+    cli(env, "alerts", "install", "--notify", "custom-webhook/zombie-hook")
+    updates = deployments(deployed)["deliver-updates"]
+    every_5_minutes = schedules_active(deployed, updates, False)
+    settled(deployed)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        cli(env, "document", "put", patient, "ccda", "-", input=CCDA)
+        deadline = time.monotonic() + 120
+        while not list(root.rglob("*.xml")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(root.rglob("*.xml")), (tmp_path / "worker.log").read_text()[-3000:]
+        [going] = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+            "deployments": {"id": {"any_": [updates["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}},  # it lingers for more
+        }).json()  # fmt: skip
+        processes = flow_run_processes(going["id"])
+        assert processes
+        os.killpg(worker.pid, signal.SIGKILL)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        stop_group(worker)
+    state = wait_for_run(deployed, going["id"], seconds=150)
+    crashed_after = time.monotonic() - killed
+    ended = api.get(f"{deployed.url}/flow_runs/{going['id']}", timeout=30).json()["state"]
+    assert (state, ended["message"]) == ("CRASHED", CRASHED_MESSAGE)  # by the automation
+    print(f"\na run whose worker died was Crashed {crashed_after:.0f} s after the kill")
+
+    worker = start_worker(env, tmp_path / "worker-2.log")
+    try:
+        second = patient_with_document(env, b"after the crash")
+        deadline = time.monotonic() + 120
+        while len(list(root.rglob("*.xml"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        settled(deployed)
+    finally:
+        stop_group(worker)
+        schedules_active(deployed, updates, every_5_minutes)
+        cli(env, "alerts", "remove")
+    assert second in {p.read_bytes() for p in root.rglob("*.xml")}  # the next run delivered
+    later = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+        "deployments": {"id": {"any_": [updates["id"]]}},
+        "flow_runs": {"id": {"not_any_": [going["id"]]}},
+    }).json()  # fmt: skip
+    assert [r["state"]["type"] for r in later if not r["auto_scheduled"]] == ["COMPLETED"], [
+        (r["name"], r["state"]["type"], r["state"].get("message")) for r in later
+    ]
+
+
+def patient_with_document(env: dict[str, str], title: bytes) -> bytes:
+    """A new patient of project study with one C-CDA titled `title`; returns its bytes."""
+    patient = cli(env, "patient", "add", "study").strip()
+    document = CCDA.replace(b"service", title)
+    cli(env, "document", "put", patient, "ccda", "-", input=document)
+    return document
