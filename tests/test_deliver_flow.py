@@ -1,4 +1,9 @@
-"""The delivery flow end to end, on Prefect's test server, into a real folder."""
+"""The delivery flow end to end, on Prefect's test server, into a real folder.
+
+Tests of what the ledger promises (claims, leases, versions, parking, filters) run on SQLite and
+on PostgreSQL (`both_stores`); those of the flow's own mechanics (tasks, lanes, messages,
+artifacts) on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from patient_delivery.store.models import Delivery, DocumentVersion, Share
 from tests.faults import check_invariant
 from tests.test_local_destination import FolderRemote
 
-pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.both_stores]
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 CCDA = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v1</title></ClinicalDocument>'
 CCDA_V2 = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>v2</title></ClinicalDocument>'
@@ -71,6 +76,7 @@ def files_under(root: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.both_stores
 def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
     store: Store, project: str, fixtures_dir: Path, tmp_path: Path
 ) -> None:
@@ -100,6 +106,7 @@ def test_real_documents_arrive_byte_identical_and_a_rerun_sends_nothing(
     assert files_under(root) == arrived
 
 
+@pytest.mark.both_stores
 def test_updates_that_arrive_while_a_run_sends_go_with_that_run(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -171,6 +178,7 @@ def test_a_lingering_run_takes_updates_that_arrive_after_its_last_page(
     assert deliver().delivered == 0  # nothing was left for the next run
 
 
+@pytest.mark.both_stores
 def test_each_manifest_written_is_kept_in_the_ledger_and_a_destination_can_turn_them_off(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -198,6 +206,7 @@ def test_each_manifest_written_is_kept_in_the_ledger_and_a_destination_can_turn_
     assert str(written.relative_to(with_manifests)) == kept.path
 
 
+@pytest.mark.both_stores
 def test_a_changed_document_is_delivered_again_alone(
     store: Store, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +231,7 @@ def test_a_changed_document_is_delivered_again_alone(
     assert len(rows(store, status="delivered")) == 4
 
 
+@pytest.mark.both_stores
 def test_a_failed_delivery_is_delivered_by_the_next_run_at_the_same_path(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -276,6 +286,7 @@ def test_a_hostile_external_id_fails_only_its_own_delivery(
 
 
 @pytest.mark.bad_input
+@pytest.mark.both_stores
 def test_an_external_id_with_a_nul_is_refused_at_ingest(store: Store, project: str) -> None:
     with pytest.raises(ingest.IngestError, match="NUL character; refused"):
         ingest.add_patient(store, project, "nul\x00")
@@ -285,6 +296,7 @@ def test_an_external_id_with_a_nul_is_refused_at_ingest(store: Store, project: s
         assert session.scalar(select(func.count()).select_from(Share)) == 1
 
 
+@pytest.mark.both_stores
 def test_a_crashed_runs_pending_work_is_completed_at_the_same_path(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -305,6 +317,7 @@ def test_a_crashed_runs_pending_work_is_completed_at_the_same_path(
     assert (root / pending.path).read_bytes() == CCDA
 
 
+@pytest.mark.both_stores
 def test_a_live_lease_is_not_taken_over(store: Store, project: str, tmp_path: Path) -> None:
     ingest.subscribe(store, project, save_local(tmp_path / "org"))
     patient = ingest.add_patient(store, project)
@@ -333,6 +346,7 @@ def save_as_the_ui_would(reference: str, data: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("block", ["missing", "invalid"])
+@pytest.mark.both_stores
 def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_stays_green(
     store: Store, project: str, tmp_path: Path, block: str
 ) -> None:
@@ -380,6 +394,7 @@ def test_an_unusable_destination_block_parks_only_its_deliveries_and_the_run_sta
     assert len(files_under(fixed)) == 1 and rows(store, status="failed") == []
 
 
+@pytest.mark.both_stores
 def test_what_one_run_parked_no_other_run_claims_until_it_is_resumed(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -414,6 +429,7 @@ def test_what_one_run_parked_no_other_run_claims_until_it_is_resumed(
     assert "nothing waits" in run("destination", "resume", unusable)
 
 
+@pytest.mark.both_stores
 def test_filters_and_batches_deliver_exactly_what_was_asked(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -433,6 +449,7 @@ def test_filters_and_batches_deliver_exactly_what_was_asked(
         assert session.scalar(select(DocumentVersion.id).limit(1)) is not None
 
 
+@pytest.mark.both_stores
 def test_what_a_run_owes_is_counted_within_its_filters(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -518,6 +535,7 @@ def test_a_run_with_failures_ends_failed_with_a_message_that_counts_them(
     assert deliver_state(project="other").is_completed()
 
 
+@pytest.mark.both_stores
 def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -538,6 +556,7 @@ def test_deliveries_held_by_a_run_that_is_over_are_taken_over_at_once(
     assert (root / pending.path).read_bytes() == CCDA
 
 
+@pytest.mark.both_stores
 def test_an_older_version_claimed_before_a_newer_arrived_is_not_sent(
     store: Store, project: str, tmp_path: Path
 ) -> None:
@@ -563,6 +582,7 @@ def test_an_older_version_claimed_before_a_newer_arrived_is_not_sent(
         "{projectId}/{externalId}/{timestamp}",  # two versions rendered in the same second
     ],
 )
+@pytest.mark.both_stores
 def test_a_newer_version_delivered_over_an_older_ones_path_marks_it_replaced(
     store: Store, project: str, tmp_path: Path, template: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -806,6 +826,7 @@ def test_an_unreachable_destination_has_a_red_upload_task_and_one_error_line_wit
     assert all("failure reasons" not in row for row in json.loads(str(card.data)))
 
 
+@pytest.mark.both_stores
 def test_a_server_stopped_is_down_skipped_probed_and_back_with_what_waited(
     store: Store, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

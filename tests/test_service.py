@@ -647,7 +647,7 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
     env = {**env, "PATIENT_DELIVERY_LEASE_SECONDS": "5"}
     cli(env, "org", "add", "Acme", "--id", "acme")
     cli(env, "project", "add", "acme", "Study", "--id", "study")
-    cli(env, "seed", "--project", "study", "--patients", "400")
+    cli(env, "seed", "--project", "study", "--patients", "200")
     root = tmp_path / "org-folder"
     cli(env, "destination", "local", "kill-folder", "--root", str(root), "--max-connections", "1")
     cli(env, "subscribe", "study", "local-destination/kill-folder")
@@ -660,18 +660,18 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
     sigkill_once_files_arrive(victim, root, 50, lambda: database.execute(pending).fetchone()[0] > 0)
     before = dict(database.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
     rendered = dict(database.execute("SELECT id, path FROM deliveries WHERE path IS NOT NULL"))
-    assert before.get("delivered", 0) < 800 and before.get("pending", 0) > 0, before
+    assert before.get("delivered", 0) < 400 and before.get("pending", 0) > 0, before
 
     time.sleep(5)  # the killed run's leases run out
     resumed = subprocess.run([str(BIN / "patient-delivery"), "deliver"], env=env, cwd=ROOT,
                              capture_output=True, timeout=300, check=False)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     print(
-        f"\nkilled with {before.get('delivered', 0)} of 800 delivered; the next run sent the rest"
+        f"\nkilled with {before.get('delivered', 0)} of 400 delivered; the next run sent the rest"
     )
 
     after = dict(database.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
-    assert after == {"delivered": 800}
+    assert after == {"delivered": 400}
     paths = dict(database.execute("SELECT id, path FROM deliveries"))
     assert all(paths[i] == path for i, path in rendered.items())  # same paths as first rendered
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
@@ -683,7 +683,7 @@ def test_a_delivery_killed_mid_run_is_completed_by_the_next_at_the_same_paths(
     )
     REPORT.record("delivery process SIGKILLed mid-run (local folder)", figures,
                   {"SIGKILL of the delivery process": 1})  # fmt: skip
-    assert (figures.delivered, figures.lost, figures.duplicated, figures.partial) == (800, 0, 0, 0)
+    assert (figures.delivered, figures.lost, figures.duplicated, figures.partial) == (400, 0, 0, 0)
 
 
 def flow_run_processes(run_id: str) -> list[int]:
