@@ -291,7 +291,7 @@ def sigkill_once_files_arrive(
     root: Path,
     files: int,
     holding: Callable[[], bool] | None = None,
-    seconds: float = 120,
+    seconds: float = 180,
 ) -> None:
     """SIGKILL a delivery process (started in its own session) and its children as soon as
     `files` files are in `root` and, if given, `holding()` is true: a crash in the middle of
@@ -312,6 +312,11 @@ def sigkill_once_files_arrive(
                 break
             os.killpg(process.pid, signal.SIGCONT)
         time.sleep(0.02)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        arrived = len(list(root.rglob("*.*")))
+        raise AssertionError(f"not caught mid-run within {seconds:.0f} s ({arrived} files)")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
