@@ -144,6 +144,77 @@ def test_types_since_and_the_whole_organization(exporting: tuple[World, str]) ->
     assert manifest["output"] == []  # nothing changed since tomorrow
 
 
+def post_kick_off(
+    world: World, token: str, path: str, body: object, **headers: str
+) -> httpx.Response:
+    """A kick-off as a POST (Bulk Data IG): its parameters in a FHIR `Parameters` body."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Prefer": "respond-async", "Content-Type": "application/fhir+json", **headers}
+    return call(world, "POST", path, token, content=content, headers=headers)
+
+
+def parameters(*pairs: tuple[str, str, str]) -> dict[str, object]:
+    return {"resourceType": "Parameters",
+            "parameter": [{"name": name, kind: value} for name, kind, value in pairs]}  # fmt: skip
+
+
+def test_a_kick_off_posted_with_a_parameters_body_exports_what_it_names(
+    exporting: tuple[World, str],
+) -> None:
+    world, token = exporting
+    body = parameters(("_type", "valueString", "Patient"), ("_type", "valueString", "Condition"),
+                      ("_outputFormat", "valueString", NDJSON))  # fmt: skip
+    posted = post_kick_off(world, token, "Group/study/$export", body)
+    assert posted.status_code == 202, posted.text
+    manifest = finished(world, token, posted.headers["Content-Location"]).json()
+    assert {entry["type"] for entry in manifest["output"]} == {"Patient", "Condition"}
+    patients = next(e for e in manifest["output"] if e["type"] == "Patient")
+    assert patients["count"] == len(set(world.patients()))
+
+    tomorrow = (utcnow() + timedelta(days=1)).isoformat()
+    since = post_kick_off(world, token, "Patient/$export",
+                          parameters(("_since", "valueInstant", tomorrow)))  # fmt: skip
+    assert finished(world, token, since.headers["Content-Location"]).json()["output"] == []
+
+    metadata = call(world, "GET", "metadata", None).json()
+    operations = {(resource["type"], operation["name"], operation["definition"].rsplit("/", 1)[1])
+                  for resource in metadata["rest"][0]["resource"]
+                  for operation in resource.get("operation", [])}  # fmt: skip
+    assert {("Patient", "export", "patient-export"), ("Group", "export", "group-export")} <= (
+        operations
+    )
+    assert metadata["instantiates"] == [
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+    ]
+
+
+@pytest.mark.bad_input
+def test_posted_kick_offs_that_cannot_be_served_are_operation_outcomes(
+    exporting: tuple[World, str],
+) -> None:
+    world, token = exporting
+    patient = {"name": "patient", "valueReference": {"reference": "Patient/hx_secret"}}
+    cases = [
+        (b"_type=Patient", "Parameters resource"),  # a form, not JSON
+        ({"resourceType": "Bundle"}, "Parameters resource"),
+        ({"resourceType": "Parameters", "parameter": [patient]}, "patient"),
+        (parameters(("_since", "valueInstant", "last tuesday")), "_since"),
+        (parameters(("_type", "valueString", "Patient,Bogus")), "Bogus"),
+        (parameters(("_outputFormat", "valueString", "text/csv")), "_outputFormat"),
+    ]
+    for body, said in cases:
+        answer = post_kick_off(world, token, "Group/study/$export", body)
+        assert answer.status_code == 400, (body, answer.text)
+        outcome = answer.json()
+        assert outcome["resourceType"] == "OperationOutcome" and said in json.dumps(outcome)
+        assert "hx_secret" not in answer.text and "last tuesday" not in answer.text
+    lenient = post_kick_off(world, token, "Group/study/$export",
+                            {"resourceType": "Parameters", "parameter": [patient]},
+                            Prefer="respond-async, handling=lenient")  # fmt: skip
+    assert lenient.status_code == 202  # the unknown parameter ignored, as in a GET
+    assert finished(world, token, lenient.headers["Content-Location"]).status_code == 200
+
+
 @pytest.mark.bad_input
 def test_kick_offs_that_cannot_be_served_are_operation_outcomes(
     exporting: tuple[World, str],

@@ -2,18 +2,21 @@
 
     GET    /fhir/Patient/$export                 every patient sharing with the organization
     GET    /fhir/Group/{projectId}/$export       a project's patients (a project is a Group)
+    POST   the same two, with the parameters in a FHIR `Parameters` body
     GET    /fhir/$export-status/{id}             202 with X-Progress while it runs; then the
                                                  completion manifest; 404 once expired
     DELETE /fhir/$export-status/{id}             cancel it (its files are deleted)
     GET    /fhir/$export-file/{id}/{file}        one NDJSON file, with the same token
 
 A kick-off needs `Prefer: respond-async`, and takes `_type`, `_since` and `_outputFormat`
-(NDJSON). The export itself is written by `start` (the CLI's `serve` runs it as a Prefect
-flow), off the request.
+(NDJSON), in the query (GET) or as a `Parameters` resource (POST: `_type` and `_outputFormat`
+as `valueString`, `_type` repeated or with commas; `_since` as `valueInstant`). The export
+itself is written by `start` (the CLI's `serve` runs it as a Prefect flow), off the request.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -24,7 +27,15 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
 from patient_delivery.pull import bulk_export as exports
-from patient_delivery.pull.fhir_api import FhirError, FhirResponse, Since, Who, applied, outcome
+from patient_delivery.pull.fhir_api import (
+    FHIR_NAME,
+    FhirError,
+    FhirResponse,
+    Since,
+    Who,
+    applied,
+    outcome,
+)
 from patient_delivery.store import Store
 
 NDJSON = "application/fhir+ndjson"
@@ -80,6 +91,14 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
     ) -> Response:  # fmt: skip
         return await kick_off(request, who, group_id, types, since, output_format)
 
+    @router.post("/Patient/$export")
+    async def export_patients_posted(request: Request, who: Who) -> Response:
+        return await kick_off(request, who, None, *await posted(request))
+
+    @router.post("/Group/{group_id}/$export")
+    async def export_group_posted(request: Request, group_id: str, who: Who) -> Response:
+        return await kick_off(request, who, group_id, *await posted(request))
+
     @router.get("/$export-status/{export_id}")
     def export_status(export_id: str, who: Who) -> Response:
         row = exports.find(store, who, export_id)
@@ -121,6 +140,42 @@ def create_bulk_router(store: Store, base_url: str, start: Callable[[str], None]
         return FileResponse(served.path, media_type=NDJSON)
 
     return router
+
+
+async def posted(request: Request) -> tuple[list[str] | None, datetime | None, str | None]:
+    """A POST kick-off's `Parameters` body: its `_type` values, `_since` and `_outputFormat`.
+    A parameter it does not know is refused (400, named when it is a FHIR-like name) unless the
+    client sent `Prefer: handling=lenient`, as in the query of a GET."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise FhirError(400, "invalid", "a POST kick-off takes a FHIR Parameters resource")
+    types: list[str] = []
+    since: datetime | None = None
+    output_format: str | None = None
+    unknown: set[str] = set()
+    for parameter in body.get("parameter") or []:
+        name = parameter.get("name") if isinstance(parameter, dict) else None
+        text = parameter.get("valueString") if isinstance(parameter, dict) else None
+        if name == "_type" and isinstance(text, str):
+            types.append(text)
+        elif name == "_outputFormat" and isinstance(text, str):
+            output_format = text
+        elif name == "_since" and isinstance(parameter.get("valueInstant"), str):
+            try:
+                since = datetime.fromisoformat(parameter["valueInstant"])
+            except ValueError:
+                raise FhirError(400, "invalid", "invalid parameter(s): _since") from None
+        else:
+            unknown.add(name if isinstance(name, str) and FHIR_NAME.fullmatch(name)
+                        else "(not a FHIR name)")  # fmt: skip
+    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
+    if unknown and not lenient:
+        text = "unsupported parameter(s): " + ", ".join(sorted(unknown))
+        raise FhirError(400, "not-supported", text)
+    return types or None, since, output_format
 
 
 def _utc(since: datetime) -> datetime:

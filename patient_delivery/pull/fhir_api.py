@@ -68,6 +68,10 @@ def outcome(status: int, code: str, text: str) -> FhirResponse:
     return FhirResponse(body, status_code=status, headers=headers)
 
 
+BULK_DATA = "http://hl7.org/fhir/uv/bulkdata"
+"""The Bulk Data Access IG's canonical base: its export operations and CapabilityStatement."""
+
+
 def capability_statement(base: str) -> dict[str, Any]:
     search = [
         {"name": "patient", "type": "reference"},
@@ -84,8 +88,17 @@ def capability_statement(base: str) -> dict[str, Any]:
                 {"name": "identifier", "type": "token"},
                 {"name": "_count", "type": "number"},
             ],
-            "operation": [{"name": "everything", "definition": everything}],
-        }
+            "operation": [
+                {"name": "everything", "definition": everything},
+                {"name": "export", "definition": f"{BULK_DATA}/OperationDefinition/patient-export"},
+            ],
+        },
+        {  # a project is a Group: its patients export together
+            "type": "Group",
+            "operation": [
+                {"name": "export", "definition": f"{BULK_DATA}/OperationDefinition/group-export"}
+            ],
+        },
     ]
     resources += [
         {"type": name, "interaction": [{"code": "search-type"}], "searchParam": search}
@@ -98,6 +111,7 @@ def capability_statement(base: str) -> dict[str, Any]:
         "kind": "instance",
         "software": {"name": "patient-delivery"},
         "implementation": {"description": "patient-delivery pull API", "url": base},
+        "instantiates": [f"{BULK_DATA}/CapabilityStatement/bulk-data"],
         "fhirVersion": "4.0.1",
         "format": ["json"],
         "rest": [
