@@ -324,8 +324,11 @@ def test_mcp_client_lists_tools_and_reads_the_organizations_records(world: World
     [only] = json.loads(_text(by_external))["patients"]
     assert only["healthexPatientId"] == patient_id
     bundle = json.loads(_text(document))
-    exported = {r["id"] for r in world.exported(source_id, source_id)}
-    assert {e["resource"]["id"] for e in bundle["entry"]} == exported  # stored as imported
+    seen = sorted(world.exported(source_id, patient_id), key=json.dumps)  # as REST shows it
+    assert sorted((e["resource"] for e in bundle["entry"]), key=json.dumps) == seen
+    assert [e["resource"]["id"] for e in bundle["entry"]
+            if e["resource"]["resourceType"] == "Patient"] == [patient_id]  # fmt: skip
+    assert f"Patient/{source_id}" not in _text(document)  # one patient ID everywhere
     wanted = [r for r in world.exported(source_id, patient_id) if r["resourceType"] == "Condition"]
     found = json.loads(_text(conditions))
     assert found["total"] == len(wanted) and sorted(found["resources"], key=lambda r: r["id"]) \

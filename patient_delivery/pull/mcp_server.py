@@ -113,12 +113,16 @@ def build_mcp(records: Records, key: str | None = None, base_url: str = "") -> M
 
     @server.tool()
     def get_document(patient_id: str, data_type: str) -> str:
-        """A patient's newest document as stored: `ccda` (C-CDA XML) or `fhir` (a FHIR R4
-        Bundle in JSON). `patient_id` is the healthexPatientId."""
+        """A patient's newest document: `ccda` (C-CDA XML, as stored) or `fhir` (a FHIR R4
+        Bundle in JSON, its patient's IDs the healthexPatientId, as the FHIR API shows them).
+        `patient_id` is the healthexPatientId."""
         if data_type not in ("ccda", "fhir"):
             raise ToolError("data_type must be ccda or fhir")
         caller_now = reading("*")  # a whole document holds every type
-        found = records.document(caller_now, patient_id, data_type)
+        if data_type == "fhir":
+            found = records.fhir_document(caller_now, patient_id)
+        else:
+            found = records.document(caller_now, patient_id, data_type)
         if found is None:
             raise ToolError(f"no {data_type} document for that patient")
         content, version, patient = found

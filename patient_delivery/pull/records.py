@@ -200,24 +200,42 @@ class Records:
             if cached is not None:
                 self._parsed.move_to_end(version.id)
                 return cached
-        with self.store.session() as session:
-            source_id = session.scalar(select(Patient.fhir_id).where(Patient.id == patient_id))
-        bundle = orjson.loads(read_content(self.store, version.id))
+        bundle = self._as_seen(read_content(self.store, version.id), patient_id)
         entries = bundle.get("entry", []) if isinstance(bundle, dict) else []
         resources = [
             entry["resource"] for entry in entries
             if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
         ]  # fmt: skip
-        if source_id:
-            resources = _point_at_patient(resources, f"Patient/{source_id}", patient_id)
-        for resource in resources:
-            if resource.get("resourceType") == "Patient":
-                resource["id"] = patient_id
         with self._lock:
             self._parsed[version.id] = resources
             while len(self._parsed) > self.cache_size:
                 self._parsed.popitem(last=False)
         return resources
+
+    def _as_seen(self, content: bytes, patient_id: str) -> Any:
+        """A stored FHIR bundle with its patient's IDs as the organization sees them: the
+        Patient's own `id`, and every reference to it, are the healthexPatientId."""
+        with self.store.session() as session:
+            source_id = session.scalar(select(Patient.fhir_id).where(Patient.id == patient_id))
+        bundle = orjson.loads(content)
+        if source_id:
+            bundle = _point_at_patient(bundle, f"Patient/{source_id}", patient_id)
+        entries = bundle.get("entry", []) if isinstance(bundle, dict) else []
+        for entry in entries:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+                resource["id"] = patient_id
+        return bundle
+
+    def fhir_document(
+        self, caller: Caller, patient_id: str
+    ) -> tuple[bytes, Version, SharedPatient] | None:
+        """The newest FHIR bundle whole, with its patient's IDs as the REST API shows them."""
+        found = self.document(caller, patient_id, "fhir")
+        if found is None:
+            return None
+        content, version, patient = found
+        return orjson.dumps(self._as_seen(content, patient_id)), version, patient
 
     def disclose(
         self, caller: Caller, patient: SharedPatient, version: Version, what: str, channel: str
