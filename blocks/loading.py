@@ -9,6 +9,7 @@ per block, so its start costs the same for ten destinations or a thousand.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from prefect.blocks.core import Block
@@ -148,6 +149,30 @@ def _read_named(
     )
     response.raise_for_status()
     return [(document["name"], document["data"]) for document in response.json()]
+
+
+def saved_since(moment: datetime) -> list[str]:
+    """The references of our destination blocks saved (created or updated) at or after
+    `moment`, by the Prefect server's clock: what `check-destination` checks for a burst of
+    saves. Read without their secrets, a page at a time."""
+    found: list[str] = []
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            response = client.request("POST", "/block_documents/filter", json={
+                "block_documents": {"is_anonymous": {"eq_": False}},
+                "block_types": {"slug": {"any_": sorted(DESTINATION_TYPES)}},
+                "include_secrets": False, "offset": offset, "limit": PAGE,
+            })  # fmt: skip
+            response.raise_for_status()
+            page = response.json()
+            for document in page:
+                updated = datetime.fromisoformat(document["updated"])
+                if updated >= moment:
+                    found.append(f"{document['block_type']['slug']}/{document['name']}")
+            if len(page) < PAGE:
+                return sorted(found)
+            offset += PAGE
 
 
 def _build(kind: type[Destination], data: dict[str, object]) -> Destination | Exception:

@@ -360,60 +360,68 @@ def test_the_run_forms_take_the_clis_options_each_typed(deployed: PrefectServer)
     assert backfill["created_from"]["format"] == backfill["created_to"]["format"] == "date-time"
 
 
-def test_a_destination_saved_from_the_ui_is_checked_at_once(
+def test_destinations_saved_from_the_ui_are_checked_at_once_a_run_per_burst(
     deployed: PrefectServer, env: dict[str, str], tmp_path: Path
 ) -> None:
     """The UI's form stores a template with an unknown variable and a '..' folder, and a
     relative root; the check run started by the save fails naming both fields (not their
     values) and raises the "unusable" event. Valid blocks saved the same way pass, among them
-    an SFTP block whose two pinned host keys were typed one per line."""
+    an SFTP block whose two pinned host keys were typed one per line. A burst of 40 saves
+    starts a run per 10 s window, not one per save, and each checks every block of its window
+    (a second bad block, saved late in the burst, is found too)."""
     since = _iso(time.time() - 1)
+    check = deployments(deployed)["check-destination"]["id"]
     worker = start_worker(env, tmp_path / "worker.log")
     try:
+        began = time.monotonic()
         save_block_as_the_ui_does(deployed, "local-destination", "typed-in-ui", {
             "root": "relative/folder", "path_template": "/{orgId}/{bogus}/../x",
-        })  # fmt: skip
-        save_block_as_the_ui_does(deployed, "local-destination", "fine-in-ui", {
-            "root": str(tmp_path / "fine"),
         })  # fmt: skip
         save_block_as_the_ui_does(deployed, "sftp-destination", "pins-in-ui", {
             "host": "sftp.example", "username": "u", "password": "p",
             "host_keys": f"SHA256:{'A' * 43}\n  [sftp.example]:22 ssh-ed25519 {'B' * 68}\n",
         })  # fmt: skip
-        checks: dict[str, dict] = {}
-        deadline = time.monotonic() + 120
-        while (
-            time.monotonic() < deadline
-            and len([r for r in checks.values() if r["state"]["type"] in ("COMPLETED", "FAILED")])
-            < 3
-        ):
-            time.sleep(1)
-            runs = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
-                "deployments": {"id": {"any_": [deployments(deployed)["check-destination"]["id"]]}},
-                "flow_runs": {"expected_start_time": {"after_": since}},
-            }).json()  # fmt: skip
-            checks = {run["parameters"]["destination"]: run for run in runs}
+        for i in range(37):
+            save_block_as_the_ui_does(deployed, "local-destination", f"fine-{i}", {
+                "root": str(tmp_path / f"fine-{i}"),
+            })  # fmt: skip
+        save_block_as_the_ui_does(deployed, "local-destination", "late-and-bad", {
+            "root": "also/relative",
+        })  # fmt: skip
+        saving = time.monotonic() - began
+        time.sleep(12)  # past the last window: every run its trigger starts has been asked for
+        settled(deployed, seconds=120)
+        runs = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
+            "deployments": {"id": {"any_": [check]}},
+            "flow_runs": {"expected_start_time": {"after_": since}},
+            "sort": "EXPECTED_START_TIME_ASC",
+        }).json()  # fmt: skip
     finally:
         stop_group(worker)
     log = (tmp_path / "worker.log").read_text()[-3000:]
-    bad = checks["local-destination/typed-in-ui"]
-    assert bad["state"]["type"] == "FAILED", log
-    message = bad["state"]["message"]
+    print(f"\n40 saves in {saving:.1f} s: {len(runs)} check run(s)")
+    assert 1 <= len(runs) <= saving // 10 + 2, [r["name"] for r in runs]  # a run per window
+    assert {r["state"]["type"] for r in runs} <= {"COMPLETED", "FAILED"}, log
+    first = runs[0]
+    assert first["name"] == "check local-destination/typed-in-ui"
+    assert first["state"]["type"] == "FAILED", log
+    message = first["state"]["message"]
+    assert "local-destination/typed-in-ui is invalid: " in message, message
     assert "root: must be an absolute folder" in message and "path_template: " in message, message
     assert "relative/folder" not in message and "../x" not in message  # fields, not values
-    assert bad["name"] == "check local-destination/typed-in-ui"
-    assert checks["local-destination/fine-in-ui"]["state"]["type"] == "COMPLETED", log
-    assert checks["sftp-destination/pins-in-ui"]["state"]["type"] == "COMPLETED", log
+    failed = " ".join(r["state"]["message"] for r in runs if r["state"]["type"] == "FAILED")
+    assert "local-destination/late-and-bad is invalid: root: must be an absolute folder" in failed
+    assert "fine-" not in failed and "pins-in-ui" not in failed  # the valid ones passed
     announced: list[str] = []
     deadline = time.monotonic() + 60  # the server stores events a moment after taking them
-    while not announced and time.monotonic() < deadline:
+    while len(set(announced)) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
         events = api.post(f"{deployed.url}/events/filter", timeout=30, json={
             "filter": {"event": {"name": ["patient-delivery.destination.unusable"]},
                        "occurred": {"since": since}},
         }).json()["events"]  # fmt: skip
         announced = [e["resource"]["prefect.resource.name"] for e in events]
-    assert announced == ["local-destination/typed-in-ui"]
+    assert set(announced) == {"local-destination/late-and-bad", "local-destination/typed-in-ui"}
 
 
 def _iso(moment: float) -> str:
