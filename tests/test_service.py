@@ -170,12 +170,14 @@ def schedules_active(server: PrefectServer, deployment: dict, active: bool) -> b
 
 
 def settled(server: PrefectServer, seconds: float = 90) -> None:
-    """Wait until no delivery run is pending or running (a run lingers for updates after its
-    last page): a worker stopped under one would leave it holding the one-at-a-time slot."""
+    """Wait until no deployment's run is pending or running (a run lingers for updates after
+    its last page): a worker stopped under one would leave it holding the one-at-a-time slot.
+    Runs without a deployment are left out: one whose process a test killed stays Running."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         going = api.post(f"{server.url}/flow_runs/filter", timeout=30, json={
-            "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
+            "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}},
+                          "deployment_id": {"is_null_": False}},
         }).json()  # fmt: skip
         if not going:
             return
@@ -528,7 +530,13 @@ def test_the_listener_delivers_within_seconds_in_one_run_per_burst_and_no_idle_r
             time.sleep(0.1)
         assert len(list(root.rglob("*.xml"))) == 31
         time.sleep(2)  # any run the burst's last events would start has started
-        settled(deployed)
+        listening = {"flows": {"name": {"any_": ["deliver-updates"]}}, "flow_runs": {
+            "deployment_id": {"is_null_": True}, "start_time": {"after_": _iso(started)},
+            "state": {"type": {"any_": ["PENDING", "RUNNING"]}}}}  # fmt: skip
+        deadline = time.monotonic() + 60
+        while api.post(f"{deployed.url}/flow_runs/filter", json=listening, timeout=30).json():
+            assert time.monotonic() < deadline, "the listener's runs did not end"
+            time.sleep(0.2)
     finally:
         stop_group(listener)  # SIGTERM: it gives the trigger back as it stops
     given_back = automation_states(deployed)
@@ -725,6 +733,7 @@ def test_a_run_whose_worker_died_is_crashed_and_the_next_run_is_not_refused(
     SIGKILLed): the installed automation marks the run Crashed once its heartbeats stop, so the
     one-at-a-time slot is free and the next update's run delivers, instead of being cancelled
     until Prefect's 5-minute slot lease ends."""
+    since = _iso(time.time())
     root = tmp_path / "org-folder"
     patient = project_with_folder(env, "zombie-folder", root)
     run(env, sys.executable, "-c", (
@@ -775,7 +784,8 @@ def test_a_run_whose_worker_died_is_crashed_and_the_next_run_is_not_refused(
     assert second in {p.read_bytes() for p in root.rglob("*.xml")}  # the next run delivered
     later = api.post(f"{deployed.url}/flow_runs/filter", timeout=30, json={
         "deployments": {"id": {"any_": [updates["id"]]}},
-        "flow_runs": {"id": {"not_any_": [going["id"]]}},
+        "flow_runs": {"id": {"not_any_": [going["id"]]},
+                      "expected_start_time": {"after_": since}},
     }).json()  # fmt: skip
     assert [r["state"]["type"] for r in later if not r["auto_scheduled"]] == ["COMPLETED"], [
         (r["name"], r["state"]["type"], r["state"].get("message")) for r in later
