@@ -35,6 +35,7 @@ from patient_delivery.pull.fhir_api import (
     Who,
     applied,
     outcome,
+    refuse_unsupported,
 )
 from patient_delivery.store import Store
 
@@ -171,10 +172,7 @@ async def posted(request: Request) -> tuple[list[str] | None, datetime | None, s
         else:
             unknown.add(name if isinstance(name, str) and FHIR_NAME.fullmatch(name)
                         else "(not a FHIR name)")  # fmt: skip
-    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
-    if unknown and not lenient:
-        text = "unsupported parameter(s): " + ", ".join(sorted(unknown))
-        raise FhirError(400, "not-supported", text)
+    refuse_unsupported(request, sorted(unknown), "parameter(s)")
     return types or None, since, output_format
 
 

@@ -159,16 +159,21 @@ Offset = Annotated[int, Query(alias="_offset", ge=0, le=MAX_OFFSET)]
 Since = Annotated[datetime | None, Query(alias="_since")]
 
 
+def refuse_unsupported(request: Request, names: list[str], what: str) -> None:
+    """A 400 naming `names` (already made safe to show) unless there are none, or the client
+    sent `Prefer: handling=lenient`, which asks the server to ignore what it does not support."""
+    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
+    if names and not lenient:
+        raise FhirError(400, "not-supported", f"unsupported {what}: " + ", ".join(names))
+
+
 def applied(request: Request, supported: frozenset[str]) -> list[tuple[str, str]]:
     """The request's parameters the route applies. One it does not support is refused (400,
     named when it is a FHIR-like name), unless the client sent `Prefer: handling=lenient`:
     then it is ignored, and left out of the links, which show only what was applied."""
-    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
     unknown = sorted({name for name in request.query_params if name not in supported})
-    if unknown and not lenient:
-        names = [n if FHIR_NAME.fullmatch(n) else "(not a FHIR name)" for n in unknown]
-        text = "unsupported search parameter(s): " + ", ".join(names)
-        raise FhirError(400, "not-supported", text)
+    names = [n if FHIR_NAME.fullmatch(n) else "(not a FHIR name)" for n in unknown]
+    refuse_unsupported(request, names, "search parameter(s)")
     return [(k, v) for k, v in request.query_params.multi_items() if k in supported - PAGING]
 
 
