@@ -2,6 +2,8 @@
 
     uv run --group dev python bench/scale.py  # 400 patients (800 documents) per setup
     uv run --group dev python bench/scale.py --patients 1000 --workers 2 --runs 4
+    uv run --group dev python bench/scale.py --setups workers --workers 3 --runs 9 \
+        --max-connections 40  # a PostgreSQL with few connections, shared with Prefect
 
 Starts on loopback, the way the tests do: PostgreSQL (for the store and for Prefect's own
 database), `prefect server start` on it, and OpenSSH sshd as the destination. Each setup gets
@@ -12,8 +14,9 @@ its own project with the same synthetic patients and its own SFTP folder, then:
 3. `workers-W`: a deployment on a process work pool served by W `prefect worker` processes,
    and R flow runs created at once over the same backlog (they claim it a page at a time).
 
-Prints documents/s per setup with the ratio to the baseline, and for the workers setup which
-worker ran which flow runs and how many documents each delivered. Needs root (sshd's test user,
+Prints documents/s per setup with the ratio to the first, the most connections PostgreSQL held
+during each, the files that landed, and for the workers setup which worker ran which flow runs
+and how many documents each delivered. Needs root (sshd's test user,
 PostgreSQL run as `postgres`) and Debian's `openssh-server` and `postgresql` packages.
 """
 
@@ -28,6 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -117,6 +121,36 @@ def workers_setup(env: dict[str, str], project: str, workers: int, runs: int, lo
     return seconds, ids, by_worker
 
 
+class Peak:
+    """The most client connections PostgreSQL held, sampled every 0.1 s; `take` reads and resets."""
+
+    def __init__(self, postgres: Any) -> None:
+        import threading
+
+        import psycopg
+
+        self._connection = psycopg.connect(postgres.dsn("postgres"), autocommit=True)
+        self._most = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        while not self._done.wait(0.1):
+            count = self._connection.execute(query).fetchone()[0]  # type: ignore[index]
+            self._most = max(self._most, count - 1)  # not this one
+
+    def take(self) -> int:
+        most, self._most = self._most, 0
+        return most
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._connection.close()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -126,12 +160,20 @@ def main() -> None:
     parser.add_argument("--dask-workers", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument(
+        "--setups", default="process,dask,workers", help="which of process, dask, workers"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=300,
+        help="PostgreSQL's max_connections (the store and Prefect's database share it)",
+    )  # fmt: skip
     args = parser.parse_args()
+    chosen = set(args.setups.split(","))
 
     from loopback.servers import SFTP_PASSWORD, SFTP_USER, PostgresServer, PrefectServer, SshServer
 
     logs = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    postgres = PostgresServer()
+    postgres = PostgresServer(max_connections=args.max_connections)
     sshd = SshServer()
     prefect_db = postgres.database("prefect").replace("+psycopg", "+asyncpg")
     server = PrefectServer(database_url=prefect_db)
@@ -151,8 +193,9 @@ def main() -> None:
 
         store = open_store(store_url)
         ingest.add_organization(store, "Bench", "bench")
-        setups = ["process", f"dask-{args.dask_workers}", f"workers-{args.workers}"]
-        for setup in setups:
+        setups = {"process": "process", "dask": f"dask-{args.dask_workers}",
+                  "workers": f"workers-{args.workers}"}  # fmt: skip
+        for setup in (name for key, name in setups.items() if key in chosen):
             project = ingest.add_project(store, "bench", setup, setup.replace("-", ""))
             folder = sshd.make_folder(setup)
             SftpDestination(host="127.0.0.1", port=sshd.port, username=SFTP_USER,
@@ -163,35 +206,51 @@ def main() -> None:
             seed_project(store, project, args.patients)
 
         rows = []
-        seconds, sent, _ = run_child(env, "process", "process")
-        rows.append(("1 process, 32 threads", sent, seconds, 1))
-        seconds, sent, used = run_child(env, "dask", f"dask{args.dask_workers}", args.dask_workers)
-        rows.append((f"1 run on Dask, {args.dask_workers} worker processes", sent, seconds, used))
-        seconds, _, by_worker = workers_setup(
-            env, f"workers{args.workers}", args.workers, args.runs, logs
-        )
-        with store.session() as session:
-            per_run = dict(session.execute(
-                select(Disclosure.flow_run_id, func.count())
-                .where(Disclosure.project_id == f"workers{args.workers}")
-                .group_by(Disclosure.flow_run_id)
-            ).all())  # fmt: skip
-        sent = sum(per_run.values())
-        rows.append((f"{args.runs} runs on {args.workers} Prefect workers", sent, seconds,
-                     args.workers))  # fmt: skip
+        peak = Peak(postgres)
+        if "process" in chosen:
+            seconds, sent, _ = run_child(env, "process", "process")
+            rows.append(("1 process, 32 threads", sent, seconds, 1, peak.take()))
+        if "dask" in chosen:
+            seconds, sent, used = run_child(
+                env, "dask", f"dask{args.dask_workers}", args.dask_workers
+            )
+            rows.append((f"1 run on Dask, {args.dask_workers} worker processes", sent, seconds,
+                         used, peak.take()))  # fmt: skip
+        by_worker: dict[str, list[str]] = {}
+        per_run: dict[str, int] = {}
+        if "workers" in chosen:
+            seconds, _, by_worker = workers_setup(
+                env, f"workers{args.workers}", args.workers, args.runs, logs
+            )
+            with store.session() as session:
+                per_run = dict(session.execute(
+                    select(Disclosure.flow_run_id, func.count())
+                    .where(Disclosure.project_id == f"workers{args.workers}")
+                    .group_by(Disclosure.flow_run_id)
+                ).all())  # fmt: skip
+            sent = sum(per_run.values())
+            rows.append((f"{args.runs} runs on {args.workers} Prefect workers", sent, seconds,
+                         args.workers, peak.take()))  # fmt: skip
+        peak.stop()
         base = rows[0][1] / rows[0][2]
-        print("\n| setup | documents | seconds | documents/s | processes | vs 1 process |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for name, count, secs, processes in rows:
+        print(f"\nPostgreSQL max_connections = {args.max_connections} (store and Prefect)")
+        print("| setup | documents | seconds | documents/s | processes | peak connections "
+              "| vs first row |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, count, secs, processes, most in rows:
             rate = count / secs
-            print(f"| {name} | {count} | {secs:.1f} | {rate:.0f} | {processes} | "
+            print(f"| {name} | {count} | {secs:.1f} | {rate:.0f} | {processes} | {most} | "
                   f"{rate / base:.2f}x |")  # fmt: skip
-        print("\nflow runs per Prefect worker (documents delivered by each run):")
-        for worker, runs in by_worker.items():
-            counts = [per_run.get(i, 0) for i in runs]
-            print(f"  {worker}: {len(runs)} runs, {sum(counts)} documents {counts}")
-        spread = Counter({w: sum(per_run.get(i, 0) for i in r) for w, r in by_worker.items()})
-        print(f"  total {sum(spread.values())} of {args.patients * 2}")
+        for setup in (name for key, name in setups.items() if key in chosen):
+            landed = sum(1 for path in (sshd.home / setup).rglob("*") if path.is_file())
+            print(f"{setup}: {landed} files in its folder of {args.patients * 2} documents")
+        if by_worker:
+            print("\nflow runs per Prefect worker (documents delivered by each run):")
+            for worker, runs in by_worker.items():
+                counts = [per_run.get(i, 0) for i in runs]
+                print(f"  {worker}: {len(runs)} runs, {sum(counts)} documents {counts}")
+            spread = Counter({w: sum(per_run.get(i, 0) for i in r) for w, r in by_worker.items()})
+            print(f"  total {sum(spread.values())} of {args.patients * 2}")
     finally:
         server.stop()
         sshd.stop()

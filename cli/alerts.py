@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from patient_delivery.cli.common import app, console, fail, prefect, print_json, printable
+from patient_delivery.flows.automations import one_by_name
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -69,9 +70,7 @@ def alerts_install(
                 if action["type"] == "send-notification":
                     action["block_document_id"] = str(block._block_document_id)
             automation = AutomationCore.model_validate(spec)
-            first, *extra = _installed(client, spec["name"]) or [None]
-            for duplicate in extra:  # left by an older install that created each time
-                client.delete_automation(duplicate.id)
+            first = one_by_name(client, spec["name"])
             if first is None:
                 automation_id = client.create_automation(automation)
                 console.print(f"created automation {spec['name']!r} ({automation_id})")

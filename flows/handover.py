@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from patient_delivery.events import EVENT
+from patient_delivery.flows.automations import one_by_name
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -110,9 +111,7 @@ class Handover:
         return len(triggers)
 
     def _keep_fallback(self, triggers: list[UUID]) -> None:
-        first, *extra = self._client.read_automations_by_name(FALLBACK) or [None]
-        for duplicate in extra:  # two listeners started at once
-            self._client.delete_automation(duplicate.id)
+        first = one_by_name(self._client, FALLBACK)  # one, if two listeners started at once
         if first is None:
             made = self._client.create_automation(_fallback(self._silent, triggers, None))
             self._client.update_automation(made, _fallback(self._silent, triggers, made))

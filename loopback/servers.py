@@ -571,7 +571,7 @@ class PostgresServer:
     Tuned for tests, not durability (fsync off). `database()` makes a fresh database per test.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 300) -> None:
         import glob
 
         if os.geteuid() != 0:
@@ -596,7 +596,7 @@ class PostgresServer:
                 [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
                  "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                  "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                 "-c", "max_connections=300"],
+                 "-c", f"max_connections={max_connections}"],
                 user="postgres", stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         wait_for_port(self.port, 30, self.process, self.log)
@@ -608,14 +608,14 @@ class PostgresServer:
         deadline = time.monotonic() + 30
         while True:
             try:
-                psycopg.connect(self._dsn("postgres")).close()
+                psycopg.connect(self.dsn("postgres")).close()
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 
-    def _dsn(self, database: str) -> str:
+    def dsn(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def database(self, prefix: str = "store") -> str:
@@ -625,7 +625,7 @@ class PostgresServer:
         import psycopg
 
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self._dsn("postgres"), autocommit=True) as connection:
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 

@@ -466,16 +466,38 @@ def start_batch(
     ]
 
 
-Reader = Callable[[Sequence["UploadItem"]], Iterator[tuple["UploadItem", bytes]]]
-"""Each item with its document's bytes, one at a time (`reading`)."""
+class Reading:
+    """What a batch's sends read over one connection: each document's bytes, one at a time, and
+    whether its patient still shares it.
+
+    A lane holds one store connection for its batch, never a second beside it: with several
+    processes on one PostgreSQL, lanes that each held one and waited for another could wait on
+    each other until none was left. PostgreSQL (read committed) answers each statement from what
+    is committed at that moment, so the reading connection asks about consent too. A SQLite
+    reader keeps the snapshot its open statement began with, so there a connection of its own
+    asks (SQLite has no connection limit to wait on)."""
+
+    def __init__(self, store: Store, connection: Connection) -> None:
+        self._store = store
+        self._connection = connection
+        self._asks_itself = connection.dialect.name == "postgresql"
+
+    def contents(self, items: Sequence[UploadItem]) -> Iterator[tuple[UploadItem, bytes]]:
+        """Each item with its document's bytes; only the current document is in memory."""
+        return _contents(self._connection, items)
+
+    def withdrawn(self, delivery_ids: Sequence[int]) -> set[int]:
+        """Which of these deliveries were withdrawn since claimed, as committed now."""
+        if self._asks_itself:
+            return _withdrawn(self._connection, delivery_ids)
+        return withdrawn_among(self._store, delivery_ids)
 
 
 @contextmanager
-def reading(store: Store) -> Iterator[Reader]:
-    """A reader of document contents over one connection, for a batch's sends: one query per
-    destination of the batch; only the current document is in memory."""
+def reading(store: Store) -> Iterator[Reading]:
+    """A batch's reads over one connection: one query per destination of the batch."""
     with store.engine.connect() as connection:
-        yield lambda items: _contents(connection, items)
+        yield Reading(store, connection)
 
 
 def _contents(
@@ -530,7 +552,11 @@ def withdrawn_among(store: Store, delivery_ids: Sequence[int]) -> set[int]:
     """Which of these deliveries were withdrawn (the patient stopped sharing) since claimed.
     Asked before every send: one Core statement, no ORM session."""
     with store.engine.connect() as connection:
-        return set(connection.execute(_WITHDRAWN, {"ids": list(delivery_ids)}).scalars())
+        return _withdrawn(connection, delivery_ids)
+
+
+def _withdrawn(connection: Connection, delivery_ids: Sequence[int]) -> set[int]:
+    return set(connection.execute(_WITHDRAWN, {"ids": list(delivery_ids)}).scalars())
 
 
 _WITHDRAWN = select(Delivery.id).where(

@@ -65,6 +65,15 @@ class Settings(BaseSettings):
             "few connections to spare; lanes then wait for one."
         ),
     )
+    store_wait_seconds: int = Field(
+        default=300,
+        ge=1,
+        description=(
+            "How long work waits for a store connection, when PostgreSQL has none to spare "
+            "(its `max_connections`) or this process's pool has lent all it may, before it "
+            "fails. What a run has not sent by then is owed to the next run."
+        ),
+    )
     run_timeout_minutes: int = Field(
         default=120,
         ge=1,

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -130,15 +130,15 @@ def _send_batch(store: Store, run: Run, batch: list[Lane], worker: str) -> list[
     sending broke off: what was not answered fails with the reason, and the next run sends it)."""
     started = ledger.start_batch(store, run.id, [i for _, ids in batch for i in ids])
     items = {item.delivery_id: item for item in started}
-    consent = Consent(store, list(items))
     outcomes: list[Outcome] = []
     reports = []
     with ledger.reading(store) as read:
+        consent = Consent(read.withdrawn, list(items))
         for ref, ids in batch:
             report = BatchReport(ref, worker=worker)
             ours = [items[i] for i in ids if i in items]
             report.began = time.time()
-            sent = _send_to(run, ref, ours, read(ours), consent) if ours else []
+            sent = _send_to(run, ref, ours, read.contents(ours), consent) if ours else []
             report.ended = time.time()
             report.skipped = len(ids) - len(sent)
             report.count(sent)
@@ -157,8 +157,8 @@ class Consent:
 
     EVERY = 0.05
 
-    def __init__(self, store: Store, delivery_ids: list[int]) -> None:
-        self.store = store
+    def __init__(self, ask: Callable[[list[int]], set[int]], delivery_ids: list[int]) -> None:
+        self.ask = ask
         self.ids = delivery_ids
         self.withdrawn: set[int] = set()  # the claim took only deliveries still pending
         self.read_at = time.monotonic()
@@ -167,7 +167,7 @@ class Consent:
         """Whether the delivery may be sent now; `fresh` reads the store whatever the age of
         the last answer."""
         if fresh or time.monotonic() - self.read_at >= self.EVERY:
-            self.withdrawn = ledger.withdrawn_among(self.store, self.ids)
+            self.withdrawn = self.ask(self.ids)
             self.read_at = time.monotonic()
         return delivery_id not in self.withdrawn
 

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from patient_delivery.settings import get_settings
+from patient_delivery.store.connections import warn_if_short
 from patient_delivery.store.schema import create_store_engine, upgrade
 
 
@@ -40,6 +41,8 @@ _lock = threading.Lock()
 
 def open_store(url: str | None = None) -> Store:
     """The store at `url` (default: from settings), its schema upgraded; one per URL per process.
+    On PostgreSQL, a pool that may open more connections than the server has to spare is
+    logged (`connections.warn_if_short`).
 
     Tasks running in threads share the store's engine and connection pool.
     """
@@ -49,6 +52,7 @@ def open_store(url: str | None = None) -> Store:
         if store is None:
             engine = create_store_engine(url)
             upgrade(engine)
+            warn_if_short(engine, sum(get_settings().store_pool()))
             store = _open_stores[url] = Store(engine)
         return store
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 
 from patient_delivery import private
 from patient_delivery.settings import get_settings
+from patient_delivery.store.connections import wait_for_room
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -20,10 +21,12 @@ def create_store_engine(url: str) -> Engine:
 
     The pool holds `store_connections`: by default room for every upload lane the process may
     run at once, each reading the documents it sends over a connection of its own, beside the
-    connections that start and record batches."""
+    connections that start and record batches. A lane waits for the pool up to
+    `store_wait_seconds`, and so does a connection PostgreSQL refuses for want of room."""
     parsed = make_url(url)
-    kept, more = get_settings().store_pool()
-    pooling = {"pool_size": kept, "max_overflow": more}
+    settings = get_settings()
+    kept, more = settings.store_pool()
+    pooling = {"pool_size": kept, "max_overflow": more, "pool_timeout": settings.store_wait_seconds}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             database = Path(parsed.database)
@@ -43,7 +46,9 @@ def create_store_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **pooling)
+    engine = create_engine(url, pool_pre_ping=True, **pooling)
+    wait_for_room(engine, settings.store_wait_seconds)
+    return engine
 
 
 def alembic_config(engine: Engine) -> Config:
