@@ -43,7 +43,7 @@ from patient_delivery.flows.parameters import NotGiven
 from patient_delivery.flows.reporting import BatchReport, Progress, RunSummary, WaveReports
 from patient_delivery.ingest import check_scope
 from patient_delivery.ledger import RenderResult, WorkFilter
-from patient_delivery.store import Store, open_store
+from patient_delivery.store import Store, open_store, release_connections
 
 FOLLOW_UPS = 3
 """Times a run goes on for updates that arrived while it was sending its last page: a burst
@@ -224,7 +224,10 @@ async def deliver_updates(
         data_types=tuple(data_type or ()),
     )
     sizes = Sizes(batch_size, page_size, RunLimits(max_sessions), linger_seconds)
-    return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))
+    try:
+        return await runtime.in_thread_with_one_client(lambda: _deliver(work, sizes, max_documents))
+    finally:
+        release_connections()  # other runs may be waiting for them
 
 
 @dataclass(frozen=True)

@@ -618,16 +618,24 @@ class PostgresServer:
     def dsn(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def database(self, prefix: str = "store") -> str:
-        """Create an empty database; returns its SQLAlchemy URL."""
+    def database(self, prefix: str = "store", connection_limit: int | None = None) -> str:
+        """Create an empty database; returns its SQLAlchemy URL. With `connection_limit`, it
+        belongs to a role of its own (not a superuser) that may hold at most that many
+        connections, and the URL connects as that role."""
         import uuid
 
         import psycopg
 
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        user = "postgres"
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+            if connection_limit is not None:
+                user = name
+                connection.execute(
+                    f'CREATE ROLE "{user}" LOGIN CONNECTION LIMIT {connection_limit}'
+                )
+            connection.execute(f'CREATE DATABASE "{name}" OWNER "{user}"')
+        return f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -12,12 +12,14 @@ import botocore
 import paramiko
 import prefect
 import pytest
+import sqlalchemy
 
 from patient_delivery import local_api_server
 from patient_delivery.blocks import openpgp
 from patient_delivery.blocks.s3 import botocore_adapter
 from patient_delivery.blocks.sftp import paramiko_adapter
 from patient_delivery.flows import runtime
+from patient_delivery.store import connections
 
 
 def test_paramiko_still_has_what_the_sftp_pipeline_uses() -> None:
@@ -44,6 +46,21 @@ def test_the_pysequoia_check_sees_a_removed_function(monkeypatch: pytest.MonkeyP
 
     monkeypatch.delattr(pysequoia, "encrypt")
     assert "pysequoia.encrypt" in openpgp.missing()
+
+
+def test_sqlalchemy_still_has_the_pool_hook_the_store_waits_in() -> None:
+    gone = connections.missing()
+    assert gone == [], (
+        f"patient_delivery/store/connections.py: SQLAlchemy {sqlalchemy.__version__} no longer "
+        f"has {gone}"
+    )
+
+
+def test_the_sqlalchemy_check_sees_a_removed_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.pool import QueuePool
+
+    monkeypatch.delattr(QueuePool, "_do_get")
+    assert "QueuePool._do_get" in connections.missing()
 
 
 def test_prefect_still_has_the_api_app_the_temporary_server_serves() -> None:

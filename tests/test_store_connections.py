@@ -74,12 +74,29 @@ def wait_seconds(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
 
 
+def take_the_roles_slots(url: str, limit: int) -> list[psycopg.Connection]:
+    """Every connection a role with a CONNECTION LIMIT may hold, as that role."""
+    held = [psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) for _ in range(limit)]
+    with pytest.raises(psycopg.OperationalError, match="too many connections for role") as more:
+        psycopg.connect(url.replace("postgresql+psycopg", "postgresql"))
+    assert refused_for_room(more.value)
+    return held
+
+
+@pytest.mark.parametrize("limit", ["max_connections", "role"])
 def test_a_connection_refused_for_want_of_room_waits_for_one(
-    narrow: PostgresServer, wait_seconds, caplog: pytest.LogCaptureFixture
+    narrow: PostgresServer, wait_seconds, caplog: pytest.LogCaptureFixture, limit: str
 ) -> None:  # type: ignore[no-untyped-def]
+    """The server full, or the store's role at its CONNECTION LIMIT (which keeps room for
+    Prefect's server on the same PostgreSQL): the connection waits until one is given back."""
     wait_seconds(60)
-    engine = create_store_engine(narrow.database())
-    held = take_every_slot(narrow)
+    if limit == "role":
+        url = narrow.database(connection_limit=2)
+        held = take_the_roles_slots(url, 2)
+    else:
+        url = narrow.database()
+        held = take_every_slot(narrow)
+    engine = create_store_engine(url)
     threading.Timer(1.5, give_back, [held]).start()
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, "patient_delivery"), engine.connect() as connection:
@@ -120,7 +137,8 @@ def test_a_pool_larger_than_the_server_has_to_spare_is_named_at_start(
     [line] = [r.getMessage() for r in caplog.records if SHORT in r.getMessage()]
     most = sum(get_settings().store_pool())
     assert f"may open {most} connections in this process" in line
-    assert "of 12 to spare" in line and "PATIENT_DELIVERY_STORE_CONNECTIONS" in line
+    assert f"PostgreSQL has {slots.spare} to spare (max_connections 12, " in line
+    assert "PATIENT_DELIVERY_STORE_CONNECTIONS" in line and "role's limit" not in line
     assert url.split("@")[-1] not in line  # no address, no credentials
     with caplog.at_level(logging.WARNING, "patient_delivery"):
         roomy = create_store_engine(url)
@@ -131,14 +149,15 @@ def test_a_pool_larger_than_the_server_has_to_spare_is_named_at_start(
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_runs_in_processes_on_a_full_server_wait_then_deliver_each_document_once(
+def test_runs_in_processes_wait_for_the_roles_connections_and_deliver_each_document_once(
     narrow: PostgresServer, tmp_path: Path
 ) -> None:
-    """Two runs started while the server has no slot left: both wait, both end 0 once slots
-    free up, and they then share 9 slots between their pools of 42 (each waits its turn)."""
+    """The store's role may hold 4 connections, all taken when two runs start: both wait, both
+    end 0 once they are given back, sharing the 4 between pools of 42 (each thread waits its
+    turn, and takes a connection its own process gave back)."""
     from prefect.settings import PREFECT_API_URL
 
-    url = narrow.database()
+    url = narrow.database(connection_limit=4)
     store = open_store(url)
     ingest.add_organization(store, "Acme", "acme")
     project = ingest.add_project(store, "acme", "Study", "study")
@@ -155,7 +174,7 @@ def test_runs_in_processes_on_a_full_server_wait_then_deliver_each_document_once
     }
     command = [str(Path(sys.executable).parent / "patient-delivery"), "deliver",
                "--batch-size", "5", "--page-size", "40"]  # fmt: skip
-    held = take_every_slot(narrow)
+    held = take_the_roles_slots(url, 4)
     logs = [tmp_path / f"run-{n}.log" for n in range(2)]
     runs = []
     try:
@@ -176,7 +195,7 @@ def test_runs_in_processes_on_a_full_server_wait_then_deliver_each_document_once
     for run, log in zip(runs, logs, strict=True):
         assert run.wait(timeout=240) == 0, log.read_text()[-3000:]
         said = log.read_text()
-        assert said.count(WAITING) == 1 and SHORT in said, said[-3000:]
+        assert said.count(WAITING) >= 1 and "the role's limit 4" in said, said[-3000:]
         assert "Traceback" not in said, said[-3000:]
 
     store = open_store(url)

@@ -57,6 +57,17 @@ def open_store(url: str | None = None) -> Store:
         return store
 
 
+def release_connections() -> None:
+    """Close the idle pooled connections of every store on a database server (they reopen when
+    next needed): a run gives its connections back to PostgreSQL when its work ends, not when
+    its process exits, which can be long after (Prefect flushes its events first). SQLite's
+    connections are files of this process, and stay."""
+    with _lock:
+        for store in _open_stores.values():
+            if store.engine.dialect.name != "sqlite":
+                store.engine.dispose()
+
+
 def close_stores() -> None:
     with _lock:
         for store in _open_stores.values():

@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 
 from patient_delivery import private
 from patient_delivery.settings import get_settings
-from patient_delivery.store.connections import wait_for_room
+from patient_delivery.store.connections import WaitingPool
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -46,9 +46,7 @@ def create_store_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    engine = create_engine(url, pool_pre_ping=True, **pooling)
-    wait_for_room(engine, settings.store_wait_seconds)
-    return engine
+    return create_engine(url, pool_pre_ping=True, poolclass=WaitingPool, **pooling)
 
 
 def alembic_config(engine: Engine) -> Config:
