@@ -122,10 +122,50 @@ def workers_setup(env: dict[str, str], project: str, workers: int, runs: int, lo
     if any(s != "COMPLETED" for s in states):
         raise SystemExit(f"flow runs ended {states}; see {logs}")
     by_worker = {}
-    for number in range(workers):
+    for number in range(workers):  # what it submitted, less what another worker had taken
         text = (logs / f"worker-{number}.log").read_text()
-        by_worker[f"worker-{number}"] = [i for i in ids if i in text]
+        taken = set(re.findall(r"submitting flow run '([0-9a-f-]{36})'", text))
+        taken -= set(re.findall(r"Aborted submission of flow run '([0-9a-f-]{36})'", text))
+        by_worker[f"worker-{number}"] = [i for i in ids if i in taken]
     return seconds, ids, by_worker
+
+
+def missing_block_after(env: dict[str, str], store: Any, project: str,
+                        by_worker: dict[str, list[str]], sshd: Any) -> None:  # fmt: skip
+    """After runs over a backlog whose second destination's block is missing: how many pages
+    the runs claimed, how the missing block's deliveries wait; then the block saved again and
+    one run to deliver them."""
+    import httpx
+    from sqlalchemy import func, select
+
+    from loopback.servers import SFTP_PASSWORD, SFTP_USER
+    from patient_delivery.blocks.sftp import SftpDestination
+    from patient_delivery.store.models import Delivery
+
+    ids = [i for runs in by_worker.values() for i in runs]
+    pages = httpx.post(f"{env['PREFECT_API_URL']}/task_runs/count", json={
+        "flow_runs": {"id": {"any_": ids}}, "task_runs": {"name": {"like_": "gather"}},
+    }).json()  # fmt: skip
+    with store.session() as session:
+        waiting = session.execute(
+            select(Delivery.status, func.count(), func.max(Delivery.attempts))
+            .where(Delivery.destination == "sftp-destination/missing")
+            .group_by(Delivery.status)
+        ).all()  # fmt: skip
+    print(
+        f"missing block: {len(ids)} runs claimed {pages} pages (gather task runs); its "
+        f"deliveries (status, count, most attempts): {[tuple(row) for row in waiting]}"
+    )
+    folder = sshd.home / "missing"
+    SftpDestination(host="127.0.0.1", port=sshd.port, username=SFTP_USER,
+                    password=SFTP_PASSWORD, root=str(folder), host_keys=[sshd.host_key_line()],
+                    max_connections=8).save("missing")  # fmt: skip
+    seconds, sent, _ = run_child(env, "process", project)
+    landed = sum(1 for path in folder.rglob("*") if path.is_file())
+    print(
+        f"missing block saved: one run delivered {sent} in {seconds:.1f} s; {landed} files "
+        "in its folder (documents and the manifest)"
+    )
 
 
 class Peak:
@@ -175,6 +215,10 @@ def main() -> None:
         help="PostgreSQL's max_connections (the store and Prefect's database share it)",
     )  # fmt: skip
     parser.add_argument(
+        "--missing-block", action="store_true",
+        help="workers: the project also delivers to a destination whose block was deleted",
+    )  # fmt: skip
+    parser.add_argument(
         "--store-role-limit", type=int, default=None,
         help="the store's own role with this CONNECTION LIMIT, so Prefect keeps the rest",
     )  # fmt: skip
@@ -206,6 +250,10 @@ def main() -> None:
         ingest.add_organization(store, "Bench", "bench")
         setups = {"process": "process", "dask": f"dask-{args.dask_workers}",
                   "workers": f"workers-{args.workers}"}  # fmt: skip
+
+        def key_of(setup: str) -> str:
+            return next(key for key, name in setups.items() if name == setup)
+
         for setup in (name for key, name in setups.items() if key in chosen):
             project = ingest.add_project(store, "bench", setup, setup.replace("-", ""))
             folder = sshd.make_folder(setup)
@@ -213,6 +261,20 @@ def main() -> None:
                             password=SFTP_PASSWORD, host_keys=[sshd.host_key_line()],
                             root=str(folder), max_connections=8).save(setup)  # fmt: skip
             ingest.subscribe(store, project, f"sftp-destination/{setup}")
+            if key_of(setup) == "workers" and args.missing_block:
+                missing = sshd.make_folder("missing")
+                block = SftpDestination(
+                    host="127.0.0.1",
+                    port=sshd.port,
+                    username=SFTP_USER,
+                    password=SFTP_PASSWORD,
+                    root=str(missing),
+                    host_keys=[sshd.host_key_line()],
+                    max_connections=8,
+                )
+                block.save("missing")
+                ingest.subscribe(store, project, "sftp-destination/missing")
+                SftpDestination.delete("missing")  # as an operator who removed it
             print(f"seeding {args.patients} patients for {setup} ...", file=sys.stderr)
             seed_project(store, project, args.patients)
 
@@ -242,6 +304,8 @@ def main() -> None:
             sent = sum(per_run.values())
             rows.append((f"{args.runs} runs on {args.workers} Prefect workers", sent, seconds,
                          args.workers, peak.take()))  # fmt: skip
+            if args.missing_block:
+                missing_block_after(env, store, f"workers{args.workers}", by_worker, sshd)
         peak.stop()
         base = rows[0][1] / rows[0][2]
         print(f"\nPostgreSQL max_connections = {args.max_connections} (store and Prefect), "
